@@ -1,0 +1,151 @@
+"""`aml data`: generate synthetic landmarks, write object splits in revisitop layout, inspect a spec."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from aml.errors import UserError
+
+
+@click.group("data")
+def command() -> None:
+    """Dataset tools: synthetic landmarks, object splits in revisitop layout, spec checks."""
+
+
+@command.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder for the set.")
+@click.option("--landmarks", default=80, show_default=True, help="Training landmarks (one cluster each).")
+@click.option("--views", default=8, show_default=True, help="Views per training landmark.")
+@click.option("--val-landmarks", default=10, show_default=True, help="Validation landmarks.")
+@click.option("--test-landmarks", default=24, show_default=True, help="Test landmarks (with queries).")
+@click.option("--queries", default=3, show_default=True, help="Queries per test landmark.")
+@click.option("--db-views", default=10, show_default=True, help="Database views per test landmark.")
+@click.option("--distractors", default=16, show_default=True, help="Database-only distractor landmarks.")
+@click.option("--seed", default=0, show_default=True, help="Everything is a function of the seed.")
+@click.option("--size", default=256, show_default=True, help="Longest image side in pixels.")
+def synth(
+    out: str,
+    landmarks: int,
+    views: int,
+    val_landmarks: int,
+    test_landmarks: int,
+    queries: int,
+    db_views: int,
+    distractors: int,
+    seed: int,
+    size: int,
+) -> None:
+    """Write a synthetic landmarks set: SfM-format training data + a revisitop-layout test set (`synth`)."""
+    from aml.data.synth import SYNTH_NAME, SynthConfig, generate_synth
+
+    cfg = SynthConfig(
+        landmarks=landmarks,
+        views=views,
+        val_landmarks=val_landmarks,
+        test_landmarks=test_landmarks,
+        queries=queries,
+        db_views=db_views,
+        distractors=distractors,
+        size=size,
+        seed=seed,
+    )
+    t0 = time.time()
+    path = generate_synth(out, cfg, progress=True)
+    click.echo(
+        f"wrote {path} in {time.time() - t0:.1f} s: train with --data synth:{path}, "
+        f"evaluate with --dataset {SYNTH_NAME} --data-root {path}"
+    )
+
+
+def _split(
+    groups: str | None,
+    folder: str | None,
+    out: str,
+    name: str | None,
+    train_objects: str | None,
+    test_objects: str | None,
+    copy: bool,
+) -> None:
+    from pathlib import Path
+
+    from aml.data.folders import parse_ranges, read_groups_csv, read_label_folder, write_object_split
+
+    if (groups is None) == (folder is None):
+        raise UserError("aml data split: give exactly one of --groups CSV or --folder DIR")
+    if groups is not None:
+        paths, labels, splits = read_groups_csv(groups)
+        default = Path(groups).resolve().parent.name
+    else:
+        paths, labels = read_label_folder(folder)
+        splits, default = None, Path(folder).resolve().name
+    name = name or default
+    tr = parse_ranges(train_objects) if train_objects else None
+    te = parse_ranges(test_objects) if test_objects else None
+    train, ref, csv_path = write_object_split(
+        paths, labels, out, name, splits=splits, train_objects=tr, test_objects=te, copy=copy
+    )
+    n_test = sum(1 for _ in Path(ref.data_root, name, "jpg").iterdir())
+    click.echo(
+        f"test: {n_test} images of {name} in revisitop layout under {Path(out) / name} "
+        f"(evaluate with --dataset {name} --data-root {out})"
+    )
+    click.echo(
+        f"train: {len(train)} images, {train.num_clusters} objects, {train.num_pairs} pairs "
+        f"(train with --data groups:{csv_path})"
+    )
+
+
+@command.command("split")
+@click.option("--groups", type=click.Path(dir_okay=False), help="Groups CSV: image,object[,split].")
+@click.option(
+    "--folder", type=click.Path(file_okay=False), help="Class-labelled folder DIR/<label>/<images>."
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write NAME/ into.")
+@click.option("--name", help="Dataset name (default: the CSV's or folder's folder name).")
+@click.option(
+    "--train-objects", help="Train object ids, e.g. 0-149 (default: first 60%, or the split column)."
+)
+@click.option("--test-objects", help="Test object ids, e.g. 150-249 (default: the other objects).")
+@click.option("--copy", is_flag=True, help="Copy images into NAME/jpg/ instead of symlinking them.")
+def split(
+    groups: str | None,
+    folder: str | None,
+    out: str,
+    name: str | None,
+    train_objects: str | None,
+    test_objects: str | None,
+    copy: bool,
+) -> None:
+    """Split labelled images by object; write the test part in revisitop layout (each image a query)."""
+    _split(groups, folder, out, name, train_objects, test_objects, copy)
+
+
+@command.command("ukbench")
+@click.option("--groups", required=True, type=click.Path(dir_okay=False), help="UKBench groups.csv.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Data root to write ukbench/ into."
+)
+@click.option("--train-objects", default="0-149", show_default=True)
+@click.option("--test-objects", default="150-249", show_default=True)
+@click.option("--copy", is_flag=True, help="Copy images instead of symlinking them.")
+def ukbench(groups: str, out: str, train_objects: str, test_objects: str, copy: bool) -> None:
+    """UKBench: objects 0-149 train, 150-249 test (each test image a query against the other 399)."""
+    _split(groups, None, out, "ukbench", train_objects, test_objects, copy)
+
+
+@command.command("info")
+@click.argument("spec")
+def info(spec: str) -> None:
+    """Resolve a data spec and check it (pickle, labels, missing images) without training."""
+    from aml.data.spec import parse_data_spec
+
+    b = parse_data_spec(spec)
+    for part in (b.train, b.val):
+        if part is not None:
+            click.echo(
+                f"{part.name}: {len(part)} images, {part.num_clusters} clusters, {part.num_pairs} pairs"
+            )
+    if b.test is not None:
+        click.echo(f"test: --dataset {b.test.dataset_name} --data-root {b.test.data_root}")

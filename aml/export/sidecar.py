@@ -1,0 +1,50 @@
+"""The JSON sidecar beside an exported encoder: what the graph expects and what verification measured.
+
+Torch-free (read by `aml embed`). `FILE.onnx` -> `FILE.onnx.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aml.errors import UserError
+from aml.io import write_json
+
+SIDECAR_VERSION = 1
+REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher",
+            "verification")
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """Where the sidecar of an exported model lives: the model's path + '.json'."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".json")
+
+
+def write_sidecar(model_path: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Atomically write the sidecar of `model_path`; `info` must carry every REQUIRED field."""
+    missing = [k for k in REQUIRED if k not in info]
+    if missing:
+        raise ValueError(f"sidecar fields missing: {missing}")
+    path = sidecar_path(model_path)
+    write_json(path, {"sidecar_version": SIDECAR_VERSION, **info})
+    return path
+
+
+def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of an exported model, validated; a UserError names the file and the missing field."""
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        raise UserError(f"{path}: sidecar not found; `aml export` writes it beside {Path(model_path).name} "
+                        "(copy both files together)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); re-export the model") from e
+    missing = [k for k in REQUIRED if k not in info] if isinstance(info, dict) else list(REQUIRED)
+    if missing:
+        raise UserError(f"{path}: field '{missing[0]}' missing; re-export the model with `aml export`")
+    return info

@@ -1,0 +1,173 @@
+"""The one extraction path: image list -> (N, D) L2-normalised float32 descriptors, in input order.
+
+Images are decoded by DataLoader workers and batched only with images of the same size (so a batch gives
+exactly the vectors of batch-size-1 extraction); multi-scale and Lw whitening follow SPEC §3 / cirtorch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aml.data.images import Bbx, header_size, load_image, loaded_size, to_tensor
+from aml.errors import UserError
+from aml.nn import apply_lw, l2n, rescale
+from aml.progress import Progress
+
+MULTISCALE = (1.0, 2 ** -0.5, 0.5)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is a UserError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+    return dev
+
+
+def auto_workers(n: int, batch_size: int) -> int:
+    """Decoding processes: none for a handful of images, else up to 8 leaving one core to the main process."""
+    if n <= batch_size:
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) - 1))
+
+
+def embed(model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """(B, D) descriptors of a normalised batch; several scales combine as l2n(mean_s(v_s^msp)^(1/msp)).
+
+    No grad decorator: the trainer calls it with grad.
+    """
+    scales = tuple(scales)
+    if len(scales) == 1:
+        return model(rescale(x, scales[0]))
+    p = model.msp
+    v = torch.stack([model(rescale(x, s)) for s in scales]).pow(p).mean(dim=0)
+    return l2n(v.pow(1.0 / p))
+
+
+def size_batches(sizes: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split indices 0..N-1 into batches of equal (w, h) of at most `batch_size`, ordered by first index."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    if len(sizes) == 0:
+        return []
+    key = sizes[:, 0] * (1 << 24) + sizes[:, 1]
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    new_group = np.r_[True, k[1:] != k[:-1]]
+    group_start = np.flatnonzero(new_group)[np.cumsum(new_group) - 1]
+    pos = np.arange(len(k)) - group_start
+    batches = np.split(order, np.flatnonzero(pos % batch_size == 0)[1:])
+    batches.sort(key=lambda b: int(b[0]))
+    return batches
+
+
+class _Images(torch.utils.data.Dataset):
+    """(index, normalised tensor) of each listed image (crop to its bbx first when given)."""
+
+    def __init__(self, paths: Sequence[str], size: int, bbxs: Sequence[Bbx] | None, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.paths, self.size, self.bbxs = list(paths), size, bbxs
+        self.mean, self.std = list(mean), list(std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        bbx = self.bbxs[i] if self.bbxs is not None else None
+        return i, to_tensor(load_image(self.paths[i], self.size, bbx), self.mean, self.std)
+
+
+def _keep(items: list) -> list:
+    return items
+
+
+def _same_shape_groups(items: list[tuple[int, torch.Tensor]]) -> list[tuple[list[int], torch.Tensor]]:
+    """Stack a loaded batch by tensor shape (one group unless a size prediction was off)."""
+    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for i, x in items:
+        groups.setdefault(tuple(x.shape), []).append((i, x))
+    return [([i for i, _ in g], torch.stack([x for _, x in g])) for g in groups.values()]
+
+
+def _lw_tensors(lw: Mapping[str, Any], dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.as_tensor(np.asarray(lw["m"]), dtype=torch.float32).reshape(-1).to(device)
+    P = torch.as_tensor(np.asarray(lw["P"]), dtype=torch.float32).to(device)
+    if m.numel() != dim or P.shape[1] != dim:
+        raise UserError(f"Lw whitening is for {m.numel()}-d vectors (P {tuple(P.shape)}), "
+                        f"the model gives {dim}-d")
+    return m, P
+
+
+def extract(model: nn.Module, paths: Sequence[str | os.PathLike], *, image_size: int,
+            scales: Sequence[float] = (1.0,), bbxs: Sequence[Bbx] | None = None,
+            lw: Mapping[str, Any] | None = None, batch_size: int = 32, workers: int | None = None,
+            device: str | torch.device = "auto", progress: bool = True) -> np.ndarray:
+    """Embed images into an (N, D) float32 array of L2-normalised rows, in input order.
+
+    Each image is loaded as `load_image(path, image_size, bbx)`; images of equal size are batched
+    together, which gives the vectors of a batch-size-1 loop. `lw = {'m', 'P'}` applies learned
+    whitening after the multi-scale combination. The model is moved to `device` and used in eval mode
+    (its train/eval mode is restored afterwards).
+    """
+    paths = [os.fspath(p) for p in paths]
+    n = len(paths)
+    if bbxs is not None and len(bbxs) != n:
+        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+    dev = resolve_device(device)
+    dim = int(model.dim)
+    out = np.empty((n, dim), dtype=np.float32)
+    if n == 0:
+        return out
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        full = list(pool.map(header_size, paths))
+    boxes = bbxs if bbxs is not None else [None] * n
+    sizes = [loaded_size(w, h, image_size, b) for (w, h), b in zip(full, boxes, strict=True)]
+    batches = size_batches(np.asarray(sizes), batch_size)
+    workers = auto_workers(n, batch_size) if workers is None or workers < 0 else workers
+    loader = torch.utils.data.DataLoader(
+        _Images(paths, image_size, bbxs, model.mean, model.std), batch_sampler=batches, num_workers=workers,
+        collate_fn=_keep, pin_memory=dev.type == "cuda")
+    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    was_training = model.training
+    model.eval().to(dev, memory_format=fmt)
+    whiten = _lw_tensors(lw, dim, dev) if lw is not None else None
+    bar = Progress(n, "extract", "img", progress)
+    try:
+        with torch.inference_mode():
+            for items in loader:
+                for idx, x in _same_shape_groups(items):
+                    v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
+                    if whiten is not None:
+                        v = apply_lw(v, *whiten)
+                    out[idx] = v.float().cpu().numpy()
+                bar.update(len(items))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def select_lw(meta: Mapping[str, Any], multiscale: bool, dataset: str | None = None) -> dict[str, Any]:
+    """A cirtorch net's learned whitening `meta['Lw'][dataset]['ms' | 'ss']` (first dataset by default)."""
+    lws = meta.get("Lw")
+    name = (meta.get("aml") or {}).get("name") or meta.get("architecture")
+    if not isinstance(lws, Mapping) or not lws:
+        raise UserError(f"model '{name}': no learned whitening (meta['Lw']) in its checkpoint; drop --whiten")
+    if dataset is None:
+        dataset = next(iter(lws))
+    if dataset not in lws:
+        raise UserError(f"model '{name}': meta['Lw'] has no '{dataset}'; "
+                        f"available: {', '.join(map(str, lws))}")
+    kind = "ms" if multiscale else "ss"
+    lw = lws[dataset].get(kind) if isinstance(lws[dataset], Mapping) else None
+    if not isinstance(lw, Mapping) or "m" not in lw or "P" not in lw:
+        raise UserError(f"model '{name}': meta['Lw']['{dataset}']['{kind}'] with 'm' and 'P' missing")
+    return {"m": lw["m"], "P": lw["P"]}

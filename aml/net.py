@@ -1,0 +1,85 @@
+"""The retrieval network: backbone maps -> (student projection) -> GeM -> L2N -> (FC whitening -> L2N).
+
+State-dict keys follow cirtorch (`features.N.*`, `pool.p`, `whiten.weight/bias`) so published cirtorch
+checkpoints load as they are; the AML student head adds `proj.0.weight`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from aml.nn import GeM, l2n, projection
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def default_meta(architecture: str, outputdim: int, whitening: bool = False) -> dict[str, Any]:
+    """cirtorch's meta dictionary for a GeM network with ImageNet normalisation."""
+    return {
+        "architecture": architecture,
+        "local_whitening": False,
+        "pooling": "gem",
+        "regional": False,
+        "whitening": whitening,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "outputdim": outputdim,
+    }
+
+
+class RetrievalNet(nn.Module):
+    """One L2-normalised global descriptor per image, cirtorch-compatible (SPEC §2)."""
+
+    def __init__(self, features: nn.Module, out_channels: int, *, dim: int | None = None,
+                 whiten: bool = False, meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.features = features
+        self.out_channels = out_channels
+        self.proj = projection(out_channels, dim) if dim is not None else None
+        self.pool = GeM()
+        d = dim if dim is not None else out_channels
+        self.whiten = nn.Linear(d, d, bias=True) if whiten else None
+        self.meta = copy.deepcopy(meta) if meta is not None else default_meta("unknown", d, whiten)
+        self.meta["outputdim"] = d
+        self.meta["whitening"] = whiten
+
+    @property
+    def dim(self) -> int:
+        """Output dimension D."""
+        return self.proj[0].out_channels if self.proj is not None else self.out_channels
+
+    @property
+    def msp(self) -> float:
+        """Multi-scale power: the GeM p when there is no whitening layer, else 1 (as cirtorch)."""
+        return 1.0 if self.whiten is not None else float(self.pool.p.detach().item())
+
+    @property
+    def mean(self) -> list[float]:
+        """Per-channel RGB mean the input must be normalised with."""
+        return list(self.meta.get("mean", IMAGENET_MEAN))
+
+    @property
+    def std(self) -> list[float]:
+        """Per-channel RGB std the input must be normalised with."""
+        return list(self.meta.get("std", IMAGENET_STD))
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, C', h, w) that GeM pools: backbone maps, through the student head if any."""
+        o = self.features(x)
+        return self.proj(o) if self.proj is not None else o
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, H, W) batch -> (B, D) L2-normalised descriptors."""
+        v = l2n(self.pool(self.maps(x)))
+        if self.whiten is not None:
+            v = l2n(self.whiten(v))
+        return v
+
+    def extra_repr(self) -> str:
+        aml = self.meta.get("aml", {})
+        return f"architecture={self.meta.get('architecture')}, dim={self.dim}, name={aml.get('name')}"

@@ -1,0 +1,169 @@
+"""Embedding with an exported ONNX encoder on onnxruntime alone: no torch anywhere on this path.
+
+Images load exactly as `aml.data.images` loads them (PIL RGB, crop to bbx, Lanczos thumbnail to the longest
+side, never upscaling; that module imports torch, so the PIL steps are repeated here and a test checks they
+give the same pixels). Multi-scale (SPEC §3) rescales the normalised batch with a one-node ONNX `Resize`
+graph (linear, half_pixel, no antialias, scale given) — the ONNX spelling of torch's
+`interpolate(scale_factor=s, mode="bilinear", align_corners=False)` — and combines the per-scale vectors as
+`l2n(mean_s(v_s^msp)^(1/msp))` with the `msp` the sidecar records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from PIL import Image
+
+from aml.errors import UserError
+from aml.export.sidecar import read_sidecar
+
+EPS = 1e-6
+Bbx = Sequence[float] | None
+Runner = Callable[[np.ndarray], np.ndarray]  # normalised (B, 3, H, W) float32 -> (B, D) float32
+
+
+def load_image(path: str | os.PathLike, size: float, bbx: Bbx = None) -> Image.Image:
+    """RGB image, longest side `size` (Lanczos thumbnail, never upscaled); a bbx crop scaled alike."""
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the "
+                        "list") from e
+    if bbx is not None:
+        full = max(img.size)
+        img = img.crop(tuple(bbx))
+        size = size * max(img.size) / full
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return img
+
+
+def to_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(3, H, W) float32 array of an RGB image in [0, 1], normalised by per-channel mean and std."""
+    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return (x - m) / s
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    """Rows divided by (L2 norm + 1e-6), as aml.nn.l2n."""
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
+
+
+def session(model: str | os.PathLike | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session (threads: intra-op threads, None = onnxruntime's default)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def resize_graph() -> bytes:
+    """One ONNX Resize node: (B, C, H, W) float32 and scales (4,) -> bilinear rescale, torch semantics."""
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                            coordinate_transformation_mode="half_pixel", nearest_mode="floor")
+    graph = helper.make_graph(
+        [node], "rescale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "c", "h", "w"]),
+         helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "c", "oh", "ow"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class Rescaler:
+    """Bilinear rescale of a normalised batch by a factor (the ONNX twin of aml.nn.rescale)."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.sess = session(resize_graph(), threads)
+
+    def __call__(self, x: np.ndarray, scale: float) -> np.ndarray:
+        if scale == 1:
+            return x
+        scales = np.array([1, 1, scale, scale], dtype=np.float32)
+        return self.sess.run(None, {"x": x, "scales": scales})[0]
+
+
+def embed_batch(run: Runner, x: np.ndarray, scales: Sequence[float] = (1.0,), msp: float = 1.0,
+                rescaler: Rescaler | None = None) -> np.ndarray:
+    """(B, D) vectors of a normalised batch; several scales combine as l2n(mean_s(v_s^msp)^(1/msp))."""
+    scales = tuple(scales)
+    if len(scales) == 1 and scales[0] == 1:
+        return run(x)
+    rescaler = rescaler or Rescaler()
+    if len(scales) == 1:
+        return run(rescaler(x, scales[0]))
+    v = np.stack([run(rescaler(x, s)) for s in scales]).astype(np.float64)
+    return l2n(np.power(np.power(v, msp).mean(axis=0), 1.0 / msp)).astype(np.float32)
+
+
+def embed_images(run: Runner, paths: Sequence[str | os.PathLike], *, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], scales: Sequence[float] = (1.0,), msp: float = 1.0,
+                 bbxs: Sequence[Bbx] | None = None, chunk: int = 32) -> np.ndarray:
+    """(N, D) float32 vectors of images in list order; images of equal loaded size are run as one batch."""
+    n = len(paths)
+    if bbxs is not None and len(bbxs) != n:
+        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+    rescaler = Rescaler() if tuple(scales) != (1.0,) else None
+    out: np.ndarray | None = None
+
+    def load(i: int) -> np.ndarray:
+        return to_array(load_image(paths[i], image_size, bbxs[i] if bbxs is not None else None), mean, std)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, n, chunk):
+            idx = list(range(start, min(n, start + chunk)))
+            groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+            for i, x in zip(idx, pool.map(load, idx), strict=True):
+                groups.setdefault(x.shape, []).append((i, x))
+            for members in groups.values():
+                v = embed_batch(run, np.stack([x for _, x in members]), scales, msp, rescaler)
+                if out is None:
+                    out = np.empty((n, v.shape[1]), dtype=np.float32)
+                out[[i for i, _ in members]] = v
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+class OnnxEncoder:
+    """An exported encoder and its sidecar: `enc(x)` runs a normalised (B, 3, H, W) float32 batch."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: model not found; pass the .onnx file written by `aml export`")
+        self.path = path
+        self.info: dict[str, Any] = read_sidecar(path)
+        if self.info["format"] != "onnx":
+            raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX "
+                            "exports only")
+        try:
+            self.sess = session(path, threads)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the "
+                            "model") from e
+        self.input = self.sess.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def embed(self, paths: Sequence[str | os.PathLike], *, image_size: int | None = None,
+              scales: Sequence[float] = (1.0,), bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
+        """(N, D) vectors of image files at the sidecar's image size (or `image_size`)."""
+        info = self.info
+        if tuple(scales) != (1.0,) and info["whiten"]:
+            raise UserError(f"{self.path}: exported with the teacher's single-scale Lw folded in; "
+                            "multi-scale needs Lw after the scale combination: embed single-scale, or "
+                            "re-export without --whiten and whiten the combined vectors")
+        return embed_images(self, paths, image_size=image_size or int(info["image_size"]), mean=info["mean"],
+                            std=info["std"], scales=scales, msp=float(info["msp"]), bbxs=bbxs)

@@ -1,0 +1,333 @@
+"""The model zoo: one table of backbones for both roles, and the one way to build a RetrievalNet.
+
+`create_model` takes a registered name (weights from `weights=`, the bundled package, or a seeded random
+init) or a checkpoint path (cirtorch or aml: the architecture comes from its meta). `model_identity`
+names the same model without building it: the teacher-cache key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aml.errors import UserError
+from aml.io import sha256_file
+from aml.net import RetrievalNet, default_meta
+
+Builder = Callable[[str | None, bool], tuple[nn.Module, int, dict]]
+INIT_SEED = 0  # every network is built under this seed: random-init models are reproducible
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """Weights shipped inside an installed Python package."""
+
+    package: str
+    path: Callable[[], str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered backbone."""
+
+    name: str
+    builder: Builder
+    feature_dim: int
+    weights_help: str
+    description: str
+    architecture: str
+    role: str
+    bundled: Bundled | None
+
+
+_REGISTRY: dict[str, Entry] = {}
+_PACKAGES = ("teachers", "students")
+_loaded = False
+
+
+def register(name: str, *, feature_dim: int, weights_help: str, description: str,
+             architecture: str | None = None, bundled: Bundled | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register a backbone builder `(weights, random_init) -> (features, out_channels, meta)`.
+
+    `architecture` is the name cirtorch checkpoints carry in `meta['architecture']` (torchvision's);
+    `bundled` names weights that ship with an installed package (used when no `weights=` is given).
+    """
+
+    def deco(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' registered twice")
+        package = fn.__module__.split(".")[0]
+        role = {"teachers": "teacher", "students": "student"}.get(package, "any")
+        _REGISTRY[name] = Entry(name, fn, feature_dim, weights_help, description, architecture or name, role,
+                                bundled)
+        return fn
+
+    return deco
+
+
+def _entries() -> dict[str, Entry]:
+    global _loaded
+    if not _loaded:
+        for package in _PACKAGES:
+            importlib.import_module(package)
+        _loaded = True
+    return _REGISTRY
+
+
+def _unknown(name: str) -> UserError:
+    return UserError(f"unknown model '{name}'; registered: {', '.join(sorted(_entries()))} "
+                     "(or pass a checkpoint file)")
+
+
+# --------------------------------------------------------------------------------------- weight files
+_memo: dict[str, Any] = {}  # one file read by `_resolve` and reused by the builder in the same call
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load on CPU: weights-only (memory-mapped when possible) first, full unpickling for old files."""
+    last: Exception | None = None
+    for kw in ({"weights_only": True, "mmap": True}, {"weights_only": True}, {"weights_only": False}):
+        try:
+            return torch.load(path, map_location="cpu", **kw)
+        except Exception as e:  # noqa: BLE001 - try the next, more permissive reader
+            last = e
+    msg = str(last).strip().splitlines()[0][:120] if last is not None and str(last).strip() else ""
+    raise UserError(f"{path}: not a readable torch file ({type(last).__name__}: {msg}); "
+                    "re-download it or check the path")
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """The object saved in a torch file, with a one-line UserError when it is missing or unreadable."""
+    p = Path(path)
+    key = str(p.resolve())
+    if key in _memo:
+        return _memo[key]
+    if not p.is_file():
+        raise UserError(f"{p}: file not found; check the path (weights are never downloaded by aml)")
+    return _torch_load(p)
+
+
+def _strip_module(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop a DistributedDataParallel `module.` prefix."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from a file (a dict of tensors, or a checkpoint's `state_dict`)."""
+    obj = read_torch_file(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path}: not a state dict (expected a dict of tensors, or a dict with 'state_dict')")
+    return _strip_module(obj)
+
+
+def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+              optional: tuple[str, ...] = ()) -> None:
+    """Load `sd` into `module` strictly, as a one-line UserError naming the file and the first bad key.
+
+    Missing `num_batches_tracked` buffers are accepted (old cirtorch files); keys starting with a prefix in
+    `optional` may be missing too (a freshly initialised head).
+    """
+    own = module.state_dict()
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise UserError(f"{path}: state_dict: key '{k}' has shape {tuple(v.shape)}, the network expects "
+                            f"{tuple(own[k].shape)}; the file is for another architecture or dimension")
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")
+               and not k.startswith(optional)]
+    unexpected = [k for k in sd if k not in own]
+    for keys, what in ((missing, "missing"), (unexpected, "unexpected")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise UserError(f"{path}: state_dict: key '{keys[0]}' {what}{more}; the file does not match "
+                            f"this architecture")
+    module.load_state_dict(sd, strict=False)
+
+
+def _as_checkpoint(obj: Any, path: Path) -> dict[str, Any]:
+    """Validate a full-network checkpoint (cirtorch or aml): a dict with `state_dict` and `meta`."""
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__}); expected a dict with "
+                        "'state_dict' and 'meta'")
+    for field in ("state_dict", "meta"):
+        if field not in obj:
+            raise UserError(f"{path}: field '{field}' missing; expected a cirtorch or aml checkpoint "
+                            "(dict with 'state_dict' and 'meta'), or pass it as --weights of a named model")
+    if not isinstance(obj["meta"], Mapping):
+        raise UserError(f"{path}: field 'meta' is a {type(obj['meta']).__name__}, expected a dict")
+    sd = _checked_state_dict(obj["state_dict"], path)
+    return {"state_dict": sd, "meta": dict(obj["meta"])}
+
+
+def _checked_state_dict(sd: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Check that a checkpoint's `state_dict` is a dict of tensors."""
+    if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: field 'state_dict' is not a dict of tensors")
+    return _strip_module(sd)
+
+
+def _entry_from_meta(meta: Mapping[str, Any], path: Path) -> Entry:
+    """The registered backbone a checkpoint's meta describes (aml name first, then cirtorch architecture)."""
+    entries = _entries()
+    aml = meta.get("aml")
+    if isinstance(aml, Mapping) and aml.get("name") is not None:
+        if aml["name"] not in entries:
+            raise UserError(f"{path}: meta['aml']['name'] = '{aml['name']}' is not registered; "
+                            f"registered: {', '.join(sorted(entries))}")
+        return entries[aml["name"]]
+    if "architecture" not in meta:
+        raise UserError(f"{path}: meta: field 'architecture' missing; cannot tell which network the weights "
+                        "are for")
+    for field, want in (("pooling", "gem"), ("local_whitening", False), ("regional", False)):
+        if meta.get(field, want) != want:
+            raise UserError(f"{path}: meta['{field}'] = {meta[field]!r}; only GeM networks without local or "
+                            "regional whitening are supported")
+    arch = meta["architecture"]
+    for e in entries.values():
+        if e.architecture == arch:
+            return e
+    known = sorted(e.architecture for e in entries.values())
+    raise UserError(f"{path}: meta['architecture'] = '{arch}' is not supported; "
+                    f"supported: {', '.join(known)}")
+
+
+def _checkpoint_dim(ckpt: Mapping[str, Any], entry: Entry) -> int:
+    sd = ckpt["state_dict"]
+    for key in ("proj.0.weight", "whiten.weight"):
+        if key in sd:
+            return int(sd[key].shape[0])
+    return int(ckpt["meta"].get("outputdim", entry.feature_dim))
+
+
+# ------------------------------------------------------------------------------------------ resolving
+@dataclass
+class _Source:
+    """Where a model's weights come from: a full checkpoint, a backbone file, bundled, or random init."""
+
+    entry: Entry
+    label: str  # file path | bundled:<package> | random-init
+    path: Path | None
+    checkpoint: dict[str, Any] | None
+
+
+def _looks_like_path(s: str) -> bool:
+    return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".tar", ".ckpt") or Path(s).exists()
+
+
+def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
+             random_init: bool) -> _Source:
+    entries = _entries()
+    name = str(name_or_path)
+    if weights is not None and random_init:
+        raise UserError(f"--weights {weights} and --random-init both given; pass one of them")
+    if name in entries:
+        entry = entries[name]
+        if weights is not None:
+            path = Path(weights)
+            obj = read_torch_file(path)
+            _memo[str(path.resolve())] = obj
+            ckpt = None
+            if isinstance(obj, Mapping) and "meta" in obj:
+                ckpt = _as_checkpoint(obj, path)
+                other = _entry_from_meta(ckpt["meta"], path)
+                if other.name != entry.name:
+                    raise UserError(f"{path}: checkpoint is for '{other.name}' ({other.architecture}), not "
+                                    f"'{entry.name}'; pass --model {other.name} or the checkpoint alone")
+            return _Source(entry, str(path.resolve()), path, ckpt)
+        if random_init:
+            return _Source(entry, "random-init", None, None)
+        if entry.bundled is not None:
+            return _Source(entry, f"bundled:{entry.bundled.package}", Path(entry.bundled.path()), None)
+        raise UserError(f"model '{name}' has no bundled weights: pass --weights FILE ({entry.weights_help}); "
+                        "--random-init gives random weights (tests only)")
+    if not _looks_like_path(name):
+        raise _unknown(name)
+    path = Path(name)
+    if weights is not None:
+        raise UserError(f"{path}: a checkpoint carries its own weights; drop --weights {weights}")
+    if random_init:
+        raise UserError(f"{path}: a checkpoint carries its own weights; drop --random-init")
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass a registered model name "
+                        f"({', '.join(sorted(entries))}) or an existing checkpoint file")
+    ckpt = _as_checkpoint(read_torch_file(path), path)
+    return _Source(_entry_from_meta(ckpt["meta"], path), str(path.resolve()), path, ckpt)
+
+
+def model_identity(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = None,
+                   random_init: bool = False) -> dict[str, Any]:
+    """What a model is, without building it: {'name', 'weights', 'sha256', 'dim'} (the teacher-cache key)."""
+    try:
+        src = _resolve(name_or_path, weights, random_init)
+    finally:
+        _memo.clear()
+    dim = _checkpoint_dim(src.checkpoint, src.entry) if src.checkpoint is not None else src.entry.feature_dim
+    return {"name": src.entry.name, "weights": src.label,
+            "sha256": sha256_file(src.path) if src.path is not None else None, "dim": dim}
+
+
+def _build(src: _Source, dim: int | None) -> RetrievalNet:
+    entry, ckpt = src.entry, src.checkpoint
+    if ckpt is None:
+        weights = str(src.path) if src.path is not None else None
+        features, channels, bmeta = entry.builder(weights, weights is None)
+        meta = {**default_meta(entry.architecture, dim or channels), **bmeta}
+        return RetrievalNet(features, channels, dim=dim, meta=meta)
+    sd = ckpt["state_dict"]
+    ck_dim = int(sd["proj.0.weight"].shape[0]) if "proj.0.weight" in sd else None
+    whiten = "whiten.weight" in sd
+    new_head = dim is not None and ck_dim is None and not whiten
+    if dim is not None and ck_dim != dim and not new_head:
+        have = f"a {ck_dim}-d projection head" if ck_dim else "a whitening layer"
+        raise UserError(f"{src.path}: checkpoint has {have}, but dim={dim} was asked for")
+    features, channels, bmeta = entry.builder(None, True)
+    meta = {**default_meta(entry.architecture, channels), **bmeta, **ckpt["meta"]}
+    net = RetrievalNet(features, channels, dim=dim if new_head else ck_dim, whiten=whiten, meta=meta)
+    load_into(net, sd, src.path, optional=("proj.",) if new_head else ())
+    return net
+
+
+def create_model(name_or_path: str | os.PathLike, *, role: str | None = None,
+                 weights: str | os.PathLike | None = None, dim: int | None = None,
+                 random_init: bool = False) -> RetrievalNet:
+    """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
+
+    `role="student"` with `dim` adds the AML projection head (Conv1x1 -> ReLU) to `dim` before GeM;
+    `role="teacher"` (the default, or the role recorded in an aml checkpoint) returns the net frozen, in
+    eval mode. Networks are built under a fixed seed, so `random_init=True` is reproducible.
+    """
+    if role not in (None, "teacher", "student"):
+        raise UserError(f"role '{role}': expected 'teacher' or 'student'")
+    try:
+        src = _resolve(name_or_path, weights, random_init)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            net = _build(src, dim)
+    finally:
+        _memo.clear()
+    saved = (src.checkpoint or {}).get("meta", {}).get("aml") or {}
+    role = role or saved.get("role") or "teacher"
+    net.meta["aml"] = {"name": src.entry.name, "role": role, "dim": net.dim, "teacher": saved.get("teacher")}
+    if role == "teacher":
+        net.eval().requires_grad_(False)
+    return net
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per registered backbone: name, roles, output dim, where its weights come from."""
+    rows = []
+    for e in sorted(_entries().values(), key=lambda e: e.role != "teacher"):  # stable: registration order
+        source = f"bundled:{e.bundled.package}" if e.bundled is not None else e.weights_help
+        rows.append({"name": e.name, "roles": e.role, "dim": e.feature_dim, "architecture": e.architecture,
+                     "weights": source, "description": e.description})
+    return rows

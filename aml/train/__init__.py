@@ -1,0 +1,1 @@
+"""Distillation training: the AML recipe (config), tuple building, the loop, checkpoints, DDP."""

@@ -1,0 +1,44 @@
+"""Training checkpoints: atomic per-epoch files plus `last.pt`, enough to rebuild the student alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aml.errors import UserError
+from aml.io import atomic_path
+
+FORMAT = 1  # bumped when the checkpoint layout changes
+
+
+def save_checkpoint(run_dir: Path, epoch: int, state: dict[str, Any]) -> Path:
+    """Write `epoch_NNN.pt` atomically, then point `last.pt` at the same bytes (atomic rename)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"epoch_{epoch:03d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({**state, "epoch": epoch, "aml_format": FORMAT}, tmp)
+    with atomic_path(run_dir / "last.pt") as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint written by `save_checkpoint`, with a clear error when it is not one."""
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass --out of an earlier run to --resume")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise UserError(f"{path}: not a readable torch checkpoint ({e.__class__.__name__}); delete it") from e
+    for key in ("state_dict", "meta", "optimizer", "config", "epoch"):
+        if key not in ck:
+            raise UserError(f"{path}: field '{key}' missing; this is not an aml training checkpoint")
+    return ck

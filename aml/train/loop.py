@@ -1,0 +1,330 @@
+"""The distillation loop: epochs of mined tuples (or image batches), atomic checkpoints, logs, DDP, AMP."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from aml.data.spec import parse_data_spec
+from aml.errors import UserError
+from aml.extract import extract
+from aml.io import atomic_write, write_json
+from aml.losses import LOSS_KIND, LOSSES
+from aml.progress import Progress
+from aml.registry import create_model, model_identity
+from aml.train.batches import ImageTensors, forward_by_size, size_buckets
+from aml.train.checkpoint import load_checkpoint, save_checkpoint
+from aml.train.config import TrainConfig
+from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
+from aml.train.epoch import EpochPlan, plan_images, plan_tuples
+from aml.train.quick_eval import QuickEval
+from aml.train.teacher import TeacherVectors
+
+# Fields a resumed run may change; anything else must match the checkpoint's config.
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
+
+
+def aml_home() -> Path:
+    """Where generated data, caches and default runs live (`$AML_HOME`, default ~/.cache/aml)."""
+    return Path(os.environ.get("AML_HOME", Path.home() / ".cache" / "aml"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.teacher}-{cfg.student}-{cfg.loss}".replace("/", "_")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AML/cirtorch optimisation groups: GeM p at lr x gem_lr_mult without weight decay."""
+    gem = [p for n, p in model.named_parameters() if n.endswith("pool.p") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("pool.p") and p.requires_grad]
+    return [
+        {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": gem, "lr": cfg.lr * cfg.gem_lr_mult, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    raise UserError(f"--optimizer {cfg.optimizer}: unknown; use adam or sgd")
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode with every BatchNorm frozen in eval mode (AML: statistics stay ImageNet's)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def loss_function(cfg: TrainConfig):
+    """The configured loss with its keyword constants bound (`--margin` where the loss has one)."""
+    if cfg.loss not in LOSSES:
+        raise UserError(f"--loss {cfg.loss}: unknown; choose one of {', '.join(sorted(LOSSES))}")
+    fn = LOSSES[cfg.loss]
+    accepted = inspect.signature(fn).parameters
+    kwargs = dict(cfg.loss_args)
+    if "margin" in accepted and "margin" not in kwargs:
+        kwargs["margin"] = cfg.margin
+    bad = sorted(k for k in kwargs if k not in accepted)
+    if bad:
+        raise UserError(f"--loss-arg {bad[0]}: loss '{cfg.loss}' takes {sorted(set(accepted) - {'reduction'})}")
+    return fn, kwargs
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Loads, per training step, the images the student must embed (with grad)."""
+
+    def __init__(self, images: ImageTensors, batches: list[np.ndarray]) -> None:
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        return [self.images[j] for j in self.batches[i]]
+
+
+def _identity(x):
+    return x
+
+
+def _raw_sizes(paths: list[str], idx: np.ndarray) -> np.ndarray:
+    """A sortable size key per image (header read only), used to make batches single-size."""
+    from PIL import Image
+
+    keys = np.empty(len(idx), dtype=np.int64)
+    for k, i in enumerate(idx):
+        with Image.open(paths[i]) as im:
+            w, h = im.size
+        keys[k] = w * 100_000 + h
+    return keys
+
+
+class Trainer:
+    """One distillation run: set up from a config (or a checkpoint), then `fit()`."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.dist: Dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        checkpoint = None
+        if resume:
+            checkpoint = load_checkpoint(self.run_dir / "last.pt")
+            cfg = self._merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]))
+        self.cfg = cfg.replace(out=str(self.run_dir))
+        self.loss_fn, self.loss_kwargs = loss_function(cfg)
+        self.kind = LOSS_KIND[cfg.loss]
+        if cfg.amp != "none" and self.device.type != "cuda":
+            raise UserError(f"--amp {cfg.amp}: mixed precision needs CUDA; use --amp none on the CPU")
+
+        bundle = parse_data_spec(cfg.data)
+        self.train = bundle.train
+        if self.kind == "tuple" and len(self.train.qidxs) == 0:
+            raise UserError(f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
+                            "use a label-free loss (reg, rkd, darkrank, csd)")
+        self.identity = model_identity(cfg.teacher, cfg.teacher_weights, cfg.random_init)
+        self.teacher = TeacherVectors(
+            self.identity, weights=cfg.teacher_weights, random_init=cfg.random_init, image_size=cfg.image_size,
+            cache_dir=aml_home() / "cache", dtype=cfg.cache_dtype, device=str(self.device), dist=self.dist,
+            progress=progress and self.dist.main)
+        self.T = self.teacher.get(self.train.paths)
+        self.evaluator = None
+        if bundle.test is not None and cfg.eval_every > 0:
+            eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else TeacherVectors(
+                self.identity, weights=cfg.teacher_weights, random_init=cfg.random_init,
+                image_size=cfg.eval_size(), cache_dir=self.teacher.cache_dir, dtype=cfg.cache_dtype,
+                device=str(self.device), dist=self.dist, progress=self.teacher.progress)
+            self.evaluator = QuickEval(bundle.test, eval_teacher, cfg.eval_size(), str(self.device))
+        self.teacher.release()
+
+        student = create_model(cfg.student, role="student", weights=cfg.student_weights,
+                               dim=self.identity["dim"], random_init=cfg.random_init)
+        student.meta["aml"]["teacher"] = self.identity
+        self.student = student.to(self.device).to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.student, cfg)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
+        self.start_epoch = 0
+        if checkpoint is not None:
+            self.student.load_state_dict(checkpoint["state_dict"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.start_epoch = int(checkpoint["epoch"])
+        self.model: nn.Module = self.student
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.student, device_ids=ids)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self.workers = cfg.workers if cfg.workers >= 0 else min(2, os.cpu_count() or 1)
+
+    # ----------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _merge_resumed(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
+        diff = sorted(k for k, v in given.to_dict().items()
+                      if k not in RESUMABLE_CHANGES and v != saved.to_dict()[k])
+        if diff:
+            k = diff[0]
+            raise UserError(f"--resume: option '{k}' differs from the checkpoint's config "
+                            f"({getattr(given, k)!r} vs {getattr(saved, k)!r}); only {sorted(RESUMABLE_CHANGES)} "
+                            "may change when resuming")
+        return saved.replace(**{k: getattr(given, k) for k in RESUMABLE_CHANGES})
+
+    # ---------------------------------------------------------------------------------------- pieces
+    def _student_vectors(self, idx: np.ndarray) -> np.ndarray:
+        """Current student vectors of training images (no grad, eval mode), sharded across ranks."""
+        mine = idx[self.dist.rank::self.dist.world]
+        self.student.eval()
+        part = extract(self.student, [self.train.paths[i] for i in mine], image_size=self.cfg.image_size,
+                       device=str(self.device), progress=False, workers=self.workers)
+        return gather_rows(self.dist, part, len(idx))
+
+    def _plan(self, epoch: int, rng: np.random.Generator) -> EpochPlan:
+        if self.kind == "tuple":
+            return plan_tuples(self.cfg, self.train, rng, self.T, self._student_vectors)
+        return plan_images(self.cfg, self.train, rng)
+
+    def _teacher_rows(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.T[idx], dtype=np.float32)).to(self.device)
+
+    def _autocast(self):
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def _step_loss(self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor],
+                   context: torch.Tensor | None) -> torch.Tensor:
+        with self._autocast():
+            s = forward_by_size(self.model, images, self.device)
+        B = len(b)
+        if self.kind == "batch":
+            extra = {"teacher_ref": context} if context is not None else {}
+            return self.loss_fn(s, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs)
+        anchor = s[:B]
+        if self.cfg.loss == "sym":  # the no-teacher baseline: every tuple image through the student
+            positive, negatives = s[B:2 * B], s[2 * B:].reshape(B, -1, s.shape[1])
+        else:
+            positive = self._teacher_rows(plan.positives[b])
+            negatives = self._teacher_rows(plan.negatives[b].reshape(-1)).reshape(B, -1, s.shape[1])
+        return self.loss_fn(anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **self.loss_kwargs)
+
+    def _images_of(self, plan: EpochPlan, b: np.ndarray) -> np.ndarray:
+        if self.cfg.loss == "sym":
+            return np.concatenate([plan.anchors[b], plan.positives[b], plan.negatives[b].reshape(-1)])
+        return plan.anchors[b]
+
+    # ---------------------------------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        t0 = time.perf_counter()
+        plan = self._plan(epoch, rng)
+        t_mine = time.perf_counter() - t0
+        order = rng.permutation(len(plan.anchors))
+        batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
+        usable = len(batches) // self.dist.world * self.dist.world or len(batches)
+        batches = batches[:usable][self.dist.rank::self.dist.world]
+        context = self._teacher_rows(plan.pool) if "teacher_ref" in inspect.signature(self.loss_fn).parameters \
+            else None
+
+        images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
+        loader = torch.utils.data.DataLoader(
+            _Batches(images, [self._images_of(plan, b) for b in batches]), batch_size=None,
+            num_workers=self.workers, collate_fn=_identity)
+        set_train_mode(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", "step", self.progress and self.dist.main)
+        total, n_images, t1 = 0.0, 0, time.perf_counter()
+        for step, (b, imgs) in enumerate(zip(batches, loader, strict=True)):
+            last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
+            sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
+            with sync:
+                loss = self._step_loss(plan, b, imgs, context)
+                self.scaler.scale(loss / cfg.update_every).backward()
+            if last:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            n_images += len(imgs)
+            bar.update(postfix=f"loss {total / (step + 1):.4f} lr {self.optimizer.param_groups[0]['lr']:.2e}"
+                               f" {n_images / (time.perf_counter() - t1):.1f} img/s")
+        bar.close()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        dt = time.perf_counter() - t1
+        return {"epoch": epoch + 1, "loss": total / max(len(batches), 1), "lr": lr, "steps": len(batches),
+                "tuples": int(len(batches) and sum(len(b) for b in batches)), "dropped_tuples": plan.dropped,
+                "images_per_s": n_images / max(dt, 1e-9), "mining_s": t_mine, "train_s": dt,
+                "gem_p": float(self.student.pool.p.detach().cpu())}
+
+    def checkpoint_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"state_dict": self.student.state_dict(), "meta": self.student.meta,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "config": self.cfg.to_dict(), "metrics": metrics}
+
+    def fit(self) -> Path:
+        """Train from the start (or the resumed epoch) to `cfg.epochs`; returns the run directory."""
+        cfg = self.cfg
+        if self.dist.main:
+            write_json(self.run_dir / "config.json", cfg.to_dict())
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                stats = self.train_epoch(epoch)
+                if self.evaluator is not None and self.dist.main and (
+                        (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                    stats["eval"] = self.evaluator.run(self.student)
+                if self.dist.main:
+                    save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
+                    self._log(stats)
+                self.dist.barrier()
+        finally:
+            shutdown(self.dist)
+        return self.run_dir
+
+    def _log(self, stats: dict[str, Any]) -> None:
+        path = self.run_dir / "log.jsonl"
+        old = path.read_text() if path.exists() else ""
+        with atomic_write(path) as f:
+            f.write(old + json.dumps(stats, sort_keys=True) + "\n")
+        if self.progress:
+            ev = stats.get("eval")
+            line = f"epoch {stats['epoch']}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+            if ev:
+                line += (f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, "
+                         f"sym mAP M {ev['student']['mAP']['M']:.2f}")
+            print(line, flush=True)
+
+
+def distill(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run a distillation and return its run directory (checkpoints, log.jsonl, config.json)."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()

@@ -1,0 +1,34 @@
+"""Per-epoch test-set check: the student's symmetric and asymmetric mAP against cached teacher vectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from aml.data.revisitop import load_revisitop
+from aml.evaluate import evaluate_features
+from aml.extract import extract
+from aml.train.teacher import TeacherVectors
+
+
+class QuickEval:
+    """Holds the test set and its teacher vectors (cached once); `run(student)` embeds only the student side."""
+
+    def __init__(self, test: tuple[str, str], teacher: TeacherVectors, image_size: int, device: str) -> None:
+        self.ds = load_revisitop(*test)
+        self.image_size, self.device = image_size, device
+        self.db_teacher = teacher.get(self.ds.db_paths())
+        self.q_teacher = teacher.get(self.ds.query_paths(), self.ds.bbxs)
+
+    def teacher(self) -> dict[str, Any]:
+        """The teacher's own symmetric scores (the reference line)."""
+        return evaluate_features(self.ds, self.db_teacher, self.q_teacher)
+
+    def run(self, student: nn.Module) -> dict[str, Any]:
+        student.eval()
+        kw = dict(image_size=self.image_size, device=self.device, progress=False)
+        q = extract(student, self.ds.query_paths(), bbxs=self.ds.bbxs, **kw)
+        db = extract(student, self.ds.db_paths(), **kw)
+        return {"student": evaluate_features(self.ds, db, q),
+                "asymmetric": evaluate_features(self.ds, self.db_teacher, q)}

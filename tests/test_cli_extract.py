@@ -1,0 +1,106 @@
+"""`aml extract` and `aml models` end to end: output file, list/bbx parsing, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aml.extract import extract
+from aml.registry import create_model
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # on a shared 2-core box, two spinning OpenMP threads are many times slower
+
+
+@pytest.fixture
+def listed(tmp_path):
+    """Three images in a subfolder, listed with paths relative to the list file."""
+    (tmp_path / "jpg").mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i, (w, h) in enumerate([(40, 30), (30, 40), (40, 30)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "jpg" / f"{i}.png")
+        names.append(f"jpg/{i}.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(names) + "\n")
+    return lst, [str(tmp_path / n) for n in names]
+
+
+def _in_process(capsys, *args):
+    """`aml ARGS` in this process (the subprocess runner costs seconds per call on a shared CPU)."""
+    import cli
+
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _fails(result, *needles):
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_extract_writes_rows_in_list_order(listed, tmp_path, run_cli):
+    lst, paths = listed
+    out = tmp_path / "out" / "v.npy"
+    bbx = tmp_path / "bbx.txt"
+    bbx.write_text("\n2 3 30 25\n\n")
+    code, stdout, stderr = run_cli("extract", "--model", "resnet18", "--random-init", "--images", lst,
+                                   "--image-size", 32, "--bbx", bbx, "--out", out, "--device", "cpu", env=ENV)
+    assert code == 0, stderr
+    assert "3 x 512" in stdout
+    got = np.load(out)
+    want = extract(create_model("resnet18", random_init=True), paths, image_size=32,
+                   bbxs=[None, (2, 3, 30, 25), None], workers=0, progress=False)
+    assert got.dtype == np.float32 and got.shape == (3, 512)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [p.name for p in out.parent.iterdir()] == ["v.npy"]  # no temporary left behind
+
+
+def test_models_table(capsys):
+    code, out, err = _in_process(capsys, "models")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "role", "dim", "weights"]
+    rows = {ln.split()[0]: ln.split()[1:3] for ln in lines[1:] if ln.strip()}
+    assert rows["rn101"] == ["teacher", "2048"] and rows["effnet-b3"] == ["student", "1536"]
+
+
+def test_errors_are_one_line(listed, tmp_path, capsys, run_cli):
+    lst, _ = listed
+    out = tmp_path / "o.npy"
+    base = ("--images", lst, "--image-size", 32, "--out", out, "--workers", 0)
+    # one real subprocess: the console entry point prints one line, no traceback
+    _fails(run_cli("extract", "--model", tmp_path / "missing.pth", *base, env=ENV),
+           "missing.pth", "not found")
+    ck = tmp_path / "nometa.pth"
+    torch.save({"state_dict": {}}, ck)
+    _fails(_in_process(capsys, "extract", "--model", ck, *base), "nometa.pth", "'meta'")
+    _fails(_in_process(capsys, "extract", "--model", "resnet-18", *base), "unknown model 'resnet-18'",
+           "resnet18")
+    _fails(_in_process(capsys, "extract", "--model", "rn101", *base), "resnet101-63fe2227.pth")
+    bad = tmp_path / "bad.txt"
+    (tmp_path / "jpg" / "broken.jpg").write_bytes(b"nope")
+    bad.write_text("jpg/0.png\njpg/broken.jpg\n")
+    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", "--images", bad,
+                       "--image-size", 32, "--out", out, "--workers", 0), "broken.jpg", "cannot read image")
+    bbx = tmp_path / "short.txt"
+    bbx.write_text("1 2 3 4\n")
+    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--bbx", bbx,
+                       "--whiten"), "short.txt", "1 lines for 3 images")
+    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--whiten"),
+           "no learned whitening")
+    assert not out.exists()
