@@ -18,8 +18,10 @@ import numpy as np
 
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
+from aml.io import aml_home
 from aml.scoring import KAPPAS, score_rankings, summary
 from aml.search import search
+from aml.teacher_vectors import TeacherVectors
 
 FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
 TRUNCATED_TOPK = 10_000  # ranking depth for larger databases (R1M)
@@ -31,11 +33,6 @@ FEATURE_DTYPES = (np.float16, np.float32, np.float64)
 def default_topk(n_db: int) -> int:
     """The ranking depth used when none is given: all of a database up to 100k images, else 10,000."""
     return n_db if n_db <= FULL_RANKING_MAX else TRUNCATED_TOPK
-
-
-def aml_home() -> Path:
-    """$AML_HOME, default ~/.cache/aml."""
-    return Path(os.environ.get("AML_HOME") or Path.home() / ".cache" / "aml")
 
 
 def check_features(x: np.ndarray, rows: int, what: str, *, dim: int | None = None, unit: bool = True,
@@ -118,14 +115,6 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 # ---- model-based evaluation ---------------------------------------------------------------------------
 
-def _image_keys(paths: Sequence[str], bbxs: Sequence[Any] | None) -> list[str]:
-    """The strings that identify an image list in a cache key, query crops included (as the trainer's)."""
-    if bbxs is None:
-        return list(paths)
-    crop = [None if b is None else ",".join(f"{v:g}" for v in b) for b in bbxs]
-    return [p if c is None else f"{p}#bbx={c}" for p, c in zip(paths, crop, strict=True)]
-
-
 def _whiten(x: np.ndarray, lw: Mapping[str, Any] | None, block: int = 65536) -> np.ndarray:
     """Apply learned whitening `l2n(P (x - m))` block by block, keeping `x`'s dtype."""
     if lw is None:
@@ -149,40 +138,6 @@ def learned_whitening(meta: Mapping[str, Any], scales: Sequence[float], key: str
     key = key if key is not None else next(iter(meta.get("Lw") or {}), None)
     kind = "ms" if len(scales) > 1 else "ss"
     return {**select_lw(meta, len(scales) > 1, key), "key": key, "name": f"{key}/{kind}"}
-
-
-class _Teacher:
-    """Teacher vectors through the feature cache; the network is built only when needed (cache miss, Lw)."""
-
-    def __init__(self, name: str, weights: str | None, random_init: bool, cache_dir: Path, dtype: str,
-                 extract_kw: dict) -> None:
-        from aml.registry import model_identity
-
-        self.name, self.weights, self.random_init = name, weights, random_init
-        self.identity = model_identity(name, weights=weights, random_init=random_init)
-        self.cache_dir, self.dtype, self.kw = cache_dir, dtype, extract_kw
-        self._net = None
-
-    def net(self):
-        if self._net is None:
-            from aml.registry import create_model
-
-            self._net = create_model(self.name, role="teacher", weights=self.weights,
-                                     random_init=self.random_init)
-        return self._net
-
-    def vectors(self, paths: list[str], bbxs: Sequence[Any] | None = None) -> np.ndarray:
-        from aml.cache import FeatureCache, cache_key
-        from aml.extract import extract
-
-        key = cache_key(self.identity, self.kw["image_size"], self.kw["scales"], _image_keys(paths, bbxs))
-        cache = FeatureCache(self.cache_dir, key, len(paths), self.identity["dim"], self.dtype)
-        if not cache.complete():
-            kw = dict(self.kw, progress=False)
-            cache.build(lambda idx: extract(self.net(), [paths[i] for i in idx],
-                                            bbxs=None if bbxs is None else [bbxs[i] for i in idx], **kw),
-                        progress=self.kw["progress"])
-        return cache.load()
 
 
 def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_weights: str | None = None,
@@ -212,8 +167,9 @@ def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_w
     kw = dict(image_size=image_size, scales=tuple(scales), batch_size=batch_size, workers=workers,
               device=device, progress=progress)
     cache = Path(cache_dir) if cache_dir is not None else aml_home() / "cache"
-    t_random = random_init and not os.path.isfile(teacher)
-    t = _Teacher(teacher, teacher_weights, t_random, cache, cache_dtype, kw)
+    t = TeacherVectors(teacher, weights=teacher_weights, random_init=random_init, image_size=image_size,
+                       scales=scales, cache_dir=cache, dtype=cache_dtype, device=device, batch_size=batch_size,
+                       workers=workers, progress=progress)
     db_paths, q_paths, bbxs = dataset.db_paths(), dataset.query_paths(), dataset.bbxs
     need_student_db = "student" in rows
     need_teacher_db = "teacher" in rows or "asymmetric" in rows
@@ -225,10 +181,10 @@ def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_w
     out: dict[str, Any] = {"dataset": dataset.name, "settings": settings}
     t_db = t_dis = None
     if need_teacher_db:
-        t_db = _whiten(t.vectors(db_paths), lw_t)
-        t_dis = _whiten(t.vectors(distractors), lw_t) if distractors else None
+        t_db = _whiten(t.get(db_paths), lw_t)
+        t_dis = _whiten(t.get(distractors), lw_t) if distractors else None
     if "teacher" in rows:
-        t_q = _whiten(t.vectors(q_paths, bbxs), lw_t)
+        t_q = _whiten(t.get(q_paths, bbxs), lw_t)
         out["teacher"] = evaluate_features(dataset, t_db, t_q, topk=topk, distractors=t_dis, device=device)
     if "student" in rows or "asymmetric" in rows:
         is_file = os.path.isfile(student)

@@ -60,3 +60,8 @@ def sha256_lines(lines: list[str]) -> str:
         h.update(s.encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def aml_home() -> Path:
+    """The user's aml folder for generated data, caches and default runs: `$AML_HOME`, default ~/.cache/aml."""
+    return Path(os.environ.get("AML_HOME") or Path.home() / ".cache" / "aml").expanduser()

@@ -66,7 +66,11 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
         except ImportError:
             pass
         else:
-            return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+            import warnings
+
+            with warnings.catch_warnings():  # read-only cache memmaps: torch only reads them, but warns
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

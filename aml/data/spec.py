@@ -34,9 +34,10 @@ from aml.data.folders import (
 )
 from aml.data.revisitop import gnd_file, load_revisitop
 from aml.data.sfm120k import read_sfm
-from aml.data.synth import SYNTH_NAME, SYNTH_PICKLE, aml_home, ensure_default_synth
+from aml.data.synth import SYNTH_NAME, SYNTH_PICKLE, ensure_default_synth
 from aml.data.trainset import DataBundle, RevisitopRef
 from aml.errors import UserError
+from aml.io import aml_home
 
 FORMS = "synth, synth:DIR, sfm120k:DIR, folder:DIR, groups:CSV, images:DIR"
 

@@ -32,6 +32,7 @@ from aml.data.sfm120k import cid_path, write_sfm_pickle
 from aml.data.synth_scene import render_landmark, sample_landmark
 from aml.data.synth_view import Scene, classify, jpeg_bytes, render_view, sample_view
 from aml.errors import UserError
+from aml.io import aml_home
 
 SYNTH_VERSION = 1  # bump when the generator's output changes: cached default sets are keyed by it
 SYNTH_PICKLE = "retrieval-SfM-synth.pkl"
@@ -231,11 +232,6 @@ def generate_synth(out: str | os.PathLike, cfg: SynthConfig | None = None, progr
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def aml_home() -> Path:
-    """The user's aml cache folder: `$AML_HOME`, default `~/.cache/aml`."""
-    return Path(os.environ.get("AML_HOME") or Path.home() / ".cache" / "aml").expanduser()
 
 
 DEFAULT_SYNTH = SynthConfig()  # the embedded default set

@@ -94,9 +94,8 @@ def default_verify_data(config: Mapping[str, Any], verify_data: str | None, iden
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
     split) and the teacher's database vectors for it, from the teacher feature cache (extracted once)."""
     from aml.data.revisitop import load_revisitop
-    from aml.evaluate import aml_home
-    from aml.train.distributed import Dist
-    from aml.train.teacher import TeacherVectors
+    from aml.io import aml_home
+    from aml.teacher_vectors import TeacherVectors
 
     if verify_data is not None:
         root = Path(verify_data)
@@ -114,10 +113,10 @@ def default_verify_data(config: Mapping[str, Any], verify_data: str | None, iden
         ds = load_revisitop(*test)
     ds.check_images()
     label = str(identity.get("weights"))
-    tv = TeacherVectors(dict(identity), weights=label if os.path.isfile(label) else None,
+    tv = TeacherVectors(str(identity["name"]), weights=label if os.path.isfile(label) else None,
                         random_init=label == "random-init", image_size=image_size,
                         cache_dir=aml_home() / "cache", dtype=config.get("cache_dtype", "float16"),
-                        device="auto", dist=Dist(), progress=False)
+                        progress=False)
     db = np.asarray(tv.get(ds.db_paths()), dtype=np.float32)
     db = l2n(db).astype(np.float32)  # float16 cache rows back to unit length
     return VerifyData(ds, apply_lw_np(db, lw) if lw is not None else db)

@@ -27,9 +27,10 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-6
     gem_lr_mult: float = 10.0  # GeM p learns 10x faster, without weight decay
+    head_lr_mult: float = 1.0  # the student's 1x1 projection (random at the start) relative to the backbone
     weight_decay: float = 1e-6
     lr_decay: float = math.exp(-0.01)  # per epoch
-    margin: float = 0.7
+    margin: float | None = None  # None: the loss's own default (contrastive 0.7, triplet 0.1)
     neg_num: int = 5
     query_size: int = 2000
     pool_size: int = 20000

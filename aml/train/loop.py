@@ -19,25 +19,20 @@ from torch.nn.parallel import DistributedDataParallel
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
 from aml.extract import extract
-from aml.io import atomic_write, write_json
+from aml.io import aml_home, atomic_write, write_json
 from aml.losses import LOSS_KIND, LOSSES
 from aml.progress import Progress
-from aml.registry import create_model, model_identity
+from aml.registry import create_model
+from aml.teacher_vectors import TeacherVectors
 from aml.train.batches import ImageTensors, forward_by_size, size_buckets
 from aml.train.checkpoint import load_checkpoint, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
 from aml.train.epoch import EpochPlan, plan_images, plan_tuples
 from aml.train.quick_eval import QuickEval
-from aml.train.teacher import TeacherVectors
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
-
-
-def aml_home() -> Path:
-    """Where generated data, caches and default runs live (`$AML_HOME`, default ~/.cache/aml)."""
-    return Path(os.environ.get("AML_HOME", Path.home() / ".cache" / "aml"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,12 +50,16 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AML/cirtorch optimisation groups: GeM p at lr x gem_lr_mult without weight decay."""
-    gem = [p for n, p in model.named_parameters() if n.endswith("pool.p") and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("pool.p") and p.requires_grad]
+    """AML/cirtorch optimisation groups: backbone at lr; the projection head at lr x head_lr_mult; GeM p at
+    lr x gem_lr_mult without weight decay."""
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "gem": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups["gem" if n.endswith("pool.p") else "head" if n.startswith("proj.") else "backbone"].append(p)
     return [
-        {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": gem, "lr": cfg.lr * cfg.gem_lr_mult, "weight_decay": 0.0},
+        {"params": groups["backbone"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": groups["head"], "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
+        {"params": groups["gem"], "lr": cfg.lr * cfg.gem_lr_mult, "weight_decay": 0.0},
     ]
 
 
@@ -82,13 +81,13 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def loss_function(cfg: TrainConfig):
-    """The configured loss with its keyword constants bound (`--margin` where the loss has one)."""
+    """The configured loss and its keyword constants (`--margin`, `--loss-arg`), checked against its signature."""
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss {cfg.loss}: unknown; choose one of {', '.join(sorted(LOSSES))}")
     fn = LOSSES[cfg.loss]
     accepted = inspect.signature(fn).parameters
     kwargs = dict(cfg.loss_args)
-    if "margin" in accepted and "margin" not in kwargs:
+    if cfg.margin is not None and "margin" not in kwargs:
         kwargs["margin"] = cfg.margin
     bad = sorted(k for k in kwargs if k not in accepted)
     if bad:
@@ -151,19 +150,19 @@ class Trainer:
         if self.kind == "tuple" and len(self.train.qidxs) == 0:
             raise UserError(f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
                             "use a label-free loss (reg, rkd, darkrank, csd)")
-        self.identity = model_identity(cfg.teacher, cfg.teacher_weights, cfg.random_init)
-        self.teacher = TeacherVectors(
-            self.identity, weights=cfg.teacher_weights, random_init=cfg.random_init, image_size=cfg.image_size,
-            cache_dir=aml_home() / "cache", dtype=cfg.cache_dtype, device=str(self.device), dist=self.dist,
-            progress=progress and self.dist.main)
+        def teacher_at(size: int) -> TeacherVectors:
+            return TeacherVectors(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init,
+                                  image_size=size, cache_dir=aml_home() / "cache", dtype=cfg.cache_dtype,
+                                  device=str(self.device), dist=self.dist, progress=progress and self.dist.main)
+
+        self.teacher = teacher_at(cfg.image_size)
+        self.identity = self.teacher.identity
         self.T = self.teacher.get(self.train.paths)
         self.evaluator = None
         if bundle.test is not None and cfg.eval_every > 0:
-            eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else TeacherVectors(
-                self.identity, weights=cfg.teacher_weights, random_init=cfg.random_init,
-                image_size=cfg.eval_size(), cache_dir=self.teacher.cache_dir, dtype=cfg.cache_dtype,
-                device=str(self.device), dist=self.dist, progress=self.teacher.progress)
+            eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else teacher_at(cfg.eval_size())
             self.evaluator = QuickEval(bundle.test, eval_teacher, cfg.eval_size(), str(self.device))
+            eval_teacher.release()
         self.teacher.release()
 
         student = create_model(cfg.student, role="student", weights=cfg.student_weights,
@@ -225,8 +224,8 @@ class Trainer:
         with self._autocast():
             s = forward_by_size(self.model, images, self.device)
         B = len(b)
+        extra = {"teacher_ref": context} if context is not None else {}
         if self.kind == "batch":
-            extra = {"teacher_ref": context} if context is not None else {}
             return self.loss_fn(s, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs)
         anchor = s[:B]
         if self.cfg.loss == "sym":  # the no-teacher baseline: every tuple image through the student
@@ -234,7 +233,8 @@ class Trainer:
         else:
             positive = self._teacher_rows(plan.positives[b])
             negatives = self._teacher_rows(plan.negatives[b].reshape(-1)).reshape(B, -1, s.shape[1])
-        return self.loss_fn(anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **self.loss_kwargs)
+        return self.loss_fn(anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **extra,
+                            **self.loss_kwargs)
 
     def _images_of(self, plan: EpochPlan, b: np.ndarray) -> np.ndarray:
         if self.cfg.loss == "sym":

@@ -9,7 +9,7 @@ from torch import nn
 from aml.data.revisitop import load_revisitop
 from aml.evaluate import evaluate_features
 from aml.extract import extract
-from aml.train.teacher import TeacherVectors
+from aml.teacher_vectors import TeacherVectors
 
 
 class QuickEval:

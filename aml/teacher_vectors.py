@@ -1,0 +1,83 @@
+"""The frozen teacher's vectors of image lists, through the feature cache: one path for training, evaluation
+and export checks. The teacher network is built only when a list is not cached yet, at most once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aml.cache import FeatureCache, cache_key
+
+Bbx = Sequence[float] | None
+
+
+def image_list_key(paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> list[str]:
+    """The strings that identify an image list in a cache key (query crops included)."""
+    if bbxs is None:
+        return list(paths)
+    return [p if b is None else f"{p}#bbx={','.join(f'{v:g}' for v in b)}" for p, b in zip(paths, bbxs, strict=True)]
+
+
+class TeacherVectors:
+    """Teacher vectors at one image size and scale set, cached under `cache_dir` (keyed by the teacher's identity).
+
+    `teacher` is a registry name or a checkpoint file. With `dist` (a torchrun job), rank 0 extracts a missing
+    list and the others wait and read it. `built` tells whether the network had to be built (tests check that
+    a complete cache never builds it).
+    """
+
+    def __init__(self, teacher: str, *, weights: str | None = None, random_init: bool = False,
+                 image_size: int, scales: Sequence[float] = (1.0,), cache_dir: str | os.PathLike,
+                 dtype: str = "float16", device: str = "auto", batch_size: int = 32, workers: int | None = None,
+                 dist: Any = None, progress: bool = True) -> None:
+        from aml.registry import model_identity
+
+        self.teacher, self.weights = teacher, weights
+        self.random_init = random_init and not os.path.isfile(teacher)
+        self.identity = model_identity(teacher, weights=weights, random_init=self.random_init)
+        self.image_size, self.scales = image_size, tuple(float(s) for s in scales)
+        self.cache_dir, self.dtype = Path(cache_dir), dtype
+        self.extract_kw = dict(image_size=image_size, scales=self.scales, device=device, batch_size=batch_size,
+                               workers=workers, progress=False)
+        self.dist, self.progress = dist, progress
+        self.built = False
+        self._net = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.identity["dim"])
+
+    def net(self):
+        """The teacher network (frozen, eval mode), built on first use."""
+        if self._net is None:
+            from aml.registry import create_model
+
+            self._net = create_model(self.teacher, role="teacher", weights=self.weights,
+                                     random_init=self.random_init)
+            self.built = True
+        return self._net
+
+    def get(self, paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
+        """(N, D) teacher vectors of `paths` (query crops `bbxs`), a read-only memmap in list order."""
+        from aml.extract import extract
+
+        paths = list(paths)
+        key = cache_key(self.identity, self.image_size, self.scales, image_list_key(paths, bbxs))
+        cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
+        main = self.dist is None or self.dist.main
+        if main and not cache.complete():
+            cache.build(lambda idx: extract(self.net(), [paths[i] for i in idx],
+                                            bbxs=None if bbxs is None else [bbxs[i] for i in idx],
+                                            **self.extract_kw),
+                        progress=self.progress)
+        if self.dist is not None:
+            self.dist.barrier()
+        return cache.load()
+
+    def release(self) -> None:
+        """Drop the network once every list it serves is cached (frees its memory for training)."""
+        self._net = None
