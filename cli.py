@@ -49,8 +49,10 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
+    from aml.allocator import keep_freed_memory
     from aml.errors import UserError
 
+    keep_freed_memory()
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

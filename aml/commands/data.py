@@ -109,17 +109,9 @@ def _split(
 )
 @click.option("--test-objects", help="Test object ids, e.g. 150-249 (default: the other objects).")
 @click.option("--copy", is_flag=True, help="Copy images into NAME/jpg/ instead of symlinking them.")
-def split(
-    groups: str | None,
-    folder: str | None,
-    out: str,
-    name: str | None,
-    train_objects: str | None,
-    test_objects: str | None,
-    copy: bool,
-) -> None:
+def split(**options) -> None:
     """Split labelled images by object; write the test part in revisitop layout (each image a query)."""
-    _split(groups, folder, out, name, train_objects, test_objects, copy)
+    _split(**options)
 
 
 @command.command("ukbench")

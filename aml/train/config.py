@@ -70,13 +70,20 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The embedded default: everything runs offline on a 2-core CPU in a few minutes. The teacher and
-# student are the only real ImageNet CNNs installable offline; the recipe's lr is raised because the
-# budget is a few epochs instead of 100, and the 1x1 projection starts from random.
+# The embedded default: everything runs offline on a 2-core CPU within 10 minutes. The teacher and
+# student are the only real ImageNet CNNs installable offline. The budget is 3 epochs of 400 tuples instead
+# of 100 of 2000, so the lr is raised, and the 1x1 projection (random at the start) learns 50x faster than
+# the backbone (measured on the synthetic set, asymmetric mAP M after 2 epochs: head x1 lr 2e-4: 6.1;
+# x10 lr 2e-5: 10.2; x50 lr 2e-5: 23.5; x200 lr 2e-5: 24.6; x50 lr 5e-5: 27.2).
 PRESETS: dict[str, dict[str, Any]] = {
     "aml": {},
     "demo": dict(
-        teacher="lite2", student="lite0", loss="contr+", data="synth", epochs=4, lr=2e-4,
+        teacher="lite2", student="lite0", loss="contr+", data="synth", epochs=3, lr=5e-5, head_lr_mult=50.0,
         lr_decay=math.exp(-0.1), query_size=400, pool_size=2000, batch_size=8, image_size=224,
     ),
 }
+
+# The no-teacher baseline of the demo: the same student and recipe with the symmetric loss, on a smaller
+# budget (each sym tuple embeds 2 + neg_num images with the student, and symmetric mining embeds the whole
+# pool): its asymmetric mAP is near zero whatever the budget, which is what the baseline is there to show.
+DEMO_BASELINE: dict[str, Any] = dict(loss="sym", epochs=2, query_size=100, pool_size=500)

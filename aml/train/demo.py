@@ -7,7 +7,7 @@ from typing import Any
 
 from aml.data.spec import parse_data_spec
 from aml.train.checkpoint import load_checkpoint
-from aml.train.config import TrainConfig
+from aml.train.config import DEMO_BASELINE, TrainConfig
 from aml.train.loop import Trainer
 
 
@@ -15,22 +15,25 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, A
     """Train `cfg` and the same student with the symmetric no-teacher loss; return the rows of the table.
 
     Rows: the teacher on itself, the distilled student asymmetric and symmetric, and the baseline
-    student (trained without the teacher) queried against the teacher's database.
+    student (trained without the teacher) queried against the teacher's database and on its own.
     """
     main = Trainer(cfg, progress=progress)
     run_dir = main.fit()
-    baseline_cfg = cfg.replace(loss="sym", out=str(Path(run_dir) / "baseline-sym"))
-    base_dir = Trainer(baseline_cfg, progress=progress).fit()
+    base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"],
+                           out=str(Path(run_dir) / "baseline-sym"))
+    base_dir = Trainer(base_cfg, progress=progress).fit()
     rows: dict[str, Any] = {}
     if main.evaluator is not None:
         rows[f"teacher {cfg.teacher} (symmetric)"] = main.evaluator.teacher()
     ev = load_checkpoint(Path(run_dir) / "last.pt")["metrics"].get("eval")
     bev = load_checkpoint(Path(base_dir) / "last.pt")["metrics"].get("eval")
+    budget = f"{cfg.epochs} ep x {cfg.query_size}"
+    base_budget = f"{base_cfg.epochs} ep x {base_cfg.query_size}"
     if ev:
-        rows[f"student {cfg.student} {cfg.loss} (asymmetric)"] = ev["asymmetric"]
-        rows[f"student {cfg.student} {cfg.loss} (symmetric)"] = ev["student"]
+        rows[f"student {cfg.student} {cfg.loss}, {budget} (asymmetric)"] = ev["asymmetric"]
+        rows[f"student {cfg.student} {cfg.loss}, {budget} (symmetric)"] = ev["student"]
     if bev:
-        rows[f"student {cfg.student} sym, no teacher (asymmetric)"] = bev["asymmetric"]
-        rows[f"student {cfg.student} sym, no teacher (symmetric)"] = bev["student"]
+        rows[f"student {cfg.student} sym, no teacher, {base_budget} (asymmetric)"] = bev["asymmetric"]
+        rows[f"student {cfg.student} sym, no teacher, {base_budget} (symmetric)"] = bev["student"]
     return {"run_dir": str(run_dir), "baseline_dir": str(base_dir), "rows": rows,
             "dataset": parse_data_spec(cfg.data).test}
