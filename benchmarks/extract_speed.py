@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aml.allocator import keep_freed_memory
 from aml.data.images import load_image, to_tensor
 from aml.extract import extract, resolve_device
 from aml.registry import create_model
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
+    keep_freed_memory()  # as the `aml` CLI does; both variants run under it
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
-from aml.extract import extract
+from aml.extract import auto_workers, extract
 from aml.io import aml_home, atomic_write, write_json
 from aml.losses import LOSS_KIND, LOSSES
 from aml.progress import Progress
@@ -182,7 +181,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.student, device_ids=ids)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        self.workers = cfg.workers if cfg.workers >= 0 else min(2, os.cpu_count() or 1)
+        self.workers = cfg.workers if cfg.workers >= 0 else auto_workers(1 << 30, cfg.batch_size, self.device)
 
     # ----------------------------------------------------------------------------------------- setup
     @staticmethod
