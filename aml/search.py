@@ -6,9 +6,9 @@ one concatenated database without copying. Memory stays bounded: queries go in c
 the database in blocks of `block` rows, each block's top-k merged into a running top-k.
 
 Backends, all exact: faiss-gpu (IndexFlatIP on the GPU, when faiss-gpu and a GPU are present and topk <=
-2048), torch-cuda, numpy (BLAS matmul + argpartition), faiss (CPU IndexFlatIP, on request: measured 2-4x
-slower than numpy on this project's CPU machines, see benchmarks/eval_speed.py). The result is sorted by
-descending score, ties broken by ascending database index.
+2048), torch-cuda, numpy (BLAS matmul + argpartition), faiss (CPU IndexFlatIP, on request: no faster than
+numpy on this project's 2-core machine, 100k x 2048-d full ranking 1.76 vs 1.63 s;
+benchmarks/eval_speed.py). The result is sorted by descending score, ties broken by ascending database index.
 """
 
 from __future__ import annotations
