@@ -7,7 +7,7 @@ exactly the vectors of batch-size-1 extraction); multi-scale and Lw whitening fo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,8 +98,8 @@ def _keep(items: list) -> list:
     return items
 
 
-def _same_shape_groups(items: list[tuple[int, torch.Tensor]]) -> list[tuple[list[int], torch.Tensor]]:
-    """Stack a loaded batch by tensor shape (one group unless a size prediction was off)."""
+def same_shape_groups(items: Iterable[tuple[int, torch.Tensor]]) -> list[tuple[list[int], torch.Tensor]]:
+    """Stack (index, image tensor) pairs by tensor shape: [(indices, (b, 3, H, W) batch)], first-seen order."""
     groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
     for i, x in items:
         groups.setdefault(tuple(x.shape), []).append((i, x))
@@ -154,7 +154,7 @@ def extract(model: nn.Module, paths: Sequence[str | os.PathLike], *, image_size:
     try:
         with torch.inference_mode():
             for items in loader:
-                for idx, x in _same_shape_groups(items):
+                for idx, x in same_shape_groups(items):
                     v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
                     if whiten is not None:
                         v = apply_lw(v, *whiten)

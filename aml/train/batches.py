@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from aml.data.images import load_image, to_tensor
+from aml.extract import same_shape_groups
 
 
 class ImageTensors(Dataset):
@@ -30,29 +31,14 @@ class ImageTensors(Dataset):
         return to_tensor(load_image(self.paths[i], self.size), self.mean, self.std)
 
 
-def _as_list(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-    return batch
-
-
-def image_loader(paths: Sequence[str], size: int, mean, std, *, batch_size: int, workers: int) -> DataLoader:
-    """Ordered loader of image tensors in chunks of `batch_size` (a list of (3, H, W) tensors each)."""
-    return DataLoader(ImageTensors(paths, size, mean, std), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=_as_list, persistent_workers=False)
-
-
 def forward_by_size(model: nn.Module, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Embed a list of (3, H, W) images: one forward per distinct size, rows back in input order."""
-    shapes = [tuple(im.shape) for im in images]
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(shapes):
-        groups.setdefault(s, []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(images)
-    for idx in groups.values():
-        x = torch.stack([images[i] for i in idx]).to(device, non_blocking=True)
-        v = model(x.contiguous(memory_format=torch.channels_last))
-        for j, i in enumerate(idx):
-            out[i] = v[j]
-    return torch.stack(out).float()  # type: ignore[arg-type]
+    order: list[int] = []
+    parts: list[torch.Tensor] = []
+    for idx, x in same_shape_groups(enumerate(images)):
+        order += idx
+        parts.append(model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)))
+    return torch.cat(parts)[torch.as_tensor(np.argsort(order))].float()
 
 
 def size_buckets(order: np.ndarray, sizes: np.ndarray, batch_size: int, window: int = 50) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aml.data.images import header_size
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
 from aml.extract import auto_workers, extract
@@ -113,14 +114,7 @@ def _identity(x):
 
 def _raw_sizes(paths: list[str], idx: np.ndarray) -> np.ndarray:
     """A sortable size key per image (header read only), used to make batches single-size."""
-    from PIL import Image
-
-    keys = np.empty(len(idx), dtype=np.int64)
-    for k, i in enumerate(idx):
-        with Image.open(paths[i]) as im:
-            w, h = im.size
-        keys[k] = w * 100_000 + h
-    return keys
+    return np.array([w * 100_000 + h for w, h in map(header_size, (paths[i] for i in idx))], dtype=np.int64)
 
 
 class Trainer:
