@@ -21,6 +21,7 @@ from aml.export.onnx_export import export_onnx
 from aml.export.sidecar import read_sidecar, sidecar_path
 from aml.io import sha256_file
 from aml.registry import create_model
+from aml.train.batchnorm import estimate_batchnorm
 
 SIZE = 48
 TEACHER = {"name": "teacher-under-test", "weights": "random-init", "sha256": None, "dim": 32}
@@ -28,15 +29,9 @@ TEACHER = {"name": "teacher-under-test", "weights": "random-init", "sha256": Non
 
 def lively(net: torch.nn.Module, size: int = 40) -> torch.nn.Module:
     """Re-estimate BatchNorm statistics on random inputs (random-init nets give constant vectors)."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        net(torch.randn(2, 3, size, size + 8, generator=g))
-    return net.eval()
+    estimate_batchnorm(net, [list(torch.randn(2, 3, size, size + 8, generator=g))], torch.device("cpu"))
+    return net
 
 
 def save_student(path, name: str, dim: int = 32, config: dict | None = None):

@@ -7,10 +7,10 @@ import click
 from aml.train.config import PRESETS, TrainConfig
 
 # CLI option -> config field, for options that map one to one (defaults come from the preset).
-_FIELDS = ["teacher", "teacher_weights", "student", "student_weights", "loss", "data", "mining", "epochs",
-           "optimizer", "lr", "weight_decay", "margin", "neg_num", "query_size", "pool_size", "batch_size",
-           "update_every", "image_size", "test_image_size", "cache_dtype", "eval_every", "seed", "device", "amp",
-           "workers", "out"]
+_FIELDS = ["teacher", "teacher_weights", "student", "student_weights", "student_random_init", "loss", "data",
+           "mining", "epochs", "optimizer", "lr", "head_lr_mult", "weight_decay", "margin", "neg_num", "query_size",
+           "pool_size", "batch_size", "update_every", "image_size", "test_image_size", "cache_dtype", "eval_every",
+           "seed", "device", "amp", "workers", "out"]
 
 
 def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
@@ -31,7 +31,9 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Local weights file for the teacher.")
 @click.option("--student", help="Student: registry name (default effnet-b3; demo: lite0).")
 @click.option("--student-weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for the student.")
-@click.option("--random-init", is_flag=True, help="Random weights where none are given or bundled (tests).")
+@click.option("--random-init", is_flag=True, help="Random weights for teacher and student (tests).")
+@click.option("--student-random-init", is_flag=True, default=None,
+              help="ImageNet-free student: random weights, BatchNorm statistics set from training images.")
 @click.option("--loss", help="contr, contr+, reg, triplet, ms, rkd, darkrank, sym, csd, ... (default contr+).")
 @click.option("--loss-arg", "loss_args", multiple=True, help="Loss constant NAME=VALUE (repeatable).")
 @click.option("--data", help="synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | "
@@ -40,6 +42,7 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--epochs", type=int)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]))
 @click.option("--lr", type=float)
+@click.option("--head-lr-mult", type=float, help="lr multiplier of the student's 1x1 projection (demo: 50).")
 @click.option("--weight-decay", type=float)
 @click.option("--margin", type=float, help="Margin of contr/contr+/sym/triplet (default: the loss's own, 0.7 / 0.1).")
 @click.option("--neg-num", type=int)

@@ -18,7 +18,9 @@ class TrainConfig:
     teacher_weights: str | None = None
     student: str = "effnet-b3"
     student_weights: str | None = None
-    random_init: bool = False  # random weights for models that have none bundled (tests only)
+    random_init: bool = False  # random weights for teacher and student alike (tests only)
+    student_random_init: bool = False  # an ImageNet-free student: random weights, the teacher keeps its own
+    bn_images: int = 128  # training images that set a random-weight student's BatchNorm statistics
     loss: str = "contr+"
     loss_args: dict[str, float] = field(default_factory=dict)  # keyword constants of the loss
     data: str = "synth"

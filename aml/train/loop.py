@@ -25,6 +25,7 @@ from aml.progress import Progress
 from aml.registry import create_model
 from aml.teacher_vectors import TeacherVectors
 from aml.train.batches import ImageTensors, forward_by_size, size_buckets
+from aml.train.batchnorm import estimate_batchnorm, set_train_mode
 from aml.train.checkpoint import load_checkpoint, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
@@ -70,14 +71,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     raise UserError(f"--optimizer {cfg.optimizer}: unknown; use adam or sgd")
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """Train mode with every BatchNorm frozen in eval mode (AML: statistics stay ImageNet's)."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def loss_function(cfg: TrainConfig):
@@ -158,10 +151,13 @@ class Trainer:
             eval_teacher.release()
         self.teacher.release()
 
+        random_student = cfg.random_init or cfg.student_random_init
         student = create_model(cfg.student, role="student", weights=cfg.student_weights,
-                               dim=self.identity["dim"], random_init=cfg.random_init)
+                               dim=self.identity["dim"], random_init=random_student)
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
+        if random_student and checkpoint is None:
+            self._estimate_batchnorm()
         self.optimizer = make_optimizer(self.student, cfg)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.start_epoch = 0
@@ -197,6 +193,15 @@ class Trainer:
         part = extract(self.student, [self.train.paths[i] for i in mine], image_size=self.cfg.image_size,
                        device=str(self.device), progress=False, workers=self.workers)
         return gather_rows(self.dist, part, len(idx))
+
+    def _estimate_batchnorm(self) -> None:
+        """A random-weight student has no BatchNorm statistics: set them from `bn_images` training images."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 1])
+        idx = rng.permutation(len(self.train.paths))[:cfg.bn_images]
+        images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
+        batches = size_buckets(np.arange(len(idx)), _raw_sizes(self.train.paths, idx), cfg.batch_size)
+        estimate_batchnorm(self.student, ([images[i] for i in idx[b]] for b in batches), self.device)
 
     def _plan(self, epoch: int, rng: np.random.Generator) -> EpochPlan:
         if self.kind == "tuple":

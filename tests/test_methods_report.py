@@ -1,0 +1,91 @@
+"""benchmarks/methods.py's report: tables with seed spread, computed findings, chart, README block from files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("methods_bench", REPO / "benchmarks" / "methods.py")
+methods = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(methods)
+
+
+def fake(method: str, seed: int, asym: float, student: str = "lite0") -> dict:
+    m = lambda x: {"E": x + 10, "M": x, "H": x / 2}  # noqa: E731
+    return {"dataset": "synth", "student": student, "method": method, "seed": seed, "asymmetric": m(asym),
+            "symmetric": m(40.0), "teacher": m(50.0), "chance": m(3.0), "seconds": 60.0 + seed,
+            "images_per_s": 20.0, "checkpoint": "x"}
+
+
+ASYM = {"sym": 3.5, "contr": 20, "contr+": 25, "reg": 26, "triplet": 18, "ms": 15, "rkd": 4, "darkrank": 5,
+        "csd": 22, "contr+csd": 28, "contr+10csd": 27}
+
+
+@pytest.fixture
+def results():
+    return [fake(m, s, a + s) for m, a in ASYM.items() for s in ((0,) if m == "sym" else (0, 1, 2))]
+
+
+def test_summary_keeps_method_order_and_seeds(results):
+    s = methods.summarise(results)["lite0"]
+    assert list(s) == methods.METHODS
+    assert s["reg"]["asymmetric"]["M"] == [26, 27, 28] and s["sym"]["seeds"] == [0]
+
+
+def test_findings_check_the_issue_claims(results):
+    lines = methods.findings(methods.summarise(results)["lite0"], chance=3.0)
+    assert lines[0].startswith("asymmetric ranking (mAP M): contr+csd 29.00 > contr+10csd 28.00 > reg 27.00 > "
+                               "contr+ 26.00")
+    assert "teacher-aware methods above it: 10 of 10" in lines[1]
+    assert "best two reg, contr+" in lines[2] and "worst two darkrank, rkd" in lines[2]
+    assert lines[3].startswith("`csd` does not beat contr+ and reg: 23.00 vs 27.00")
+    assert lines[4].startswith("`contr+csd` beats contr+ and reg: 29.00 vs 27.00 (+2.00 points; largest seed std")
+    assert lines[5].startswith("`contr+10csd` beats contr+ and reg: 28.00 vs 27.00")
+
+
+def test_report_files_and_readme_block(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(methods, "REPO", tmp_path)
+    exports = [{"method": "contr+", "student": "lite0", "fp32": {"E": 30, "M": 25, "H": 10},
+                "int8": {"E": 29.5, "M": 24.8, "H": 9.9}, "query_cosine_min": 0.99, "gate_tolerance": 1.0,
+                "gate_passed": True, "bytes": 4_500_000, "seconds": 30.0}]
+    md = methods.write_report("synth", results, exports, "python benchmarks/methods.py")
+    text = md.read_text()
+    assert "| reg | 3 | 37.00 ± 1.00 | 27.00 ± 1.00 | 13.50 ± 0.50 |" in text
+    assert "| sym | 1 | 13.50 | 3.50 |" in text
+    assert "| lite0 | contr+ | 30.00 / 25.00 / 10.00 | 29.50 / 24.80 / 9.90 | 0.9900 | yes | 4.5 |" in text
+    assert json.loads((tmp_path / "results" / "methods-synth.json").read_text())["exports"] == exports
+    assert (tmp_path / "results" / "methods-synth.png").read_bytes()[:4] == b"\x89PNG"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{methods.README_START}\nold\n{methods.README_END}\ntail\n")
+    methods.update_readme(["synth", "ukbench"])
+    new = readme.read_text()
+    assert text.strip() in new and "old" not in new and new.endswith("tail\n")
+
+
+def test_readme_results_come_from_the_results_files():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(methods.README_START, 1)[1].split(methods.README_END, 1)[0]
+    files = sorted((REPO / "benchmarks" / "results").glob("methods-*.md"))
+    for f in files:
+        assert f.read_text().strip() in block, f"{f.name} differs from README: run benchmarks/methods.py --readme"
+    for line in block.splitlines():
+        if line.startswith("|"):
+            assert any(line in f.read_text() for f in files), f"README line not in any results file: {line}"
+
+
+def test_ukbench_table_has_one_column(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "RESULTS", tmp_path)
+    text = methods.write_report("ukbench", results, [], "python benchmarks/methods.py").read_text()
+    assert "| method | seeds | asymmetric M | symmetric M | s / run |" in text
+    assert "| reg | 3 | 27.00 ± 1.00 | 40.00 ± 0.00 | 61 |" in text and "nan" not in text
+
+
+def test_findings_flag_a_student_that_did_not_learn():
+    rows = methods.summarise([fake(m, 0, 3.2 + i / 10, "mobilenetv2") for i, m in enumerate(ASYM)])["mobilenetv2"]
+    lines = methods.findings(rows, chance=3.0)
+    assert lines[0].startswith("no method reaches twice chance asymmetrically (best 4.20, chance 3.00)")
+    assert lines[-1].endswith("points; one seed: no spread)")
