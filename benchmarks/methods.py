@@ -58,7 +58,6 @@ STUDENTS: dict[str, dict[str, Any]] = {
 # Seeds per student by default: three for lite0; one for the random-weight mobilenetv2, which this budget
 # leaves near chance whatever the method (so spread says little there).
 SEEDS = {"lite0": (0, 1, 2), "mobilenetv2": (0,)}
-START = {"lite0": "ImageNet weights, bundled", "mobilenetv2": "random weights, no ImageNet"}
 EXPORTED = ("contr+", "csd", "contr+csd")  # lite0 seed-0 students exported to int8 ONNX
 PROTOCOLS = ("E", "M", "H")
 # Per dataset: its test set in words and the protocols its table shows.
@@ -68,6 +67,11 @@ TEST_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ukbench": ("UKBench objects 150-249 (400 images, each a query against the other 399); one mAP column (M): "
                 "UKBench has no hard positives, so Easy = Medium and Hard is undefined", ("M",)),
 }
+
+
+def start(student: str) -> str:
+    """Where a student's weights come from, in words."""
+    return "random weights, no ImageNet" if STUDENTS[student]["student_random_init"] else "ImageNet weights, bundled"
 
 
 def data_spec(dataset: str) -> str | None:
@@ -242,7 +246,7 @@ def write_report(dataset: str, results: list[dict[str, Any]], exports: list[dict
           f"on itself: {_triple(teacher, cols)}; random ranking (chance): {_triple(chance, cols)}.", ""]
     for student, rows in summary.items():
         st = STUDENTS[student]
-        md += [f"**student {student}** (start: {START[student]}; lr {st['lr']:g}, projection lr x"
+        md += [f"**student {student}** (start: {start(student)}; lr {st['lr']:g}, projection lr x"
                f"{st['head_lr_mult']:g})", "",
                "| method | seeds | " + " | ".join(f"{side} {p}" for side in ("asymmetric", "symmetric")
                                                  for p in cols) + " | s / run |",
@@ -299,7 +303,7 @@ def chart(dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, ch
         ax.axhline(chance_m, color="k", ls=":", lw=1, label="chance")
         ax.set_xticks(x, list(rows), rotation=40, ha="right")
         ax.set_ylabel("mAP Medium")
-        ax.set_title(f"{dataset}: student {student} ({START[student].split(',')[0]})")
+        ax.set_title(f"{dataset}: student {student} ({start(student).split(',')[0]})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
