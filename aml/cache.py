@@ -32,11 +32,18 @@ VERSION = 1
 DTYPES = ("float16", "float32")
 
 
-def cache_key(identity: dict, image_size: int, scales: Sequence[float], paths: Sequence[str],
-              whiten: Any = None) -> dict:
+def cache_key(
+    identity: dict, image_size: int, scales: Sequence[float], paths: Sequence[str], whiten: Any = None
+) -> dict:
     """What the cached vectors depend on: teacher identity, image size, scales, the image list, whitening."""
-    return {"teacher": identity, "image_size": int(image_size), "scales": [float(s) for s in scales],
-            "images": sha256_lines(list(paths)), "n_images": len(paths), "whiten": whiten}
+    return {
+        "teacher": identity,
+        "image_size": int(image_size),
+        "scales": [float(s) for s in scales],
+        "images": sha256_lines(list(paths)),
+        "n_images": len(paths),
+        "whiten": whiten,
+    }
 
 
 def _canonical(key: dict) -> str:
@@ -56,8 +63,12 @@ def _npy_ok(path: Path, shape: tuple[int, int], dtype: str) -> bool:
     except (OSError, ValueError, EOFError):
         return False
     expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return (tuple(got_shape) == tuple(shape) and not fortran and got_dtype == np.dtype(dtype)
-            and path.stat().st_size == expected)
+    return (
+        tuple(got_shape) == tuple(shape)
+        and not fortran
+        and got_dtype == np.dtype(dtype)
+        and path.stat().st_size == expected
+    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -72,8 +83,7 @@ def _read_json(path: Path) -> dict | None:
 class FeatureCache:
     """One cached (n, dim) array of teacher vectors, identified by `key` (see `cache_key`)."""
 
-    def __init__(self, directory: str | os.PathLike, key: dict, n: int, dim: int,
-                 dtype: str = "float16") -> None:
+    def __init__(self, directory: str | os.PathLike, key: dict, n: int, dim: int, dtype: str = "float16") -> None:
         if dtype not in DTYPES:
             raise UserError(f"cache dtype {dtype!r}: unsupported; use float16 or float32")
         if n < 0 or dim <= 0:
@@ -93,20 +103,35 @@ class FeatureCache:
 
     # ------------------------------------------------------------------------------------- state
     def _record(self, **extra: Any) -> dict:
-        return {"format": FORMAT, "version": VERSION, "key": self.key, "shape": list(self.shape),
-                "dtype": self.dtype, **extra}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "key": self.key,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            **extra,
+        }
 
     def _matches(self, obj: dict | None) -> bool:
-        return (obj is not None and obj.get("format") == FORMAT and obj.get("version") == VERSION
-                and _canonical(obj.get("key")) == _canonical(self.key)
-                and obj.get("shape") == list(self.shape) and obj.get("dtype") == self.dtype)
+        return (
+            obj is not None
+            and obj.get("format") == FORMAT
+            and obj.get("version") == VERSION
+            and _canonical(obj.get("key")) == _canonical(self.key)
+            and obj.get("shape") == list(self.shape)
+            and obj.get("dtype") == self.dtype
+        )
 
     def complete(self) -> bool:
         """True iff a finished cache for exactly this key, shape and dtype is on disk (checks files only)."""
         side = _read_json(self.sidecar)
-        return (self._matches(side) and side.get("complete") is True and self.path.exists()
-                and side.get("bytes") == self.path.stat().st_size
-                and _npy_ok(self.path, self.shape, self.dtype))
+        return (
+            self._matches(side)
+            and side.get("complete") is True
+            and self.path.exists()
+            and side.get("bytes") == self.path.stat().st_size
+            and _npy_ok(self.path, self.shape, self.dtype)
+        )
 
     def rows_done(self) -> int:
         """Rows of an interrupted build that can be reused (0 when there is none, or it does not match)."""
@@ -119,15 +144,17 @@ class FeatureCache:
     def load(self) -> np.ndarray:
         """The cached (n, dim) array as a read-only memmap; raises if the cache is not complete."""
         if not self.complete():
-            raise RuntimeError(f"feature cache {self.path} is not complete (missing, stale or truncated); "
-                               "build() it first")
+            raise RuntimeError(
+                f"feature cache {self.path} is not complete (missing, stale or truncated); build() it first"
+            )
         if self.shape[0] == 0:
             return np.load(self.path)
         return np.load(self.path, mmap_mode="r")
 
     # ------------------------------------------------------------------------------------- build
-    def build(self, extract_rows: Callable[[np.ndarray], np.ndarray], *, chunk: int = 1024,
-              progress: bool = True) -> np.ndarray:
+    def build(
+        self, extract_rows: Callable[[np.ndarray], np.ndarray], *, chunk: int = 1024, progress: bool = True
+    ) -> np.ndarray:
         """Fill the cache by calling `extract_rows(idx)` -> (len(idx), dim) for consecutive row chunks.
 
         Resumes an interrupted build from its last flushed chunk; a complete cache is returned as is.
@@ -143,8 +170,11 @@ class FeatureCache:
             self.progress_path.unlink(missing_ok=True)
             self.partial.unlink(missing_ok=True)
             with open(self.partial, "wb") as f:  # header + zeros, without holding the whole array in memory
-                np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(
-                    np.empty((0, dim), dtype=self.dtype)) | {"shape": self.shape})
+                np.lib.format.write_array_header_1_0(
+                    f,
+                    np.lib.format.header_data_from_array_1_0(np.empty((0, dim), dtype=self.dtype))
+                    | {"shape": self.shape},
+                )
                 f.truncate(f.tell() + n * dim * np.dtype(self.dtype).itemsize)
             write_json(self.progress_path, self._record(rows_done=0))
         out = np.lib.format.open_memmap(self.partial, mode="r+") if n else None
@@ -155,9 +185,10 @@ class FeatureCache:
                 idx = np.arange(lo, min(lo + chunk, n), dtype=np.int64)
                 rows = np.asarray(extract_rows(idx))
                 if rows.shape != (len(idx), dim):
-                    raise ValueError(f"extract_rows returned shape {rows.shape} for {len(idx)} rows; "
-                                     f"expected ({len(idx)}, {dim})")
-                out[lo:lo + len(idx)] = rows.astype(self.dtype, copy=False)
+                    raise ValueError(
+                        f"extract_rows returned shape {rows.shape} for {len(idx)} rows; expected ({len(idx)}, {dim})"
+                    )
+                out[lo : lo + len(idx)] = rows.astype(self.dtype, copy=False)
                 out.flush()
                 write_json(self.progress_path, self._record(rows_done=int(idx[-1]) + 1))
                 bar.update(len(idx))
@@ -167,7 +198,6 @@ class FeatureCache:
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self.partial, self.path)
-        write_json(self.sidecar, self._record(complete=True, bytes=self.path.stat().st_size,
-                                              file=self.path.name))
+        write_json(self.sidecar, self._record(complete=True, bytes=self.path.stat().st_size, file=self.path.name))
         self.progress_path.unlink(missing_ok=True)
         return self.load()

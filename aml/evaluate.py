@@ -35,8 +35,16 @@ def default_topk(n_db: int) -> int:
     return n_db if n_db <= FULL_RANKING_MAX else TRUNCATED_TOPK
 
 
-def check_features(x: np.ndarray, rows: int, what: str, *, dim: int | None = None, unit: bool = True,
-                   tol: float = 1e-2, block: int = 65536) -> None:
+def check_features(
+    x: np.ndarray,
+    rows: int,
+    what: str,
+    *,
+    dim: int | None = None,
+    unit: bool = True,
+    tol: float = 1e-2,
+    block: int = 65536,
+) -> None:
     """Raise a UserError unless `x` is (rows, dim) float16/32/64 and finite, with unit rows when `unit`."""
     if x.ndim != 2:
         raise UserError(f"{what}: expected a 2-d (N, D) array, got shape {x.shape}")
@@ -47,17 +55,26 @@ def check_features(x: np.ndarray, rows: int, what: str, *, dim: int | None = Non
     if dim is not None and x.shape[1] != dim:
         raise UserError(f"{what}: {x.shape[1]}-d vectors, but the database is {dim}-d; use one embedding")
     for s in range(0, x.shape[0], block):
-        norms = np.linalg.norm(np.asarray(x[s:s + block], dtype=np.float32), axis=1)
+        norms = np.linalg.norm(np.asarray(x[s : s + block], dtype=np.float32), axis=1)
         bad = np.flatnonzero(~(np.abs(norms - 1) <= tol) if unit else ~np.isfinite(norms))
         if bad.size:
-            raise UserError(f"{what}: row {s + int(bad[0])} has norm {norms[bad[0]]:.4g}, not 1 ({bad.size} "
-                            f"of rows {s}..{s + norms.size - 1}); features must be L2-normalised and finite")
+            raise UserError(
+                f"{what}: row {s + int(bad[0])} has norm {norms[bad[0]]:.4g}, not 1 ({bad.size} "
+                f"of rows {s}..{s + norms.size - 1}); features must be L2-normalised and finite"
+            )
 
 
-def evaluate_features(dataset: Revisitop, db: np.ndarray, queries: np.ndarray, *, topk: int | None = None,
-                      distractors: np.ndarray | None = None, device: str = "auto", check_unit: bool = False,
-                      names: tuple[str, str, str] = ("database features", "query features",
-                                                     "distractor features")) -> dict[str, Any]:
+def evaluate_features(
+    dataset: Revisitop,
+    db: np.ndarray,
+    queries: np.ndarray,
+    *,
+    topk: int | None = None,
+    distractors: np.ndarray | None = None,
+    device: str = "auto",
+    check_unit: bool = False,
+    names: tuple[str, str, str] = ("database features", "query features", "distractor features"),
+) -> dict[str, Any]:
     """mAP and mP@k (x100) of `queries` (qimlist order) against `db` (imlist order) + optional distractors.
 
     Returns {"dataset", "mAP": {E, M, H}, "mP@k": {"k", E, M, H}}, plus "topk" and "mAP_max" when the ranking
@@ -66,8 +83,7 @@ def evaluate_features(dataset: Revisitop, db: np.ndarray, queries: np.ndarray, *
     """
     kw = dict(unit=check_unit)
     check_features(db, len(dataset.imlist), f"{names[0]} ({dataset.name} imlist order)", **kw)
-    check_features(queries, len(dataset.qimlist), f"{names[1]} ({dataset.name} qimlist order)",
-                   dim=db.shape[1], **kw)
+    check_features(queries, len(dataset.qimlist), f"{names[1]} ({dataset.name} qimlist order)", dim=db.shape[1], **kw)
     if distractors is not None:
         check_features(distractors, distractors.shape[0], names[2], dim=db.shape[1], **kw)
     parts = [db] if distractors is None else [db, distractors]
@@ -103,17 +119,21 @@ def format_table(results: Mapping[str, Any]) -> str:
     for i, k in enumerate(next(iter(cols.values()))["mP@k"]["k"]):
         metrics.append((f"mP@{k}", lambda r, p, i=i: r["mP@k"][p][i]))
     for label, get in metrics:
-        lines.append(f"{label:<8}" + "".join("  " + " ".join(f"{get(r, p):>{w}.2f}" for p in "EMH")
-                                             for r in cols.values()))
+        lines.append(
+            f"{label:<8}" + "".join("  " + " ".join(f"{get(r, p):>{w}.2f}" for p in "EMH") for r in cols.values())
+        )
     truncated = {n or "result": r for n, r in cols.items() if "topk" in r}
     for n, r in truncated.items():
         m = r["mAP_max"]
-        lines.append(f"{n}: ranking truncated to top {r['topk']}: mAP is a lower bound; at most "
-                     f"E {m['E']:.2f} M {m['M']:.2f} H {m['H']:.2f} if the missing positives came next")
+        lines.append(
+            f"{n}: ranking truncated to top {r['topk']}: mAP is a lower bound; at most "
+            f"E {m['E']:.2f} M {m['M']:.2f} H {m['H']:.2f} if the missing positives came next"
+        )
     return "\n".join(lines)
 
 
 # ---- model-based evaluation ---------------------------------------------------------------------------
+
 
 def _whiten(x: np.ndarray, lw: Mapping[str, Any] | None, block: int = 65536) -> np.ndarray:
     """Apply learned whitening `l2n(P (x - m))` block by block, keeping `x`'s dtype."""
@@ -127,7 +147,7 @@ def _whiten(x: np.ndarray, lw: Mapping[str, Any] | None, block: int = 65536) -> 
     P = torch.as_tensor(np.asarray(lw["P"], dtype=np.float32))
     out = np.empty((x.shape[0], P.shape[0]), dtype=x.dtype)
     for s in range(0, x.shape[0], block):
-        out[s:s + block] = apply_lw(torch.from_numpy(np.array(x[s:s + block], np.float32)), m, P).numpy()
+        out[s : s + block] = apply_lw(torch.from_numpy(np.array(x[s : s + block], np.float32)), m, P).numpy()
     return out
 
 
@@ -140,13 +160,28 @@ def learned_whitening(meta: Mapping[str, Any], scales: Sequence[float], key: str
     return {**select_lw(meta, len(scales) > 1, key), "key": key, "name": f"{key}/{kind}"}
 
 
-def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_weights: str | None = None,
-                    student_weights: str | None = None, random_init: bool = False, image_size: int = 1024,
-                    scales: Sequence[float] = (1.0,), whiten: bool = False, lw_key: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, cache_dtype: str = "float32",
-                    topk: int | None = None, distractors: Sequence[str] | None = None,
-                    rows: Sequence[str] = ROWS, device: str = "auto", batch_size: int = 32,
-                    workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_models(
+    dataset: Revisitop,
+    teacher: str,
+    student: str,
+    *,
+    teacher_weights: str | None = None,
+    student_weights: str | None = None,
+    random_init: bool = False,
+    image_size: int = 1024,
+    scales: Sequence[float] = (1.0,),
+    whiten: bool = False,
+    lw_key: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_dtype: str = "float32",
+    topk: int | None = None,
+    distractors: Sequence[str] | None = None,
+    rows: Sequence[str] = ROWS,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
@@ -164,12 +199,28 @@ def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_w
         raise UserError(f"rows {list(rows)}: expected some of {', '.join(ROWS)}")
     distractors = list(distractors or [])
     dataset.check_images(distractors)
-    kw = dict(image_size=image_size, scales=tuple(scales), batch_size=batch_size, workers=workers,
-              device=device, progress=progress)
+    kw = dict(
+        image_size=image_size,
+        scales=tuple(scales),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+    )
     cache = Path(cache_dir) if cache_dir is not None else aml_home() / "cache"
-    t = TeacherVectors(teacher, weights=teacher_weights, random_init=random_init, image_size=image_size,
-                       scales=scales, cache_dir=cache, dtype=cache_dtype, device=device, batch_size=batch_size,
-                       workers=workers, progress=progress)
+    t = TeacherVectors(
+        teacher,
+        weights=teacher_weights,
+        random_init=random_init,
+        image_size=image_size,
+        scales=scales,
+        cache_dir=cache,
+        dtype=cache_dtype,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
     db_paths, q_paths, bbxs = dataset.db_paths(), dataset.query_paths(), dataset.bbxs
     need_student_db = "student" in rows
     need_teacher_db = "teacher" in rows or "asymmetric" in rows
@@ -188,20 +239,26 @@ def evaluate_models(dataset: Revisitop, teacher: str, student: str, *, teacher_w
         out["teacher"] = evaluate_features(dataset, t_db, t_q, topk=topk, distractors=t_dis, device=device)
     if "student" in rows or "asymmetric" in rows:
         is_file = os.path.isfile(student)
-        s_net = create_model(student, role="student", weights=student_weights,
-                             random_init=random_init and not is_file,
-                             dim=None if is_file else t.identity["dim"])
+        s_net = create_model(
+            student,
+            role="student",
+            weights=student_weights,
+            random_init=random_init and not is_file,
+            dim=None if is_file else t.identity["dim"],
+        )
         lw_s = lw_t
         if whiten and lw_t["key"] in (s_net.meta.get("Lw") or {}):
             lw_s = learned_whitening(s_net.meta, scales, lw_t["key"])
             settings["Lw"] += f", student's own {lw_s['name']} on the student row"
         s_q = extract(s_net, q_paths, bbxs=bbxs, **kw)
         if "asymmetric" in rows:
-            out["asymmetric"] = evaluate_features(dataset, t_db, _whiten(s_q, lw_t), topk=topk,
-                                                  distractors=t_dis, device=device)
+            out["asymmetric"] = evaluate_features(
+                dataset, t_db, _whiten(s_q, lw_t), topk=topk, distractors=t_dis, device=device
+            )
         if need_student_db:
             s_db = _whiten(extract(s_net, db_paths, **kw), lw_s)
             s_dis = _whiten(extract(s_net, distractors, **kw), lw_s) if distractors else None
-            out["student"] = evaluate_features(dataset, s_db, _whiten(s_q, lw_s), topk=topk,
-                                               distractors=s_dis, device=device)
+            out["student"] = evaluate_features(
+                dataset, s_db, _whiten(s_q, lw_s), topk=topk, distractors=s_dis, device=device
+            )
     return {k: out[k] for k in ("dataset", "settings", *ROWS) if k in out}

@@ -20,7 +20,7 @@ from aml.errors import UserError
 from aml.nn import apply_lw, l2n, rescale
 from aml.progress import Progress
 
-MULTISCALE = (1.0, 2 ** -0.5, 0.5)
+MULTISCALE = (1.0, 2**-0.5, 0.5)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -81,8 +81,9 @@ def size_batches(sizes: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class _Images(torch.utils.data.Dataset):
     """(index, normalised tensor) of each listed image (crop to its bbx first when given)."""
 
-    def __init__(self, paths: Sequence[str], size: int, bbxs: Sequence[Bbx] | None, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+    def __init__(
+        self, paths: Sequence[str], size: int, bbxs: Sequence[Bbx] | None, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         self.paths, self.size, self.bbxs = list(paths), size, bbxs
         self.mean, self.std = list(mean), list(std)
 
@@ -110,15 +111,23 @@ def _lw_tensors(lw: Mapping[str, Any], dim: int, device: torch.device) -> tuple[
     m = torch.as_tensor(np.asarray(lw["m"]), dtype=torch.float32).reshape(-1).to(device)
     P = torch.as_tensor(np.asarray(lw["P"]), dtype=torch.float32).to(device)
     if m.numel() != dim or P.shape[1] != dim:
-        raise UserError(f"Lw whitening is for {m.numel()}-d vectors (P {tuple(P.shape)}), "
-                        f"the model gives {dim}-d")
+        raise UserError(f"Lw whitening is for {m.numel()}-d vectors (P {tuple(P.shape)}), the model gives {dim}-d")
     return m, P
 
 
-def extract(model: nn.Module, paths: Sequence[str | os.PathLike], *, image_size: int,
-            scales: Sequence[float] = (1.0,), bbxs: Sequence[Bbx] | None = None,
-            lw: Mapping[str, Any] | None = None, batch_size: int = 32, workers: int | None = None,
-            device: str | torch.device = "auto", progress: bool = True) -> np.ndarray:
+def extract(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike],
+    *,
+    image_size: int,
+    scales: Sequence[float] = (1.0,),
+    bbxs: Sequence[Bbx] | None = None,
+    lw: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> np.ndarray:
     """Embed images into an (N, D) float32 array of L2-normalised rows, in input order.
 
     Each image is loaded as `load_image(path, image_size, bbx)`; images of equal size are batched
@@ -144,8 +153,12 @@ def extract(model: nn.Module, paths: Sequence[str | os.PathLike], *, image_size:
     batches = size_batches(np.asarray(sizes), batch_size)
     workers = auto_workers(n, batch_size, dev) if workers is None or workers < 0 else workers
     loader = torch.utils.data.DataLoader(
-        _Images(paths, image_size, bbxs, model.mean, model.std), batch_sampler=batches, num_workers=workers,
-        collate_fn=_keep, pin_memory=dev.type == "cuda")
+        _Images(paths, image_size, bbxs, model.mean, model.std),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_keep,
+        pin_memory=dev.type == "cuda",
+    )
     fmt = torch.channels_last  # faster on both: CPU 2.9x at batch 1 for lite2 (8.8 -> 25.7 images/s)
     was_training = model.training
     model.eval().to(dev, memory_format=fmt)
@@ -175,8 +188,7 @@ def select_lw(meta: Mapping[str, Any], multiscale: bool, dataset: str | None = N
     if dataset is None:
         dataset = next(iter(lws))
     if dataset not in lws:
-        raise UserError(f"model '{name}': meta['Lw'] has no '{dataset}'; "
-                        f"available: {', '.join(map(str, lws))}")
+        raise UserError(f"model '{name}': meta['Lw'] has no '{dataset}'; available: {', '.join(map(str, lws))}")
     kind = "ms" if multiscale else "ss"
     lw = lws[dataset].get(kind) if isinstance(lws[dataset], Mapping) else None
     if not isinstance(lw, Mapping) or "m" not in lw or "P" not in lw:

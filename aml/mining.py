@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def sample_epoch(cluster: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, query_size: int, pool_size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_epoch(
+    cluster: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, query_size: int, pool_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw `query_size` random (q, p) pairs and a random pool of `pool_size` images (all when fewer exist).
 
     Returns (qsel, psel, pool): int64 image indices; qsel[i], psel[i] is one pair; the pool is drawn from
@@ -26,13 +27,14 @@ def sample_epoch(cluster: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, quer
     qidxs, pidxs = np.asarray(qidxs, dtype=np.int64), np.asarray(pidxs, dtype=np.int64)
     if qidxs.shape != pidxs.shape or qidxs.ndim != 1:
         raise ValueError(f"qidxs {qidxs.shape} and pidxs {pidxs.shape} must be parallel 1-d arrays")
-    pairs = rng.permutation(len(qidxs))[:max(int(query_size), 0)]
-    pool = rng.permutation(len(cluster))[:max(int(pool_size), 0)].astype(np.int64)
+    pairs = rng.permutation(len(qidxs))[: max(int(query_size), 0)]
+    pool = rng.permutation(len(cluster))[: max(int(pool_size), 0)].astype(np.int64)
     return qidxs[pairs], pidxs[pairs], pool
 
 
-def first_negatives(cand: torch.Tensor, cand_cluster: torch.Tensor, q_cluster: torch.Tensor,
-                    neg_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def first_negatives(
+    cand: torch.Tensor, cand_cluster: torch.Tensor, q_cluster: torch.Tensor, neg_num: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The cirtorch walk over ranked candidate lists, for all rows at once.
 
     cand (Q, C) pool positions in walking order; cand_cluster (Q, C) their clusters; q_cluster (Q,).
@@ -56,8 +58,9 @@ def first_negatives(cand: torch.Tensor, cand_cluster: torch.Tensor, q_cluster: t
     return picked, enough
 
 
-def _negatives_from_scores(scores: torch.Tensor, q_cluster: torch.Tensor, pool_cluster: torch.Tensor,
-                           neg_num: int, candidates: int) -> torch.Tensor:
+def _negatives_from_scores(
+    scores: torch.Tensor, q_cluster: torch.Tensor, pool_cluster: torch.Tensor, neg_num: int, candidates: int
+) -> torch.Tensor:
     """(q, P) scores -> (q, neg_num) pool positions by the walk; the prefix grows only for unfinished rows."""
     q, P = scores.shape
     out = torch.full((q, neg_num), -1, dtype=torch.int64, device=scores.device)
@@ -78,9 +81,16 @@ def _as_long(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor
     return x.to(device=device, dtype=torch.int64)
 
 
-def mine_negatives(q_vecs: torch.Tensor, pool_vecs: torch.Tensor, q_cluster: np.ndarray | torch.Tensor,
-                   pool_cluster: np.ndarray | torch.Tensor, neg_num: int, *, candidates: int = 64,
-                   chunk: int = 1024) -> torch.Tensor:
+def mine_negatives(
+    q_vecs: torch.Tensor,
+    pool_vecs: torch.Tensor,
+    q_cluster: np.ndarray | torch.Tensor,
+    pool_cluster: np.ndarray | torch.Tensor,
+    neg_num: int,
+    *,
+    candidates: int = 64,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Hard negatives: (Q, neg_num) int64 pool positions (CPU); -1 where a query runs out of clusters.
 
     q_vecs (Q, D) and pool_vecs (P, D) are ranked by dot product (student vs teacher for asymmetric mining,
@@ -89,28 +99,41 @@ def mine_negatives(q_vecs: torch.Tensor, pool_vecs: torch.Tensor, q_cluster: np.
     prefix length tried (it only affects speed, never the result); queries are scored `chunk` at a time.
     """
     if q_vecs.dim() != 2 or pool_vecs.dim() != 2 or q_vecs.shape[1] != pool_vecs.shape[1]:
-        raise ValueError(f"q_vecs {tuple(q_vecs.shape)} and pool_vecs {tuple(pool_vecs.shape)} "
-                         "must be (Q, D) and (P, D)")
+        raise ValueError(
+            f"q_vecs {tuple(q_vecs.shape)} and pool_vecs {tuple(pool_vecs.shape)} must be (Q, D) and (P, D)"
+        )
     device = q_vecs.device
     qc, pc = _as_long(q_cluster, device), _as_long(pool_cluster, device)
     if len(qc) != len(q_vecs) or len(pc) != len(pool_vecs):
         raise ValueError("q_cluster / pool_cluster must have one entry per query / pool vector")
     pool = pool_vecs.to(device=device, dtype=torch.float32)
-    parts = [_negatives_from_scores(q_vecs[i:i + chunk].float() @ pool.t(), qc[i:i + chunk], pc, neg_num,
-                                    candidates) for i in range(0, len(q_vecs), chunk)]
+    parts = [
+        _negatives_from_scores(q_vecs[i : i + chunk].float() @ pool.t(), qc[i : i + chunk], pc, neg_num, candidates)
+        for i in range(0, len(q_vecs), chunk)
+    ]
     out = torch.cat(parts) if parts else torch.empty(0, neg_num, dtype=torch.int64)
     return out.cpu()
 
 
-def random_negatives(q_cluster: np.ndarray, pool_cluster: np.ndarray, neg_num: int, rng: np.random.Generator,
-                     *, candidates: int = 64, chunk: int = 512) -> np.ndarray:
+def random_negatives(
+    q_cluster: np.ndarray,
+    pool_cluster: np.ndarray,
+    neg_num: int,
+    rng: np.random.Generator,
+    *,
+    candidates: int = 64,
+    chunk: int = 512,
+) -> np.ndarray:
     """Random negatives: (Q, neg_num) int64 pool positions, other clusters only, at most one per cluster.
 
     The same walk as `mine_negatives`, over a uniformly random order of the pool per query (-1 as there).
     """
     qc = torch.as_tensor(np.asarray(q_cluster)).long()
     pc = torch.as_tensor(np.asarray(pool_cluster)).long()
-    parts = [_negatives_from_scores(torch.from_numpy(rng.random((len(qc[i:i + chunk]), len(pc)))),
-                                    qc[i:i + chunk], pc, neg_num, candidates)
-             for i in range(0, len(qc), chunk)]
+    parts = [
+        _negatives_from_scores(
+            torch.from_numpy(rng.random((len(qc[i : i + chunk]), len(pc)))), qc[i : i + chunk], pc, neg_num, candidates
+        )
+        for i in range(0, len(qc), chunk)
+    ]
     return (torch.cat(parts) if parts else torch.empty(0, neg_num, dtype=torch.int64)).numpy()

@@ -35,8 +35,15 @@ def default_meta(architecture: str, outputdim: int, whitening: bool = False) -> 
 class RetrievalNet(nn.Module):
     """One L2-normalised global descriptor per image, cirtorch-compatible (SPEC §2)."""
 
-    def __init__(self, features: nn.Module, out_channels: int, *, dim: int | None = None,
-                 whiten: bool = False, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        features: nn.Module,
+        out_channels: int,
+        *,
+        dim: int | None = None,
+        whiten: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.features = features
         self.out_channels = out_channels

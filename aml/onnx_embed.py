@@ -36,8 +36,7 @@ def load_image(path: str | os.PathLike, size: float, bbx: Bbx = None) -> Image.I
         with Image.open(path) as im:
             img = im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the "
-                        "list") from e
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
     if bbx is not None:
         full = max(img.size)
         img = img.crop(tuple(bbx))
@@ -64,19 +63,30 @@ def session(model: str | os.PathLike | bytes, threads: int | None = None) -> ort
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def resize_graph() -> bytes:
     """One ONNX Resize node: (B, C, H, W) float32 and scales (4,) -> bilinear rescale, torch semantics."""
-    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
-                            coordinate_transformation_mode="half_pixel", nearest_mode="floor")
+    node = helper.make_node(
+        "Resize",
+        ["x", "", "scales"],
+        ["y"],
+        mode="linear",
+        coordinate_transformation_mode="half_pixel",
+        nearest_mode="floor",
+    )
     graph = helper.make_graph(
-        [node], "rescale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "c", "h", "w"]),
-         helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "c", "oh", "ow"])])
+        [node],
+        "rescale",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "c", "h", "w"]),
+            helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "c", "oh", "ow"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -95,8 +105,9 @@ class Rescaler:
         return self.sess.run(None, {"x": x, "scales": scales})[0]
 
 
-def embed_batch(run: Runner, x: np.ndarray, scales: Sequence[float] = (1.0,), msp: float = 1.0,
-                rescaler: Rescaler | None = None) -> np.ndarray:
+def embed_batch(
+    run: Runner, x: np.ndarray, scales: Sequence[float] = (1.0,), msp: float = 1.0, rescaler: Rescaler | None = None
+) -> np.ndarray:
     """(B, D) vectors of a normalised batch; several scales combine as l2n(mean_s(v_s^msp)^(1/msp))."""
     scales = tuple(scales)
     if len(scales) == 1 and scales[0] == 1:
@@ -108,9 +119,18 @@ def embed_batch(run: Runner, x: np.ndarray, scales: Sequence[float] = (1.0,), ms
     return l2n(np.power(np.power(v, msp).mean(axis=0), 1.0 / msp)).astype(np.float32)
 
 
-def embed_images(run: Runner, paths: Sequence[str | os.PathLike], *, image_size: int, mean: Sequence[float],
-                 std: Sequence[float], scales: Sequence[float] = (1.0,), msp: float = 1.0,
-                 bbxs: Sequence[Bbx] | None = None, chunk: int = 32) -> np.ndarray:
+def embed_images(
+    run: Runner,
+    paths: Sequence[str | os.PathLike],
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scales: Sequence[float] = (1.0,),
+    msp: float = 1.0,
+    bbxs: Sequence[Bbx] | None = None,
+    chunk: int = 32,
+) -> np.ndarray:
     """(N, D) float32 vectors of images in list order; images of equal loaded size are run as one batch."""
     n = len(paths)
     if bbxs is not None and len(bbxs) != n:
@@ -145,25 +165,39 @@ class OnnxEncoder:
         self.path = path
         self.info: dict[str, Any] = read_sidecar(path)
         if self.info["format"] != "onnx":
-            raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX "
-                            "exports only")
+            raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX exports only")
         try:
             self.sess = session(path, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the "
-                            "model") from e
+            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from e
         self.input = self.sess.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def embed(self, paths: Sequence[str | os.PathLike], *, image_size: int | None = None,
-              scales: Sequence[float] = (1.0,), bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
+    def embed(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        image_size: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        bbxs: Sequence[Bbx] | None = None,
+    ) -> np.ndarray:
         """(N, D) vectors of image files at the sidecar's image size (or `image_size`)."""
         info = self.info
         if tuple(scales) != (1.0,) and info["whiten"]:
-            raise UserError(f"{self.path}: exported with the teacher's single-scale Lw folded in; "
-                            "multi-scale needs Lw after the scale combination: embed single-scale, or "
-                            "re-export without --whiten and whiten the combined vectors")
-        return embed_images(self, paths, image_size=image_size or int(info["image_size"]), mean=info["mean"],
-                            std=info["std"], scales=scales, msp=float(info["msp"]), bbxs=bbxs)
+            raise UserError(
+                f"{self.path}: exported with the teacher's single-scale Lw folded in; "
+                "multi-scale needs Lw after the scale combination: embed single-scale, or "
+                "re-export without --whiten and whiten the combined vectors"
+            )
+        return embed_images(
+            self,
+            paths,
+            image_size=image_size or int(info["image_size"]),
+            mean=info["mean"],
+            std=info["std"],
+            scales=scales,
+            msp=float(info["msp"]),
+            bbxs=bbxs,
+        )

@@ -34,8 +34,10 @@ class Progress:
     def _draw(self, now: float) -> None:
         frac = self.n / self.total if self.total else 1.0
         bar = "#" * int(24 * frac)
-        msg = (f"\r{self.desc} [{bar:<24}] {self.n}/{self.total} {self.rate():.1f} {self.unit}/s"
-               f" {now - self.start:.0f}s {self.postfix}")
+        msg = (
+            f"\r{self.desc} [{bar:<24}] {self.n}/{self.total} {self.rate():.1f} {self.unit}/s"
+            f" {now - self.start:.0f}s {self.postfix}"
+        )
         sys.stderr.write(msg[:160])
         sys.stderr.flush()
 

@@ -52,8 +52,15 @@ _PACKAGES = ("teachers", "students")
 _loaded = False
 
 
-def register(name: str, *, feature_dim: int, weights_help: str, description: str,
-             architecture: str | None = None, bundled: Bundled | None = None) -> Callable[[Builder], Builder]:
+def register(
+    name: str,
+    *,
+    feature_dim: int,
+    weights_help: str,
+    description: str,
+    architecture: str | None = None,
+    bundled: Bundled | None = None,
+) -> Callable[[Builder], Builder]:
     """Decorator: register a backbone builder `(weights, random_init) -> (features, out_channels, meta)`.
 
     `architecture` is the name cirtorch checkpoints carry in `meta['architecture']` (torchvision's);
@@ -65,8 +72,7 @@ def register(name: str, *, feature_dim: int, weights_help: str, description: str
             raise ValueError(f"model '{name}' registered twice")
         package = fn.__module__.split(".")[0]
         role = {"teachers": "teacher", "students": "student"}.get(package, "any")
-        _REGISTRY[name] = Entry(name, fn, feature_dim, weights_help, description, architecture or name, role,
-                                bundled)
+        _REGISTRY[name] = Entry(name, fn, feature_dim, weights_help, description, architecture or name, role, bundled)
         return fn
 
     return deco
@@ -82,8 +88,7 @@ def _entries() -> dict[str, Entry]:
 
 
 def _unknown(name: str) -> UserError:
-    return UserError(f"unknown model '{name}'; registered: {', '.join(sorted(_entries()))} "
-                     "(or pass a checkpoint file)")
+    return UserError(f"unknown model '{name}'; registered: {', '.join(sorted(_entries()))} (or pass a checkpoint file)")
 
 
 # --------------------------------------------------------------------------------------- weight files
@@ -99,8 +104,9 @@ def _torch_load(path: Path) -> Any:
         except Exception as e:  # noqa: BLE001 - try the next, more permissive reader
             last = e
     msg = str(last).strip().splitlines()[0][:120] if last is not None and str(last).strip() else ""
-    raise UserError(f"{path}: not a readable torch file ({type(last).__name__}: {msg}); "
-                    "re-download it or check the path")
+    raise UserError(
+        f"{path}: not a readable torch file ({type(last).__name__}: {msg}); re-download it or check the path"
+    )
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
@@ -117,7 +123,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 def _strip_module(sd: Mapping[str, Any]) -> dict[str, Any]:
     """Drop a DistributedDataParallel `module.` prefix."""
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -131,8 +137,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _strip_module(obj)
 
 
-def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
-              optional: tuple[str, ...] = ()) -> None:
+def load_into(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *, optional: tuple[str, ...] = ()
+) -> None:
     """Load `sd` into `module` strictly, as a one-line UserError naming the file and the first bad key.
 
     Missing `num_batches_tracked` buffers are accepted (old cirtorch files); keys starting with a prefix in
@@ -141,28 +148,33 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
     own = module.state_dict()
     for k, v in sd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise UserError(f"{path}: state_dict: key '{k}' has shape {tuple(v.shape)}, the network expects "
-                            f"{tuple(own[k].shape)}; the file is for another architecture or dimension")
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")
-               and not k.startswith(optional)]
+            raise UserError(
+                f"{path}: state_dict: key '{k}' has shape {tuple(v.shape)}, the network expects "
+                f"{tuple(own[k].shape)}; the file is for another architecture or dimension"
+            )
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked") and not k.startswith(optional)]
     unexpected = [k for k in sd if k not in own]
     for keys, what in ((missing, "missing"), (unexpected, "unexpected")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise UserError(f"{path}: state_dict: key '{keys[0]}' {what}{more}; the file does not match "
-                            f"this architecture")
+            raise UserError(
+                f"{path}: state_dict: key '{keys[0]}' {what}{more}; the file does not match this architecture"
+            )
     module.load_state_dict(sd, strict=False)
 
 
 def _as_checkpoint(obj: Any, path: Path) -> dict[str, Any]:
     """Validate a full-network checkpoint (cirtorch or aml): a dict with `state_dict` and `meta`."""
     if not isinstance(obj, Mapping):
-        raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__}); expected a dict with "
-                        "'state_dict' and 'meta'")
+        raise UserError(
+            f"{path}: not a checkpoint (a {type(obj).__name__}); expected a dict with 'state_dict' and 'meta'"
+        )
     for field in ("state_dict", "meta"):
         if field not in obj:
-            raise UserError(f"{path}: field '{field}' missing; expected a cirtorch or aml checkpoint "
-                            "(dict with 'state_dict' and 'meta'), or pass it as --weights of a named model")
+            raise UserError(
+                f"{path}: field '{field}' missing; expected a cirtorch or aml checkpoint "
+                "(dict with 'state_dict' and 'meta'), or pass it as --weights of a named model"
+            )
     if not isinstance(obj["meta"], Mapping):
         raise UserError(f"{path}: field 'meta' is a {type(obj['meta']).__name__}, expected a dict")
     sd = _checked_state_dict(obj["state_dict"], path)
@@ -182,23 +194,25 @@ def _entry_from_meta(meta: Mapping[str, Any], path: Path) -> Entry:
     aml = meta.get("aml")
     if isinstance(aml, Mapping) and aml.get("name") is not None:
         if aml["name"] not in entries:
-            raise UserError(f"{path}: meta['aml']['name'] = '{aml['name']}' is not registered; "
-                            f"registered: {', '.join(sorted(entries))}")
+            raise UserError(
+                f"{path}: meta['aml']['name'] = '{aml['name']}' is not registered; "
+                f"registered: {', '.join(sorted(entries))}"
+            )
         return entries[aml["name"]]
     if "architecture" not in meta:
-        raise UserError(f"{path}: meta: field 'architecture' missing; cannot tell which network the weights "
-                        "are for")
+        raise UserError(f"{path}: meta: field 'architecture' missing; cannot tell which network the weights are for")
     for field, want in (("pooling", "gem"), ("local_whitening", False), ("regional", False)):
         if meta.get(field, want) != want:
-            raise UserError(f"{path}: meta['{field}'] = {meta[field]!r}; only GeM networks without local or "
-                            "regional whitening are supported")
+            raise UserError(
+                f"{path}: meta['{field}'] = {meta[field]!r}; only GeM networks without local or "
+                "regional whitening are supported"
+            )
     arch = meta["architecture"]
     for e in entries.values():
         if e.architecture == arch:
             return e
     known = sorted(e.architecture for e in entries.values())
-    raise UserError(f"{path}: meta['architecture'] = '{arch}' is not supported; "
-                    f"supported: {', '.join(known)}")
+    raise UserError(f"{path}: meta['architecture'] = '{arch}' is not supported; supported: {', '.join(known)}")
 
 
 def _checkpoint_dim(ckpt: Mapping[str, Any], entry: Entry) -> int:
@@ -224,8 +238,7 @@ def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".tar", ".ckpt") or Path(s).exists()
 
 
-def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
-             random_init: bool) -> _Source:
+def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None, random_init: bool) -> _Source:
     entries = _entries()
     name = str(name_or_path)
     if weights is not None and random_init:
@@ -241,15 +254,19 @@ def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
                 ckpt = _as_checkpoint(obj, path)
                 other = _entry_from_meta(ckpt["meta"], path)
                 if other.name != entry.name:
-                    raise UserError(f"{path}: checkpoint is for '{other.name}' ({other.architecture}), not "
-                                    f"'{entry.name}'; pass --model {other.name} or the checkpoint alone")
+                    raise UserError(
+                        f"{path}: checkpoint is for '{other.name}' ({other.architecture}), not "
+                        f"'{entry.name}'; pass --model {other.name} or the checkpoint alone"
+                    )
             return _Source(entry, str(path.resolve()), path, ckpt)
         if random_init:
             return _Source(entry, "random-init", None, None)
         if entry.bundled is not None:
             return _Source(entry, f"bundled:{entry.bundled.package}", Path(entry.bundled.path()), None)
-        raise UserError(f"model '{name}' has no bundled weights: pass --weights FILE ({entry.weights_help}); "
-                        "--random-init gives random weights (tests only)")
+        raise UserError(
+            f"model '{name}' has no bundled weights: pass --weights FILE ({entry.weights_help}); "
+            "--random-init gives random weights (tests only)"
+        )
     if not _looks_like_path(name):
         raise _unknown(name)
     path = Path(name)
@@ -258,22 +275,29 @@ def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
     if random_init:
         raise UserError(f"{path}: a checkpoint carries its own weights; drop --random-init")
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; pass a registered model name "
-                        f"({', '.join(sorted(entries))}) or an existing checkpoint file")
+        raise UserError(
+            f"{path}: checkpoint not found; pass a registered model name "
+            f"({', '.join(sorted(entries))}) or an existing checkpoint file"
+        )
     ckpt = _as_checkpoint(read_torch_file(path), path)
     return _Source(_entry_from_meta(ckpt["meta"], path), str(path.resolve()), path, ckpt)
 
 
-def model_identity(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = None,
-                   random_init: bool = False) -> dict[str, Any]:
+def model_identity(
+    name_or_path: str | os.PathLike, weights: str | os.PathLike | None = None, random_init: bool = False
+) -> dict[str, Any]:
     """What a model is, without building it: {'name', 'weights', 'sha256', 'dim'} (the teacher-cache key)."""
     try:
         src = _resolve(name_or_path, weights, random_init)
     finally:
         _memo.clear()
     dim = _checkpoint_dim(src.checkpoint, src.entry) if src.checkpoint is not None else src.entry.feature_dim
-    return {"name": src.entry.name, "weights": src.label,
-            "sha256": sha256_file(src.path) if src.path is not None else None, "dim": dim}
+    return {
+        "name": src.entry.name,
+        "weights": src.label,
+        "sha256": sha256_file(src.path) if src.path is not None else None,
+        "dim": dim,
+    }
 
 
 def _build(src: _Source, dim: int | None) -> RetrievalNet:
@@ -297,9 +321,14 @@ def _build(src: _Source, dim: int | None) -> RetrievalNet:
     return net
 
 
-def create_model(name_or_path: str | os.PathLike, *, role: str | None = None,
-                 weights: str | os.PathLike | None = None, dim: int | None = None,
-                 random_init: bool = False) -> RetrievalNet:
+def create_model(
+    name_or_path: str | os.PathLike,
+    *,
+    role: str | None = None,
+    weights: str | os.PathLike | None = None,
+    dim: int | None = None,
+    random_init: bool = False,
+) -> RetrievalNet:
     """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
 
     `role="student"` with `dim` adds the AML projection head (Conv1x1 -> ReLU) to `dim` before GeM;
@@ -328,6 +357,14 @@ def list_models() -> list[dict[str, Any]]:
     rows = []
     for e in sorted(_entries().values(), key=lambda e: e.role != "teacher"):  # stable: registration order
         source = f"bundled:{e.bundled.package}" if e.bundled is not None else e.weights_help
-        rows.append({"name": e.name, "roles": e.role, "dim": e.feature_dim, "architecture": e.architecture,
-                     "weights": source, "description": e.description})
+        rows.append(
+            {
+                "name": e.name,
+                "roles": e.role,
+                "dim": e.feature_dim,
+                "architecture": e.architecture,
+                "weights": source,
+                "description": e.description,
+            }
+        )
     return rows

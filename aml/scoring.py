@@ -90,8 +90,16 @@ def _within_row_exclusive_cumsum(x: np.ndarray, row: np.ndarray, n_rows: int) ->
     return cs - base[row]
 
 
-def protocol_scores(row: np.ndarray, pos: np.ndarray, code: np.ndarray, n_pos: np.ndarray, n_kept: np.ndarray,
-                    positive_bits: int, ignored_bits: int, kappas: Sequence[int] = KAPPAS) -> ProtocolScores:
+def protocol_scores(
+    row: np.ndarray,
+    pos: np.ndarray,
+    code: np.ndarray,
+    n_pos: np.ndarray,
+    n_kept: np.ndarray,
+    positive_bits: int,
+    ignored_bits: int,
+    kappas: Sequence[int] = KAPPAS,
+) -> ProtocolScores:
     """Scores of one protocol from the labelled entries of the rankings.
 
     `row, pos, code`: query, ranking position and label bits of every ranked image that has a label, sorted
@@ -135,8 +143,9 @@ def protocol_scores(row: np.ndarray, pos: np.ndarray, code: np.ndarray, n_pos: n
     return ProtocolScores(ap=ap, pk=pk, ap_max=ap_max)
 
 
-def score_rankings(ranks: np.ndarray, gnd: Sequence[Mapping], n_db: int,
-                   kappas: Sequence[int] = KAPPAS) -> dict[str, ProtocolScores]:
+def score_rankings(
+    ranks: np.ndarray, gnd: Sequence[Mapping], n_db: int, kappas: Sequence[int] = KAPPAS
+) -> dict[str, ProtocolScores]:
     """Scores for the E, M and H protocols of a `(Q, K)` ranking of database indices (`K <= n_db`)."""
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
@@ -157,5 +166,7 @@ def score_rankings(ranks: np.ndarray, gnd: Sequence[Mapping], n_db: int,
 
 def summary(scores: Mapping[str, ProtocolScores], kappas: Sequence[int] = KAPPAS) -> dict:
     """The JSON shape {"mAP": {"E", "M", "H"}, "mP@k": {"k": [..], "E": [..], ..}}: x100, unrounded."""
-    return {"mAP": {p: 100 * s.map for p, s in scores.items()},
-            "mP@k": {"k": [int(k) for k in kappas], **{p: (100 * s.mpk).tolist() for p, s in scores.items()}}}
+    return {
+        "mAP": {p: 100 * s.map for p, s in scores.items()},
+        "mP@k": {"k": [int(k) for k in kappas], **{p: (100 * s.mpk).tolist() for p, s in scores.items()}},
+    }

@@ -41,8 +41,12 @@ def pick_backend(device: str = "auto", topk: int = 1) -> str:
     """Which backend `search` uses: 'faiss-gpu', 'faiss', 'torch-cuda', 'torch' or 'numpy'."""
     faiss = _faiss()
     if device == "auto":
-        if faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 \
-                and topk <= FAISS_GPU_MAX_K:
+        if (
+            faiss is not None
+            and hasattr(faiss, "get_num_gpus")
+            and faiss.get_num_gpus() > 0
+            and topk <= FAISS_GPU_MAX_K
+        ):
             return "faiss-gpu"
         return "torch-cuda" if _torch_cuda() else "numpy"
     if device == "cpu":
@@ -79,12 +83,13 @@ def _blocks(parts: Sequence[np.ndarray], block: int) -> Iterator[tuple[int, np.n
     offset = 0
     for part in parts:
         for s in range(0, part.shape[0], block):
-            yield offset + s, _as_float32(part[s:s + block])
+            yield offset + s, _as_float32(part[s : s + block])
         offset += part.shape[0]
 
 
-def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray,
-           k: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge(
+    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k best (score, index) pairs per row of two candidate sets (unordered)."""
     s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
     if s.shape[1] > k:
@@ -119,8 +124,9 @@ def _block_topk_faiss(q: np.ndarray, x: np.ndarray, k: int, gpu: bool) -> tuple[
     return s, i.astype(np.int64)
 
 
-def _search_torch(q: np.ndarray, parts: Sequence[np.ndarray], k: int, block: int,
-                  device: str) -> tuple[np.ndarray, np.ndarray]:
+def _search_torch(
+    q: np.ndarray, parts: Sequence[np.ndarray], k: int, block: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     qt = torch.from_numpy(q).to(device)
@@ -135,12 +141,13 @@ def _search_torch(q: np.ndarray, parts: Sequence[np.ndarray], k: int, block: int
     return _sorted(best_s.cpu().numpy(), best_i.cpu().numpy())  # deterministic tie order
 
 
-def _search_cpu(q: np.ndarray, parts: Sequence[np.ndarray], k: int, n: int, block: int,
-                backend: str) -> tuple[np.ndarray, np.ndarray]:
+def _search_cpu(
+    q: np.ndarray, parts: Sequence[np.ndarray], k: int, n: int, block: int, backend: str
+) -> tuple[np.ndarray, np.ndarray]:
     if k == n:  # the whole ranking: every score into one matrix, one sort
         s = np.empty((q.shape[0], n), np.float32)
         for off, x in _blocks(parts, block):
-            s[:, off:off + x.shape[0]] = q @ x.T
+            s[:, off : off + x.shape[0]] = q @ x.T
         order = np.argsort(-s, axis=1, kind="stable")  # exact float32 ties are common: keep index order
         return np.take_along_axis(s, order, 1), order
     s, i = np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
@@ -153,9 +160,16 @@ def _search_cpu(q: np.ndarray, parts: Sequence[np.ndarray], k: int, n: int, bloc
     return _sorted(s, i)
 
 
-def search(db: np.ndarray | Sequence[np.ndarray], queries: np.ndarray, topk: int | None = None, *,
-           chunk: int = 256, block: int | None = None, device: str = "auto",
-           return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def search(
+    db: np.ndarray | Sequence[np.ndarray],
+    queries: np.ndarray,
+    topk: int | None = None,
+    *,
+    chunk: int = 256,
+    block: int | None = None,
+    device: str = "auto",
+    return_scores: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Top-`topk` database indices (Q, topk) int64 per query by descending inner product, exact.
 
     `db`: (N, D) float32/float16 array, or a list of such arrays searched as their concatenation;
@@ -173,11 +187,11 @@ def search(db: np.ndarray | Sequence[np.ndarray], queries: np.ndarray, topk: int
     out_s = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for a in range(0, queries.shape[0], chunk):
-        q = np.ascontiguousarray(queries[a:a + chunk], dtype=np.float32)
+        q = np.ascontiguousarray(queries[a : a + chunk], dtype=np.float32)
         if backend.startswith("torch"):
             dev = "cuda" if backend == "torch-cuda" else "cpu"
             s, i = _search_torch(q, parts, k, block, device if device.startswith("cuda") else dev)
         else:
             s, i = _search_cpu(q, parts, k, n, block, backend)
-        out_s[a:a + q.shape[0]], out_i[a:a + q.shape[0]] = s, i
+        out_s[a : a + q.shape[0]], out_i[a : a + q.shape[0]] = s, i
     return (out_i, out_s) if return_scores else out_i

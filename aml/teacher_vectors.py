@@ -30,10 +30,22 @@ class TeacherVectors:
     a complete cache never builds it).
     """
 
-    def __init__(self, teacher: str, *, weights: str | None = None, random_init: bool = False,
-                 image_size: int, scales: Sequence[float] = (1.0,), cache_dir: str | os.PathLike,
-                 dtype: str = "float16", device: str = "auto", batch_size: int = 32, workers: int | None = None,
-                 dist: Any = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        teacher: str,
+        *,
+        weights: str | None = None,
+        random_init: bool = False,
+        image_size: int,
+        scales: Sequence[float] = (1.0,),
+        cache_dir: str | os.PathLike,
+        dtype: str = "float16",
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        dist: Any = None,
+        progress: bool = True,
+    ) -> None:
         from aml.registry import model_identity
 
         self.teacher, self.weights = teacher, weights
@@ -41,8 +53,14 @@ class TeacherVectors:
         self.identity = model_identity(teacher, weights=weights, random_init=self.random_init)
         self.image_size, self.scales = image_size, tuple(float(s) for s in scales)
         self.cache_dir, self.dtype = Path(cache_dir), dtype
-        self.extract_kw = dict(image_size=image_size, scales=self.scales, device=device, batch_size=batch_size,
-                               workers=workers, progress=False)
+        self.extract_kw = dict(
+            image_size=image_size,
+            scales=self.scales,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            progress=False,
+        )
         self.dist, self.progress = dist, progress
         self.built = False
         self._net = None
@@ -56,8 +74,7 @@ class TeacherVectors:
         if self._net is None:
             from aml.registry import create_model
 
-            self._net = create_model(self.teacher, role="teacher", weights=self.weights,
-                                     random_init=self.random_init)
+            self._net = create_model(self.teacher, role="teacher", weights=self.weights, random_init=self.random_init)
             self.built = True
         return self._net
 
@@ -70,10 +87,15 @@ class TeacherVectors:
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
         if main and not cache.complete():
-            cache.build(lambda idx: extract(self.net(), [paths[i] for i in idx],
-                                            bbxs=None if bbxs is None else [bbxs[i] for i in idx],
-                                            **self.extract_kw),
-                        progress=self.progress)
+            cache.build(
+                lambda idx: extract(
+                    self.net(),
+                    [paths[i] for i in idx],
+                    bbxs=None if bbxs is None else [bbxs[i] for i in idx],
+                    **self.extract_kw,
+                ),
+                progress=self.progress,
+            )
         if self.dist is not None:
             self.dist.barrier()
         return cache.load()

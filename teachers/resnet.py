@@ -50,22 +50,34 @@ def _help(tv_file: str, cirtorch_file: str | None = None) -> str:
     return s
 
 
-@register("rn50", feature_dim=2048, architecture="resnet50",
-          weights_help=_help("resnet50-0676ba61.pth", "rSfM120k-tl-resnet50-gem-w-97bf910.pth"),
-          description="ResNet-50 GeM (torchvision layout)")
+@register(
+    "rn50",
+    feature_dim=2048,
+    architecture="resnet50",
+    weights_help=_help("resnet50-0676ba61.pth", "rSfM120k-tl-resnet50-gem-w-97bf910.pth"),
+    description="ResNet-50 GeM (torchvision layout)",
+)
 def rn50(weights: str | None, random_init: bool) -> tuple[nn.Module, int, dict]:
     return resnet_features("resnet50", weights)
 
 
-@register("rn101", feature_dim=2048, architecture="resnet101",
-          weights_help=_help("resnet101-63fe2227.pth", "retrievalSfM120k-resnet101-gem-b80fb85.pth"),
-          description="ResNet-101 GeM, the AML teacher (cirtorch retrievalSfM120k-resnet101-gem)")
+@register(
+    "rn101",
+    feature_dim=2048,
+    architecture="resnet101",
+    weights_help=_help("resnet101-63fe2227.pth", "retrievalSfM120k-resnet101-gem-b80fb85.pth"),
+    description="ResNet-101 GeM, the AML teacher (cirtorch retrievalSfM120k-resnet101-gem)",
+)
 def rn101(weights: str | None, random_init: bool) -> tuple[nn.Module, int, dict]:
     return resnet_features("resnet101", weights)
 
 
-@register("rn152", feature_dim=2048, architecture="resnet152",
-          weights_help=_help("resnet152-394f9c45.pth", "rSfM120k-tl-resnet152-gem-w-f39cada.pth"),
-          description="ResNet-152 GeM")
+@register(
+    "rn152",
+    feature_dim=2048,
+    architecture="resnet152",
+    weights_help=_help("resnet152-394f9c45.pth", "rSfM120k-tl-resnet152-gem-w-f39cada.pth"),
+    description="ResNet-152 GeM",
+)
 def rn152(weights: str | None, random_init: bool) -> tuple[nn.Module, int, dict]:
     return resnet_features("resnet152", weights)

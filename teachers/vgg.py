@@ -9,10 +9,14 @@ from aml.registry import load_into, read_state_dict, register
 from teachers.resnet import CIRTORCH, TORCHVISION, backbone_keys
 
 
-@register("vgg16", feature_dim=512, architecture="vgg16",
-          weights_help=f"ImageNet {TORCHVISION}/vgg16-397923af.pth, or the cirtorch retrieval net "
-                       f"{CIRTORCH}/retrieval-SfM-120k/retrievalSfM120k-vgg16-gem-b4dcdc6.pth",
-          description="VGG16 GeM (cirtorch retrievalSfM120k-vgg16-gem)")
+@register(
+    "vgg16",
+    feature_dim=512,
+    architecture="vgg16",
+    weights_help=f"ImageNet {TORCHVISION}/vgg16-397923af.pth, or the cirtorch retrieval net "
+    f"{CIRTORCH}/retrieval-SfM-120k/retrievalSfM120k-vgg16-gem-b4dcdc6.pth",
+    description="VGG16 GeM (cirtorch retrievalSfM120k-vgg16-gem)",
+)
 def vgg16(weights: str | None, random_init: bool) -> tuple[nn.Module, int, dict]:
     features = nn.Sequential(*list(torchvision.models.vgg16(weights=None).features.children())[:-1])
     if weights is not None:

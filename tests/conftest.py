@@ -37,8 +37,9 @@ def run_cli(monkeypatch):
 
         e = dict(os.environ)
         e.update(env or {})
-        p = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True,
-                           text=True, cwd=cwd, env=e)
+        p = subprocess.run(
+            [sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=e
+        )
         return p.returncode, p.stdout, p.stderr
 
     return _run

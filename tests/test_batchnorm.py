@@ -22,8 +22,9 @@ def test_random_student_gives_one_vector_for_all_images_until_statistics_are_est
     g = torch.Generator().manual_seed(0)
     images = torch.rand(6, 3, 64, 64, generator=g)
     assert _spread(net, images) < 1e-4  # activations vanish through frozen identity statistics
-    seen = estimate_batchnorm(net, [list(images[:3]), list(images[3:]) + [torch.rand(3, 48, 64, generator=g)]],
-                              torch.device("cpu"))
+    seen = estimate_batchnorm(
+        net, [list(images[:3]), list(images[3:]) + [torch.rand(3, 48, 64, generator=g)]], torch.device("cpu")
+    )
     assert seen == 7
     assert not net.training and not any(m.training for m in batchnorms(net))
     assert _spread(net, images) > 1e-2
@@ -37,8 +38,16 @@ def test_set_train_mode_freezes_batchnorm_only():
 
 
 def test_student_random_init_keeps_the_teacher_and_estimates_statistics(tiny_data, tmp_path, home):  # noqa: F811
-    cfg = tiny_cfg(tiny_data, tmp_path / "run", random_init=False, teacher="lite0", student="resnet18",
-                   student_random_init=True, bn_images=6, epochs=1)
+    cfg = tiny_cfg(
+        tiny_data,
+        tmp_path / "run",
+        random_init=False,
+        teacher="lite0",
+        student="resnet18",
+        student_random_init=True,
+        bn_images=6,
+        epochs=1,
+    )
     trainer = Trainer(cfg, progress=False)
     assert trainer.identity["weights"].startswith("bundled:")  # the teacher keeps its ImageNet weights
     fresh = create_model("resnet18", role="student", dim=trainer.identity["dim"], random_init=True)
@@ -57,10 +66,37 @@ def test_pretrained_student_statistics_stay_imagenet(tiny_data, tmp_path, home):
 
 
 def test_cli_accepts_student_random_init(tiny_data, tmp_path, home, run_cli):  # noqa: F811
-    code, out, err = run_cli("distill", "--teacher", "lite0", "--student", "resnet18", "--student-random-init",
-                             "--data", f"synth:{tiny_data}", "--epochs", "1", "--query-size", "4", "--pool-size", "8",
-                             "--neg-num", "2", "--batch-size", "2", "--image-size", "40", "--workers", "0",
-                             "--device", "cpu", "--head-lr-mult", "5", "--out", str(tmp_path / "cli"), "--quiet")
+    code, out, err = run_cli(
+        "distill",
+        "--teacher",
+        "lite0",
+        "--student",
+        "resnet18",
+        "--student-random-init",
+        "--data",
+        f"synth:{tiny_data}",
+        "--epochs",
+        "1",
+        "--query-size",
+        "4",
+        "--pool-size",
+        "8",
+        "--neg-num",
+        "2",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "40",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--head-lr-mult",
+        "5",
+        "--out",
+        str(tmp_path / "cli"),
+        "--quiet",
+    )
     assert code == 0, err
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["student_random_init"] is True and cfg["random_init"] is False and cfg["head_lr_mult"] == 5

@@ -106,8 +106,12 @@ def test_stale_sidecar_is_rebuilt(tmp_path):
     cache.build(rec, progress=False)
     assert rec.requested == list(range(20)) and cache.complete()
     good = json.loads(cache.sidecar.read_text())
-    for broken in ("{not json", json.dumps({**good, "dtype": "float16"}),
-                   json.dumps({**good, "shape": [19, DIM]}), json.dumps({**good, "complete": False})):
+    for broken in (
+        "{not json",
+        json.dumps({**good, "dtype": "float16"}),
+        json.dumps({**good, "shape": [19, DIM]}),
+        json.dumps({**good, "complete": False}),
+    ):
         cache.sidecar.write_text(broken)
         assert not cache.complete()
 
@@ -153,8 +157,7 @@ def test_key_change_gives_new_file(tmp_path):
     a.build(Recorder(), progress=False)
     b = make(tmp_path, n=10, size=96)
     c = make(tmp_path, n=10, paths=[f"other{i}.jpg" for i in range(10)])
-    d = FeatureCache(tmp_path, cache_key({**IDENTITY, "weights": "sha256:def"}, 64, (1.0,), names), 10, DIM,
-                     "float32")
+    d = FeatureCache(tmp_path, cache_key({**IDENTITY, "weights": "sha256:def"}, 64, (1.0,), names), 10, DIM, "float32")
     e = FeatureCache(tmp_path, cache_key(IDENTITY, 64, (1.0, 0.5), names), 10, DIM, "float32")
     assert len({x.path for x in (a, b, c, d, e)}) == 5
     assert a.complete() and not any(x.complete() for x in (b, c, d, e))

@@ -20,7 +20,7 @@ RESNET_POS = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "laye
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.26, 0.27]  # not ImageNet's: must come from meta
 P_GEM = 2.5
 SIZE = 40
-MS = [1, 1 / 2 ** 0.5, 1 / 2]
+MS = [1, 1 / 2**0.5, 1 / 2]
 
 
 @pytest.fixture(autouse=True)
@@ -66,12 +66,21 @@ def _make_ckpt(tv, folder, whiten: bool):
     if whiten:
         sd["whiten.weight"], sd["whiten.bias"] = W, b
     rng = np.random.default_rng(0)
-    meta = {"architecture": "resnet18", "local_whitening": False, "pooling": "gem", "regional": False,
-            "whitening": whiten, "mean": MEAN, "std": STD, "outputdim": 512,
-            "Lw": {"retrieval-SfM-120k": {"ss": _lw(rng, 512), "ms": _lw(rng, 512)}}}
+    meta = {
+        "architecture": "resnet18",
+        "local_whitening": False,
+        "pooling": "gem",
+        "regional": False,
+        "whitening": whiten,
+        "mean": MEAN,
+        "std": STD,
+        "outputdim": 512,
+        "Lw": {"retrieval-SfM-120k": {"ss": _lw(rng, 512), "ms": _lw(rng, 512)}},
+    }
     path = folder / f"retrievalSfM120k-resnet18-gem{'-w' if whiten else ''}.pth"
-    torch.save({"state_dict": sd, "meta": meta, "epoch": 30, "min_loss": 0.5}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"state_dict": sd, "meta": meta, "epoch": 30, "min_loss": 0.5}, path, _use_new_zipfile_serialization=False
+    )
     return path, (W, b) if whiten else None, meta
 
 
@@ -152,8 +161,17 @@ def test_checkpoint_loads_with_its_meta(ckpt):
 def test_vectors_match_reference(ckpt, tv, images, scales, boxes):
     path, whiten, _ = ckpt
     bbxs = BBXS if boxes else None
-    got = extract(create_model(path), images, image_size=SIZE, scales=scales, bbxs=bbxs, batch_size=2,
-                  workers=0, device="cpu", progress=False)
+    got = extract(
+        create_model(path),
+        images,
+        image_size=SIZE,
+        scales=scales,
+        bbxs=bbxs,
+        batch_size=2,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
     ref = _reference(tv, images, whiten=whiten, scales=scales, bbxs=bbxs)
     assert got.shape == (len(images), 512) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -165,8 +183,9 @@ def test_learned_whitening_matches_reference(ckpt, tv, images):
     scales = MS
     assert select_lw(net.meta, False)["P"] is net.meta["Lw"]["retrieval-SfM-120k"]["ss"]["P"]
     lw = select_lw(net.meta, True)
-    got = extract(net, images, image_size=SIZE, scales=scales, lw=lw, batch_size=4, workers=0, device="cpu",
-                  progress=False)
+    got = extract(
+        net, images, image_size=SIZE, scales=scales, lw=lw, batch_size=4, workers=0, device="cpu", progress=False
+    )
     want_lw = meta["Lw"]["retrieval-SfM-120k"]["ms" if len(scales) > 1 else "ss"]
     ref = _reference(tv, images, whiten=whiten, scales=scales, lw=want_lw)
     np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -179,9 +198,27 @@ def test_cli_extract_multiscale_whiten_bbx(tv, images, tmp_path, run_cli):
     bbx = tmp_path / "bbx.txt"
     bbx.write_text("".join(("" if b is None else " ".join(map(str, b))) + "\n" for b in BBXS))
     out = tmp_path / "q.npy"
-    code, stdout, stderr = run_cli("extract", "--model", path, "--images", lst, "--image-size", SIZE,
-                                   "--multiscale", "1,0.7071,0.5", "--whiten", "--bbx", bbx, "--out", out,
-                                   "--workers", "0", "--device", "cpu", env={"OMP_NUM_THREADS": "1"})
+    code, stdout, stderr = run_cli(
+        "extract",
+        "--model",
+        path,
+        "--images",
+        lst,
+        "--image-size",
+        SIZE,
+        "--multiscale",
+        "1,0.7071,0.5",
+        "--whiten",
+        "--bbx",
+        bbx,
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert code == 0, stderr
     lw = meta["Lw"]["retrieval-SfM-120k"]["ms"]
     ref = _reference(tv, images, whiten=whiten, scales=MS, bbxs=BBXS, lw=lw)

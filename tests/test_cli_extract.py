@@ -58,13 +58,34 @@ def test_extract_writes_rows_in_list_order(listed, tmp_path, run_cli):
     out = tmp_path / "out" / "v.npy"
     bbx = tmp_path / "bbx.txt"
     bbx.write_text("\n2 3 30 25\n\n")
-    code, stdout, stderr = run_cli("extract", "--model", "resnet18", "--random-init", "--images", lst,
-                                   "--image-size", 32, "--bbx", bbx, "--out", out, "--device", "cpu", env=ENV)
+    code, stdout, stderr = run_cli(
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--images",
+        lst,
+        "--image-size",
+        32,
+        "--bbx",
+        bbx,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        env=ENV,
+    )
     assert code == 0, stderr
     assert "3 x 512" in stdout
     got = np.load(out)
-    want = extract(create_model("resnet18", random_init=True), paths, image_size=32,
-                   bbxs=[None, (2, 3, 30, 25), None], workers=0, progress=False)
+    want = extract(
+        create_model("resnet18", random_init=True),
+        paths,
+        image_size=32,
+        bbxs=[None, (2, 3, 30, 25), None],
+        workers=0,
+        progress=False,
+    )
     assert got.dtype == np.float32 and got.shape == (3, 512)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert [p.name for p in out.parent.iterdir()] == ["v.npy"]  # no temporary left behind
@@ -84,23 +105,43 @@ def test_errors_are_one_line(listed, tmp_path, capsys, run_cli):
     out = tmp_path / "o.npy"
     base = ("--images", lst, "--image-size", 32, "--out", out, "--workers", 0)
     # one real subprocess: the console entry point prints one line, no traceback
-    _fails(run_cli("extract", "--model", tmp_path / "missing.pth", *base, env=ENV),
-           "missing.pth", "not found")
+    _fails(run_cli("extract", "--model", tmp_path / "missing.pth", *base, env=ENV), "missing.pth", "not found")
     ck = tmp_path / "nometa.pth"
     torch.save({"state_dict": {}}, ck)
     _fails(_in_process(capsys, "extract", "--model", ck, *base), "nometa.pth", "'meta'")
-    _fails(_in_process(capsys, "extract", "--model", "resnet-18", *base), "unknown model 'resnet-18'",
-           "resnet18")
+    _fails(_in_process(capsys, "extract", "--model", "resnet-18", *base), "unknown model 'resnet-18'", "resnet18")
     _fails(_in_process(capsys, "extract", "--model", "rn101", *base), "resnet101-63fe2227.pth")
     bad = tmp_path / "bad.txt"
     (tmp_path / "jpg" / "broken.jpg").write_bytes(b"nope")
     bad.write_text("jpg/0.png\njpg/broken.jpg\n")
-    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", "--images", bad,
-                       "--image-size", 32, "--out", out, "--workers", 0), "broken.jpg", "cannot read image")
+    _fails(
+        _in_process(
+            capsys,
+            "extract",
+            "--model",
+            "resnet18",
+            "--random-init",
+            "--images",
+            bad,
+            "--image-size",
+            32,
+            "--out",
+            out,
+            "--workers",
+            0,
+        ),
+        "broken.jpg",
+        "cannot read image",
+    )
     bbx = tmp_path / "short.txt"
     bbx.write_text("1 2 3 4\n")
-    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--bbx", bbx,
-                       "--whiten"), "short.txt", "1 lines for 3 images")
-    _fails(_in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--whiten"),
-           "no learned whitening")
+    _fails(
+        _in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--bbx", bbx, "--whiten"),
+        "short.txt",
+        "1 lines for 3 images",
+    )
+    _fails(
+        _in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--whiten"),
+        "no learned whitening",
+    )
     assert not out.exists()

@@ -29,9 +29,7 @@ def _img(path, colour=(200, 10, 10)):
     Image.new("RGB", (10, 8), colour).save(path, format="JPEG")
 
 
-@pytest.mark.parametrize(
-    "spec", ["", "nope", "sfm120k", "sfm120k:", "folder: ", "csv:/x.csv", "synthetic:/x"]
-)
+@pytest.mark.parametrize("spec", ["", "nope", "sfm120k", "sfm120k:", "folder: ", "csv:/x.csv", "synthetic:/x"])
 def test_malformed_specs_list_the_forms(spec):
     with pytest.raises(UserError) as e:
         parse_data_spec(spec)

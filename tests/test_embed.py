@@ -71,8 +71,10 @@ def test_onnx_rescale_matches_torch_bilinear(h, w):
 
 
 def _run_embed_torch_free(args: list[str]) -> subprocess.CompletedProcess:
-    code = ("import sys\nfrom cli import main\nmain(sys.argv[1:])\n"
-            "assert 'torch' not in sys.modules, 'torch was imported on the embed path'\nprint('TORCH-FREE')")
+    code = (
+        "import sys\nfrom cli import main\nmain(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported on the embed path'\nprint('TORCH-FREE')"
+    )
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
 
 
@@ -89,8 +91,15 @@ def test_embed_cli_is_torch_free_and_matches_extract(exported, photos, tmp_path,
     assert p.returncode == 0, p.stderr
     assert "TORCH-FREE" in p.stdout
     got = np.load(out)
-    want = extract(create_model(ckpt), photos, image_size=SIZE, scales=MULTISCALE if multiscale else (1.0,),
-                   device="cpu", workers=0, progress=False)
+    want = extract(
+        create_model(ckpt),
+        photos,
+        image_size=SIZE,
+        scales=MULTISCALE if multiscale else (1.0,),
+        device="cpu",
+        workers=0,
+        progress=False,
+    )
     assert got.shape == want.shape == (len(photos), 32)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999 and np.abs(got - want).max() <= 1e-4
@@ -102,8 +111,7 @@ def test_embed_image_size_override_and_bbx(exported, photos, tmp_path):
     enc = onnx_embed.OnnxEncoder(model)
     bbxs = [None, (5, 10, 60, 100), None, None, (0, 0, 150, 61)]
     got = enc.embed(photos, image_size=48, bbxs=bbxs)
-    want = extract(create_model(ckpt), photos, image_size=48, bbxs=bbxs, device="cpu", workers=0,
-                   progress=False)
+    want = extract(create_model(ckpt), photos, image_size=48, bbxs=bbxs, device="cpu", workers=0, progress=False)
     assert np.abs(got - want).max() <= 1e-4
 
 

@@ -92,13 +92,25 @@ def test_distractors_are_appended_after_imlist(tmp_path):
 def tiny(tmp_path, name="tiny"):
     """Two objects, 8 database images, 2 queries; perfect features rank positives first."""
     imlist = [f"im{i}" for i in range(8)]
-    gnd = [{"bbx": [0, 0, 30, 20], "easy": [0, 1], "hard": [2], "junk": [3]},
-           {"bbx": [2, 2, 20, 30], "easy": [4], "hard": [5, 6], "junk": []}]
+    gnd = [
+        {"bbx": [0, 0, 30, 20], "easy": [0, 1], "hard": [2], "junk": [3]},
+        {"bbx": [2, 2, 20, 30], "easy": [4], "hard": [5, 6], "junk": []},
+    ]
     write_revisitop(tmp_path, name, imlist, ["q0", "q1"], gnd)
     e = np.eye(8)
     q = unit([e[0], e[1]])
-    db = unit([[1, 0, .9, 0, 0, 0, 0, 0], [1, 0, 0, .9, 0, 0, 0, 0], [1, 0, 0, 0, .95, 0, 0, 0], e[2],
-               [0, 1, 0, 0, 0, .9, 0, 0], [0, 1, 0, 0, 0, 0, .9, 0], [0, 1, 0, 0, 0, 0, 0, .95], e[5]])
+    db = unit(
+        [
+            [1, 0, 0.9, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0.9, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0.95, 0, 0, 0],
+            e[2],
+            [0, 1, 0, 0, 0, 0.9, 0, 0],
+            [0, 1, 0, 0, 0, 0, 0.9, 0],
+            [0, 1, 0, 0, 0, 0, 0, 0.95],
+            e[5],
+        ]
+    )
     return load_revisitop(tmp_path, name), db, q
 
 
@@ -112,14 +124,17 @@ def test_perfect_features_score_100(tmp_path):
     assert got["mAP"]["M"] < 40
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda db, q: (db[:-1], q), r"database features \(tiny imlist order\): 7 rows, expected 8"),
-    (lambda db, q: (db, q[:1]), r"query features \(tiny qimlist order\): 1 rows, expected 2"),
-    (lambda db, q: (db * 3, q), r"row 0 has norm 3, not 1 \(8 of rows 0..7\); .*L2-normalised"),
-    (lambda db, q: (db, np.full_like(q, np.nan)), "row 0 has norm nan"),
-    (lambda db, q: (db, q[:, :4]), "4-d vectors, but the database is 8-d"),
-    (lambda db, q: (db.astype(np.int32), q), "dtype int32"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda db, q: (db[:-1], q), r"database features \(tiny imlist order\): 7 rows, expected 8"),
+        (lambda db, q: (db, q[:1]), r"query features \(tiny qimlist order\): 1 rows, expected 2"),
+        (lambda db, q: (db * 3, q), r"row 0 has norm 3, not 1 \(8 of rows 0..7\); .*L2-normalised"),
+        (lambda db, q: (db, np.full_like(q, np.nan)), "row 0 has norm nan"),
+        (lambda db, q: (db, q[:, :4]), "4-d vectors, but the database is 8-d"),
+        (lambda db, q: (db.astype(np.int32), q), "dtype int32"),
+    ],
+)
 def test_feature_validation(tmp_path, change, match):
     ds, db, q = tiny(tmp_path)
     with pytest.raises(UserError, match=match):
@@ -154,9 +169,19 @@ def test_cli_from_features(tmp_path, run_cli):
     q = unit(q + 0.8 * rng.standard_normal(q.shape))  # imperfect, so the numbers are not all 100
     np.save(tmp_path / "x.npy", db.astype(np.float16))
     np.save(tmp_path / "q.npy", q)
-    code, out, err = run_cli("evaluate", "--dataset", "tiny", "--data-root", tmp_path, "--db-features",
-                             tmp_path / "x.npy", "--query-features", tmp_path / "q.npy", "--json",
-                             tmp_path / "out.json")
+    code, out, err = run_cli(
+        "evaluate",
+        "--dataset",
+        "tiny",
+        "--data-root",
+        tmp_path,
+        "--db-features",
+        tmp_path / "x.npy",
+        "--query-features",
+        tmp_path / "q.npy",
+        "--json",
+        tmp_path / "out.json",
+    )
     assert code == 0, err
     res = json.loads((tmp_path / "out.json").read_text())
     assert set(res) == {"dataset", "mAP", "mP@k"} and res["dataset"] == "tiny"
@@ -173,8 +198,15 @@ def test_cli_errors_are_one_line(tmp_path, run_cli):
     (tmp_path / "bad").mkdir()
     with open(tmp_path / "bad" / "gnd_bad.pkl", "wb") as f:
         pickle.dump({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": []}]}, f)
-    base = ("evaluate", "--data-root", tmp_path, "--db-features", tmp_path / "x.npy", "--query-features",
-            tmp_path / "q.npy")
+    base = (
+        "evaluate",
+        "--data-root",
+        tmp_path,
+        "--db-features",
+        tmp_path / "x.npy",
+        "--query-features",
+        tmp_path / "q.npy",
+    )
     cases = [
         (("--dataset", "tiny"), "x.npy (tiny imlist order): 5 rows, expected 8"),
         (("--dataset", "nope"), "gnd_nope.pkl: ground-truth file not found"),
@@ -183,8 +215,17 @@ def test_cli_errors_are_one_line(tmp_path, run_cli):
     for extra, msg in cases:
         code, out, err = run_cli(*base, *extra)
         assert code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
-    code, _, err = run_cli("evaluate", "--dataset", "tiny", "--data-root", tmp_path, "--db-features",
-                           tmp_path / "x.npy", "--teacher", "lite2")
+    code, _, err = run_cli(
+        "evaluate",
+        "--dataset",
+        "tiny",
+        "--data-root",
+        tmp_path,
+        "--db-features",
+        tmp_path / "x.npy",
+        "--teacher",
+        "lite2",
+    )
     assert code == 2 and "not both" in err
 
 
@@ -256,10 +297,8 @@ def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monke
     files = sorted(p.name for p in cache.iterdir())
     built = []
     real = aml.registry.create_model
-    monkeypatch.setattr(aml.registry, "create_model",
-                        lambda *a, **k: built.append(k.get("role")) or real(*a, **k))
-    res2 = evaluate_models(ds, "lite2", "mobilenetv2", cache_dir=cache, rows=("teacher", "asymmetric"),
-                           **MODEL_KW)
+    monkeypatch.setattr(aml.registry, "create_model", lambda *a, **k: built.append(k.get("role")) or real(*a, **k))
+    res2 = evaluate_models(ds, "lite2", "mobilenetv2", cache_dir=cache, rows=("teacher", "asymmetric"), **MODEL_KW)
     assert built == ["student"] and sorted(p.name for p in cache.iterdir()) == files
     assert list(res2) == ["dataset", "settings", "teacher", "asymmetric"]
     assert res2["teacher"] == res["teacher"]
@@ -274,12 +313,15 @@ def test_models_whitening_uses_the_teachers_lw_on_both_sides(tmp_path, one_threa
     ds = image_dataset(tmp_path)
     t = create_model("lite2", random_init=True)
     rng = np.random.default_rng(7)
-    lw = {"m": rng.normal(0, 0.01, (t.dim, 1)).astype(np.float32),
-          "P": (np.eye(t.dim) + rng.normal(0, 0.05, (t.dim, t.dim))).astype(np.float32)}
+    lw = {
+        "m": rng.normal(0, 0.01, (t.dim, 1)).astype(np.float32),
+        "P": (np.eye(t.dim) + rng.normal(0, 0.05, (t.dim, t.dim))).astype(np.float32),
+    }
     ckpt = tmp_path / "teacher-lw.pth"
     torch.save({"state_dict": t.state_dict(), "meta": {**t.meta, "Lw": {"sfm": {"ss": lw}}}}, ckpt)
-    res = evaluate_models(ds, str(ckpt), "lite0", whiten=True, cache_dir=tmp_path / "cache",
-                          rows=("teacher", "asymmetric"), **MODEL_KW)
+    res = evaluate_models(
+        ds, str(ckpt), "lite0", whiten=True, cache_dir=tmp_path / "cache", rows=("teacher", "asymmetric"), **MODEL_KW
+    )
     assert res["settings"]["Lw"] == "teacher sfm/ss"
     s = create_model("lite0", role="student", dim=t.dim, random_init=True)
     t_db, t_q = direct_vectors(t, ds.db_paths(), lw=lw), direct_vectors(t, ds.query_paths(), ds.bbxs, lw=lw)
@@ -311,11 +353,30 @@ def cli_in_process(capsys, *args):
 
 def test_cli_from_models(tmp_path, capsys, one_thread):
     image_dataset(tmp_path)
-    base = ("evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--teacher", "lite2", "--student",
-            "lite0", "--random-init", "--image-size", "32", "--workers", "0", "--cache-dir",
-            tmp_path / "cache", "--quiet", "--device", "cpu")
-    code, out, err = cli_in_process(capsys, *base, "--row", "teacher", "--row", "asymmetric",
-                                    "--json", tmp_path / "r.json")
+    base = (
+        "evaluate",
+        "--dataset",
+        "imgs",
+        "--data-root",
+        tmp_path,
+        "--teacher",
+        "lite2",
+        "--student",
+        "lite0",
+        "--random-init",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    code, out, err = cli_in_process(
+        capsys, *base, "--row", "teacher", "--row", "asymmetric", "--json", tmp_path / "r.json"
+    )
     assert code == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"dataset", "settings", "teacher", "asymmetric"}

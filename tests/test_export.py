@@ -37,8 +37,16 @@ def lively(net: torch.nn.Module, size: int = 40) -> torch.nn.Module:
 def save_student(path, name: str, dim: int = 32, config: dict | None = None):
     net = lively(create_model(name, role="student", dim=dim, random_init=True))
     net.meta["aml"]["teacher"] = dict(TEACHER, dim=dim)
-    torch.save({"state_dict": net.state_dict(), "meta": net.meta, "epoch": 3, "optimizer": {},
-                "config": config if config is not None else {"image_size": SIZE}}, path)
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "meta": net.meta,
+            "epoch": 3,
+            "optimizer": {},
+            "config": config if config is not None else {"image_size": SIZE},
+        },
+        path,
+    )
     return path
 
 
@@ -51,8 +59,9 @@ def tf_same_reference(x: torch.Tensor, k: int, s: int, d: int) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-@pytest.mark.parametrize("k,s,d", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (5, 2, 1), (2, 2, 1), (1, 2, 1),
-                                   (3, 3, 1), (3, 2, 2), (4, 3, 1)])
+@pytest.mark.parametrize(
+    "k,s,d", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (5, 2, 1), (2, 2, 1), (1, 2, 1), (3, 3, 1), (3, 2, 2), (4, 3, 1)]
+)
 def test_tf_same_pad_matches_definition_at_all_sizes(k, s, d):
     pad = TFSamePad(k, s, d)
     for h, w in [(5, 6), (7, 7), (8, 11), (12, 9), (13, 10)]:
@@ -186,6 +195,7 @@ def test_torchscript_export_verified_with_dynamic_shapes(tmp_path):
 
 # ---- fp16 / int8: the retrieval gate on a tiny revisitop-layout set ----------------------------------
 
+
 def _tiny_revisitop(root, n_obj: int = 4, per_obj: int = 3):
     """Objects = smooth random patterns; views = the pattern plus noise; one query per object."""
     rng = np.random.default_rng(0)
@@ -201,8 +211,14 @@ def _tiny_revisitop(root, n_obj: int = 4, per_obj: int = 3):
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(jpg / f"{name}.jpg")
             views.append(name)
         qimlist.append(views[0])
-        gnd.append({"bbx": [4, 4, 76, 70], "easy": list(range(len(imlist), len(imlist) + per_obj - 1)),
-                    "hard": [len(imlist) + per_obj - 1], "junk": []})
+        gnd.append(
+            {
+                "bbx": [4, 4, 76, 70],
+                "easy": list(range(len(imlist), len(imlist) + per_obj - 1)),
+                "hard": [len(imlist) + per_obj - 1],
+                "junk": [],
+            }
+        )
         imlist += views[1:]
     write_revisitop(root, "tiny", imlist, qimlist, gnd)
     return load_revisitop(root, "tiny")
@@ -228,8 +244,15 @@ def _fixed(ds, db):
 def test_low_precision_exports_report_cosine_and_map(tiny_set, precision):
     d, ckpt, ds, db = tiny_set
     out = d / f"enc-{precision}.onnx"
-    info = pipeline.export_checkpoint(ckpt, precision=precision, out=out, verify_data_fn=_fixed(ds, db),
-                                      calib_images=ds.db_paths(), calib_count=4, map_tolerance=100.0)
+    info = pipeline.export_checkpoint(
+        ckpt,
+        precision=precision,
+        out=out,
+        verify_data_fn=_fixed(ds, db),
+        calib_images=ds.db_paths(),
+        calib_count=4,
+        map_tolerance=100.0,
+    )
     assert out.is_file() and sidecar_path(out).is_file()
     eq, rt = info["verification"]["equivalence"], info["verification"]["retrieval"]
     low = 0.99 if precision == "fp16" else 0.5  # int8 of a random-init net calibrated on 4 images: loose
@@ -270,13 +293,16 @@ def test_whiten_folds_teacher_lw_and_blocks_multiscale_embed(tmp_path):
     rng = np.random.default_rng(0)
     m, P = rng.normal(0, 0.05, (32, 1)), rng.normal(0, 1, (32, 32)) / 6 + np.eye(32)
     teacher_file = tmp_path / "teacher.pth"
-    torch.save({"state_dict": {}, "meta": {"Lw": {"sfm": {"ss": {"m": m, "P": P}, "ms": {"m": m, "P": P}}}}},
-               teacher_file)
+    torch.save(
+        {"state_dict": {}, "meta": {"Lw": {"sfm": {"ss": {"m": m, "P": P}, "ms": {"m": m, "P": P}}}}}, teacher_file
+    )
     net = lively(create_model("mobilenetv2", role="student", dim=32, random_init=True))
     net.meta["aml"]["teacher"] = dict(TEACHER, weights=str(teacher_file))
     ckpt = tmp_path / "s.pt"
-    torch.save({"state_dict": net.state_dict(), "meta": net.meta, "epoch": 1, "optimizer": {},
-                "config": {"image_size": SIZE}}, ckpt)
+    torch.save(
+        {"state_dict": net.state_dict(), "meta": net.meta, "epoch": 1, "optimizer": {}, "config": {"image_size": SIZE}},
+        ckpt,
+    )
     out = tmp_path / "w.onnx"
     info = pipeline.export_checkpoint(ckpt, whiten=True, out=out)
     assert info["whiten"]["dataset"] == "sfm" and info["msp"] == 1.0
@@ -293,8 +319,7 @@ def test_whiten_folds_teacher_lw_and_blocks_multiscale_embed(tmp_path):
 
 def test_export_cli(tmp_path, run_cli):
     ckpt = save_student(tmp_path / "s.pt", "resnet18")
-    code, out, err = run_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "e.onnx",
-                             "--image-size", "32")
+    code, out, err = run_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "e.onnx", "--image-size", "32")
     assert code == 0, err
     assert "verified" in out and "equivalence gate" in out and (tmp_path / "e.onnx.json").is_file()
     code, _, err = run_cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--precision", "int8")

@@ -46,8 +46,14 @@ def _one_by_one(net, paths, size, scales=(1.0,), bbxs=None) -> np.ndarray:
     with torch.no_grad():
         for i, p in enumerate(paths):
             x = to_tensor(load_image(p, size, None if bbxs is None else bbxs[i]), net.mean, net.std)[None]
-            vs = [net(torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-                      if s != 1 else x)[0] for s in scales]
+            vs = [
+                net(
+                    torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+                    if s != 1
+                    else x
+                )[0]
+                for s in scales
+            ]
             if len(scales) == 1:
                 v = vs[0]
             else:
@@ -60,18 +66,16 @@ def _one_by_one(net, paths, size, scales=(1.0,), bbxs=None) -> np.ndarray:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batched_equals_one_by_one_mixed_sizes_and_crops(net, images, workers):
     ref = _one_by_one(net, images, 40, bbxs=BBXS)
-    got = extract(net, images, image_size=40, bbxs=BBXS, batch_size=3, workers=workers, device="cpu",
-                  progress=False)
+    got = extract(net, images, image_size=40, bbxs=BBXS, batch_size=3, workers=workers, device="cpu", progress=False)
     assert got.shape == (len(images), 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
 def test_multiscale_equals_one_by_one(net, images):
-    scales = (1.0, 2 ** -0.5, 0.5)
+    scales = (1.0, 2**-0.5, 0.5)
     ref = _one_by_one(net, images, 48, scales=scales)
-    got = extract(net, images, image_size=48, scales=scales, batch_size=4, workers=0, device="cpu",
-                  progress=False)
+    got = extract(net, images, image_size=48, scales=scales, batch_size=4, workers=0, device="cpu", progress=False)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 

@@ -147,9 +147,7 @@ def test_write_object_split_gnd(tmp_path):
             rows.append(f"o{obj}_{k}.jpg,{obj}")
     (src / "groups.csv").write_text("\n".join(rows) + "\n")
     paths, labels, splits = read_groups_csv(src / "groups.csv")
-    train, ref, csv_path = write_object_split(
-        paths, labels, tmp_path / "data", "tiny", test_objects=np.array([3, 4])
-    )
+    train, ref, csv_path = write_object_split(paths, labels, tmp_path / "data", "tiny", test_objects=np.array([3, 4]))
     assert sorted(set(train.cluster.tolist())) == [0, 1, 2] and train.num_pairs == 3 * 6
     ds = load_revisitop(ref.data_root, ref.dataset_name)
     ds.check_images()

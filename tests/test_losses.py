@@ -76,16 +76,18 @@ def ref_rkd(s, t):
         nonzero = [d[i][j] for i in range(n) for j in range(n) if d[i][j] > 0]
         mean = sum(nonzero) / len(nonzero)
         d = [[d[i][j] / mean for j in range(n)] for i in range(n)]
-        e = [[(x[j] - x[i]) / norm(x[j] - x[i]) if i != j else torch.zeros_like(x[i]) for j in range(n)]
-             for i in range(n)]
+        e = [
+            [(x[j] - x[i]) / norm(x[j] - x[i]) if i != j else torch.zeros_like(x[i]) for j in range(n)]
+            for i in range(n)
+        ]
         ang = [[[dot(e[i][j], e[i][k]) for k in range(n)] for j in range(n)] for i in range(n)]
         return d, ang
 
     ds, as_ = potentials(s)
     dt, at = potentials(t)
-    loss_d = sum(smooth_l1(ds[i][j] - dt[i][j]) for i in range(n) for j in range(n)) / n ** 2
+    loss_d = sum(smooth_l1(ds[i][j] - dt[i][j]) for i in range(n) for j in range(n)) / n**2
     loss_a = sum(smooth_l1(as_[i][j][k] - at[i][j][k]) for i in range(n) for j in range(n) for k in range(n))
-    return 2 * loss_a / n ** 3 + loss_d
+    return 2 * loss_a / n**3 + loss_d
 
 
 def ref_darkrank(s, t, alpha=3.0, beta=3.0, list_len=4, denominator="all"):
@@ -123,8 +125,11 @@ def ref_csd(s, t, ref=None, k=256, tau_s=1.0, tau_t=0.01):
 @pytest.mark.parametrize("margin", [0.7, 1.3])
 def test_contrastive_family_matches_formula(tuples, margin):
     a, p, n, at = tuples
-    for name, ref in [("contr", ref_contrastive(a, p, n, margin)), ("sym", ref_contrastive(a, p, n, margin)),
-                      ("contr+", ref_contrastive(a, p, n, margin, at))]:
+    for name, ref in [
+        ("contr", ref_contrastive(a, p, n, margin)),
+        ("sym", ref_contrastive(a, p, n, margin)),
+        ("contr+", ref_contrastive(a, p, n, margin, at)),
+    ]:
         got = LOSSES[name](a, p, n, at, margin=margin, reduction="none")
         assert got.shape == (B,)
         torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=1e-9)
@@ -196,8 +201,7 @@ def test_darkrank_matches_formula(denominator):
     assert got.dim() == 0
     want = ref_darkrank(s, t, denominator=denominator)
     torch.testing.assert_close(got, torch.tensor(want, dtype=got.dtype))
-    got2 = LOSSES["darkrank"](s, t, alpha=1.0, beta=2.0, list_len=3, denominator=denominator,
-                              reduction="none")
+    got2 = LOSSES["darkrank"](s, t, alpha=1.0, beta=2.0, list_len=3, denominator=denominator, reduction="none")
     ref2 = ref_darkrank(s, t, 1.0, 2.0, 3, denominator)
     torch.testing.assert_close(got2, torch.tensor(ref2, dtype=got2.dtype))
 
@@ -282,8 +286,11 @@ def test_gradient_reaches_only_the_student(name):
         p = unit(B, D, seed=33).requires_grad_()
         # negatives near the anchors, so that margin terms are active
         n = F.normalize(unit(B, K, D, seed=34) + s.detach()[:, None], dim=-1).requires_grad_()
-        kw = {"teacher_ref": unit(20, D, seed=32).requires_grad_()} if "teacher_ref" in \
-            inspect.signature(LOSSES[name]).parameters else {}
+        kw = (
+            {"teacher_ref": unit(20, D, seed=32).requires_grad_()}
+            if "teacher_ref" in inspect.signature(LOSSES[name]).parameters
+            else {}
+        )
         loss = LOSSES[name](s, p, n, t, **kw)
         if name in STUDENT_TUPLES:  # symmetric baseline: every input is a student vector
             students, teachers = [s, p, n], [t]

@@ -15,13 +15,34 @@ spec.loader.exec_module(methods)
 
 def fake(method: str, seed: int, asym: float, student: str = "lite0") -> dict:
     m = lambda x: {"E": x + 10, "M": x, "H": x / 2}  # noqa: E731
-    return {"dataset": "synth", "student": student, "method": method, "seed": seed, "asymmetric": m(asym),
-            "symmetric": m(40.0), "teacher": m(50.0), "chance": m(3.0), "seconds": 60.0 + seed,
-            "images_per_s": 20.0, "checkpoint": "x"}
+    return {
+        "dataset": "synth",
+        "student": student,
+        "method": method,
+        "seed": seed,
+        "asymmetric": m(asym),
+        "symmetric": m(40.0),
+        "teacher": m(50.0),
+        "chance": m(3.0),
+        "seconds": 60.0 + seed,
+        "images_per_s": 20.0,
+        "checkpoint": "x",
+    }
 
 
-ASYM = {"sym": 3.5, "contr": 20, "contr+": 25, "reg": 26, "triplet": 18, "ms": 15, "rkd": 4, "darkrank": 5,
-        "csd": 22, "contr+csd": 28, "contr+10csd": 27}
+ASYM = {
+    "sym": 3.5,
+    "contr": 20,
+    "contr+": 25,
+    "reg": 26,
+    "triplet": 18,
+    "ms": 15,
+    "rkd": 4,
+    "darkrank": 5,
+    "csd": 22,
+    "contr+csd": 28,
+    "contr+10csd": 27,
+}
 
 
 @pytest.fixture
@@ -37,8 +58,9 @@ def test_summary_keeps_method_order_and_seeds(results):
 
 def test_findings_check_the_issue_claims(results):
     lines = methods.findings(methods.summarise(results)["lite0"], chance=3.0)
-    assert lines[0].startswith("asymmetric ranking (mAP M): contr+csd 29.00 > contr+10csd 28.00 > reg 27.00 > "
-                               "contr+ 26.00")
+    assert lines[0].startswith(
+        "asymmetric ranking (mAP M): contr+csd 29.00 > contr+10csd 28.00 > reg 27.00 > contr+ 26.00"
+    )
     assert "teacher-aware methods above it: 10 of 10" in lines[1]
     assert "best two reg, contr+" in lines[2] and "worst two darkrank, rkd" in lines[2]
     assert lines[3].startswith("`csd` does not beat contr+ and reg: 23.00 vs 27.00")
@@ -49,9 +71,19 @@ def test_findings_check_the_issue_claims(results):
 def test_report_files_and_readme_block(results, tmp_path, monkeypatch):
     monkeypatch.setattr(methods, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(methods, "REPO", tmp_path)
-    exports = [{"method": "contr+", "student": "lite0", "fp32": {"E": 30, "M": 25, "H": 10},
-                "int8": {"E": 29.5, "M": 24.8, "H": 9.9}, "query_cosine_min": 0.99, "gate_tolerance": 1.0,
-                "gate_passed": True, "bytes": 4_500_000, "seconds": 30.0}]
+    exports = [
+        {
+            "method": "contr+",
+            "student": "lite0",
+            "fp32": {"E": 30, "M": 25, "H": 10},
+            "int8": {"E": 29.5, "M": 24.8, "H": 9.9},
+            "query_cosine_min": 0.99,
+            "gate_tolerance": 1.0,
+            "gate_passed": True,
+            "bytes": 4_500_000,
+            "seconds": 30.0,
+        }
+    ]
     md = methods.write_report("synth", results, exports, "python benchmarks/methods.py")
     text = md.read_text()
     assert "| reg | 3 | 37.00 ± 1.00 | 27.00 ± 1.00 | 13.50 ± 0.50 |" in text

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from aml.mining import first_negatives, mine_negatives, random_negatives, sample_epoch
 
 
-def reference_walk(scores: np.ndarray, q_cluster: np.ndarray, pool_cluster: np.ndarray,
-                   neg_num: int) -> np.ndarray:
+def reference_walk(scores: np.ndarray, q_cluster: np.ndarray, pool_cluster: np.ndarray, neg_num: int) -> np.ndarray:
     """cirtorch's loop: walk each query's ranking, skip own cluster and clusters already taken; -1 pads."""
     out = np.full((len(scores), neg_num), -1, dtype=np.int64)
     for q in range(len(scores)):
@@ -41,11 +40,14 @@ def data(Q: int, P: int, D: int, n_clusters: int, seed: int, structured: bool = 
     return F.normalize(q, dim=1), F.normalize(pool, dim=1), q_cluster, pool_cluster
 
 
-@pytest.mark.parametrize("n_clusters,structured,candidates", [
-    (300, False, 64),  # many clusters: the short list always suffices
-    (300, True, 8),    # neighbours share clusters: fallback to longer lists
-    (12, True, 4),     # few clusters: long fallbacks, up to the whole pool
-])
+@pytest.mark.parametrize(
+    "n_clusters,structured,candidates",
+    [
+        (300, False, 64),  # many clusters: the short list always suffices
+        (300, True, 8),  # neighbours share clusters: fallback to longer lists
+        (12, True, 4),  # few clusters: long fallbacks, up to the whole pool
+    ],
+)
 def test_mine_matches_reference_walk(n_clusters, structured, candidates):
     q, pool, qc, pc = data(60, 500, 16, n_clusters, seed=n_clusters + structured, structured=structured)
     got = mine_negatives(q, pool, qc, pc, 5, candidates=candidates, chunk=17)

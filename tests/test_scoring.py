@@ -59,10 +59,18 @@ def ref_compute_map(ranks, gnd, kappas):
 
 
 def ref_protocol_gnd(gnd, protocol):
-    positive, ignored = {"E": (["easy"], ["junk", "hard"]), "M": (["easy", "hard"], ["junk"]),
-                         "H": (["hard"], ["junk", "easy"])}[protocol]
-    return [{"ok": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in positive]),
-             "junk": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in ignored])} for g in gnd]
+    positive, ignored = {
+        "E": (["easy"], ["junk", "hard"]),
+        "M": (["easy", "hard"], ["junk"]),
+        "H": (["hard"], ["junk", "easy"]),
+    }[protocol]
+    return [
+        {
+            "ok": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in positive]),
+            "junk": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in ignored]),
+        }
+        for g in gnd
+    ]
 
 
 def check_against_reference(ranks, gnd, n_db):
@@ -132,8 +140,7 @@ def test_distractors_are_negatives():
 
 
 def one(ranking, easy=(), hard=(), junk=(), n_db=10):
-    return score_rankings(np.array([ranking]), [{"easy": list(easy), "hard": list(hard), "junk": list(junk)}],
-                          n_db)
+    return score_rankings(np.array([ranking]), [{"easy": list(easy), "hard": list(hard), "junk": list(junk)}], n_db)
 
 
 def test_known_ap_and_junk_removal():
@@ -187,5 +194,8 @@ def test_positive_also_listed_as_junk_follows_revisitop():
 
 
 def test_protocol_table_matches_spec():
-    assert PROTOCOLS == {"E": (("easy",), ("junk", "hard")), "M": (("easy", "hard"), ("junk",)),
-                         "H": (("hard",), ("junk", "easy"))}
+    assert PROTOCOLS == {
+        "E": (("easy",), ("junk", "hard")),
+        "M": (("easy", "hard"), ("junk",)),
+        "H": (("hard",), ("junk", "easy")),
+    }

@@ -57,9 +57,7 @@ def test_deterministic_under_seed(tiny, tmp_path):
     a, b = _files(out), _files(again)
     assert a.keys() == b.keys() and len(a) > 20
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:3]
-    other = generate_synth(
-        tmp_path / "other", dataclasses.replace(TINY, seed=6, landmarks=1, val_landmarks=0)
-    )
+    other = generate_synth(tmp_path / "other", dataclasses.replace(TINY, seed=6, landmarks=1, val_landmarks=0))
     c = _files(other)
     assert c["synth/jpg/lm000_q0.jpg"] != a["synth/jpg/lm000_q0.jpg"]
 
@@ -109,12 +107,8 @@ def test_train_and_test_landmarks_disjoint(tiny):
             assert a == b or not keys[a] & keys[b]
     # and the landmarks themselves differ: no test rendering equals a training one
     px = 48
-    train = [
-        render_landmark(sample_landmark(np.random.default_rng([TINY.seed, 0, k, 0])), px) for k in range(3)
-    ]
-    test = [
-        render_landmark(sample_landmark(np.random.default_rng([TINY.seed, 2, k, 0])), px) for k in range(2)
-    ]
+    train = [render_landmark(sample_landmark(np.random.default_rng([TINY.seed, 0, k, 0])), px) for k in range(3)]
+    test = [render_landmark(sample_landmark(np.random.default_rng([TINY.seed, 2, k, 0])), px) for k in range(2)]
     for t in test:
         assert all(np.abs(t.astype(int) - r.astype(int)).mean() > 5 for r in train)
 

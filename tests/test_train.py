@@ -21,8 +21,18 @@ from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill, loss_function, set_train_mode
 
-TINY = SynthConfig(landmarks=6, views=3, val_landmarks=1, test_landmarks=2, queries=2, db_views=4,
-                   distractors=1, distractor_views=2, size=48, seed=3)
+TINY = SynthConfig(
+    landmarks=6,
+    views=3,
+    val_landmarks=1,
+    test_landmarks=2,
+    queries=2,
+    db_views=4,
+    distractors=1,
+    distractor_views=2,
+    size=48,
+    seed=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +51,22 @@ def home(tmp_path, monkeypatch):
 
 def tiny_cfg(data, out, **changes) -> TrainConfig:
     base = TrainConfig(
-        teacher="resnet18", student="resnet18", random_init=True, data=f"synth:{data}", epochs=2, lr=1e-3,
-        query_size=8, pool_size=12, neg_num=2, batch_size=3, image_size=40, eval_every=1, workers=0,
-        device="cpu", out=str(out))
+        teacher="resnet18",
+        student="resnet18",
+        random_init=True,
+        data=f"synth:{data}",
+        epochs=2,
+        lr=1e-3,
+        query_size=8,
+        pool_size=12,
+        neg_num=2,
+        batch_size=3,
+        image_size=40,
+        eval_every=1,
+        workers=0,
+        device="cpu",
+        out=str(out),
+    )
     return base.replace(**changes)
 
 
@@ -136,11 +159,44 @@ def test_amp_on_cpu_is_a_clear_error(tiny_data, tmp_path, home):
 def test_ddp_two_cpu_processes(tiny_data, tmp_path, home):
     """torchrun with two gloo processes: both ranks train, rank 0 alone writes the run."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "cli.py"), "distill", "--teacher", "resnet18", "--student", "resnet18", "--random-init",
-           "--data", f"synth:{tiny_data}", "--epochs", "1", "--query-size", "8", "--pool-size", "12",
-           "--neg-num", "2", "--batch-size", "2", "--image-size", "40", "--eval-every", "0", "--workers", "0",
-           "--device", "cpu", "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "cli.py"),
+        "distill",
+        "--teacher",
+        "resnet18",
+        "--student",
+        "resnet18",
+        "--random-init",
+        "--data",
+        f"synth:{tiny_data}",
+        "--epochs",
+        "1",
+        "--query-size",
+        "8",
+        "--pool-size",
+        "12",
+        "--neg-num",
+        "2",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "40",
+        "--eval-every",
+        "0",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -153,32 +209,77 @@ def test_cli_distill_then_evaluate_and_export(tiny_data, tmp_path, home, run_cli
     out = tmp_path / "run"
     env = {"AML_HOME": str(home)}
     code, stdout, stderr = run_cli(
-        "distill", "--teacher", "resnet18", "--student", "resnet18", "--random-init", "--data",
-        f"synth:{tiny_data}", "--epochs", "1", "--query-size", "8", "--pool-size", "12", "--neg-num", "2",
-        "--batch-size", "3", "--image-size", "40", "--workers", "0", "--device", "cpu", "--out", out, "--quiet",
-        env=env)
+        "distill",
+        "--teacher",
+        "resnet18",
+        "--student",
+        "resnet18",
+        "--random-init",
+        "--data",
+        f"synth:{tiny_data}",
+        "--epochs",
+        "1",
+        "--query-size",
+        "8",
+        "--pool-size",
+        "12",
+        "--neg-num",
+        "2",
+        "--batch-size",
+        "3",
+        "--image-size",
+        "40",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--quiet",
+        env=env,
+    )
     assert code == 0, stderr
     assert f"run: {out}" in stdout
     saved = json.loads((out / "config.json").read_text())
     assert saved["teacher"] == "resnet18" and saved["margin"] is None and saved["epochs"] == 1
 
     code, stdout, stderr = run_cli(
-        "evaluate", "--dataset", "synth", "--data-root", tiny_data, "--teacher", "resnet18", "--random-init",
-        "--student", out / "last.pt", "--image-size", "40", "--workers", "0", "--device", "cpu", "--quiet",
-        "--json", tmp_path / "eval.json", env=env)
+        "evaluate",
+        "--dataset",
+        "synth",
+        "--data-root",
+        tiny_data,
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--student",
+        out / "last.pt",
+        "--image-size",
+        "40",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+        tmp_path / "eval.json",
+        env=env,
+    )
     assert code == 0, stderr
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert set(scores) >= {"teacher", "student", "asymmetric"}
 
-    code, stdout, stderr = run_cli("export", "--checkpoint", out / "last.pt", "--out", tmp_path / "q.onnx",
-                                   "--quiet", env=env)
+    code, stdout, stderr = run_cli(
+        "export", "--checkpoint", out / "last.pt", "--out", tmp_path / "q.onnx", "--quiet", env=env
+    )
     assert code == 0, stderr
     assert (tmp_path / "q.onnx").exists() and (tmp_path / "q.onnx.json").exists()
 
 
 def test_cli_distill_bad_input_is_one_line(tmp_path, home, run_cli):
-    code, _, stderr = run_cli("distill", "--data", f"sfm120k:{tmp_path / 'missing'}", "--out", tmp_path / "r",
-                              env={"AML_HOME": str(home)})
+    code, _, stderr = run_cli(
+        "distill", "--data", f"sfm120k:{tmp_path / 'missing'}", "--out", tmp_path / "r", env={"AML_HOME": str(home)}
+    )
     assert code == 2
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]

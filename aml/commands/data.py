@@ -99,14 +99,10 @@ def _split(
 
 @command.command("split")
 @click.option("--groups", type=click.Path(dir_okay=False), help="Groups CSV: image,object[,split].")
-@click.option(
-    "--folder", type=click.Path(file_okay=False), help="Class-labelled folder DIR/<label>/<images>."
-)
+@click.option("--folder", type=click.Path(file_okay=False), help="Class-labelled folder DIR/<label>/<images>.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write NAME/ into.")
 @click.option("--name", help="Dataset name (default: the CSV's or folder's folder name).")
-@click.option(
-    "--train-objects", help="Train object ids, e.g. 0-149 (default: first 60%, or the split column)."
-)
+@click.option("--train-objects", help="Train object ids, e.g. 0-149 (default: first 60%, or the split column).")
 @click.option("--test-objects", help="Test object ids, e.g. 150-249 (default: the other objects).")
 @click.option("--copy", is_flag=True, help="Copy images into NAME/jpg/ instead of symlinking them.")
 def split(**options) -> None:
@@ -116,9 +112,7 @@ def split(**options) -> None:
 
 @command.command("ukbench")
 @click.option("--groups", required=True, type=click.Path(dir_okay=False), help="UKBench groups.csv.")
-@click.option(
-    "--out", required=True, type=click.Path(file_okay=False), help="Data root to write ukbench/ into."
-)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write ukbench/ into.")
 @click.option("--train-objects", default="0-149", show_default=True)
 @click.option("--test-objects", default="150-249", show_default=True)
 @click.option("--copy", is_flag=True, help="Copy images instead of symlinking them.")
@@ -136,8 +130,6 @@ def info(spec: str) -> None:
     b = parse_data_spec(spec)
     for part in (b.train, b.val):
         if part is not None:
-            click.echo(
-                f"{part.name}: {len(part)} images, {part.num_clusters} clusters, {part.num_pairs} pairs"
-            )
+            click.echo(f"{part.name}: {len(part)} images, {part.num_clusters} clusters, {part.num_pairs} pairs")
     if b.test is not None:
         click.echo(f"test: --dataset {b.test.dataset_name} --data-root {b.test.data_root}")

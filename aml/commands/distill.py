@@ -7,10 +7,36 @@ import click
 from aml.train.config import PRESETS, TrainConfig
 
 # CLI option -> config field, for options that map one to one (defaults come from the preset).
-_FIELDS = ["teacher", "teacher_weights", "student", "student_weights", "student_random_init", "loss", "data",
-           "mining", "epochs", "optimizer", "lr", "head_lr_mult", "weight_decay", "margin", "neg_num", "query_size",
-           "pool_size", "batch_size", "update_every", "image_size", "test_image_size", "cache_dtype", "eval_every",
-           "seed", "device", "amp", "workers", "out"]
+_FIELDS = [
+    "teacher",
+    "teacher_weights",
+    "student",
+    "student_weights",
+    "student_random_init",
+    "loss",
+    "data",
+    "mining",
+    "epochs",
+    "optimizer",
+    "lr",
+    "head_lr_mult",
+    "weight_decay",
+    "margin",
+    "neg_num",
+    "query_size",
+    "pool_size",
+    "batch_size",
+    "update_every",
+    "image_size",
+    "test_image_size",
+    "cache_dtype",
+    "eval_every",
+    "seed",
+    "device",
+    "amp",
+    "workers",
+    "out",
+]
 
 
 def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
@@ -32,12 +58,19 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--student", help="Student: registry name (default effnet-b3; demo: lite0).")
 @click.option("--student-weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for the student.")
 @click.option("--random-init", is_flag=True, help="Random weights for teacher and student (tests).")
-@click.option("--student-random-init", is_flag=True, default=None,
-              help="ImageNet-free student: random weights, BatchNorm statistics set from training images.")
+@click.option(
+    "--student-random-init",
+    is_flag=True,
+    default=None,
+    help="ImageNet-free student: random weights, BatchNorm statistics set from training images.",
+)
 @click.option("--loss", help="contr, contr+, reg, triplet, ms, rkd, darkrank, sym, csd, ... (default contr+).")
 @click.option("--loss-arg", "loss_args", multiple=True, help="Loss constant NAME=VALUE (repeatable).")
-@click.option("--data", help="synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | "
-              "images:DIR (label-free losses only). Omit for the embedded demo.")
+@click.option(
+    "--data",
+    help="synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | "
+    "images:DIR (label-free losses only). Omit for the embedded demo.",
+)
 @click.option("--mining", type=click.Choice(["auto", "asymmetric", "symmetric", "random"]))
 @click.option("--epochs", type=int)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]))
@@ -60,13 +93,26 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--workers", type=int, help="Image-loading workers (-1: automatic).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<date>-T-S-LOSS).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)),
-              help="Defaults to start from: aml (the paper's recipe; default with --data) or demo.")
-@click.option("--baseline/--no-baseline", default=None,
-              help="Also train the no-teacher (sym) student and compare (default: on for the demo).")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    help="Defaults to start from: aml (the paper's recipe; default with --data) or demo.",
+)
+@click.option(
+    "--baseline/--no-baseline",
+    default=None,
+    help="Also train the no-teacher (sym) student and compare (default: on for the demo).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def command(random_init: bool, loss_args: tuple[str, ...], resume: bool, preset: str | None,
-            baseline: bool | None, quiet: bool, **opts) -> None:
+def command(
+    random_init: bool,
+    loss_args: tuple[str, ...],
+    resume: bool,
+    preset: str | None,
+    baseline: bool | None,
+    quiet: bool,
+    **opts,
+) -> None:
     """Train a student whose query vectors search the teacher's database (AML).
 
     With no --data, runs the embedded default: synthetic landmarks generated once into $AML_HOME,

@@ -40,40 +40,88 @@ def _json_safe(x: Any) -> Any:
 @click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Folder holding NAME/.")
 @click.option("--db-features", type=click.Path(dir_okay=False), help="(N_db, D) .npy in imlist order.")
 @click.option("--query-features", type=click.Path(dir_okay=False), help="(N_q, D) .npy in qimlist order.")
-@click.option("--distractor-features", type=click.Path(dir_okay=False),
-              help="(N_dis, D) .npy of R1M-style distractors, appended after imlist.")
+@click.option(
+    "--distractor-features",
+    type=click.Path(dir_okay=False),
+    help="(N_dis, D) .npy of R1M-style distractors, appended after imlist.",
+)
 @click.option("--teacher", help="Teacher: registry name or checkpoint (database side).")
 @click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Teacher weights file.")
 @click.option("--student", help="Student: registry name or checkpoint (query side).")
 @click.option("--student-weights", type=click.Path(dir_okay=False), help="Student weights file.")
 @click.option("--random-init", is_flag=True, help="Seeded random weights where none are given (tests).")
-@click.option("--image-size", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Longest side in pixels (queries: their crop scaled alike).")
-@click.option("--multiscale", is_flag=False, flag_value=_MS_DEFAULT, default=None,
-              help=f"Scales, comma-separated (alone: {_MS_DEFAULT}).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Longest side in pixels (queries: their crop scaled alike).",
+)
+@click.option(
+    "--multiscale",
+    is_flag=False,
+    flag_value=_MS_DEFAULT,
+    default=None,
+    help=f"Scales, comma-separated (alone: {_MS_DEFAULT}).",
+)
 @click.option("--whiten", is_flag=True, help="Apply the teacher's learned whitening meta['Lw'] (both sides).")
 @click.option("--lw-dataset", help="Which meta['Lw'] entry (default: the first).")
-@click.option("--distractors", type=click.Path(dir_okay=False),
-              help="Text file of distractor image paths (relative to the file), appended after imlist.")
-@click.option("--topk", type=click.IntRange(min=1),
-              help="Ranking depth (default: whole database up to 100k images, else 10000; truncation makes "
-                   "mAP a lower bound).")
-@click.option("--row", "rows", multiple=True, type=click.Choice(["teacher", "student", "asymmetric"]),
-              help="With models: which settings to run (repeatable; default all three).")
+@click.option(
+    "--distractors",
+    type=click.Path(dir_okay=False),
+    help="Text file of distractor image paths (relative to the file), appended after imlist.",
+)
+@click.option(
+    "--topk",
+    type=click.IntRange(min=1),
+    help="Ranking depth (default: whole database up to 100k images, else 10000; truncation makes mAP a lower bound).",
+)
+@click.option(
+    "--row",
+    "rows",
+    multiple=True,
+    type=click.Choice(["teacher", "student", "asymmetric"]),
+    help="With models: which settings to run (repeatable; default all three).",
+)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher vector cache ($AML_HOME/cache).")
-@click.option("--db-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage of database vectors (float16: half the memory).")
+@click.option(
+    "--db-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage of database vectors (float16: half the memory).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: auto).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def command(dataset: str, data_root: str, db_features: str | None, query_features: str | None,
-            distractor_features: str | None, teacher: str | None, teacher_weights: str | None,
-            student: str | None, student_weights: str | None, random_init: bool, image_size: int,
-            multiscale: str | None, whiten: bool, lw_dataset: str | None, distractors: str | None,
-            topk: int | None, rows: tuple[str, ...], cache_dir: str | None, db_dtype: str, batch_size: int,
-            workers: int, device: str, json_out: str | None, quiet: bool) -> None:
+def command(
+    dataset: str,
+    data_root: str,
+    db_features: str | None,
+    query_features: str | None,
+    distractor_features: str | None,
+    teacher: str | None,
+    teacher_weights: str | None,
+    student: str | None,
+    student_weights: str | None,
+    random_init: bool,
+    image_size: int,
+    multiscale: str | None,
+    whiten: bool,
+    lw_dataset: str | None,
+    distractors: str | None,
+    topk: int | None,
+    rows: tuple[str, ...],
+    cache_dir: str | None,
+    db_dtype: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+    json_out: str | None,
+    quiet: bool,
+) -> None:
     """mAP and mP@k (Easy / Medium / Hard, x100) on a revisitop-layout dataset.
 
     From features: --db-features X.npy --query-features Q.npy (L2-normalised rows in imlist / qimlist
@@ -87,17 +135,27 @@ def command(dataset: str, data_root: str, db_features: str | None, query_feature
     features = db_features is not None or query_features is not None
     models = teacher is not None or student is not None
     if features == models:
-        raise UserError("give either --db-features and --query-features, or --teacher and --student "
-                        "(not both, not neither)")
+        raise UserError(
+            "give either --db-features and --query-features, or --teacher and --student (not both, not neither)"
+        )
     ds = load_revisitop(data_root, dataset)
     if features:
         if db_features is None or query_features is None:
             raise UserError("--db-features and --query-features go together; give both")
         if distractors:
-            raise UserError("--distractors needs models to embed them; with feature files use "
-                            "--distractor-features D.npy")
-        model_only = [n for n, v in [("--whiten", whiten), ("--multiscale", multiscale), ("--row", rows),
-                                     ("--random-init", random_init)] if v]
+            raise UserError(
+                "--distractors needs models to embed them; with feature files use --distractor-features D.npy"
+            )
+        model_only = [
+            n
+            for n, v in [
+                ("--whiten", whiten),
+                ("--multiscale", multiscale),
+                ("--row", rows),
+                ("--random-init", random_init),
+            ]
+            if v
+        ]
         if model_only:
             raise UserError(f"{', '.join(model_only)}: only for --teacher/--student evaluation")
         db = load_features(db_features, "database features")
@@ -107,8 +165,16 @@ def command(dataset: str, data_root: str, db_features: str | None, query_feature
             db = np.asarray(db, dtype=np.float16)
             dis = None if dis is None else np.asarray(dis, dtype=np.float16)
         n_dis = 0 if dis is None else dis.shape[0]
-        result = evaluate_features(ds, db, q, topk=topk, distractors=dis, device=device, check_unit=True,
-                                   names=(db_features, query_features, distractor_features or ""))
+        result = evaluate_features(
+            ds,
+            db,
+            q,
+            topk=topk,
+            distractors=dis,
+            device=device,
+            check_unit=True,
+            names=(db_features, query_features, distractor_features or ""),
+        )
     else:
         if teacher is None or student is None:
             raise UserError("--teacher and --student go together (the asymmetric setting needs both)")
@@ -121,15 +187,30 @@ def command(dataset: str, data_root: str, db_features: str | None, query_feature
         dis_paths = read_image_list(distractors) if distractors else []
         n_dis = len(dis_paths)
         result = evaluate_models(
-            ds, teacher, student, teacher_weights=teacher_weights, student_weights=student_weights,
-            random_init=random_init, image_size=image_size,
-            scales=parse_scales(multiscale) if multiscale else (1.0,), whiten=whiten, lw_key=lw_dataset,
-            cache_dir=cache_dir, cache_dtype=db_dtype, topk=topk,
+            ds,
+            teacher,
+            student,
+            teacher_weights=teacher_weights,
+            student_weights=student_weights,
+            random_init=random_init,
+            image_size=image_size,
+            scales=parse_scales(multiscale) if multiscale else (1.0,),
+            whiten=whiten,
+            lw_key=lw_dataset,
+            cache_dir=cache_dir,
+            cache_dtype=db_dtype,
+            topk=topk,
             distractors=dis_paths,
-            rows=rows or ("teacher", "student", "asymmetric"), device=device, batch_size=batch_size,
-            workers=workers, progress=not quiet and sys.stderr.isatty())
-    click.echo(f"{dataset}: {len(ds.qimlist)} queries, {len(ds.imlist)} database images"
-               + (f" + {n_dis} distractors" if n_dis else ""))
+            rows=rows or ("teacher", "student", "asymmetric"),
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+    click.echo(
+        f"{dataset}: {len(ds.qimlist)} queries, {len(ds.imlist)} database images"
+        + (f" + {n_dis} distractors" if n_dis else "")
+    )
     click.echo(format_table(result))
     if json_out:
         write_json(json_out, _json_safe(result))

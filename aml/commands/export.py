@@ -8,30 +8,64 @@ from aml.errors import UserError
 
 
 @click.command("export")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-              help="Student checkpoint written by `aml distill` (or any aml student checkpoint).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx",
-              show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="fp16: float16 body, float32 I/O; int8: static QDQ quantisation (ONNX only).")
-@click.option("--whiten", is_flag=True,
-              help="Fold the teacher's single-scale learned whitening (Lw) into the graph.")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Student checkpoint written by `aml distill` (or any aml student checkpoint).",
+)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: float16 body, float32 I/O; int8: static QDQ quantisation (ONNX only).",
+)
+@click.option("--whiten", is_flag=True, help="Fold the teacher's single-scale learned whitening (Lw) into the graph.")
 @click.option("--lw-dataset", help="Which teacher meta['Lw'] entry to fold (default: the first).")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Output file (default: beside the checkpoint, e.g. last-fp32.onnx); sidecar is OUT.json.")
-@click.option("--image-size", type=click.IntRange(min=16),
-              help="Longest image side the encoder expects (default: the checkpoint's test/training size).")
-@click.option("--verify-data", type=click.Path(file_okay=False),
-              help="Held-out revisitop-layout dataset DIR/NAME for the fp16/int8 retrieval check "
-                   "(default: the training data's test split).")
-@click.option("--calib-images", type=click.Path(dir_okay=False),
-              help="int8 calibration image list, one path per line (default: the training images).")
-@click.option("--calib-count", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Calibration images drawn (seeded) from the list.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Output file (default: beside the checkpoint, e.g. last-fp32.onnx); sidecar is OUT.json.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    help="Longest image side the encoder expects (default: the checkpoint's test/training size).",
+)
+@click.option(
+    "--verify-data",
+    type=click.Path(file_okay=False),
+    help="Held-out revisitop-layout dataset DIR/NAME for the fp16/int8 retrieval check "
+    "(default: the training data's test split).",
+)
+@click.option(
+    "--calib-images",
+    type=click.Path(dir_okay=False),
+    help="int8 calibration image list, one path per line (default: the training images).",
+)
+@click.option(
+    "--calib-count",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Calibration images drawn (seeded) from the list.",
+)
 @click.option("--quiet", is_flag=True, help="Print only the result line.")
-def command(checkpoint: str, fmt: str, precision: str, whiten: bool, lw_dataset: str | None, out: str | None,
-            image_size: int | None, verify_data: str | None, calib_images: str | None, calib_count: int,
-            quiet: bool) -> None:
+def command(
+    checkpoint: str,
+    fmt: str,
+    precision: str,
+    whiten: bool,
+    lw_dataset: str | None,
+    out: str | None,
+    image_size: int | None,
+    verify_data: str | None,
+    calib_images: str | None,
+    calib_count: int,
+    quiet: bool,
+) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
     from pathlib import Path
 
@@ -45,13 +79,24 @@ def command(checkpoint: str, fmt: str, precision: str, whiten: bool, lw_dataset:
     if calib_images and precision != "int8":
         raise UserError(f"--calib-images is for --precision int8 (got {precision}); drop it")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    info = export_checkpoint(checkpoint, fmt=fmt, precision=precision, whiten=whiten, lw_dataset=lw_dataset,
-                             out=out, image_size=image_size, verify_data=verify_data,
-                             calib_images=read_image_list(Path(calib_images)) if calib_images else None,
-                             calib_count=calib_count, log=log)
+    info = export_checkpoint(
+        checkpoint,
+        fmt=fmt,
+        precision=precision,
+        whiten=whiten,
+        lw_dataset=lw_dataset,
+        out=out,
+        image_size=image_size,
+        verify_data=verify_data,
+        calib_images=read_image_list(Path(calib_images)) if calib_images else None,
+        calib_count=calib_count,
+        log=log,
+    )
     if not quiet:
         for line in summary_lines(info["verification"]):
             click.echo(line)
     path = Path(checkpoint).with_name(info["file"]) if out is None else Path(out)
-    click.echo(f"{path}: {fmt} {precision}, {info['dim']}-d, image size {info['image_size']}, verified; "
-               f"sidecar {sidecar_path(path)}")
+    click.echo(
+        f"{path}: {fmt} {precision}, {info['dim']}-d, image size {info['image_size']}, verified; "
+        f"sidecar {sidecar_path(path)}"
+    )

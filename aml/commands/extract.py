@@ -31,8 +31,7 @@ def read_bbxs(path: Path, n: int) -> list[tuple[float, float, float, float] | No
         raise UserError(f"{path}: bounding-box file not found")
     lines = path.read_text().splitlines()
     if len(lines) != n:
-        raise UserError(f"{path}: {len(lines)} lines for {n} images; one 'x1 y1 x2 y2' (or empty) line "
-                        "per image")
+        raise UserError(f"{path}: {len(lines)} lines for {n} images; one 'x1 y1 x2 y2' (or empty) line per image")
     out: list[tuple[float, float, float, float] | None] = []
     for i, s in enumerate(lines, 1):
         if not s.strip():
@@ -56,19 +55,28 @@ def parse_scales(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"'{text}': expected comma-separated numbers, e.g. {_MS_DEFAULT}") from None
     if not scales or any(s <= 0 for s in scales):
         raise click.BadParameter(f"'{text}': expected positive scales, e.g. {_MS_DEFAULT}")
-    return tuple(2 ** -0.5 if math.isclose(s, 2 ** -0.5, abs_tol=1e-4) else s for s in scales)
+    return tuple(2**-0.5 if math.isclose(s, 2**-0.5, abs_tol=1e-4) else s for s in scales)
 
 
 @click.command("extract")
-@click.option("--model", "model_name", required=True,
-              help="Registry name (see `aml models`) or checkpoint file.")
+@click.option("--model", "model_name", required=True, help="Registry name (see `aml models`) or checkpoint file.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights file for a registry name.")
 @click.option("--random-init", is_flag=True, help="Seeded random weights (tests).")
-@click.option("--images", "images", required=True, type=click.Path(dir_okay=False),
-              help="Text file, one image path per line (relative to the file's folder).")
+@click.option(
+    "--images",
+    "images",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Text file, one image path per line (relative to the file's folder).",
+)
 @click.option("--image-size", type=click.IntRange(min=1), required=True, help="Longest side in pixels.")
-@click.option("--multiscale", is_flag=False, flag_value=_MS_DEFAULT, default=None,
-              help=f"Scales, comma-separated (alone: {_MS_DEFAULT}).")
+@click.option(
+    "--multiscale",
+    is_flag=False,
+    flag_value=_MS_DEFAULT,
+    default=None,
+    help=f"Scales, comma-separated (alone: {_MS_DEFAULT}).",
+)
 @click.option("--whiten", is_flag=True, help="Apply the checkpoint's learned whitening meta['Lw'].")
 @click.option("--lw-dataset", help="Which meta['Lw'] entry to use (default: the first).")
 @click.option("--bbx", type=click.Path(dir_okay=False), help="Box 'x1 y1 x2 y2' per line (empty: none).")
@@ -77,9 +85,22 @@ def parse_scales(text: str) -> tuple[float, ...]:
 @click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: auto).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(model_name: str, weights: str | None, random_init: bool, images: str, image_size: int,
-            multiscale: str | None, whiten: bool, lw_dataset: str | None, bbx: str | None, out: str,
-            batch_size: int, workers: int, device: str, quiet: bool) -> None:
+def command(
+    model_name: str,
+    weights: str | None,
+    random_init: bool,
+    images: str,
+    image_size: int,
+    multiscale: str | None,
+    whiten: bool,
+    lw_dataset: str | None,
+    bbx: str | None,
+    out: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+    quiet: bool,
+) -> None:
     """Embed the images of a list into OUT (rows in list order, L2-normalised)."""
     from aml.extract import extract, select_lw
     from aml.io import atomic_write
@@ -92,10 +113,21 @@ def command(model_name: str, weights: str | None, random_init: bool, images: str
         raise UserError("--lw-dataset given without --whiten; add --whiten")
     model = create_model(model_name, weights=weights, random_init=random_init)
     lw = select_lw(model.meta, len(scales) > 1, lw_dataset) if whiten else None
-    vecs = extract(model, paths, image_size=image_size, scales=scales, bbxs=bbxs, lw=lw,
-                   batch_size=batch_size, workers=workers, device=device,
-                   progress=not quiet and sys.stderr.isatty())
+    vecs = extract(
+        model,
+        paths,
+        image_size=image_size,
+        scales=scales,
+        bbxs=bbxs,
+        lw=lw,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=not quiet and sys.stderr.isatty(),
+    )
     with atomic_write(out, "wb") as f:
         np.save(f, vecs)
-    click.echo(f"{out}: {vecs.shape[0]} x {vecs.shape[1]} float32 ({model.meta['aml']['name']}, "
-               f"size {image_size}, scales {','.join(f'{s:g}' for s in scales)}{', Lw' if lw else ''})")
+    click.echo(
+        f"{out}: {vecs.shape[0]} x {vecs.shape[1]} float32 ({model.meta['aml']['name']}, "
+        f"size {image_size}, scales {','.join(f'{s:g}' for s in scales)}{', Lw' if lw else ''})"
+    )

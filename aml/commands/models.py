@@ -15,5 +15,7 @@ def command() -> None:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     for r in [head, *rows]:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
-    click.echo("\nAny name works on either side: --student NAME adds the 1x1 projection to the teacher's "
-               "dimension.\nA checkpoint file (cirtorch or aml) can be given wherever a name is expected.")
+    click.echo(
+        "\nAny name works on either side: --student NAME adds the 1x1 projection to the teacher's "
+        "dimension.\nA checkpoint file (cirtorch or aml) can be given wherever a name is expected."
+    )

@@ -46,9 +46,7 @@ def object_keys(labels: Sequence[str]) -> np.ndarray:
     return np.array([rank[s] for s in labels], dtype=np.int64)
 
 
-def same_label_pairs(
-    cluster: np.ndarray, max_pos: int = MAX_POSITIVES, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def same_label_pairs(cluster: np.ndarray, max_pos: int = MAX_POSITIVES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(query, positive) index pairs within each cluster: every image is paired with up to `max_pos` others
     of its cluster (cyclic neighbours in a seeded shuffle: all of them in clusters <= max_pos+1)."""
     cluster = np.asarray(cluster, dtype=np.int64)
@@ -80,8 +78,7 @@ def unlabelled_trainset(root: str | os.PathLike, name: str | None = None) -> Tra
     paths = list_images(root)
     if not paths:
         raise UserError(
-            f"{root}: no images found (extensions {', '.join(IMAGE_EXTS)}); "
-            "point images:DIR at a folder of images"
+            f"{root}: no images found (extensions {', '.join(IMAGE_EXTS)}); point images:DIR at a folder of images"
         )
     empty = np.zeros(0, dtype=np.int64)
     return TrainSet(
@@ -131,8 +128,7 @@ def read_groups_csv(path: str | os.PathLike) -> tuple[list[str], list[str], list
     for ln, r in enumerate(body, start=2):
         if len(r) < len(header) or not r[ci].strip() or not r[co].strip():
             raise UserError(
-                f"{path}: line {ln}: {','.join(r)!r} has an empty or missing field; "
-                f"every row needs {','.join(header)}"
+                f"{path}: line {ln}: {','.join(r)!r} has an empty or missing field; every row needs {','.join(header)}"
             )
         if cs is not None and r[cs].strip() not in ("train", "test"):
             raise UserError(f"{path}: line {ln}: split = {r[cs]!r}; use train or test")
@@ -183,9 +179,7 @@ def image_names(paths: Sequence[str]) -> list[str]:
     if len(set(stems)) == len(stems):
         return stems
     common = os.path.commonpath([os.path.abspath(p) for p in paths]) if len(paths) > 1 else ""
-    names = [
-        os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0].replace(os.sep, "__") for p in paths
-    ]
+    names = [os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0].replace(os.sep, "__") for p in paths]
     return names
 
 
@@ -236,8 +230,7 @@ def split_by_object(
         both = np.intersect1d(keys[is_tr], keys[is_te])
         if both.size:
             raise UserError(
-                f"{name}: split column puts objects {both[:5].tolist()} in both train and test; "
-                "split by object"
+                f"{name}: split column puts objects {both[:5].tolist()} in both train and test; split by object"
             )
     else:
         tr, _ = default_split(keys)

@@ -20,8 +20,7 @@ def _open_rgb(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the "
-                        "list") from e
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
 
 
 def load_image(path: str | os.PathLike, size: int, bbx: Bbx = None) -> Image.Image:
@@ -36,8 +35,7 @@ def load_image(path: str | os.PathLike, size: int, bbx: Bbx = None) -> Image.Ima
         try:
             img = img.crop(tuple(bbx))
         except (ValueError, TypeError) as e:
-            raise UserError(f"{path}: bbx {tuple(bbx)} is not a box x1 y1 x2 y2 with x1 <= x2, y1 <= y2 "
-                            f"({e})") from e
+            raise UserError(f"{path}: bbx {tuple(bbx)} is not a box x1 y1 x2 y2 with x1 <= x2, y1 <= y2 ({e})") from e
         size = size * max(img.size) / full
     img.thumbnail((size, size), Image.Resampling.LANCZOS)
     return img
@@ -60,8 +58,9 @@ def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:
     if x / y >= aspect:
         x = max(min(math.floor(y * aspect), math.ceil(y * aspect), key=lambda n: abs(aspect - n / y)), 1)
     else:
-        y = max(min(math.floor(x / aspect), math.ceil(x / aspect),
-                    key=lambda n: 0 if n == 0 else abs(aspect - x / n)), 1)
+        y = max(
+            min(math.floor(x / aspect), math.ceil(x / aspect), key=lambda n: 0 if n == 0 else abs(aspect - x / n)), 1
+        )
     return x, y
 
 
@@ -71,8 +70,7 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the "
-                        "list") from e
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
 
 
 def loaded_size(width: int, height: int, size: int, bbx: Bbx = None) -> tuple[int, int]:

@@ -60,8 +60,10 @@ class Revisitop:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             first = ", ".join(missing[:5])
-            raise UserError(f"{self.root / 'jpg'}: {len(missing)} of {len(paths)} images are missing (first: "
-                            f"{first}); put the images as jpg/<name>.jpg beside {self.gnd_path.name}")
+            raise UserError(
+                f"{self.root / 'jpg'}: {len(missing)} of {len(paths)} images are missing (first: "
+                f"{first}); put the images as jpg/<name>.jpg beside {self.gnd_path.name}"
+            )
 
 
 def _index_list(value: Any, n_db: int, where: str) -> list[int]:
@@ -107,8 +109,10 @@ def validate_gnd(obj: Any, where: str) -> tuple[list[str], list[str], list[dict[
         raise UserError(f"{where}: expected a dict with imlist, qimlist and gnd, got {type(obj).__name__}")
     for key in ("imlist", "qimlist", "gnd"):
         if key not in obj:
-            raise UserError(f"{where}: missing key '{key}' (found {sorted(map(str, obj))}); "
-                            "a revisitop gnd file has imlist, qimlist and gnd")
+            raise UserError(
+                f"{where}: missing key '{key}' (found {sorted(map(str, obj))}); "
+                "a revisitop gnd file has imlist, qimlist and gnd"
+            )
     imlist, qimlist = _names(obj["imlist"], f"{where}: imlist"), _names(obj["qimlist"], f"{where}: qimlist")
     gnd = obj["gnd"]
     if not isinstance(gnd, Sequence) or len(gnd) != len(qimlist):
@@ -122,8 +126,12 @@ def validate_gnd(obj: Any, where: str) -> tuple[list[str], list[str], list[dict[
         missing = [k for k in GND_KEYS if k not in g]
         if missing:
             raise UserError(f"{at}: missing key '{missing[0]}'; each query needs easy, hard and junk lists")
-        out.append({**{k: _index_list(g[k], len(imlist), f"{at}: {k}") for k in GND_KEYS},
-                    "bbx": _bbx(g.get("bbx"), f"{at}: bbx")})
+        out.append(
+            {
+                **{k: _index_list(g[k], len(imlist), f"{at}: {k}") for k in GND_KEYS},
+                "bbx": _bbx(g.get("bbx"), f"{at}: bbx"),
+            }
+        )
     return imlist, qimlist, out
 
 
@@ -138,26 +146,28 @@ def load_revisitop(data_root: str | os.PathLike, name: str) -> Revisitop:
     if not path.is_file():
         found = sorted(str(p.relative_to(data_root)) for p in Path(data_root).glob("*/gnd_*.pkl"))
         hint = f" (found: {', '.join(found)})" if found else ""
-        raise UserError(f"{path}: ground-truth file not found{hint}; expected "
-                        f"DATA_ROOT/{name}/gnd_{name}.pkl (e.g. gnd_roxford5k.pkl from the revisitop site)")
+        raise UserError(
+            f"{path}: ground-truth file not found{hint}; expected "
+            f"DATA_ROOT/{name}/gnd_{name}.pkl (e.g. gnd_roxford5k.pkl from the revisitop site)"
+        )
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
     except Exception as e:  # any unpickling failure means a bad file
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download or rewrite it"
-                        ) from None
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download or rewrite it") from None
     imlist, qimlist, gnd = validate_gnd(obj, str(path))
     return Revisitop(path.parent, name, imlist, qimlist, gnd)
 
 
-def write_revisitop(root: str | os.PathLike, name: str, imlist: Sequence[str], qimlist: Sequence[str],
-                    gnd: Sequence[Mapping[str, Any]]) -> Path:
+def write_revisitop(
+    root: str | os.PathLike, name: str, imlist: Sequence[str], qimlist: Sequence[str], gnd: Sequence[Mapping[str, Any]]
+) -> Path:
     """Validate and atomically write `root/name/gnd_name.pkl` (plain lists and floats, like the originals)."""
     path = gnd_file(root, name)
-    imlist, qimlist, norm = validate_gnd({"imlist": list(imlist), "qimlist": list(qimlist), "gnd": list(gnd)},
-                                         str(path))
-    out = [{**{k: g[k] for k in GND_KEYS}, **({"bbx": list(g["bbx"])} if g["bbx"] is not None else {})}
-           for g in norm]
+    imlist, qimlist, norm = validate_gnd(
+        {"imlist": list(imlist), "qimlist": list(qimlist), "gnd": list(gnd)}, str(path)
+    )
+    out = [{**{k: g[k] for k in GND_KEYS}, **({"bbx": list(g["bbx"])} if g["bbx"] is not None else {})} for g in norm]
     (path.parent / "jpg").mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": out}, f, protocol=4)

@@ -34,9 +34,7 @@ def load_sfm_pickle(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, "rb") as f:
             db = pickle.load(f)
     except Exception as e:  # any unpickling failure means a bad file
-        raise UserError(
-            f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download the file"
-        ) from e
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download the file") from e
     if not isinstance(db, dict):
         raise UserError(f"{path}: expected a dict with 'train' and 'val' splits, got {type(db).__name__}")
     return db
@@ -53,9 +51,7 @@ def split_trainset(
         )
     s = db[split]
     if not isinstance(s, dict):
-        raise UserError(
-            f"{source}: {split}: expected a dict with keys {list(SPLIT_KEYS)}, got {type(s).__name__}"
-        )
+        raise UserError(f"{source}: {split}: expected a dict with keys {list(SPLIT_KEYS)}, got {type(s).__name__}")
     for k in SPLIT_KEYS:
         if k not in s:
             raise UserError(
@@ -114,9 +110,6 @@ def read_sfm(
 
 def write_sfm_pickle(path: str | os.PathLike, splits: dict[str, dict[str, list]]) -> None:
     """Atomically write an SfM-format pickle; splits hold plain lists (cids, cluster, qidxs, pidxs)."""
-    out = {
-        s: {k: [x if isinstance(x, str) else int(x) for x in v[k]] for k in SPLIT_KEYS}
-        for s, v in splits.items()
-    }
+    out = {s: {k: [x if isinstance(x, str) else int(x) for x in v[k]] for k in SPLIT_KEYS} for s, v in splits.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(out, f, protocol=4)

@@ -68,9 +68,7 @@ def parse_data_spec(spec: str, *, check_images: bool = True) -> DataBundle:
         return _split(path.resolve().name, str(path.resolve()), paths, labels, None, check_images)
     paths, labels, splits = read_groups_csv(path)
     name = path.resolve().parent.name if path.stem in ("groups", "train", "test") else path.stem
-    return _split(
-        name, str(path.resolve()), paths, labels, splits, check_images, beside=path.resolve().parent
-    )
+    return _split(name, str(path.resolve()), paths, labels, splits, check_images, beside=path.resolve().parent)
 
 
 def _synth(root: Path, check_images: bool) -> DataBundle:

@@ -71,9 +71,7 @@ class SynthConfig:
 
     def check(self) -> None:
         for k, v in asdict(self).items():
-            if k != "seed" and (
-                not isinstance(v, int) or v < (0 if k in ("val_landmarks", "distractors") else 1)
-            ):
+            if k != "seed" and (not isinstance(v, int) or v < (0 if k in ("val_landmarks", "distractors") else 1)):
                 raise UserError(f"synth: {k} = {v!r}; must be a positive integer")
         if self.views < 2:
             raise UserError(f"synth: views = {self.views}; need at least 2 views per landmark to form pairs")
@@ -90,9 +88,7 @@ def _scene(cfg: SynthConfig, split: str, k: int) -> Scene:
     return Scene.from_rgba(render_landmark(lm, int(round(1.5 * cfg.size))))
 
 
-def _views(
-    cfg: SynthConfig, scene: Scene, split: str, k: int, plan: list[str]
-) -> list[tuple[bytes, str, list]]:
+def _views(cfg: SynthConfig, scene: Scene, split: str, k: int, plan: list[str]) -> list[tuple[bytes, str, list]]:
     """Render the planned views of one landmark: (jpeg bytes, measured label, bbx) each. Queries are redrawn
     (deterministically) until clean: easy and at least 90% visible."""
     out = []

@@ -243,9 +243,7 @@ def sample_landmark(rng: np.random.Generator) -> Landmark:
             )
         )
         dw = w * u(0.3, 0.5)
-        blocks.append(
-            sample_block(rng, 0.5 - dw / 2, 0.5 + dw / 2, blocks[0].top - u(0.1, 0.16), roof="dome")
-        )
+        blocks.append(sample_block(rng, 0.5 - dw / 2, 0.5 + dw / 2, blocks[0].top - u(0.1, 0.16), roof="dome"))
     elif kind == "row":
         n = int(rng.integers(2, 5))
         widths = rng.uniform(0.14, 0.24, n)
@@ -282,9 +280,7 @@ def sample_landmark(rng: np.random.Generator) -> Landmark:
     )
 
 
-def texture_gain(
-    kind: str, h: int, w: int, period: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def texture_gain(kind: str, h: int, w: int, period: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel (gain around 1, second-tone weight in [0, 1]) maps of a wall texture, vectorised."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     p = max(period, 2.0)
@@ -297,9 +293,7 @@ def texture_gain(
         col = np.floor(xo / bw)
         mortar = (yy % bh < max(1.0, 0.14 * bh)) | (xo % bw < max(1.0, 0.08 * bw))
         jit = table[((row * 131 + col * 71) % 4096).astype(np.int64)]
-        gain = np.where(
-            mortar, 0.78 if kind == "brick" else 0.86, 1 + (0.09 if kind == "brick" else 0.05) * jit
-        )
+        gain = np.where(mortar, 0.78 if kind == "brick" else 0.86, 1 + (0.09 if kind == "brick" else 0.05) * jit)
     elif kind == "stripes":
         tone = ((yy // (1.6 * p)) % 2).astype(np.float32)
         gain = 1 + 0.03 * table[(yy.astype(np.int64) * 7 + xx.astype(np.int64) * 13) % 4096]
@@ -314,9 +308,7 @@ def texture_gain(
     return gain.astype(np.float32), tone
 
 
-def _window(
-    d: _Draw, box: tuple[float, float, float, float], kind: str, glass: RGB, trim: RGB, wall2: RGB
-) -> None:
+def _window(d: _Draw, box: tuple[float, float, float, float], kind: str, glass: RGB, trim: RGB, wall2: RGB) -> None:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     fw = max(1.0, 0.12 * w)
@@ -373,14 +365,10 @@ def _roof(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> 
             fill=b.wall,
         )
     elif b.roof == "mansard":
-        d.polygon(
-            [(x0, top), (x0 + 0.08 * w, top - rh), (x1 - 0.08 * w, top - rh), (x1, top)], fill=b.roof_col
-        )
+        d.polygon([(x0, top), (x0 + 0.08 * w, top - rh), (x1 - 0.08 * w, top - rh), (x1, top)], fill=b.roof_col)
         for x in np.linspace(x0 + 0.18 * w, x1 - 0.18 * w, max(1, b.cols // 2)):
             ww = 0.35 * w / max(1, b.cols)
-            _window(
-                d, (x - ww / 2, top - 0.75 * rh, x + ww / 2, top - 0.1 * rh), "arch", glass, b.trim, b.wall2
-            )
+            _window(d, (x - ww / 2, top - 0.75 * rh, x + ww / 2, top - 0.1 * rh), "arch", glass, b.trim, b.wall2)
         d.rectangle((x0 - cor, top - cor / 2, x1 + cor, top + cor / 2), fill=b.trim)
     elif b.roof == "dome":
         dh = max(rh, 0.45 * w)
@@ -476,10 +464,7 @@ def _facade(img: Image.Image, b: Block, px: int, rng: np.random.Generator, glass
     h, w = max(1, y1 - y0), max(1, x1 - x0)
     gain, tone = texture_gain(b.texture, h, w, b.tex_scale * px, rng)
     shade = np.linspace(1.04, 0.9, h, dtype=np.float32)[:, None]  # darker towards the street
-    rgb = (
-        np.asarray(b.wall, np.float32) * (1 - tone[..., None])
-        + np.asarray(b.wall2, np.float32) * tone[..., None]
-    )
+    rgb = np.asarray(b.wall, np.float32) * (1 - tone[..., None]) + np.asarray(b.wall2, np.float32) * tone[..., None]
     rgb = np.clip(rgb * (gain * shade)[..., None], 0, 255).astype(np.uint8)
     img.paste(Image.fromarray(np.dstack([rgb, np.full((h, w), 255, np.uint8)])), (x0, y0))
     d = _Draw(img)

@@ -172,9 +172,7 @@ def homography(box: tuple[float, float, float, float], spec: ViewSpec, w: int, h
     scaled and shifted so the landmark's box has the requested size and centre."""
     x0, y0, x1, y1 = box
     size = max(x1 - x0, y1 - y0)
-    norm = np.array(
-        [[1 / size, 0, -(x0 + x1) / (2 * size)], [0, 1 / size, -(y0 + y1) / (2 * size)], [0, 0, 1]]
-    )
+    norm = np.array([[1 / size, 0, -(x0 + x1) / (2 * size)], [0, 1 / size, -(y0 + y1) / (2 * size)], [0, 0, 1]])
     r = _rotation(spec.yaw, spec.pitch, spec.roll)
     cam = np.diag([spec.dist, spec.dist, 1.0]) @ np.c_[r[:, 0], r[:, 1], [0, 0, spec.dist]]
     hn = cam @ norm
@@ -240,9 +238,7 @@ def _occluders(
                 d.ellipse((x + ox - r, gy + oy - r, x + ox + r, gy + oy + r), fill=_jitter(rng, green, 12))
         elif kind in ("bus", "car"):
             ln, ht = (1.6 * s, 0.55 * s) if kind == "bus" else (0.8 * s, 0.3 * s)
-            body = _jitter(
-                rng, _pick(rng, ((200, 40, 40), (230, 230, 225), (40, 70, 140), (230, 190, 40))), 20
-            )
+            body = _jitter(rng, _pick(rng, ((200, 40, 40), (230, 230, 225), (40, 70, 140), (230, 190, 40))), 20)
             d.rectangle((x - ln / 2, gy - ht, x + ln / 2, gy - 0.12 * ht), fill=body)
             for wx in np.arange(x - ln / 2 + 0.05 * ln, x + ln / 2 - 0.1 * ln, 0.16 * ln):
                 d.rectangle((wx, gy - 0.9 * ht, wx + 0.11 * ln, gy - 0.55 * ht), fill=(40, 50, 60))
@@ -294,13 +290,9 @@ def _light(img: np.ndarray, spec: ViewSpec, rng: np.random.Generator) -> np.ndar
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render_view(
-    scene: Scene, spec: ViewSpec, size: int, rng: np.random.Generator
-) -> tuple[Image.Image, ViewInfo]:
+def render_view(scene: Scene, spec: ViewSpec, size: int, rng: np.random.Generator) -> tuple[Image.Image, ViewInfo]:
     """Photograph `scene` as `spec` says, longest side `size`; the RGB image and what it shows."""
-    w, h = (
-        (size, int(round(size / spec.aspect))) if spec.aspect >= 1 else (int(round(size * spec.aspect)), size)
-    )
+    w, h = (size, int(round(size / spec.aspect))) if spec.aspect >= 1 else (int(round(size * spec.aspect)), size)
     hm = homography(scene.box, spec, w, h)
     px = scene.rgba.shape[1]
     ground = _apply(hm, np.array([[(scene.box[0] + scene.box[2]) / 2, GROUND * px]]))[0, 1]

@@ -66,8 +66,7 @@ class TrainSet:
             if a.size and a.dtype.kind not in "iu":
                 bad = next(i for i, v in enumerate(a.tolist()) if not isinstance(v, (int, np.integer)))
                 raise UserError(
-                    f"{src}: {f}[{bad}] = {a[bad]!r} is not an integer; "
-                    "cluster ids and image indices must be integers"
+                    f"{src}: {f}[{bad}] = {a[bad]!r} is not an integer; cluster ids and image indices must be integers"
                 )
         if self.cluster.shape[0] != n:
             raise UserError(

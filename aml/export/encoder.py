@@ -56,8 +56,9 @@ def reference_encoder(net: RetrievalNet, lw: Mapping[str, Any] | None = None) ->
     return Encoder(net, lw).eval()
 
 
-def export_encoder(net: RetrievalNet, lw: Mapping[str, Any] | None = None, precision: str = "fp32"
-                   ) -> tuple[Encoder, dict[str, int]]:
+def export_encoder(
+    net: RetrievalNet, lw: Mapping[str, Any] | None = None, precision: str = "fp32"
+) -> tuple[Encoder, dict[str, int]]:
     """An export-ready copy: friendly modules swapped in, eval mode, fp16 body when asked.
 
     int8 is quantised after export (onnxruntime), so its torch module is the float32 one.

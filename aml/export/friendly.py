@@ -76,8 +76,9 @@ class TFSamePad(nn.Module):
 class SameConv2d(nn.Conv2d):
     """nn.Conv2d with TF "same" padding (export-friendly); same parameters as Conv2dDynamicSamePadding."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1,
-                 groups: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1, groups: int = 1, bias: bool = True
+    ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
         self.same = TFSamePad(self.kernel_size, self.stride, self.dilation)
 
@@ -121,14 +122,14 @@ def _efficientnet_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[t
 
 def _replacement(m: nn.Module, convs: tuple, pools: tuple, swishes: tuple) -> nn.Module | None:
     if convs and isinstance(m, convs):
-        new = SameConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation, m.groups,
-                         m.bias is not None)
+        new = SameConv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation, m.groups, m.bias is not None
+        )
         new.load_state_dict(m.state_dict())
         return new.train(m.training)
     if pools and isinstance(m, pools):
         if m.return_indices or _pair(m.padding) != (0, 0):
-            raise ValueError(f"{type(m).__name__} with return_indices or extra padding: no export-friendly "
-                             "swap")
+            raise ValueError(f"{type(m).__name__} with return_indices or extra padding: no export-friendly swap")
         return SameMaxPool2d(m.kernel_size, m.stride, m.dilation, m.ceil_mode)
     if swishes and isinstance(m, swishes):
         return Swish()

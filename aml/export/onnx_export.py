@@ -31,9 +31,17 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tenso
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         # TFSamePad's slices have dynamic bounds, so the exporter cannot constant-fold them: expected
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
-                          dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            do_constant_folding=True,
+            dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch"}},
+        )
 
 
 def check_onnx(path: str | os.PathLike) -> None:

@@ -58,17 +58,18 @@ def ort_runner(path: str | os.PathLike) -> verify.Runner:
     return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def teacher_lw(identity: Mapping[str, Any] | None, lw_dataset: str | None, where: str
-               ) -> tuple[str, dict[str, Any]]:
+def teacher_lw(identity: Mapping[str, Any] | None, lw_dataset: str | None, where: str) -> tuple[str, dict[str, Any]]:
     """(dataset key, {'m', 'P'}): the teacher's single-scale learned whitening from its file's meta['Lw']."""
     from aml.extract import select_lw
     from aml.registry import read_torch_file
 
     label = (identity or {}).get("weights")
     if not label or not os.path.isfile(str(label)):
-        raise UserError(f"{where}: --whiten needs the teacher's learned whitening, but "
-                        f"meta['aml']['teacher'] names weights {label!r}, not a checkpoint file with "
-                        "meta['Lw']; drop --whiten")
+        raise UserError(
+            f"{where}: --whiten needs the teacher's learned whitening, but "
+            f"meta['aml']['teacher'] names weights {label!r}, not a checkpoint file with "
+            "meta['Lw']; drop --whiten"
+        )
     obj = read_torch_file(label)
     meta = obj.get("meta") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping) or not isinstance(meta.get("Lw"), Mapping) or not meta["Lw"]:
@@ -89,8 +90,14 @@ def _config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, Mapping) else {}
 
 
-def default_verify_data(config: Mapping[str, Any], verify_data: str | None, identity: Mapping[str, Any],
-                        image_size: int, lw: Mapping[str, Any] | None, where: str) -> VerifyData:
+def default_verify_data(
+    config: Mapping[str, Any],
+    verify_data: str | None,
+    identity: Mapping[str, Any],
+    image_size: int,
+    lw: Mapping[str, Any] | None,
+    where: str,
+) -> VerifyData:
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
     split) and the teacher's database vectors for it, from the teacher feature cache (extracted once)."""
     from aml.data.revisitop import load_revisitop
@@ -104,33 +111,52 @@ def default_verify_data(config: Mapping[str, Any], verify_data: str | None, iden
         from aml.data.spec import parse_data_spec
 
         if "data" not in config:
-            raise UserError(f"{where}: no training config to find a test set in; pass --verify-data DIR/NAME "
-                            "(a revisitop-layout dataset)")
+            raise UserError(
+                f"{where}: no training config to find a test set in; pass --verify-data DIR/NAME "
+                "(a revisitop-layout dataset)"
+            )
         test = parse_data_spec(config["data"]).test
         if test is None:
-            raise UserError(f"{where}: training data '{config['data']}' has no test split; pass "
-                            "--verify-data DIR/NAME")
+            raise UserError(f"{where}: training data '{config['data']}' has no test split; pass --verify-data DIR/NAME")
         ds = load_revisitop(*test)
     ds.check_images()
     label = str(identity.get("weights"))
-    tv = TeacherVectors(str(identity["name"]), weights=label if os.path.isfile(label) else None,
-                        random_init=label == "random-init", image_size=image_size,
-                        cache_dir=aml_home() / "cache", dtype=config.get("cache_dtype", "float16"),
-                        progress=False)
+    tv = TeacherVectors(
+        str(identity["name"]),
+        weights=label if os.path.isfile(label) else None,
+        random_init=label == "random-init",
+        image_size=image_size,
+        cache_dir=aml_home() / "cache",
+        dtype=config.get("cache_dtype", "float16"),
+        progress=False,
+    )
     db = np.asarray(tv.get(ds.db_paths()), dtype=np.float32)
     db = l2n(db).astype(np.float32)  # float16 cache rows back to unit length
     return VerifyData(ds, apply_lw_np(db, lw) if lw is not None else db)
 
 
-def calibration_batches(paths: Sequence[str], image_size: int, mean: Sequence[float], std: Sequence[float],
-                        count: int = CALIB_COUNT, seed: int = 0) -> list[np.ndarray]:
+def calibration_batches(
+    paths: Sequence[str],
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    count: int = CALIB_COUNT,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """`count` images drawn at random (fixed seed) from `paths`, loaded and normalised as (1, 3, H, W)."""
     chosen = random.Random(seed).sample(list(paths), min(count, len(paths)))
     return [to_array(load_image(p, image_size), mean, std)[None] for p in chosen]
 
 
-def _retrieval_gate(reference: torch.nn.Module, exported: verify.Runner, vd: VerifyData, image_size: int,
-                    mean: Sequence[float], std: Sequence[float], tolerance: float) -> dict[str, Any]:
+def _retrieval_gate(
+    reference: torch.nn.Module,
+    exported: verify.Runner,
+    vd: VerifyData,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tolerance: float,
+) -> dict[str, Any]:
     ds = vd.dataset
     kw = dict(image_size=image_size, mean=mean, std=std, bbxs=ds.bbxs)
     q_ref = embed_images(torch_runner(reference), ds.query_paths(), **kw)
@@ -138,14 +164,22 @@ def _retrieval_gate(reference: torch.nn.Module, exported: verify.Runner, vd: Ver
     return verify.retrieval(ds, vd.db, q_ref, q_exp, tolerance=tolerance)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", precision: str = "fp32",
-                      whiten: bool = False, lw_dataset: str | None = None,
-                      out: str | os.PathLike | None = None,
-                      image_size: int | None = None, verify_data: str | None = None,
-                      calib_images: Sequence[str] | None = None, calib_count: int = CALIB_COUNT,
-                      map_tolerance: float = verify.MAP_TOLERANCE,
-                      verify_data_fn: Callable[..., VerifyData] | None = None,
-                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    whiten: bool = False,
+    lw_dataset: str | None = None,
+    out: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    verify_data: str | None = None,
+    calib_images: Sequence[str] | None = None,
+    calib_count: int = CALIB_COUNT,
+    map_tolerance: float = verify.MAP_TOLERANCE,
+    verify_data_fn: Callable[..., VerifyData] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Export, verify and write `out` (+ `out.json` sidecar); returns the sidecar dict.
 
     `verify_data_fn(config, verify_data, identity, image_size, lw, where)` overrides where the held-out set
@@ -158,8 +192,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", preci
     if precision not in ("fp32", "fp16", "int8"):
         raise UserError(f"--precision {precision}: expected fp32, fp16 or int8")
     if fmt == "torchscript" and precision == "int8":
-        raise UserError("--format torchscript --precision int8: int8 is quantised with onnxruntime; use "
-                        "--format onnx for int8")
+        raise UserError(
+            "--format torchscript --precision int8: int8 is quantised with onnxruntime; use --format onnx for int8"
+        )
     ckpt_path = Path(checkpoint)
     where = str(ckpt_path)
     ckpt = read_torch_file(ckpt_path)
@@ -168,8 +203,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", preci
     info_aml = net.meta.get("aml") or {}
     teacher = info_aml.get("teacher")
     size = int(image_size or config.get("test_image_size") or config.get("image_size") or DEFAULT_IMAGE_SIZE)
-    out = Path(out) if out is not None else ckpt_path.with_name(
-        f"{ckpt_path.stem}-{precision}{'-w' if whiten else ''}{FORMATS[fmt]}")
+    out = (
+        Path(out)
+        if out is not None
+        else ckpt_path.with_name(f"{ckpt_path.stem}-{precision}{'-w' if whiten else ''}{FORMATS[fmt]}")
+    )
     lw_key, lw = teacher_lw(teacher, lw_dataset, where) if whiten else (None, None)
 
     reference = reference_encoder(net, lw)
@@ -179,16 +217,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", preci
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         tmp_model = Path(tmp) / f"model{FORMATS[fmt]}"
-        log(f"exporting {info_aml.get('name')} ({fmt}, {precision}) traced at {size}x{size}; "
-            f"export-friendly swaps: {swaps or 'none needed'}")
+        log(
+            f"exporting {info_aml.get('name')} ({fmt}, {precision}) traced at {size}x{size}; "
+            f"export-friendly swaps: {swaps or 'none needed'}"
+        )
         if fmt == "onnx":
             fp32_path = Path(tmp) / "fp32.onnx" if precision == "int8" else tmp_model
             export_onnx(module, fp32_path, example)
             if precision == "int8":
                 if calib_images is None:
                     if "data" not in config:
-                        raise UserError(f"{where}: no training config to take calibration images from; pass "
-                                        "--calib-images LIST.txt")
+                        raise UserError(
+                            f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt"
+                        )
                     from aml.data.spec import parse_data_spec
 
                     calib_images = parse_data_spec(config["data"]).train.paths
@@ -202,33 +243,52 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", preci
         else:
             export_torchscript(module, tmp_model, example)
             runner = torch_runner(load_torchscript(tmp_model))
-        results["equivalence"] = verify.equivalence(torch_runner(reference), runner, size,
-                                                    gate=precision == "fp32", mean=net.mean, std=net.std)
+        results["equivalence"] = verify.equivalence(
+            torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
+        )
         if precision != "fp32":
             fn = verify_data_fn or default_verify_data
             vd = fn(config, verify_data, teacher or {}, size, lw, where)
-            log(f"retrieval check on {vd.dataset.name}: {len(vd.dataset.qimlist)} queries, {vd.db.shape[0]} "
-                "database vectors")
-            results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std,
-                                                   map_tolerance)
+            log(
+                f"retrieval check on {vd.dataset.name}: {len(vd.dataset.qimlist)} queries, {vd.db.shape[0]} "
+                "database vectors"
+            )
+            results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std, map_tolerance)
         failure = verify.failure_message(where, results)
         if failure:
             raise verify.VerificationError(failure)
         info = {
-            "format": fmt, "precision": precision, "file": out.name,
-            "mean": net.mean, "std": net.std,
-            "input": {"name": "images", "layout": "NCHW RGB", "dtype": "float32",
-                      "dynamic": ["batch", "height", "width"]},
+            "format": fmt,
+            "precision": precision,
+            "file": out.name,
+            "mean": net.mean,
+            "std": net.std,
+            "input": {
+                "name": "images",
+                "layout": "NCHW RGB",
+                "dtype": "float32",
+                "dynamic": ["batch", "height", "width"],
+            },
             "output": {"name": "vectors", "dtype": "float32", "l2_normalised": True},
-            "image_size": size, "dim": int(reference.lw.out_features if lw is not None else net.dim),
+            "image_size": size,
+            "dim": int(reference.lw.out_features if lw is not None else net.dim),
             "msp": 1.0 if lw is not None else float(net.msp),
             "whiten": None if lw is None else {"folded": "teacher Lw", "variant": "ss", "dataset": lw_key},
             "teacher": teacher,
-            "student": {"name": info_aml.get("name"), "checkpoint": str(ckpt_path.resolve()),
-                        "sha256": sha256_file(ckpt_path), "epoch": ckpt.get("epoch")},
-            "export": {"exporter": "torch.onnx.export(dynamo=False)" if fmt == "onnx" else "torch.jit.trace",
-                       "opset": OPSET if fmt == "onnx" else None, "traced_at": [size, size],
-                       "swapped_modules": swaps, "torch": torch.__version__, "aml": aml.__version__},
+            "student": {
+                "name": info_aml.get("name"),
+                "checkpoint": str(ckpt_path.resolve()),
+                "sha256": sha256_file(ckpt_path),
+                "epoch": ckpt.get("epoch"),
+            },
+            "export": {
+                "exporter": "torch.onnx.export(dynamo=False)" if fmt == "onnx" else "torch.jit.trace",
+                "opset": OPSET if fmt == "onnx" else None,
+                "traced_at": [size, size],
+                "swapped_modules": swaps,
+                "torch": torch.__version__,
+                "aml": aml.__version__,
+            },
             "verification": results,
         }
         with atomic_path(out) as final:
@@ -236,4 +296,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, fmt: str = "onnx", preci
         info["sha256"] = sha256_file(out)
         write_sidecar(out, info)
     return info
-

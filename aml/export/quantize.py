@@ -42,16 +42,22 @@ class _Batches(CalibrationDataReader):
         return None if x is None else {INPUT: np.ascontiguousarray(x, dtype=np.float32)}
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
-                  batches: Iterable[np.ndarray]) -> None:
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray]) -> None:
     """Write a static int8 QDQ model (Conv but the stem, per-channel weights) calibrated on `batches`."""
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         # shape inference + graph optimisation first, as onnxruntime recommends before static quantisation
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         convs = [n.name for n in onnx.load(str(prepped)).graph.node if n.op_type == "Conv"]
-        quantize_static(str(prepped), str(out_path), _Batches(batches), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv"], nodes_to_exclude=convs[:1], per_channel=True,
-                        activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(prepped),
+            str(out_path),
+            _Batches(batches),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            nodes_to_exclude=convs[:1],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )

@@ -14,8 +14,7 @@ from aml.errors import UserError
 from aml.io import write_json
 
 SIDECAR_VERSION = 1
-REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher",
-            "verification")
+REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher", "verification")
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -38,8 +37,10 @@ def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of an exported model, validated; a UserError names the file and the missing field."""
     path = sidecar_path(model_path)
     if not path.is_file():
-        raise UserError(f"{path}: sidecar not found; `aml export` writes it beside {Path(model_path).name} "
-                        "(copy both files together)")
+        raise UserError(
+            f"{path}: sidecar not found; `aml export` writes it beside {Path(model_path).name} "
+            "(copy both files together)"
+        )
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as e:

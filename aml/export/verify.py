@@ -40,8 +40,14 @@ def probe_sizes(image_size: int) -> list[tuple[int, int]]:
     return [(s, s), (s, short), (short - 2, s)]
 
 
-def probe_batch(h: int, w: int, seed: int, batch: int = 2, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def probe_batch(
+    h: int,
+    w: int,
+    seed: int,
+    batch: int = 2,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
     """A deterministic image-like float32 batch: blocky random colours plus pixel noise in [0, 1], normalised
     with `mean` / `std` (activations in the range real images give, which int8 calibration expects)."""
     rng = np.random.default_rng(seed)
@@ -60,14 +66,24 @@ def agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
         raise VerificationError(f"exported encoder returned shape {out.shape}, the student {ref.shape}")
     cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-12)
     finite = bool(np.isfinite(out).all())
-    return {"cosine_min": float(cos.min()) if finite else float("nan"),
-            "cosine_mean": float(cos.mean()) if finite else float("nan"),
-            "max_abs_diff": float(np.abs(ref - out).max()) if finite else float("inf")}
+    return {
+        "cosine_min": float(cos.min()) if finite else float("nan"),
+        "cosine_mean": float(cos.mean()) if finite else float("nan"),
+        "max_abs_diff": float(np.abs(ref - out).max()) if finite else float("inf"),
+    }
 
 
-def equivalence(reference: Runner, exported: Runner, image_size: int, *, gate: bool,
-                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                min_cosine: float | None = None, max_abs_diff: float | None = None) -> dict[str, Any]:
+def equivalence(
+    reference: Runner,
+    exported: Runner,
+    image_size: int,
+    *,
+    gate: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    min_cosine: float | None = None,
+    max_abs_diff: float | None = None,
+) -> dict[str, Any]:
     """Compare `exported` to `reference` on the three probes; with `gate`, `passed` applies the thresholds
     (default MIN_COSINE and MAX_ABS_DIFF)."""
     min_cosine = MIN_COSINE if min_cosine is None else min_cosine
@@ -76,26 +92,41 @@ def equivalence(reference: Runner, exported: Runner, image_size: int, *, gate: b
     for k, (h, w) in enumerate(probe_sizes(image_size)):
         x = probe_batch(h, w, seed=k, mean=mean, std=std)
         rows.append({"size": [h, w], "batch": int(x.shape[0]), **agreement(reference(x), exported(x))})
-    res: dict[str, Any] = {"probes": rows, "cosine_min": min(r["cosine_min"] for r in rows),
-                           "max_abs_diff": max(r["max_abs_diff"] for r in rows), "gated": gate}
+    res: dict[str, Any] = {
+        "probes": rows,
+        "cosine_min": min(r["cosine_min"] for r in rows),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "gated": gate,
+    }
     if gate:
         res["thresholds"] = {"cosine_min": min_cosine, "max_abs_diff": max_abs_diff}
         res["passed"] = bool(res["cosine_min"] >= min_cosine and res["max_abs_diff"] <= max_abs_diff)
     return res
 
 
-def retrieval(dataset: Revisitop, db: np.ndarray, q_student: np.ndarray, q_exported: np.ndarray, *,
-              tolerance: float = MAP_TOLERANCE) -> dict[str, Any]:
+def retrieval(
+    dataset: Revisitop,
+    db: np.ndarray,
+    q_student: np.ndarray,
+    q_exported: np.ndarray,
+    *,
+    tolerance: float = MAP_TOLERANCE,
+) -> dict[str, Any]:
     """Asymmetric mAP of the float32 student's and the exported encoder's queries against the teacher `db`."""
     ref = evaluate_features(dataset, db, q_student, names=("teacher database", "student queries", ""))
     exp = evaluate_features(dataset, db, q_exported, names=("teacher database", "exported queries", ""))
     diff = {p: abs(exp["mAP"][p] - ref["mAP"][p]) for p in PROTOCOLS}
-    return {"dataset": dataset.name, "n_db": int(db.shape[0]), "n_queries": int(q_student.shape[0]),
-            "student_fp32_mAP": {p: ref["mAP"][p] for p in PROTOCOLS},
-            "exported_mAP": {p: exp["mAP"][p] for p in PROTOCOLS},
-            "max_mAP_difference": max(diff.values()), "tolerance": tolerance,
-            "query_cosine": agreement(q_student, q_exported),
-            "passed": bool(max(diff.values()) <= tolerance)}
+    return {
+        "dataset": dataset.name,
+        "n_db": int(db.shape[0]),
+        "n_queries": int(q_student.shape[0]),
+        "student_fp32_mAP": {p: ref["mAP"][p] for p in PROTOCOLS},
+        "exported_mAP": {p: exp["mAP"][p] for p in PROTOCOLS},
+        "max_mAP_difference": max(diff.values()),
+        "tolerance": tolerance,
+        "query_cosine": agreement(q_student, q_exported),
+        "passed": bool(max(diff.values()) <= tolerance),
+    }
 
 
 def failure_message(what: str, results: dict[str, Any]) -> str | None:
@@ -104,17 +135,21 @@ def failure_message(what: str, results: dict[str, Any]) -> str | None:
     if eq and eq.get("gated") and not eq["passed"]:
         worst = min(eq["probes"], key=lambda r: r["cosine_min"])
         t = eq["thresholds"]
-        return (f"{what}: verification failed: cosine to the PyTorch student {eq['cosine_min']:.6f} (need >= "
-                f"{t['cosine_min']}), max abs difference {eq['max_abs_diff']:.3g} (need <= "
-                f"{t['max_abs_diff']:g}), worst at input {worst['size'][0]}x{worst['size'][1]}; "
-                "nothing written")
+        return (
+            f"{what}: verification failed: cosine to the PyTorch student {eq['cosine_min']:.6f} (need >= "
+            f"{t['cosine_min']}), max abs difference {eq['max_abs_diff']:.3g} (need <= "
+            f"{t['max_abs_diff']:g}), worst at input {worst['size'][0]}x{worst['size'][1]}; "
+            "nothing written"
+        )
     rt = results.get("retrieval")
     if rt and not rt["passed"]:
         s, e = rt["student_fp32_mAP"], rt["exported_mAP"]
         nums = ", ".join(f"{p} {e[p]:.2f} vs {s[p]:.2f}" for p in PROTOCOLS)
-        return (f"{what}: verification failed on {rt['dataset']}: asymmetric mAP exported vs fp32 student "
-                f"{nums} (max difference {rt['max_mAP_difference']:.2f} > {rt['tolerance']:g} points; "
-                f"query cosine min {rt['query_cosine']['cosine_min']:.4f}); nothing written")
+        return (
+            f"{what}: verification failed on {rt['dataset']}: asymmetric mAP exported vs fp32 student "
+            f"{nums} (max difference {rt['max_mAP_difference']:.2f} > {rt['tolerance']:g} points; "
+            f"query cosine min {rt['query_cosine']['cosine_min']:.4f}); nothing written"
+        )
     return None
 
 
@@ -124,18 +159,23 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     eq = results.get("equivalence")
     if eq:
         for r in eq["probes"]:
-            lines.append(f"  {r['size'][0]:>4}x{r['size'][1]:<4} cosine min {r['cosine_min']:.6f}  "
-                         f"max |diff| {r['max_abs_diff']:.2e}")
+            lines.append(
+                f"  {r['size'][0]:>4}x{r['size'][1]:<4} cosine min {r['cosine_min']:.6f}  "
+                f"max |diff| {r['max_abs_diff']:.2e}"
+            )
         if eq.get("gated"):
             t = eq["thresholds"]
-            lines.append(f"  equivalence gate (cos >= {t['cosine_min']}, |diff| <= {t['max_abs_diff']:g}): "
-                         f"{'passed' if eq['passed'] else 'FAILED'}")
+            lines.append(
+                f"  equivalence gate (cos >= {t['cosine_min']}, |diff| <= {t['max_abs_diff']:g}): "
+                f"{'passed' if eq['passed'] else 'FAILED'}"
+            )
     rt = results.get("retrieval")
     if rt:
         s, e = rt["student_fp32_mAP"], rt["exported_mAP"]
         verdict = "passed" if rt["passed"] else "FAILED"
-        lines.append(f"  {rt['dataset']} asymmetric mAP  fp32 student E {s['E']:.2f} M {s['M']:.2f} "
-                     f"H {s['H']:.2f}  exported E {e['E']:.2f} M {e['M']:.2f} H {e['H']:.2f}  (max diff "
-                     f"{rt['max_mAP_difference']:.2f} <= {rt['tolerance']:g}: {verdict})")
+        lines.append(
+            f"  {rt['dataset']} asymmetric mAP  fp32 student E {s['E']:.2f} M {s['M']:.2f} "
+            f"H {s['H']:.2f}  exported E {e['E']:.2f} M {e['M']:.2f} H {e['H']:.2f}  (max diff "
+            f"{rt['max_mAP_difference']:.2f} <= {rt['tolerance']:g}: {verdict})"
+        )
     return lines
-

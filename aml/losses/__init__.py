@@ -35,8 +35,15 @@ from aml.losses.rkd import rkd
 from aml.losses.triplet import triplet
 
 _BASE: dict[str, Callable] = {
-    "contr": contr, "contr+": contr_plus, "sym": sym, "triplet": triplet, "ms": ms,
-    "reg": reg, "rkd": rkd, "darkrank": darkrank, "csd": csd,
+    "contr": contr,
+    "contr+": contr_plus,
+    "sym": sym,
+    "triplet": triplet,
+    "ms": ms,
+    "reg": reg,
+    "rkd": rkd,
+    "darkrank": darkrank,
+    "csd": csd,
 }
 _BASE_KIND = {name: ("batch" if name in ("reg", "rkd", "darkrank", "csd") else "tuple") for name in _BASE}
 
@@ -50,5 +57,20 @@ NEEDS_ANCHOR_TEACHER: frozenset[str] = frozenset({"contr+", "contr+csd"})
 # Tuple losses whose positive and negatives are student vectors (no teacher at all).
 STUDENT_TUPLES: frozenset[str] = frozenset({"sym"})
 
-__all__ = ["LOSSES", "LOSS_KIND", "NEEDS_ANCHOR_TEACHER", "STUDENT_TUPLES", "combined", "weight_name",
-           "contr", "contr_plus", "sym", "triplet", "ms", "reg", "rkd", "darkrank", "csd"]
+__all__ = [
+    "LOSSES",
+    "LOSS_KIND",
+    "NEEDS_ANCHOR_TEACHER",
+    "STUDENT_TUPLES",
+    "combined",
+    "weight_name",
+    "contr",
+    "contr_plus",
+    "sym",
+    "triplet",
+    "ms",
+    "reg",
+    "rkd",
+    "darkrank",
+    "csd",
+]

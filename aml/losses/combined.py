@@ -30,12 +30,16 @@ def weight_name(loss: str) -> str:
 
 
 def _keywords(fn: Callable) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(fn).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "reduction"}
+    return {
+        n: p
+        for n, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "reduction"
+    }
 
 
-def combined(weights: Mapping[str, float], losses: Mapping[str, Callable] | None = None,
-             kinds: Mapping[str, str] | None = None) -> Callable[..., torch.Tensor]:
+def combined(
+    weights: Mapping[str, float], losses: Mapping[str, Callable] | None = None, kinds: Mapping[str, str] | None = None
+) -> Callable[..., torch.Tensor]:
     """A loss that is the weighted sum of registered losses (default registry: `aml.losses`)."""
     if losses is None or kinds is None:
         from aml.losses import LOSS_KIND, LOSSES
@@ -74,8 +78,10 @@ def combined(weights: Mapping[str, float], losses: Mapping[str, Callable] | None
                 value = fn(anchor, positive, negatives, anchor_teacher, reduction=reduction, **own)
             else:
                 if anchor_teacher is None:
-                    raise ValueError(f"combined loss: member '{name}' needs anchor_teacher (the teacher "
-                                     "vectors of the anchor images)")
+                    raise ValueError(
+                        f"combined loss: member '{name}' needs anchor_teacher (the teacher "
+                        "vectors of the anchor images)"
+                    )
                 value = fn(anchor, anchor_teacher, reduction=reduction, **own)
                 if reduction == "none" and value.dim() == 0:
                     value = value.expand(B) / B
@@ -85,11 +91,9 @@ def combined(weights: Mapping[str, float], losses: Mapping[str, Callable] | None
     first = ["anchor", "positive", "negatives"] if kind == "tuple" else ["student", "teacher"]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in first]
     if kind == "tuple":
-        params.append(inspect.Parameter("anchor_teacher", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                        default=None))
+        params.append(inspect.Parameter("anchor_teacher", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
     params += list(shared.values())
-    params += [inspect.Parameter(wnames[name], inspect.Parameter.KEYWORD_ONLY, default=w)
-               for name, w, *_ in members]
+    params += [inspect.Parameter(wnames[name], inspect.Parameter.KEYWORD_ONLY, default=w) for name, w, *_ in members]
     params.append(inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="sum"))
     loss.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     loss.__name__ = "+".join(f"{w:g}*{name}" for name, w, *_ in members)

@@ -45,15 +45,14 @@ def pdist(x: torch.Tensor) -> torch.Tensor:
 def check_tuples(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor) -> None:
     """Shapes of a tuple batch: anchor and positive (B, D), negatives (B, K, D)."""
     if anchor.dim() != 2 or positive.shape != anchor.shape:
-        raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} "
-                         "must both be (B, D)")
+        raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} must both be (B, D)")
     if negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0] or negatives.shape[2] != anchor.shape[1]:
-        raise ValueError(f"negatives {tuple(negatives.shape)} must be (B, K, D) with B, D of anchor "
-                         f"{tuple(anchor.shape)}")
+        raise ValueError(
+            f"negatives {tuple(negatives.shape)} must be (B, K, D) with B, D of anchor {tuple(anchor.shape)}"
+        )
 
 
 def check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
     """Shapes of a batch loss input: student and teacher both (B, D)."""
     if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
-                         "must both be (B, D)")
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be (B, D)")

@@ -18,8 +18,9 @@ from aml.losses.common import check_tuples, dist, reduce, sqdist
 MARGIN = 0.7
 
 
-def contrastive_terms(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                      margin: float) -> torch.Tensor:
+def contrastive_terms(
+    anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, margin: float
+) -> torch.Tensor:
     """(B,) contrastive value of each tuple; no detaching (callers decide what is frozen)."""
     check_tuples(anchor, positive, negatives)
     pos = 0.5 * sqdist(anchor, positive)
@@ -27,29 +28,45 @@ def contrastive_terms(anchor: torch.Tensor, positive: torch.Tensor, negatives: t
     return pos + neg
 
 
-def contr(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-          anchor_teacher: torch.Tensor | None = None, *, margin: float = MARGIN,
-          reduction: str = "sum") -> torch.Tensor:
+def contr(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_teacher: torch.Tensor | None = None,
+    *,
+    margin: float = MARGIN,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Asymmetric contrastive: student anchors (B, D) vs teacher positives (B, D) and negatives (B, K, D)."""
     return reduce(contrastive_terms(anchor, positive.detach(), negatives.detach(), margin), reduction)
 
 
-def contr_plus(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-               anchor_teacher: torch.Tensor | None = None, *, margin: float = MARGIN,
-               reduction: str = "sum") -> torch.Tensor:
+def contr_plus(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_teacher: torch.Tensor | None = None,
+    *,
+    margin: float = MARGIN,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """`contr` plus 1/2 d(s(q), t(q))^2, with `anchor_teacher` (B, D) the teacher's vectors of the anchors."""
     if anchor_teacher is None:
-        raise ValueError("loss 'contr+' needs anchor_teacher, the teacher's (B, D) vectors of the anchor "
-                         "images")
+        raise ValueError("loss 'contr+' needs anchor_teacher, the teacher's (B, D) vectors of the anchor images")
     if anchor_teacher.shape != anchor.shape:
-        raise ValueError(f"anchor_teacher {tuple(anchor_teacher.shape)} must match anchor "
-                         f"{tuple(anchor.shape)}")
+        raise ValueError(f"anchor_teacher {tuple(anchor_teacher.shape)} must match anchor {tuple(anchor.shape)}")
     values = contrastive_terms(anchor, positive.detach(), negatives.detach(), margin)
     return reduce(values + 0.5 * sqdist(anchor, anchor_teacher.detach()), reduction)
 
 
-def sym(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-        anchor_teacher: torch.Tensor | None = None, *, margin: float = MARGIN,
-        reduction: str = "sum") -> torch.Tensor:
+def sym(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_teacher: torch.Tensor | None = None,
+    *,
+    margin: float = MARGIN,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Symmetric (no-teacher) contrastive: all inputs are student vectors; `anchor_teacher` is ignored."""
     return reduce(contrastive_terms(anchor, positive, negatives, margin), reduction)

@@ -27,8 +27,16 @@ import torch.nn.functional as F
 from aml.losses.common import check_pair, check_reduction
 
 
-def csd(student: torch.Tensor, teacher: torch.Tensor, *, teacher_ref: torch.Tensor | None = None,
-        k: int = 256, tau_s: float = 1.0, tau_t: float = 0.01, reduction: str = "sum") -> torch.Tensor:
+def csd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    teacher_ref: torch.Tensor | None = None,
+    k: int = 256,
+    tau_s: float = 1.0,
+    tau_t: float = 0.01,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """CSD between student (B, D) and frozen teacher (B, D) vectors; optional extra teacher context (P, D)."""
     check_pair(student, teacher)
     check_reduction(reduction)

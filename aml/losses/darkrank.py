@@ -22,8 +22,16 @@ import torch
 from aml.losses.common import check_pair, check_reduction, pdist
 
 
-def darkrank(student: torch.Tensor, teacher: torch.Tensor, *, alpha: float = 3.0, beta: float = 3.0,
-             list_len: int = 4, denominator: str = "all", reduction: str = "sum") -> torch.Tensor:
+def darkrank(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    alpha: float = 3.0,
+    beta: float = 3.0,
+    list_len: int = 4,
+    denominator: str = "all",
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Hard DarkRank between student (B, D) and frozen teacher (B, D) vectors of the same images (B >= 2)."""
     check_pair(student, teacher)
     check_reduction(reduction)

@@ -21,9 +21,17 @@ def _log1p_sum_exp(x: torch.Tensor) -> torch.Tensor:
     return F.softplus(torch.logsumexp(x, dim=-1))
 
 
-def ms(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-       anchor_teacher: torch.Tensor | None = None, *, alpha: float = 2.0, beta: float = 40.0,
-       lam: float = 0.5, reduction: str = "sum") -> torch.Tensor:
+def ms(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_teacher: torch.Tensor | None = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    lam: float = 0.5,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Student anchors (B, D) vs frozen teacher positives (B, D) and negatives (B, K, D)."""
     check_tuples(anchor, positive, negatives)
     s_pos = (anchor * positive.detach()).sum(-1, keepdim=True)  # (B, 1)

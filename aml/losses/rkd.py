@@ -31,8 +31,9 @@ def _angle_potential(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(e, e.transpose(1, 2))  # [i, j, k] = <e_ij, e_ik>
 
 
-def rkd(student: torch.Tensor, teacher: torch.Tensor, *, w_dist: float = 1.0, w_angle: float = 2.0,
-        reduction: str = "sum") -> torch.Tensor:
+def rkd(
+    student: torch.Tensor, teacher: torch.Tensor, *, w_dist: float = 1.0, w_angle: float = 2.0, reduction: str = "sum"
+) -> torch.Tensor:
     """RKD-DA between student (B, D) and frozen teacher (B, D) vectors of the same images (B >= 2)."""
     check_pair(student, teacher)
     check_reduction(reduction)

@@ -13,9 +13,15 @@ from aml.losses.common import check_tuples, reduce, sqdist
 MARGIN = 0.1
 
 
-def triplet(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-            anchor_teacher: torch.Tensor | None = None, *, margin: float = MARGIN,
-            reduction: str = "sum") -> torch.Tensor:
+def triplet(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_teacher: torch.Tensor | None = None,
+    *,
+    margin: float = MARGIN,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Student anchors (B, D) vs frozen teacher positives (B, D), negatives (B, K, D); one triplet per n_i."""
     check_tuples(anchor, positive, negatives)
     d_pos = sqdist(anchor, positive.detach())  # (B,)

@@ -49,7 +49,7 @@ def size_buckets(order: np.ndarray, sizes: np.ndarray, batch_size: int, window: 
     batches: list[np.ndarray] = []
     span = batch_size * window
     for start in range(0, len(order), span):
-        chunk = order[start:start + span]
+        chunk = order[start : start + span]
         chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return batches

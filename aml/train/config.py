@@ -80,8 +80,18 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "aml": {},
     "demo": dict(
-        teacher="lite2", student="lite0", loss="contr+", data="synth", epochs=3, lr=5e-5, head_lr_mult=50.0,
-        lr_decay=math.exp(-0.1), query_size=400, pool_size=2000, batch_size=8, image_size=224,
+        teacher="lite2",
+        student="lite0",
+        loss="contr+",
+        data="synth",
+        epochs=3,
+        lr=5e-5,
+        head_lr_mult=50.0,
+        lr_decay=math.exp(-0.1),
+        query_size=400,
+        pool_size=2000,
+        batch_size=8,
+        image_size=224,
     ),
 }
 

@@ -19,8 +19,7 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, A
     """
     main = Trainer(cfg, progress=progress)
     run_dir = main.fit()
-    base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"],
-                           out=str(Path(run_dir) / "baseline-sym"))
+    base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"], out=str(Path(run_dir) / "baseline-sym"))
     base_dir = Trainer(base_cfg, progress=progress).fit()
     rows: dict[str, Any] = {}
     if main.evaluator is not None:
@@ -35,5 +34,9 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, A
     if bev:
         rows[f"student {cfg.student} sym, no teacher, {base_budget} (asymmetric)"] = bev["asymmetric"]
         rows[f"student {cfg.student} sym, no teacher, {base_budget} (symmetric)"] = bev["student"]
-    return {"run_dir": str(run_dir), "baseline_dir": str(base_dir), "rows": rows,
-            "dataset": parse_data_spec(cfg.data).test}
+    return {
+        "run_dir": str(run_dir),
+        "baseline_dir": str(base_dir),
+        "rows": rows,
+        "dataset": parse_data_spec(cfg.data).test,
+    }

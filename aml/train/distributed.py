@@ -34,8 +34,7 @@ def init_distributed(device: torch.device) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def gather_rows(d: Dist, part: np.ndarray, n: int) -> np.ndarray:
@@ -46,7 +45,7 @@ def gather_rows(d: Dist, part: np.ndarray, n: int) -> np.ndarray:
     dist.all_gather_object(parts, part)
     out = np.empty((n, *part.shape[1:]), dtype=part.dtype)
     for r, p in enumerate(parts):
-        out[r::d.world] = p
+        out[r :: d.world] = p
     return out
 
 

@@ -24,8 +24,13 @@ class EpochPlan:
     dropped: int = 0  # tuples without enough negatives (too few clusters in the pool)
 
 
-def plan_tuples(cfg: TrainConfig, train: TrainSet, rng: np.random.Generator, teacher: np.ndarray,
-                student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
+def plan_tuples(
+    cfg: TrainConfig,
+    train: TrainSet,
+    rng: np.random.Generator,
+    teacher: np.ndarray,
+    student_vectors: Callable[[np.ndarray], np.ndarray],
+) -> EpochPlan:
     """Sample (q, p) pairs and a pool, then mine `neg_num` negatives per query (SPEC §4).
 
     `student_vectors(idx)` embeds training images with the current student (no grad); the teacher's

@@ -134,12 +134,23 @@ class Trainer:
         bundle = parse_data_spec(cfg.data)
         self.train = bundle.train
         if self.kind == "tuple" and len(self.train.qidxs) == 0:
-            raise UserError(f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
-                            "use a label-free loss (reg, rkd, darkrank, csd)")
+            raise UserError(
+                f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
+                "use a label-free loss (reg, rkd, darkrank, csd)"
+            )
+
         def teacher_at(size: int) -> TeacherVectors:
-            return TeacherVectors(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init,
-                                  image_size=size, cache_dir=aml_home() / "cache", dtype=cfg.cache_dtype,
-                                  device=str(self.device), dist=self.dist, progress=progress and self.dist.main)
+            return TeacherVectors(
+                cfg.teacher,
+                weights=cfg.teacher_weights,
+                random_init=cfg.random_init,
+                image_size=size,
+                cache_dir=aml_home() / "cache",
+                dtype=cfg.cache_dtype,
+                device=str(self.device),
+                dist=self.dist,
+                progress=progress and self.dist.main,
+            )
 
         self.teacher = teacher_at(cfg.image_size)
         self.identity = self.teacher.identity
@@ -152,8 +163,13 @@ class Trainer:
         self.teacher.release()
 
         random_student = cfg.random_init or cfg.student_random_init
-        student = create_model(cfg.student, role="student", weights=cfg.student_weights,
-                               dim=self.identity["dim"], random_init=random_student)
+        student = create_model(
+            cfg.student,
+            role="student",
+            weights=cfg.student_weights,
+            dim=self.identity["dim"],
+            random_init=random_student,
+        )
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
         if random_student and checkpoint is None:
@@ -176,29 +192,36 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- setup
     @staticmethod
     def _merge_resumed(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
-        diff = sorted(k for k, v in given.to_dict().items()
-                      if k not in RESUMABLE_CHANGES and v != saved.to_dict()[k])
+        diff = sorted(k for k, v in given.to_dict().items() if k not in RESUMABLE_CHANGES and v != saved.to_dict()[k])
         if diff:
             k = diff[0]
-            raise UserError(f"--resume: option '{k}' differs from the checkpoint's config "
-                            f"({getattr(given, k)!r} vs {getattr(saved, k)!r}); only {sorted(RESUMABLE_CHANGES)} "
-                            "may change when resuming")
+            raise UserError(
+                f"--resume: option '{k}' differs from the checkpoint's config "
+                f"({getattr(given, k)!r} vs {getattr(saved, k)!r}); only {sorted(RESUMABLE_CHANGES)} "
+                "may change when resuming"
+            )
         return saved.replace(**{k: getattr(given, k) for k in RESUMABLE_CHANGES})
 
     # ---------------------------------------------------------------------------------------- pieces
     def _student_vectors(self, idx: np.ndarray) -> np.ndarray:
         """Current student vectors of training images (no grad, eval mode), sharded across ranks."""
-        mine = idx[self.dist.rank::self.dist.world]
+        mine = idx[self.dist.rank :: self.dist.world]
         self.student.eval()
-        part = extract(self.student, [self.train.paths[i] for i in mine], image_size=self.cfg.image_size,
-                       device=str(self.device), progress=False, workers=self.workers)
+        part = extract(
+            self.student,
+            [self.train.paths[i] for i in mine],
+            image_size=self.cfg.image_size,
+            device=str(self.device),
+            progress=False,
+            workers=self.workers,
+        )
         return gather_rows(self.dist, part, len(idx))
 
     def _estimate_batchnorm(self) -> None:
         """A random-weight student has no BatchNorm statistics: set them from `bn_images` training images."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 1])
-        idx = rng.permutation(len(self.train.paths))[:cfg.bn_images]
+        idx = rng.permutation(len(self.train.paths))[: cfg.bn_images]
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
         batches = size_buckets(np.arange(len(idx)), _raw_sizes(self.train.paths, idx), cfg.batch_size)
         estimate_batchnorm(self.student, ([images[i] for i in idx[b]] for b in batches), self.device)
@@ -217,8 +240,9 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def _step_loss(self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor],
-                   context: torch.Tensor | None) -> torch.Tensor:
+    def _step_loss(
+        self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor], context: torch.Tensor | None
+    ) -> torch.Tensor:
         with self._autocast():
             s = forward_by_size(self.model, images, self.device)
         B = len(b)
@@ -227,12 +251,13 @@ class Trainer:
             return self.loss_fn(s, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs)
         anchor = s[:B]
         if self.cfg.loss == "sym":  # the no-teacher baseline: every tuple image through the student
-            positive, negatives = s[B:2 * B], s[2 * B:].reshape(B, -1, s.shape[1])
+            positive, negatives = s[B : 2 * B], s[2 * B :].reshape(B, -1, s.shape[1])
         else:
             positive = self._teacher_rows(plan.positives[b])
             negatives = self._teacher_rows(plan.negatives[b].reshape(-1)).reshape(B, -1, s.shape[1])
-        return self.loss_fn(anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **extra,
-                            **self.loss_kwargs)
+        return self.loss_fn(
+            anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs
+        )
 
     def _images_of(self, plan: EpochPlan, b: np.ndarray) -> np.ndarray:
         if self.cfg.loss == "sym":
@@ -250,14 +275,16 @@ class Trainer:
         order = rng.permutation(len(plan.anchors))
         batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
         usable = len(batches) // self.dist.world * self.dist.world or len(batches)
-        batches = batches[:usable][self.dist.rank::self.dist.world]
-        context = self._teacher_rows(plan.pool) if "teacher_ref" in inspect.signature(self.loss_fn).parameters \
-            else None
+        batches = batches[:usable][self.dist.rank :: self.dist.world]
+        context = self._teacher_rows(plan.pool) if "teacher_ref" in inspect.signature(self.loss_fn).parameters else None
 
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
         loader = torch.utils.data.DataLoader(
-            _Batches(images, [self._images_of(plan, b) for b in batches]), batch_size=None,
-            num_workers=self.workers, collate_fn=_identity)
+            _Batches(images, [self._images_of(plan, b) for b in batches]),
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_identity,
+        )
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", "step", self.progress and self.dist.main)
@@ -274,21 +301,36 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             total += float(loss.detach())
             n_images += len(imgs)
-            bar.update(postfix=f"loss {total / (step + 1):.4f} lr {self.optimizer.param_groups[0]['lr']:.2e}"
-                               f" {n_images / (time.perf_counter() - t1):.1f} img/s")
+            bar.update(
+                postfix=f"loss {total / (step + 1):.4f} lr {self.optimizer.param_groups[0]['lr']:.2e}"
+                f" {n_images / (time.perf_counter() - t1):.1f} img/s"
+            )
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         dt = time.perf_counter() - t1
-        return {"epoch": epoch + 1, "loss": total / max(len(batches), 1), "lr": lr, "steps": len(batches),
-                "tuples": int(len(batches) and sum(len(b) for b in batches)), "dropped_tuples": plan.dropped,
-                "images_per_s": n_images / max(dt, 1e-9), "mining_s": t_mine, "train_s": dt,
-                "gem_p": float(self.student.pool.p.detach().cpu())}
+        return {
+            "epoch": epoch + 1,
+            "loss": total / max(len(batches), 1),
+            "lr": lr,
+            "steps": len(batches),
+            "tuples": int(len(batches) and sum(len(b) for b in batches)),
+            "dropped_tuples": plan.dropped,
+            "images_per_s": n_images / max(dt, 1e-9),
+            "mining_s": t_mine,
+            "train_s": dt,
+            "gem_p": float(self.student.pool.p.detach().cpu()),
+        }
 
     def checkpoint_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"state_dict": self.student.state_dict(), "meta": self.student.meta,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "config": self.cfg.to_dict(), "metrics": metrics}
+        return {
+            "state_dict": self.student.state_dict(),
+            "meta": self.student.meta,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "metrics": metrics,
+        }
 
     def fit(self) -> Path:
         """Train from the start (or the resumed epoch) to `cfg.epochs`; returns the run directory."""
@@ -298,8 +340,11 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 stats = self.train_epoch(epoch)
-                if self.evaluator is not None and self.dist.main and (
-                        (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                if (
+                    self.evaluator is not None
+                    and self.dist.main
+                    and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+                ):
                     stats["eval"] = self.evaluator.run(self.student)
                 if self.dist.main:
                     save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
@@ -318,8 +363,7 @@ class Trainer:
             ev = stats.get("eval")
             line = f"epoch {stats['epoch']}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
             if ev:
-                line += (f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, "
-                         f"sym mAP M {ev['student']['mAP']['M']:.2f}")
+                line += f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, sym mAP M {ev['student']['mAP']['M']:.2f}"
             print(line, flush=True)
 
 

@@ -30,5 +30,7 @@ class QuickEval:
         kw = dict(image_size=self.image_size, device=self.device, progress=False)
         q = extract(student, self.ds.query_paths(), bbxs=self.ds.bbxs, **kw)
         db = extract(student, self.ds.db_paths(), **kw)
-        return {"student": evaluate_features(self.ds, db, q),
-                "asymmetric": evaluate_features(self.ds, self.db_teacher, q)}
+        return {
+            "student": evaluate_features(self.ds, db, q),
+            "asymmetric": evaluate_features(self.ds, self.db_teacher, q),
+        }

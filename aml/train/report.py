@@ -13,6 +13,8 @@ def format_rows(rows: dict[str, dict[str, Any]], title: str = "") -> str:
     for name, r in rows.items():
         k = r["mP@k"]["k"].index(10) if 10 in r["mP@k"]["k"] else -1
         m, p = r["mAP"], r["mP@k"]
-        lines.append(f"{name:<{name_w}}  {m['E']:7.2f} {m['M']:7.2f} {m['H']:7.2f}   "
-                     f"{p['E'][k]:7.2f} {p['M'][k]:7.2f} {p['H'][k]:7.2f}")
+        lines.append(
+            f"{name:<{name_w}}  {m['E']:7.2f} {m['M']:7.2f} {m['H']:7.2f}   "
+            f"{p['E'][k]:7.2f} {p['M'][k]:7.2f} {p['H'][k]:7.2f}"
+        )
     return "\n".join(lines)
