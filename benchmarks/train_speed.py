@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from aml.train.batches import ImageTensors, forward_by_size
+from aml.train.batchnorm import set_train_mode
 from aml.train.config import PRESETS, TrainConfig
-from aml.train.loop import Trainer, set_train_mode
+from aml.train.loop import Trainer
 
 
 def main() -> None:

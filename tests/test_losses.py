@@ -9,19 +9,44 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aml.losses import LOSS_KIND, LOSSES, NEEDS_ANCHOR_TEACHER, STUDENT_TUPLES, combined, weight_name
+from aml.errors import UserError
+from aml.losses import LABEL_FREE, LOSSES, combine, weight_name
 
 B, K, D = 6, 5, 12
+# The oracles are float64 loops; float32 inputs are compared at float32 precision (as PML's TEST_DTYPES sweep).
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-def unit(*shape: int, seed: int) -> torch.Tensor:
+def unit(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+
+
+@pytest.fixture(params=[torch.float64, torch.float32], ids=["float64", "float32"])
+def dtype(request) -> torch.dtype:
+    return request.param
 
 
 @pytest.fixture
-def tuples():
-    return unit(B, D, seed=1), unit(B, D, seed=2), unit(B, K, D, seed=3), unit(B, D, seed=4)
+def tuples(dtype):
+    return (
+        unit(B, D, seed=1, dtype=dtype),
+        unit(B, D, seed=2, dtype=dtype),
+        unit(B, K, D, seed=3, dtype=dtype),
+        unit(B, D, seed=4, dtype=dtype),
+    )
+
+
+def close(got: torch.Tensor, want, **kw) -> None:
+    """`got` against an oracle value (a float or list of floats), at the precision of `got`'s dtype."""
+    torch.testing.assert_close(got, torch.tensor(want, dtype=got.dtype), **{**TOL[got.dtype], **kw})
+
+
+def tensor_inputs(name: str, anchor_teacher: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> dict:
+    """The keyword tensors loss `name` reads, as its spec says."""
+    spec = LOSSES[name]
+    kw = {"anchor_teacher": anchor_teacher} if spec.reads_anchor_teacher else {}
+    return {**kw, "ref": ref} if spec.reads_ref else kw
 
 
 def norm(v: torch.Tensor) -> float:
@@ -130,11 +155,12 @@ def test_contrastive_family_matches_formula(tuples, margin):
         ("sym", ref_contrastive(a, p, n, margin)),
         ("contr+", ref_contrastive(a, p, n, margin, at)),
     ]:
-        got = LOSSES[name](a, p, n, at, margin=margin, reduction="none")
+        kw = tensor_inputs(name, at)
+        got = LOSSES[name](a, p, n, **kw, margin=margin, reduction="none")
         assert got.shape == (B,)
-        torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(LOSSES[name](a, p, n, at, margin=margin), got.sum())
-        torch.testing.assert_close(LOSSES[name](a, p, n, at, margin=margin, reduction="mean"), got.mean())
+        close(got, ref)
+        torch.testing.assert_close(LOSSES[name](a, p, n, **kw, margin=margin), got.sum())
+        torch.testing.assert_close(LOSSES[name](a, p, n, **kw, margin=margin, reduction="mean"), got.mean())
 
 
 def test_contrastive_margin_is_active(tuples):
@@ -152,121 +178,212 @@ def test_contr_plus_needs_anchor_teacher(tuples):
 
 @pytest.mark.parametrize("margin", [0.1, 0.5])
 def test_triplet_matches_formula(tuples, margin):
-    a, p, n, at = tuples
-    got = LOSSES["triplet"](a, p, n, at, margin=margin, reduction="none")
-    torch.testing.assert_close(got, torch.tensor(ref_triplet(a, p, n, margin), dtype=got.dtype))
-    assert inspect.signature(LOSSES["triplet"]).parameters["margin"].default == 0.1
+    a, p, n, _ = tuples
+    got = LOSSES["triplet"](a, p, n, margin=margin, reduction="none")
+    close(got, ref_triplet(a, p, n, margin))
+
+
+def test_triplet_defaults_to_the_paper_codes_margin(tuples):
+    """budnikm/aml main.py trains TripletLoss with its --loss-margin default 0.7, not the class default 0.1."""
+    a, p, n, _ = tuples
+    assert LOSSES["triplet"].defaults["margin"] == 0.7
+    close(LOSSES["triplet"](a, p, n, reduction="none"), ref_triplet(a, p, n, 0.7))
 
 
 def test_ms_matches_formula(tuples):
-    a, p, n, at = tuples
+    a, p, n, _ = tuples
     # pull a few negatives close to the anchor so the beta-term is not negligible
     n = F.normalize(n + 2 * a[:, None], dim=-1)
-    got = LOSSES["ms"](a, p, n, at, reduction="none")
-    torch.testing.assert_close(got, torch.tensor(ref_ms(a, p, n), dtype=got.dtype))
-    got = LOSSES["ms"](a, p, n, alpha=3.0, beta=10.0, lam=0.3, reduction="none")
-    torch.testing.assert_close(got, torch.tensor(ref_ms(a, p, n, 3.0, 10.0, 0.3), dtype=got.dtype))
+    close(LOSSES["ms"](a, p, n, reduction="none"), ref_ms(a, p, n))
+    close(LOSSES["ms"](a, p, n, alpha=3.0, beta=10.0, lam=0.3, reduction="none"), ref_ms(a, p, n, 3.0, 10.0, 0.3))
 
 
-def test_reg_matches_formula():
-    s, t = unit(B, D, seed=5), unit(B, D, seed=6)
+def test_reg_matches_formula(dtype):
+    s, t = unit(B, D, seed=5, dtype=dtype), unit(B, D, seed=6, dtype=dtype)
     got = LOSSES["reg"](s, t, reduction="none")
-    ref = [0.5 * norm(s[i] - t[i]) ** 2 for i in range(B)]
-    torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype))
+    close(got, [0.5 * norm(s[i] - t[i]) ** 2 for i in range(B)])
     torch.testing.assert_close(LOSSES["reg"](s, t), got.sum())
 
 
-def test_rkd_matches_formula():
-    s, t = unit(B, D, seed=7), unit(B, D, seed=8)
+def test_rkd_matches_formula(dtype):
+    s, t = unit(B, D, seed=7, dtype=dtype), unit(B, D, seed=8, dtype=dtype)
     got = LOSSES["rkd"](s, t)
     assert got.dim() == 0
-    torch.testing.assert_close(got, torch.tensor(ref_rkd(s, t), dtype=got.dtype))
-    for reduction in ("mean", "none"):
-        torch.testing.assert_close(LOSSES["rkd"](s, t, reduction=reduction), got)
+    close(got, ref_rkd(s, t))
+    torch.testing.assert_close(LOSSES["rkd"](s, t, reduction="mean"), got)
 
 
-def test_rkd_large_differences_use_linear_part():
+def test_rkd_large_differences_use_linear_part(dtype):
     """An outlier makes normalised distances differ by more than 1: both smooth-L1 branches run."""
-    s = unit(B, D, seed=9)
+    s = unit(B, D, seed=9, dtype=dtype)
     s = torch.cat([s[:1] * 6.0, s[1:]])  # one far outlier
-    t = unit(B, D, seed=10)
-    torch.testing.assert_close(LOSSES["rkd"](s, t), torch.tensor(ref_rkd(s, t), dtype=torch.float64))
+    t = unit(B, D, seed=10, dtype=dtype)
+    close(LOSSES["rkd"](s, t), ref_rkd(s, t))
 
 
 @pytest.mark.parametrize("denominator", ["all", "list"])
-def test_darkrank_matches_formula(denominator):
+def test_darkrank_matches_formula(denominator, dtype):
     n = 7
-    s, t = unit(n, D, seed=11), unit(n, D, seed=12)
+    s, t = unit(n, D, seed=11, dtype=dtype), unit(n, D, seed=12, dtype=dtype)
     got = LOSSES["darkrank"](s, t, denominator=denominator)
     assert got.dim() == 0
-    want = ref_darkrank(s, t, denominator=denominator)
-    torch.testing.assert_close(got, torch.tensor(want, dtype=got.dtype))
-    got2 = LOSSES["darkrank"](s, t, alpha=1.0, beta=2.0, list_len=3, denominator=denominator, reduction="none")
-    ref2 = ref_darkrank(s, t, 1.0, 2.0, 3, denominator)
-    torch.testing.assert_close(got2, torch.tensor(ref2, dtype=got2.dtype))
+    close(got, ref_darkrank(s, t, denominator=denominator))
+    got2 = LOSSES["darkrank"](s, t, alpha=1.0, beta=2.0, list_len=3, denominator=denominator, reduction="mean")
+    close(got2, ref_darkrank(s, t, 1.0, 2.0, 3, denominator))
+
+
+def test_darkrank_defaults_to_the_paper_codes_list_denominator():
+    """budnikm/aml trains HardDarkRank: the denominator over the teacher's list only."""
+    s, t = unit(7, D, seed=13), unit(7, D, seed=14)
+    assert LOSSES["darkrank"].defaults["denominator"] == "list"
+    torch.testing.assert_close(LOSSES["darkrank"](s, t), LOSSES["darkrank"](s, t, denominator="list"))
 
 
 def test_darkrank_all_differs_from_list():
     s, t = unit(7, D, seed=13), unit(7, D, seed=14)
-    assert not torch.isclose(LOSSES["darkrank"](s, t), LOSSES["darkrank"](s, t, denominator="list"))
+    assert not torch.isclose(LOSSES["darkrank"](s, t, denominator="all"), LOSSES["darkrank"](s, t))
 
 
-def test_csd_matches_formula_in_batch():
-    s, t = unit(B, D, seed=15), unit(B, D, seed=16)
+def test_csd_matches_formula_in_batch(dtype):
+    s, t = unit(B, D, seed=15, dtype=dtype), unit(B, D, seed=16, dtype=dtype)
     got = LOSSES["csd"](s, t, k=4, tau_s=0.5, tau_t=0.1)
     assert got.dim() == 0
-    torch.testing.assert_close(got, torch.tensor(ref_csd(s, t, k=4, tau_s=0.5, tau_t=0.1), dtype=got.dtype))
+    close(got, ref_csd(s, t, k=4, tau_s=0.5, tau_t=0.1))
     # defaults (k = 256 > B is capped at B)
-    torch.testing.assert_close(LOSSES["csd"](s, t), torch.tensor(ref_csd(s, t), dtype=got.dtype))
+    close(LOSSES["csd"](s, t), ref_csd(s, t))
 
 
-def test_csd_with_reference_set():
-    s, t, ref = unit(B, D, seed=17), unit(B, D, seed=18), unit(40, D, seed=19)
-    got = LOSSES["csd"](s, t, teacher_ref=ref, k=9, tau_s=0.2, tau_t=0.05, reduction="none")
-    torch.testing.assert_close(got, torch.tensor(ref_csd(s, t, ref, 9, 0.2, 0.05), dtype=got.dtype))
+def test_csd_with_reference_set(dtype):
+    s, t = unit(B, D, seed=17, dtype=dtype), unit(B, D, seed=18, dtype=dtype)
+    ref = unit(40, D, seed=19, dtype=dtype)
+    got = LOSSES["csd"](s, t, ref=ref, k=9, tau_s=0.2, tau_t=0.05, reduction="mean")
+    close(got, ref_csd(s, t, ref, 9, 0.2, 0.05))
     assert not torch.isclose(got, LOSSES["csd"](s, t, k=9, tau_s=0.2, tau_t=0.05))
 
 
 def test_csd_is_zero_when_student_equals_teacher_at_equal_temperatures():
     t, ref = unit(B, D, seed=20), unit(30, D, seed=21)
-    same = LOSSES["csd"](t.clone(), t, teacher_ref=ref, tau_s=0.1, tau_t=0.1)
+    same = LOSSES["csd"](t.clone(), t, ref=ref, tau_s=0.1, tau_t=0.1)
     assert float(same) == pytest.approx(0, abs=1e-12)
-    assert float(LOSSES["csd"](unit(B, D, seed=22), t, teacher_ref=ref, tau_s=0.1, tau_t=0.1)) > 1e-3
+    assert float(LOSSES["csd"](unit(B, D, seed=22), t, ref=ref, tau_s=0.1, tau_t=0.1)) > 1e-3
 
 
-def test_combined_is_the_weighted_sum(tuples):
+@pytest.mark.parametrize("name", ["rkd", "darkrank", "csd", "contr+csd"])
+def test_whole_batch_losses_refuse_reduction_none(name, tuples):
+    """A loss defined over the whole batch has no per-sample values: 'none' is an error, not a scalar."""
     a, p, n, at = tuples
-    ref = unit(20, D, seed=23)
-    fn = LOSSES["contr+csd"]
-    want = LOSSES["contr+"](a, p, n, at) + LOSSES["csd"](a, at, teacher_ref=ref)
-    torch.testing.assert_close(fn(a, p, n, at, teacher_ref=ref), want)
-    want = LOSSES["contr+"](a, p, n, at, margin=0.5) + 0.25 * LOSSES["csd"](a, at, teacher_ref=ref, k=3)
-    torch.testing.assert_close(fn(a, p, n, at, teacher_ref=ref, margin=0.5, k=3, weight_csd=0.25), want)
-    none = fn(a, p, n, at, teacher_ref=ref, reduction="none")
+    assert not LOSSES[name].per_sample
+    inputs = (a, at) if LOSSES[name].kind == "batch" else (a, p, n)
+    with pytest.raises(ValueError, match="whole batch.*per_sample=False"):
+        LOSSES[name](*inputs, **tensor_inputs(name, at, unit(20, D, seed=23, dtype=a.dtype)), reduction="none")
+
+
+# ----------------------------------------------------------------------------------------- combined
+def test_combined_default_weights_give_the_sum(tuples):
+    a, p, n, at = tuples
+    ref = unit(20, D, seed=23, dtype=a.dtype)
+    want = LOSSES["contr+"](a, p, n, anchor_teacher=at) + LOSSES["csd"](a, at, ref=ref)
+    torch.testing.assert_close(LOSSES["contr+csd"](a, p, n, anchor_teacher=at, ref=ref), want)
+
+
+def test_combined_constants_and_weights_reach_their_members(tuples):
+    a, p, n, at = tuples
+    ref = unit(20, D, seed=23, dtype=a.dtype)
+    got = LOSSES["contr+csd"](a, p, n, anchor_teacher=at, ref=ref, margin=0.5, k=3, weight_csd=0.25)
+    want = LOSSES["contr+"](a, p, n, anchor_teacher=at, margin=0.5) + 0.25 * LOSSES["csd"](a, at, ref=ref, k=3)
+    torch.testing.assert_close(got, want)
+
+
+def test_combined_of_per_sample_members_reduces_per_tuple(tuples):
+    a, p, n, at = tuples
+    spec = combine("contr+reg", {"contr": 1.0, "reg": 0.5}, LOSSES)
+    assert spec.per_sample and spec.kind == "tuple" and spec.reads_anchor_teacher
+    none = spec(a, p, n, anchor_teacher=at, reduction="none")
     assert none.shape == (B,)
-    torch.testing.assert_close(none.sum(), fn(a, p, n, at, teacher_ref=ref))
-    mixed = combined({"reg": 2.0, "rkd": 0.5})
-    assert mixed.kind == "batch"
+    torch.testing.assert_close(
+        none, LOSSES["contr"](a, p, n, reduction="none") + 0.5 * LOSSES["reg"](a, at, reduction="none")
+    )
+    torch.testing.assert_close(none.sum(), spec(a, p, n, anchor_teacher=at))
+
+
+def test_combination_of_batch_losses_is_a_batch_loss(tuples):
+    a, _, _, at = tuples
+    mixed = combine("reg+rkd", {"reg": 2.0, "rkd": 0.5}, LOSSES)
+    assert mixed.kind == "batch" and not mixed.needs_labels and not mixed.reads_anchor_teacher
     torch.testing.assert_close(mixed(a, at), 2 * LOSSES["reg"](a, at) + 0.5 * LOSSES["rkd"](a, at))
+
+
+def test_combined_spec_is_composed_from_its_members():
+    spec = LOSSES["contr+csd"]
+    assert (spec.kind, spec.reads_anchor_teacher, spec.reads_ref, spec.needs_labels) == ("tuple", True, True, True)
+    assert not spec.student_refs and not spec.per_sample
+    assert dict(spec.defaults) == {
+        **LOSSES["contr+"].defaults,
+        **LOSSES["csd"].defaults,
+        "weight_contr_plus": 1.0,
+        "weight_csd": 1.0,
+    }
+
+
+def test_weight_name_spells_out_non_word_characters():
     assert weight_name("contr+") == "weight_contr_plus"
+
+
+def test_combine_refuses_an_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
-        combined({"nope": 1.0})
+        combine("x", {"nope": 1.0}, LOSSES)
+
+
+def test_combined_refuses_an_unknown_constant(tuples):
+    a, p, n, at = tuples
     with pytest.raises(TypeError, match="unexpected keyword"):
-        fn(a, p, n, at, tau=1.0)
+        LOSSES["contr+csd"](a, p, n, anchor_teacher=at, tau=1.0)
 
 
-def test_registry_tables():
-    assert set(LOSSES) == set(LOSS_KIND)
-    assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd"} <= set(LOSSES)
-    assert {n for n, k in LOSS_KIND.items() if k == "batch"} == {"reg", "rkd", "darkrank", "csd"}
-    assert "contr+" in NEEDS_ANCHOR_TEACHER and STUDENT_TUPLES == {"sym"}
-    for name, fn in LOSSES.items():
-        params = inspect.signature(fn).parameters
-        assert params["reduction"].default == "sum"
-        if LOSS_KIND[name] == "tuple":
-            assert list(params)[:4] == ["anchor", "positive", "negatives", "anchor_teacher"]
-        else:
-            assert list(params)[:2] == ["student", "teacher"]
+# ----------------------------------------------------------------------------------------- the specs
+def test_spec_table_names_kinds_and_inputs():
+    assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd", "contr+csd"} <= set(LOSSES)
+    assert all(spec.name == name for name, spec in LOSSES.items())
+    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd"}
+    assert {n for n, s in LOSSES.items() if s.reads_anchor_teacher} == {"contr+", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if s.reads_ref} == {"csd", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
+    assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd"}
+    assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd")
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "contr+csd"])
+def test_spec_matches_its_function(name):
+    """A function takes exactly the tensor inputs its spec says it reads; its constants are the spec's defaults."""
+    spec = LOSSES[name]
+    params = inspect.signature(spec.fn).parameters
+    assert params["reduction"].default == "sum"
+    first = ["anchor", "positive", "negatives"] if spec.kind == "tuple" else ["student", "teacher"]
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == first
+    assert ("anchor_teacher" in params) == spec.reads_anchor_teacher
+    assert ("ref" in params) == spec.reads_ref
+    assert dict(spec.defaults) == {
+        n: p.default
+        for n, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and n not in ("anchor_teacher", "ref", "reduction")
+    }
+
+
+def test_spec_checks_constants():
+    assert LOSSES["contr"].constants({"margin": 0.5}) == {"margin": 0.5}
+    with pytest.raises(UserError, match=r"^--loss-arg alpha: loss 'reg' takes no constants$"):
+        LOSSES["reg"].constants({"alpha": 1.0})
+    with pytest.raises(UserError, match=r"--margin tau: loss 'csd' takes k, tau_s, tau_t$"):
+        LOSSES["csd"].constants({"tau": 1.0}, option="--margin")
+
+
+@pytest.mark.parametrize("name", ["ref", "anchor_teacher", "reduction"])
+def test_spec_refuses_an_input_as_a_constant(name):
+    with pytest.raises(UserError, match=f"--loss-arg {name}: '{name}' is an input of loss 'contr\\+csd'"):
+        LOSSES["contr+csd"].constants({name: 1.0})
+
+
+def test_unknown_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
         LOSSES["reg"](unit(2, D, seed=1), unit(2, D, seed=2), reduction="avg")
 
@@ -277,25 +394,20 @@ def test_gradient_reaches_only_the_student(name):
     """Teacher tensors that require grad get none: the losses detach the frozen teacher side."""
     s = unit(B, D, seed=30).requires_grad_()
     t = unit(B, D, seed=31).requires_grad_()
-    if LOSS_KIND[name] == "batch":
-        kw = {"teacher_ref": unit(20, D, seed=32).requires_grad_()} if name == "csd" else {}
-        loss = LOSSES[name](s, t, **kw)
-        teachers = [t, *kw.values()]
-        students = [s]
+    spec = LOSSES[name]
+    kw = tensor_inputs(name, t, unit(20, D, seed=32).requires_grad_())
+    if spec.kind == "batch":
+        loss = spec(s, t, **kw)
+        students, teachers = [s], [t, *kw.values()]
     else:
         p = unit(B, D, seed=33).requires_grad_()
         # negatives near the anchors, so that margin terms are active
         n = F.normalize(unit(B, K, D, seed=34) + s.detach()[:, None], dim=-1).requires_grad_()
-        kw = (
-            {"teacher_ref": unit(20, D, seed=32).requires_grad_()}
-            if "teacher_ref" in inspect.signature(LOSSES[name]).parameters
-            else {}
-        )
-        loss = LOSSES[name](s, p, n, t, **kw)
-        if name in STUDENT_TUPLES:  # symmetric baseline: every input is a student vector
-            students, teachers = [s, p, n], [t]
+        loss = spec(s, p, n, **kw)
+        if spec.student_refs:  # symmetric baseline: every input is a student vector
+            students, teachers = [s, p, n], []
         else:
-            students, teachers = [s], [p, n, t, *kw.values()]
+            students, teachers = [s], [p, n, *kw.values()]
     loss.backward()
     for x in students:
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -307,8 +419,8 @@ def test_contr_plus_pulls_student_to_its_teacher(tuples):
     """The extra term's gradient w.r.t. the anchor is (s - t(q)) on top of contr's."""
     a, p, n, at = tuples
     a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
-    LOSSES["contr+"](a1, p, n, at).backward()
-    LOSSES["contr"](a2, p, n, at).backward()
+    LOSSES["contr+"](a1, p, n, anchor_teacher=at).backward()
+    LOSSES["contr"](a2, p, n).backward()
     torch.testing.assert_close(a1.grad - a2.grad, a - at)
 
 

@@ -17,9 +17,10 @@ from aml.data.synth import SynthConfig, generate_synth
 from aml.errors import UserError
 from aml.registry import create_model
 from aml.train.batches import forward_by_size, size_buckets
+from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
-from aml.train.loop import Trainer, distill, loss_function, set_train_mode
+from aml.train.loop import Trainer, distill, loss_function
 
 TINY = SynthConfig(
     landmarks=6,
@@ -143,10 +144,14 @@ def test_every_loss_trains_one_epoch(loss, tiny_data, tmp_path, home):
 
 def test_loss_constants_are_checked_and_margin_defaults_per_loss(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path)
-    assert "margin" not in loss_function(cfg.replace(loss="triplet"))[1]  # triplet keeps its own 0.1
+    assert "margin" not in loss_function(cfg.replace(loss="triplet"))[1]  # triplet keeps its own 0.7
     assert loss_function(cfg.replace(loss="contr", margin=0.5))[1] == {"margin": 0.5}
     with pytest.raises(UserError, match="--loss-arg alpha"):
         loss_function(cfg.replace(loss="reg", loss_args={"alpha": 1.0}))
+    with pytest.raises(UserError, match="^--margin margin: loss 'csd' takes k, tau_s, tau_t$"):
+        loss_function(cfg.replace(loss="csd", margin=0.5))
+    with pytest.raises(UserError, match="^--loss-arg ref: 'ref' is an input of loss 'csd'"):
+        loss_function(cfg.replace(loss="csd", loss_args={"ref": 1.0}))
     with pytest.raises(UserError, match="--loss nope"):
         loss_function(cfg.replace(loss="nope"))
 

@@ -81,3 +81,9 @@ def loaded_size(width: int, height: int, size: int, bbx: Bbx = None) -> tuple[in
         width, height = abs(x1 - x0), abs(y1 - y0)
         size = size * max(width, height) / full
     return thumbnail_size(width, height, size)
+
+
+def size_key(sizes: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
+    """(N,) int64 key of (width, height) pairs that sorts by width, then height: the one key batching by size uses."""
+    wh = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    return wh[:, 0] * (1 << 24) + wh[:, 1]

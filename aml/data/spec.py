@@ -6,7 +6,7 @@ Accepted forms:
 - `sfm120k:DIR`    SfM-120k: `DIR/retrieval-SfM-120k.pkl` and `DIR/ims/` (no test set attached);
 - `folder:DIR`     class-labelled folder `DIR/<label>/<images>`; labels are objects;
 - `groups:CSV`     a groups CSV `image,object[,split]` (e.g. UKBench's groups.csv);
-- `images:DIR`     any images under DIR, unlabelled (for the label-free losses: reg, rkd, darkrank, csd).
+- `images:DIR`     any images under DIR, unlabelled (for the label-free losses, `aml.losses.LABEL_FREE`).
 
 `folder:` and `groups:` are split by object: the CSV's `split` column when it has one, else the first 60% of
 objects (numeric ids in order, else labels in sorted order) train and the rest test; UKBench gives objects

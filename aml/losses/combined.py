@@ -1,102 +1,89 @@
-"""Weighted sums of registered losses, e.g. `combined({"contr+": 1.0, "csd": 0.5})`.
+"""Weighted sums of registered losses, composed from their specs: `combine("contr+csd", {"contr+": 1, "csd": 1})`.
 
 The combination is a tuple loss when any member is one, else a batch loss.
-- tuple combination `(anchor, positive, negatives, anchor_teacher=None, *, ..., reduction="sum")`: tuple
+- tuple combination `(anchor, positive, negatives, *, anchor_teacher, ref, ..., reduction="sum")`: tuple
   members get the tuple; batch members get `(anchor, anchor_teacher)`, i.e. the student and teacher vectors
-  of the anchor images (so `anchor_teacher` is then required), plus `teacher_ref` when they take one.
-- batch combination `(student, teacher, *, ..., reduction="sum")`: every member gets the pair.
+  of the anchor images (so the combination reads `anchor_teacher`).
+- batch combination `(student, teacher, *, ref, ..., reduction="sum")`: every member gets the pair.
+Each member gets only the tensor inputs its own spec reads.
 
-Keyword constants: the union of the members' keyword arguments, each passed to every member that takes it
-(e.g. `margin`, `k`, `tau_s`, `teacher_ref`), plus one weight per member, `weight_<name>` with non-word
-characters spelled out (`contr+` -> `weight_contr_plus`), defaulting to the weight given here.
-Reductions: `sum` / `mean` combine each member's own reduction; `none` returns (B,) values whose sum is the
-`sum` value (a whole-batch member's scalar is spread evenly over the B entries).
+Keyword constants: the union of the members' constants, each passed to every member that takes it (e.g.
+`margin`, `k`, `tau_s`), plus one weight per member, `weight_<name>` with non-word characters spelled out
+(`contr+` -> `weight_contr_plus`), defaulting to the weight given here.
+Reductions: `sum` / `mean` combine each member's own reduction; `none` (per-tuple values) only when every
+member is per-sample.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from aml.losses.common import check_reduction
+from aml.losses.common import check_per_sample, check_reduction
+from aml.losses.spec import LossSpec, weight_name
 
 
-def weight_name(loss: str) -> str:
-    """The keyword that sets a member's weight in a combination: `contr+` -> `weight_contr_plus`."""
-    return "weight_" + re.sub(r"\W", "_", loss.replace("+", "_plus")).strip("_")
-
-
-def _keywords(fn: Callable) -> dict[str, inspect.Parameter]:
-    return {
-        n: p
-        for n, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "reduction"
-    }
-
-
-def combined(
-    weights: Mapping[str, float], losses: Mapping[str, Callable] | None = None, kinds: Mapping[str, str] | None = None
-) -> Callable[..., torch.Tensor]:
-    """A loss that is the weighted sum of registered losses (default registry: `aml.losses`)."""
-    if losses is None or kinds is None:
-        from aml.losses import LOSS_KIND, LOSSES
-
-        losses, kinds = losses or LOSSES, kinds or LOSS_KIND
+def combine(name: str, weights: Mapping[str, float], specs: Mapping[str, LossSpec]) -> LossSpec:
+    """The spec of the weighted sum of the losses `weights` names (looked up in `specs`)."""
     if not weights:
-        raise ValueError("combined(): give at least one loss and its weight")
-    unknown = [n for n in weights if n not in losses]
+        raise ValueError("combine(): give at least one loss and its weight")
+    unknown = [n for n in weights if n not in specs]
     if unknown:
-        raise ValueError(f"combined(): unknown loss {unknown[0]!r}; choose from {', '.join(sorted(losses))}")
-    members = [(name, float(w), losses[name], kinds[name]) for name, w in weights.items()]
-    kind = "tuple" if any(k == "tuple" for *_, k in members) else "batch"
-    member_kw = {name: _keywords(fn) for name, _, fn, _ in members}
-    shared: dict[str, inspect.Parameter] = {}
-    for kw in member_kw.values():
-        for n, p in kw.items():
-            shared.setdefault(n, p)
-    wnames = {name: weight_name(name) for name, *_ in members}
+        raise ValueError(f"combine(): unknown loss {unknown[0]!r}; choose from {', '.join(sorted(specs))}")
+    members = [(specs[n], float(w), weight_name(n)) for n, w in weights.items()]
+    kind = "tuple" if any(m.kind == "tuple" for m, *_ in members) else "batch"
+    per_sample = all(m.per_sample for m, *_ in members)
+    defaults: dict[str, Any] = {}
+    for m, *_ in members:
+        for k, v in m.defaults.items():
+            defaults.setdefault(k, v)
+    defaults.update({wname: w for _, w, wname in members})
 
-    def loss(*args: torch.Tensor, reduction: str = "sum", **kw) -> torch.Tensor:
-        check_reduction(reduction)
-        bad = sorted(set(kw) - set(shared) - set(wnames.values()))
-        if bad:
-            raise TypeError(f"combined loss got an unexpected keyword argument {bad[0]!r}")
-        if kind == "tuple":
-            anchor, positive, negatives, *rest = args
-            anchor_teacher = rest[0] if rest else None
+    def loss(
+        *inputs: torch.Tensor,
+        anchor_teacher: torch.Tensor | None = None,
+        ref: torch.Tensor | None = None,
+        reduction: str = "sum",
+        **constants: Any,
+    ) -> torch.Tensor:
+        if per_sample:
+            check_reduction(reduction)
         else:
-            anchor, anchor_teacher = args
-        B = anchor.shape[0]
+            check_per_sample(name, reduction)
+        bad = sorted(set(constants) - set(defaults))
+        if bad:
+            raise TypeError(f"combined loss '{name}' got an unexpected keyword argument {bad[0]!r}")
         total: torch.Tensor | float = 0.0
-        for name, w, fn, k in members:
-            own = {n: v for n, v in kw.items() if n in member_kw[name]}
-            w = float(kw.get(wnames[name], w))
-            if k == "tuple":
-                value = fn(anchor, positive, negatives, anchor_teacher, reduction=reduction, **own)
-            else:
+        for m, w, wname in members:
+            own = {k: v for k, v in constants.items() if k in m.defaults}
+            if m.reads_ref:
+                own["ref"] = ref
+            if m.kind == kind:
+                if m.reads_anchor_teacher:
+                    own["anchor_teacher"] = anchor_teacher
+                value = m.fn(*inputs, reduction=reduction, **own)
+            else:  # a batch member of a tuple combination: the anchors' student and teacher vectors
                 if anchor_teacher is None:
                     raise ValueError(
-                        f"combined loss: member '{name}' needs anchor_teacher (the teacher "
+                        f"combined loss '{name}': member '{m.name}' needs anchor_teacher (the teacher "
                         "vectors of the anchor images)"
                     )
-                value = fn(anchor, anchor_teacher, reduction=reduction, **own)
-                if reduction == "none" and value.dim() == 0:
-                    value = value.expand(B) / B
-            total = total + w * value
+                value = m.fn(inputs[0], anchor_teacher, reduction=reduction, **own)
+            total = total + float(constants.get(wname, w)) * value
         return total  # type: ignore[return-value]
 
-    first = ["anchor", "positive", "negatives"] if kind == "tuple" else ["student", "teacher"]
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in first]
-    if kind == "tuple":
-        params.append(inspect.Parameter("anchor_teacher", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
-    params += list(shared.values())
-    params += [inspect.Parameter(wnames[name], inspect.Parameter.KEYWORD_ONLY, default=w) for name, w, *_ in members]
-    params.append(inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="sum"))
-    loss.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    loss.__name__ = "+".join(f"{w:g}*{name}" for name, w, *_ in members)
+    loss.__name__ = "+".join(f"{w:g}*{m.name}" for m, w, _ in members)
     loss.__doc__ = f"Weighted sum of losses {dict(weights)} ({kind} loss); see aml.losses.combined."
-    loss.kind = kind  # type: ignore[attr-defined]
-    return loss
+    return LossSpec(
+        name,
+        loss,
+        kind,
+        reads_anchor_teacher=any(m.reads_anchor_teacher or m.kind != kind for m, *_ in members),
+        reads_ref=any(m.reads_ref for m, *_ in members),
+        student_refs=any(m.student_refs for m, *_ in members),
+        needs_labels=any(m.needs_labels for m, *_ in members),
+        per_sample=per_sample,
+        defaults=defaults,
+    )

@@ -24,6 +24,16 @@ def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values
 
 
+def check_per_sample(name: str, reduction: str) -> None:
+    """A whole-batch loss has no per-sample values: refuse `reduction="none"` instead of ignoring it."""
+    check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError(
+            f"loss '{name}' is defined over the whole batch (per_sample=False): reduction='none' has no "
+            "per-sample values; use 'sum' or 'mean'"
+        )
+
+
 def sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distance over the last dimension (broadcasting)."""
     return (a - b).pow(2).sum(-1)

@@ -32,7 +32,6 @@ def contr(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negatives: torch.Tensor,
-    anchor_teacher: torch.Tensor | None = None,
     *,
     margin: float = MARGIN,
     reduction: str = "sum",
@@ -45,8 +44,8 @@ def contr_plus(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negatives: torch.Tensor,
-    anchor_teacher: torch.Tensor | None = None,
     *,
+    anchor_teacher: torch.Tensor | None = None,
     margin: float = MARGIN,
     reduction: str = "sum",
 ) -> torch.Tensor:
@@ -63,10 +62,9 @@ def sym(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negatives: torch.Tensor,
-    anchor_teacher: torch.Tensor | None = None,
     *,
     margin: float = MARGIN,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """Symmetric (no-teacher) contrastive: all inputs are student vectors; `anchor_teacher` is ignored."""
+    """Symmetric (no-teacher) contrastive: all inputs are student vectors."""
     return reduce(contrastive_terms(anchor, positive, negatives, margin), reduction)

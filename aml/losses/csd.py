@@ -5,13 +5,14 @@ teacher vectors R; the student reproduces the teacher's similarity distribution 
 
     loss(q) = KL( softmax_j(<t(q), t(r_j)> / tau_t) || softmax_j(<s(q), t(r_j)> / tau_s) )
 
-and the loss is the mean over the batch's queries (a scalar for every reduction). The student side is
-asymmetric: student query against *teacher* references, the pairing used at test time.
+and the loss is the mean over the batch's queries ("sum" and "mean" give that scalar, "none" is refused). The
+student side is asymmetric: student query against *teacher* references, the pairing used at test time.
 
-R = the batch's own teacher vectors, followed by `teacher_ref` (P, D) when given (the trainer passes the
-teacher vectors of the epoch's pool: a large cached context). Each query's own teacher vector is thus always
-in its context and is its first neighbour, which gives the paper's "first-order feature vector preserving"
-term; the other neighbours give its "second-order ranking list preserving" term. K is capped at |R|.
+R = the batch's own teacher vectors, followed by the reference set `ref` (P, D) when given: teacher vectors
+(the asymmetric case; the trainer passes the teacher vectors of the epoch's pool, a large cached context).
+Each query's own teacher vector is thus always in its context and is its first neighbour, which gives the
+paper's "first-order feature vector preserving" term; the other neighbours give its "second-order ranking list
+preserving" term. K is capped at |R|.
 
 Defaults k = 256, tau_s = 1.0 (query/student), tau_t = 0.01 (gallery/teacher): the CSD settings of the
 public re-implementation in the D3still code base (SCY-X/D3still, AIR_Distiller/distillers/CSD.py and
@@ -24,14 +25,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aml.losses.common import check_pair, check_reduction
+from aml.losses.common import check_pair, check_per_sample
 
 
 def csd(
     student: torch.Tensor,
     teacher: torch.Tensor,
     *,
-    teacher_ref: torch.Tensor | None = None,
+    ref: torch.Tensor | None = None,
     k: int = 256,
     tau_s: float = 1.0,
     tau_t: float = 0.01,
@@ -39,12 +40,12 @@ def csd(
 ) -> torch.Tensor:
     """CSD between student (B, D) and frozen teacher (B, D) vectors; optional extra teacher context (P, D)."""
     check_pair(student, teacher)
-    check_reduction(reduction)
+    check_per_sample("csd", reduction)
     refs = teacher.detach()
-    if teacher_ref is not None:
-        if teacher_ref.dim() != 2 or teacher_ref.shape[1] != teacher.shape[1]:
-            raise ValueError(f"teacher_ref {tuple(teacher_ref.shape)} must be (P, {teacher.shape[1]})")
-        refs = torch.cat([refs, teacher_ref.detach().to(refs)], dim=0)
+    if ref is not None:
+        if ref.dim() != 2 or ref.shape[1] != teacher.shape[1]:
+            raise ValueError(f"ref {tuple(ref.shape)} must be (P, {teacher.shape[1]})")
+        refs = torch.cat([refs, ref.detach().to(refs)], dim=0)
     k = min(int(k), len(refs))
     t_sim, idx = (teacher.detach() @ refs.t()).topk(k, dim=1)  # (B, K) teacher's neighbours, best first
     s_sim = torch.einsum("bd,bkd->bk", student, refs[idx])  # (B, K) student query vs the same references

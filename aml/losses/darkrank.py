@@ -6,20 +6,20 @@ pi under the student's scores, averaged over anchors:
 
     -log P(pi | s) = -sum_{r < L} [ S_s(i, pi_r) - log sum_{j in C_r} exp S_s(i, j) ]
 
-`denominator="all"` (default): C_r = every non-self batch item not yet placed (pi_0..pi_{r-1} removed), i.e.
-the top-L Plackett-Luce (top-k ListMLE) likelihood of the paper's permutation probability over all
-candidates: the teacher's top-L must also outrank the rest of the batch.
-`denominator="list"`: C_r = {pi_r, ..., pi_{L-1}} only, as the public re-implementations do
-(lenscloth/RKD `HardDarkRank`, budnikm/aml `HardDarkRank`, the MXNet `DarkRankLoss` hard mode), which
-orders the top-L among themselves and ignores the rest of the batch.
-The value is defined for the whole batch: a scalar for every reduction.
+`denominator="list"` (default): C_r = {pi_r, ..., pi_{L-1}} only, as the AML reference code trains it
+(budnikm/aml `HardDarkRank`; also lenscloth/RKD `HardDarkRank`, the MXNet `DarkRankLoss` hard mode), which
+orders the teacher's top-L among themselves and ignores the rest of the batch.
+`denominator="all"`: C_r = every non-self batch item not yet placed (pi_0..pi_{r-1} removed), i.e. the
+top-L Plackett-Luce (top-k ListMLE) likelihood of the paper's permutation probability over all candidates:
+the teacher's top-L must also outrank the rest of the batch.
+The value is defined for the whole batch: "sum" and "mean" give the same scalar, "none" is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aml.losses.common import check_pair, check_reduction, pdist
+from aml.losses.common import check_pair, check_per_sample, pdist
 
 
 def darkrank(
@@ -29,12 +29,12 @@ def darkrank(
     alpha: float = 3.0,
     beta: float = 3.0,
     list_len: int = 4,
-    denominator: str = "all",
+    denominator: str = "list",
     reduction: str = "sum",
 ) -> torch.Tensor:
     """Hard DarkRank between student (B, D) and frozen teacher (B, D) vectors of the same images (B >= 2)."""
     check_pair(student, teacher)
-    check_reduction(reduction)
+    check_per_sample("darkrank", reduction)
     if denominator not in ("all", "list"):
         raise ValueError(f"denominator {denominator!r}: use 'all' or 'list'")
     B = len(student)

@@ -25,7 +25,6 @@ def ms(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negatives: torch.Tensor,
-    anchor_teacher: torch.Tensor | None = None,
     *,
     alpha: float = 2.0,
     beta: float = 40.0,

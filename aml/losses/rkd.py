@@ -10,7 +10,7 @@ Labels are not used; student and teacher embed the same B images.
 
 Averages run over all B^2 ordered pairs and B^3 ordered triples (degenerate ones give 0 on both sides),
 exactly as the reference implementations (lenscloth/RKD `RkdDistance`/`RKdAngle`; budnikm/aml `RKdAD`).
-The value is defined for the whole batch: a scalar for every reduction.
+The value is defined for the whole batch: "sum" and "mean" give the same scalar, "none" is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aml.losses.common import check_pair, check_reduction, pdist
+from aml.losses.common import check_pair, check_per_sample, pdist
 
 
 def _distance_potential(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def rkd(
 ) -> torch.Tensor:
     """RKD-DA between student (B, D) and frozen teacher (B, D) vectors of the same images (B >= 2)."""
     check_pair(student, teacher)
-    check_reduction(reduction)
+    check_per_sample("rkd", reduction)
     if len(student) < 2:
         raise ValueError("loss 'rkd' needs a batch of at least 2 images")
     teacher = teacher.detach()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aml.errors import UserError
+from aml.losses import LOSSES
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainConfig:
     head_lr_mult: float = 1.0  # the student's 1x1 projection (random at the start) relative to the backbone
     weight_decay: float = 1e-6
     lr_decay: float = math.exp(-0.01)  # per epoch
-    margin: float | None = None  # None: the loss's own default (contrastive 0.7, triplet 0.1)
+    margin: float | None = None  # None: the loss's own default (contrastive and triplet 0.7)
     neg_num: int = 5
     query_size: int = 2000
     pool_size: int = 20000
@@ -49,10 +50,12 @@ class TrainConfig:
     out: str | None = None
 
     def resolved_mining(self) -> str:
-        """The mining mode `auto` stands for: symmetric for the no-teacher baseline, else asymmetric."""
+        """The mining mode `auto` stands for: symmetric for a loss on student references (the no-teacher
+        baseline `sym`), else asymmetric."""
         if self.mining != "auto":
             return self.mining
-        return "symmetric" if self.loss == "sym" else "asymmetric"
+        spec = LOSSES.get(self.loss)
+        return "symmetric" if spec is not None and spec.student_refs else "asymmetric"
 
     def eval_size(self) -> int:
         return self.test_image_size or self.image_size

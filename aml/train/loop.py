@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import time
 from datetime import datetime
@@ -15,12 +14,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aml.data.images import header_size
+from aml.data.images import header_size, size_key
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
 from aml.extract import auto_workers, extract
 from aml.io import aml_home, atomic_write, write_json
-from aml.losses import LOSS_KIND, LOSSES
+from aml.losses import LABEL_FREE, LOSSES, LossSpec
 from aml.progress import Progress
 from aml.registry import create_model
 from aml.teacher_vectors import TeacherVectors
@@ -73,22 +72,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise UserError(f"--optimizer {cfg.optimizer}: unknown; use adam or sgd")
 
 
-def loss_function(cfg: TrainConfig):
-    """The configured loss and its keyword constants (`--margin`, `--loss-arg`), checked against its signature."""
+def loss_function(cfg: TrainConfig) -> tuple[LossSpec, dict[str, Any]]:
+    """The configured loss's spec and its keyword constants (`--margin`, `--loss-arg`), checked against the spec."""
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss {cfg.loss}: unknown; choose one of {', '.join(sorted(LOSSES))}")
-    fn = LOSSES[cfg.loss]
-    accepted = inspect.signature(fn).parameters
-    kwargs = dict(cfg.loss_args)
-    if cfg.margin is not None and "margin" not in kwargs:
-        kwargs["margin"] = cfg.margin
-    bad = sorted(k for k in kwargs if k not in accepted)
-    if bad:
-        raise UserError(f"--loss-arg {bad[0]}: loss '{cfg.loss}' takes {sorted(set(accepted) - {'reduction'})}")
-    return fn, kwargs
+    spec = LOSSES[cfg.loss]
+    constants = spec.constants(cfg.loss_args)
+    if cfg.margin is not None and "margin" not in constants:
+        constants.update(spec.constants({"margin": cfg.margin}, option="--margin"))
+    return spec, constants
 
 
-class _Batches(torch.utils.data.Dataset):
+class _StepImages(torch.utils.data.Dataset):
     """Loads, per training step, the images the student must embed (with grad)."""
 
     def __init__(self, images: ImageTensors, batches: list[np.ndarray]) -> None:
@@ -101,13 +96,9 @@ class _Batches(torch.utils.data.Dataset):
         return [self.images[j] for j in self.batches[i]]
 
 
-def _identity(x):
-    return x
-
-
 def _raw_sizes(paths: list[str], idx: np.ndarray) -> np.ndarray:
     """A sortable size key per image (header read only), used to make batches single-size."""
-    return np.array([w * 100_000 + h for w, h in map(header_size, (paths[i] for i in idx))], dtype=np.int64)
+    return size_key([header_size(paths[i]) for i in idx])
 
 
 class Trainer:
@@ -115,28 +106,41 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.progress = progress
-        self.device = resolve_device(cfg.device)
-        self.dist: Dist = init_distributed(self.device)
-        if self.device.type == "cuda" and self.dist.world > 1:
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
+        self._set_device(cfg)
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.run_dir / "last.pt")
             cfg = self._merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]))
         self.cfg = cfg.replace(out=str(self.run_dir))
-        self.loss_fn, self.loss_kwargs = loss_function(cfg)
-        self.kind = LOSS_KIND[cfg.loss]
+        self.loss, self.loss_constants = loss_function(cfg)
         if cfg.amp != "none" and self.device.type != "cuda":
             raise UserError(f"--amp {cfg.amp}: mixed precision needs CUDA; use --amp none on the CPU")
+        self._load_data()
+        self._build_student(fresh=checkpoint is None)
+        self.optimizer = make_optimizer(self.student, cfg)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
+        self.start_epoch = self._resume_state(checkpoint)
+        self._wrap_model()
 
+    # ----------------------------------------------------------------------------------------- setup
+    def _set_device(self, cfg: TrainConfig) -> None:
+        """The device and the distributed group (one CUDA device per local rank)."""
+        self.device = resolve_device(cfg.device)
+        self.dist: Dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+
+    def _load_data(self) -> None:
+        """The training set, the teacher's cached vectors of its images, and the quick test-set evaluator."""
+        cfg, progress = self.cfg, self.progress
         bundle = parse_data_spec(cfg.data)
         self.train = bundle.train
-        if self.kind == "tuple" and len(self.train.qidxs) == 0:
+        if self.loss.needs_labels and len(self.train.qidxs) == 0:
             raise UserError(
                 f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
-                "use a label-free loss (reg, rkd, darkrank, csd)"
+                f"use a label-free loss ({', '.join(LABEL_FREE)})"
             )
 
         def teacher_at(size: int) -> TeacherVectors:
@@ -154,7 +158,7 @@ class Trainer:
 
         self.teacher = teacher_at(cfg.image_size)
         self.identity = self.teacher.identity
-        self.T = self.teacher.get(self.train.paths)
+        self.train_teacher = self.teacher.get(self.train.paths)  # (N, D) teacher vectors of the training images
         self.evaluator = None
         if bundle.test is not None and cfg.eval_every > 0:
             eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else teacher_at(cfg.eval_size())
@@ -162,6 +166,10 @@ class Trainer:
             eval_teacher.release()
         self.teacher.release()
 
+    def _build_student(self, *, fresh: bool) -> None:
+        """The student with a projection head to the teacher's dimension; a fresh random-weight student gets
+        its BatchNorm statistics from training images."""
+        cfg = self.cfg
         random_student = cfg.random_init or cfg.student_random_init
         student = create_model(
             cfg.student,
@@ -172,16 +180,21 @@ class Trainer:
         )
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
-        if random_student and checkpoint is None:
+        if random_student and fresh:
             self._estimate_batchnorm()
-        self.optimizer = make_optimizer(self.student, cfg)
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
-        self.start_epoch = 0
-        if checkpoint is not None:
-            self.student.load_state_dict(checkpoint["state_dict"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            self.start_epoch = int(checkpoint["epoch"])
+
+    def _resume_state(self, checkpoint: dict[str, Any] | None) -> int:
+        """Student, optimizer and scheduler state from a checkpoint; returns the epoch to start from."""
+        if checkpoint is None:
+            return 0
+        self.student.load_state_dict(checkpoint["state_dict"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        return int(checkpoint["epoch"])
+
+    def _wrap_model(self) -> None:
+        """The module the steps run (DDP across ranks), the AMP scaler and the loader workers."""
+        cfg = self.cfg
         self.model: nn.Module = self.student
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -189,7 +202,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.workers = cfg.workers if cfg.workers >= 0 else auto_workers(1 << 30, cfg.batch_size, self.device)
 
-    # ----------------------------------------------------------------------------------------- setup
     @staticmethod
     def _merge_resumed(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
         diff = sorted(k for k, v in given.to_dict().items() if k not in RESUMABLE_CHANGES and v != saved.to_dict()[k])
@@ -227,12 +239,13 @@ class Trainer:
         estimate_batchnorm(self.student, ([images[i] for i in idx[b]] for b in batches), self.device)
 
     def _plan(self, epoch: int, rng: np.random.Generator) -> EpochPlan:
-        if self.kind == "tuple":
-            return plan_tuples(self.cfg, self.train, rng, self.T, self._student_vectors)
+        if self.loss.kind == "tuple":
+            return plan_tuples(self.cfg, self.train, rng, self.train_teacher, self._student_vectors)
         return plan_images(self.cfg, self.train, rng)
 
     def _teacher_rows(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.T[idx], dtype=np.float32)).to(self.device)
+        """The teacher's cached vectors of training images `idx`, as float32 on the device."""
+        return torch.from_numpy(np.asarray(self.train_teacher[idx], dtype=np.float32)).to(self.device)
 
     def _autocast(self):
         if self.cfg.amp == "none":
@@ -241,26 +254,29 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=dtype)
 
     def _step_loss(
-        self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor], context: torch.Tensor | None
+        self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor], ref: torch.Tensor | None
     ) -> torch.Tensor:
+        """The loss of one step, called as its spec says: tuple or batch inputs, and only the tensors it reads."""
         with self._autocast():
             s = forward_by_size(self.model, images, self.device)
         B = len(b)
-        extra = {"teacher_ref": context} if context is not None else {}
-        if self.kind == "batch":
-            return self.loss_fn(s, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs)
-        anchor = s[:B]
-        if self.cfg.loss == "sym":  # the no-teacher baseline: every tuple image through the student
+        tensors: dict[str, torch.Tensor | None] = {}
+        if self.loss.reads_anchor_teacher:
+            tensors["anchor_teacher"] = self._teacher_rows(plan.anchors[b])
+        if self.loss.reads_ref:
+            tensors["ref"] = ref
+        if self.loss.kind == "batch":
+            return self.loss.fn(s, self._teacher_rows(plan.anchors[b]), **tensors, **self.loss_constants)
+        if self.loss.student_refs:  # every tuple image went through the student (the no-teacher baseline)
             positive, negatives = s[B : 2 * B], s[2 * B :].reshape(B, -1, s.shape[1])
         else:
             positive = self._teacher_rows(plan.positives[b])
             negatives = self._teacher_rows(plan.negatives[b].reshape(-1)).reshape(B, -1, s.shape[1])
-        return self.loss_fn(
-            anchor, positive, negatives, self._teacher_rows(plan.anchors[b]), **extra, **self.loss_kwargs
-        )
+        return self.loss.fn(s[:B], positive, negatives, **tensors, **self.loss_constants)
 
     def _images_of(self, plan: EpochPlan, b: np.ndarray) -> np.ndarray:
-        if self.cfg.loss == "sym":
+        """The training images the student embeds (with grad) in one step: anchors, or whole tuples."""
+        if self.loss.student_refs:
             return np.concatenate([plan.anchors[b], plan.positives[b], plan.negatives[b].reshape(-1)])
         return plan.anchors[b]
 
@@ -276,14 +292,13 @@ class Trainer:
         batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
         usable = len(batches) // self.dist.world * self.dist.world or len(batches)
         batches = batches[:usable][self.dist.rank :: self.dist.world]
-        context = self._teacher_rows(plan.pool) if "teacher_ref" in inspect.signature(self.loss_fn).parameters else None
+        ref = self._teacher_rows(plan.pool) if self.loss.reads_ref else None  # the teacher's pool: references
 
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
         loader = torch.utils.data.DataLoader(
-            _Batches(images, [self._images_of(plan, b) for b in batches]),
-            batch_size=None,
+            _StepImages(images, [self._images_of(plan, b) for b in batches]),
+            batch_size=None,  # each item is already one step's list of image tensors (default_convert keeps it)
             num_workers=self.workers,
-            collate_fn=_identity,
         )
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +308,7 @@ class Trainer:
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
             sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                loss = self._step_loss(plan, b, imgs, context)
+                loss = self._step_loss(plan, b, imgs, ref)
                 self.scaler.scale(loss / cfg.update_every).backward()
             if last:
                 self.scaler.step(self.optimizer)

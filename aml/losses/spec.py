@@ -1,0 +1,93 @@
+"""One spec per loss: its function, what kind of batch it takes, which inputs it reads, how it reduces.
+
+The trainer builds each call from the spec (`kind`, `reads_anchor_teacher`, `reads_ref`, `student_refs`), never
+from the loss's name or signature. Two tensor inputs are optional and passed by keyword, only to the losses
+that read them:
+- `anchor_teacher` (B, D): the teacher's vectors of the anchor images (`contr+`);
+- `ref` (P, D): a reference set the student queries are scored against (pytorch-metric-learning's `ref_emb`);
+  the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from aml.errors import UserError
+
+KINDS = ("tuple", "batch")
+TENSOR_INPUTS = ("anchor_teacher", "ref")  # keyword inputs that are tensors, never constants
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss.
+
+    `kind`: "tuple" (`fn(anchor, positive, negatives, *, ...)`, anchors (B, D), positives (B, D), negatives
+    (B, K, D)) or "batch" (`fn(student, teacher, *, ...)`, both (B, D), the same images).
+    `student_refs`: positives and negatives are student vectors too (the no-teacher `sym` baseline).
+    `needs_labels`: it trains on (query, positive) pairs. `per_sample`: `reduction="none"` gives one value per
+    tuple or image; a loss defined over the whole batch (False) refuses it.
+    `defaults`: its keyword constants and their defaults (`--loss-arg NAME=VALUE`, `--margin`).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    kind: str
+    reads_anchor_teacher: bool = False
+    reads_ref: bool = False
+    student_refs: bool = False
+    needs_labels: bool = False
+    per_sample: bool = True
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"loss '{self.name}': kind {self.kind!r}, expected one of {KINDS}")
+        clash = sorted(set(self.defaults) & set(TENSOR_INPUTS + ("reduction",)))
+        if clash:
+            raise ValueError(f"loss '{self.name}': '{clash[0]}' is an input, not a constant")
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def __call__(self, *inputs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Call the loss function itself."""
+        return self.fn(*inputs, **kwargs)
+
+    def constants(self, given: Mapping[str, Any], option: str = "--loss-arg") -> dict[str, Any]:
+        """`given` checked against the loss's constants: a one-line UserError naming the accepted names."""
+        for k in given:
+            if k in self.defaults:
+                continue
+            takes = ", ".join(sorted(self.defaults)) or "no constants"
+            if k in TENSOR_INPUTS or k == "reduction":
+                raise UserError(
+                    f"{option} {k}: '{k}' is an input of loss '{self.name}' that the trainer passes, not a "
+                    f"constant; loss '{self.name}' takes {takes}"
+                )
+            raise UserError(f"{option} {k}: loss '{self.name}' takes {takes}")
+        return dict(given)
+
+
+def keyword_constants(fn: Callable) -> dict[str, Any]:
+    """A loss function's keyword-only constants and their defaults (its tensor inputs and `reduction` excluded)."""
+    return {
+        n: p.default
+        for n, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in TENSOR_INPUTS and n != "reduction"
+    }
+
+
+def loss_spec(name: str, fn: Callable[..., torch.Tensor], kind: str, **flags: bool) -> LossSpec:
+    """The spec of a loss function; its constants and defaults are read once from its own signature."""
+    return LossSpec(name, fn, kind, needs_labels=kind == "tuple", defaults=keyword_constants(fn), **flags)
+
+
+def weight_name(loss: str) -> str:
+    """The keyword that sets a member's weight in a combination: `contr+` -> `weight_contr_plus`."""
+    return "weight_" + re.sub(r"\W", "_", loss.replace("+", "_plus")).strip("_")
