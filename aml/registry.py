@@ -21,8 +21,11 @@ from aml.errors import UserError
 from aml.io import sha256_file
 from aml.net import RetrievalNet, default_meta
 
-Builder = Callable[[str | None, bool], tuple[nn.Module, int, dict]]
+Builder = Callable[[str | None], nn.Module]  # (weights file or None) -> the backbone's feature-map module
 INIT_SEED = 0  # every network is built under this seed: random-init models are reproducible
+ROLES = ("teacher", "student")
+TORCHVISION_URL = "https://download.pytorch.org/models"
+CIRTORCH_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Bundled:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered backbone."""
+    """One registered backbone: its builder and everything about it, named once."""
 
     name: str
     builder: Builder
@@ -43,36 +46,41 @@ class Entry:
     weights_help: str
     description: str
     architecture: str
-    role: str
+    default_role: str
     bundled: Bundled | None
 
 
 _REGISTRY: dict[str, Entry] = {}
-_PACKAGES = ("teachers", "students")
+# Backbone families, one per file, imported in this order: registration order is the listing order within a role.
+_PACKAGES = ("students", "teachers")
 _loaded = False
+_checked: set[str] = set()  # entries whose built module's output channels were checked against feature_dim
 
 
 def register(
     name: str,
     *,
     feature_dim: int,
+    architecture: str,
+    default_role: str,
     weights_help: str,
     description: str,
-    architecture: str | None = None,
     bundled: Bundled | None = None,
 ) -> Callable[[Builder], Builder]:
-    """Decorator: register a backbone builder `(weights, random_init) -> (features, out_channels, meta)`.
+    """Decorator: register a backbone builder `(weights: str | None) -> nn.Module` (the feature maps).
 
-    `architecture` is the name cirtorch checkpoints carry in `meta['architecture']` (torchvision's);
-    `bundled` names weights that ship with an installed package (used when no `weights=` is given).
+    `feature_dim` is the module's output channels (checked on its first build); `architecture` is the name
+    cirtorch checkpoints carry in `meta['architecture']` (torchvision's); `default_role` is the side it is
+    listed under (any backbone works on either side); `bundled` names weights that ship with an installed
+    package (used when no `weights=` is given).
     """
+    if default_role not in ROLES:
+        raise ValueError(f"model '{name}': default_role {default_role!r}, expected one of {ROLES}")
 
     def deco(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' registered twice")
-        package = fn.__module__.split(".")[0]
-        role = {"teachers": "teacher", "students": "student"}.get(package, "any")
-        _REGISTRY[name] = Entry(name, fn, feature_dim, weights_help, description, architecture or name, role, bundled)
+        _REGISTRY[name] = Entry(name, fn, feature_dim, weights_help, description, architecture, default_role, bundled)
         return fn
 
     return deco
@@ -118,6 +126,25 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     if not p.is_file():
         raise UserError(f"{p}: file not found; check the path (weights are never downloaded by aml)")
     return _torch_load(p)
+
+
+def backbone_keys(sd: Mapping[str, Any], renames: Mapping[str, int] | None = None, drop: tuple[str, ...] = ()) -> dict:
+    """Keys of a backbone file, as a `features` Sequential names them (cirtorch's layout).
+
+    Accepts a torchvision ImageNet state dict (attributes renamed by `renames`, heads in `drop` removed),
+    cirtorch `features.N.*` keys, or a bare features state dict (`N.*`, cirtorch's imagenet files).
+    """
+    out = {}
+    for k, v in sd.items():
+        head, _, rest = k.partition(".")
+        if head in drop:
+            continue
+        if renames and head in renames:
+            k = f"{renames[head]}.{rest}"
+        elif head == "features":
+            k = rest
+        out[k] = v
+    return out
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -300,13 +327,35 @@ def model_identity(
     }
 
 
+def _output_channels(features: nn.Module) -> int:
+    """Channels of a feature module's maps, from one small eval-mode forward (no RNG, no state change)."""
+    was_training = features.training
+    try:
+        with torch.no_grad():
+            return int(features.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+    finally:
+        features.train(was_training)
+
+
+def _features(entry: Entry, weights: str | None) -> nn.Module:
+    """The entry's feature module; its output channels are checked against `feature_dim` on the first build."""
+    features = entry.builder(weights)
+    if entry.name not in _checked:
+        got = _output_channels(features)
+        if got != entry.feature_dim:
+            raise ValueError(
+                f"model '{entry.name}': the builder's maps have {got} channels, registered {entry.feature_dim}"
+            )
+        _checked.add(entry.name)
+    return features
+
+
 def _build(src: _Source, dim: int | None) -> RetrievalNet:
     entry, ckpt = src.entry, src.checkpoint
+    channels = entry.feature_dim
     if ckpt is None:
-        weights = str(src.path) if src.path is not None else None
-        features, channels, bmeta = entry.builder(weights, weights is None)
-        meta = {**default_meta(entry.architecture, dim or channels), **bmeta}
-        return RetrievalNet(features, channels, dim=dim, meta=meta)
+        features = _features(entry, str(src.path) if src.path is not None else None)
+        return RetrievalNet(features, channels, dim=dim, meta=default_meta(entry.architecture, dim or channels))
     sd = ckpt["state_dict"]
     ck_dim = int(sd["proj.0.weight"].shape[0]) if "proj.0.weight" in sd else None
     whiten = "whiten.weight" in sd
@@ -314,8 +363,8 @@ def _build(src: _Source, dim: int | None) -> RetrievalNet:
     if dim is not None and ck_dim != dim and not new_head:
         have = f"a {ck_dim}-d projection head" if ck_dim else "a whitening layer"
         raise UserError(f"{src.path}: checkpoint has {have}, but dim={dim} was asked for")
-    features, channels, bmeta = entry.builder(None, True)
-    meta = {**default_meta(entry.architecture, channels), **bmeta, **ckpt["meta"]}
+    features = _features(entry, None)
+    meta = {**default_meta(entry.architecture, channels), **ckpt["meta"]}
     net = RetrievalNet(features, channels, dim=dim if new_head else ck_dim, whiten=whiten, meta=meta)
     load_into(net, sd, src.path, optional=("proj.",) if new_head else ())
     return net
@@ -355,12 +404,12 @@ def create_model(
 def list_models() -> list[dict[str, Any]]:
     """One row per registered backbone: name, roles, output dim, where its weights come from."""
     rows = []
-    for e in sorted(_entries().values(), key=lambda e: e.role != "teacher"):  # stable: registration order
+    for e in sorted(_entries().values(), key=lambda e: ROLES.index(e.default_role)):  # stable: registration order
         source = f"bundled:{e.bundled.package}" if e.bundled is not None else e.weights_help
         rows.append(
             {
                 "name": e.name,
-                "roles": e.role,
+                "roles": e.default_role,
                 "dim": e.feature_dim,
                 "architecture": e.architecture,
                 "weights": source,

@@ -1,3 +1,3 @@
-"""Student backbones, registered into `aml.registry` on import (any of them may also be a teacher)."""
+"""Student backbone families, registered into `aml.registry` on import (any of them may also be a teacher)."""
 
-from students import efficientnet, mobilenet, resnet18  # noqa: F401
+from students import efficientnet, mobilenet  # noqa: F401

@@ -1,3 +1,3 @@
-"""Teacher backbones, registered into `aml.registry` on import (any of them may also be a student)."""
+"""Teacher backbone families, registered into `aml.registry` on import (any of them may also be a student)."""
 
-from teachers import efficientnet, resnet, vgg  # noqa: F401
+from teachers import resnet, vgg  # noqa: F401

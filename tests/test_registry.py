@@ -20,9 +20,7 @@ TEACHER_DIMS = {"rn50": 2048, "rn101": 2048, "rn152": 2048, "vgg16": 512, "lite2
 STUDENT_DIMS = {"effnet-b3": 1536, "mobilenetv2": 1280, "lite0": 1280, "resnet18": 512}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # on a shared 2-core box, two spinning OpenMP threads are many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sha(path) -> str:
@@ -173,12 +171,35 @@ def test_aml_checkpoint_round_trip(tmp_path):
         create_model(path, dim=64)
 
 
+def test_builders_take_only_their_weights():
+    """The builder contract: `(weights) -> nn.Module`; dimension, architecture and role live in the entry."""
+    import inspect
+
+    for e in registry._entries().values():
+        assert list(inspect.signature(e.builder).parameters) == ["weights"], e.name
+        assert e.default_role in registry.ROLES and e.architecture
+
+
+def test_registry_checks_the_built_channels_against_feature_dim(monkeypatch):
+    entries = registry._entries()
+    monkeypatch.setitem(entries, "wrong", dataclasses.replace(entries["resnet18"], name="wrong", feature_dim=256))
+    with pytest.raises(ValueError, match="model 'wrong': the builder's maps have 512 channels, registered 256"):
+        create_model("wrong", random_init=True)
+    monkeypatch.delitem(entries, "wrong")
+    registry._checked.discard("wrong")
+
+
+def test_register_refuses_an_unknown_role():
+    with pytest.raises(ValueError, match="default_role 'any'"):
+        registry.register("x", feature_dim=1, architecture="x", default_role="any", weights_help="-", description="-")
+
+
 def test_identity_does_not_build_the_network(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     net = create_model("resnet18", role="student", dim=8, random_init=True)
     torch.save({"state_dict": net.state_dict(), "meta": net.meta}, path)
 
-    def boom(weights, random_init):
+    def boom(weights):
         raise AssertionError("model_identity built a network")
 
     entries = registry._entries()
