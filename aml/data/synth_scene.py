@@ -7,6 +7,7 @@ archetype, block proportions, floor and column counts, window kinds per floor, r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,7 @@ class Landmark:
     seed: int
 
 
-class _Draw(ImageDraw.ImageDraw):
+class Draw(ImageDraw.ImageDraw):
     """ImageDraw that accepts boxes with corners in any order (procedural boxes can come out flipped)."""
 
     @staticmethod
@@ -112,11 +113,13 @@ class _Draw(ImageDraw.ImageDraw):
         return super().pieslice(self._sorted(xy), *args, **kwargs)
 
 
-def _jitter(rng: np.random.Generator, rgb: RGB, amount: float = 18) -> RGB:
+def jitter(rng: np.random.Generator, rgb: RGB, amount: float = 18) -> RGB:
+    """`rgb` with Gaussian noise of std `amount` per channel, clipped to 0..255."""
     return tuple(int(np.clip(c + rng.normal(0, amount), 0, 255)) for c in rgb)  # type: ignore[return-value]
 
 
-def _pick(rng: np.random.Generator, seq):
+def pick(rng: np.random.Generator, seq):
+    """A uniformly random element of a sequence."""
     return seq[int(rng.integers(len(seq)))]
 
 
@@ -134,18 +137,18 @@ def sample_block(
     height = GROUND - top
     floors = int(np.clip(round(height / rng.uniform(0.07, 0.12)), 1, 9))
     cols = int(np.clip(round((x1 - x0) / rng.uniform(0.05, 0.11)), 1, 13))
-    upper = _pick(rng, WINDOWS)
+    upper = pick(rng, WINDOWS)
     windows = [upper] * floors
     if floors > 2 and rng.random() < 0.6:  # piano nobile / attic storey in another style
-        windows[1] = _pick(rng, WINDOWS)
+        windows[1] = pick(rng, WINDOWS)
     if floors > 3 and rng.random() < 0.5:
-        windows[-1] = _pick(rng, ("round", "rect", "twin"))
-    windows[0] = _pick(rng, ("rect", "arch", "tall", upper))
+        windows[-1] = pick(rng, ("round", "rect", "twin"))
+    windows[0] = pick(rng, ("rect", "arch", "tall", upper))
     if palette is None:
         names = list(MATERIALS)
-        wall = _jitter(rng, MATERIALS[_pick(rng, names)])
-        wall2 = _jitter(rng, MATERIALS[_pick(rng, names)])
-        palette = (wall, wall2, _jitter(rng, _pick(rng, TRIMS), 10), _jitter(rng, _pick(rng, ROOFS), 12))
+        wall = jitter(rng, MATERIALS[pick(rng, names)])
+        wall2 = jitter(rng, MATERIALS[pick(rng, names)])
+        palette = (wall, wall2, jitter(rng, pick(rng, TRIMS), 10), jitter(rng, pick(rng, ROOFS), 12))
     n_blind = int(rng.integers(0, max(1, floors * cols // 4) + 1))
     blind = tuple(sorted(set(rng.integers(0, floors * cols, n_blind).tolist())))
     return Block(
@@ -157,14 +160,14 @@ def sample_block(
         windows=tuple(windows),
         win_w=rng.uniform(0.38, 0.7),
         win_h=rng.uniform(0.42, 0.72),
-        door=_pick(rng, ("none", "rect", "arch", "arcade")),
-        roof=roof or _pick(rng, ROOF_KINDS),
+        door=pick(rng, ("none", "rect", "arch", "arcade")),
+        roof=roof or pick(rng, ROOF_KINDS),
         roof_h=rng.uniform(0.05, 0.16),
         wall=palette[0],
         wall2=palette[1],
         trim=palette[2],
         roof_col=palette[3],
-        texture=_pick(rng, TEXTURES),
+        texture=pick(rng, TEXTURES),
         tex_scale=rng.uniform(0.012, 0.03),
         bands=bool(rng.random() < 0.6),
         pilasters=bool(rng.random() < 0.4),
@@ -173,109 +176,145 @@ def sample_block(
     )
 
 
+def _palace(rng: np.random.Generator) -> list[Block]:
+    """A wide block with a flat or mansard roof, often a central pavilion."""
+    u = rng.uniform
+    w = u(0.6, 0.9)
+    x0 = 0.5 - w / 2
+    blocks = [sample_block(rng, x0, x0 + w, u(0.38, 0.6), roof=pick(rng, ("flat", "mansard")))]
+    if rng.random() < 0.7:  # central pavilion
+        pw = w * u(0.2, 0.35)
+        blocks.append(
+            sample_block(
+                rng,
+                0.5 - pw / 2,
+                0.5 + pw / 2,
+                blocks[0].top - u(0.04, 0.12),
+                roof=pick(rng, ("gable", "dome", "mansard")),
+                ornament=pick(rng, ("clock", "columns", "none")),
+            )
+        )
+    return blocks
+
+
+def _church(rng: np.random.Generator) -> list[Block]:
+    """A gabled nave with a rose window and one or two towers in its materials."""
+    u = rng.uniform
+    w = u(0.35, 0.55)
+    blocks = [sample_block(rng, 0.5 - w / 2, 0.5 + w / 2, u(0.3, 0.5), roof="gable", ornament="rose")]
+    tw = u(0.1, 0.16)
+    roof = pick(rng, ("spire", "crenel", "dome"))
+    sides = (-1, 1) if rng.random() < 0.6 else (pick(rng, (-1, 1)),)
+    for s in sides:
+        xc = 0.5 + s * (w / 2 + tw / 2 - 0.01)
+        blocks.append(
+            sample_block(
+                rng,
+                xc - tw / 2,
+                xc + tw / 2,
+                u(0.12, 0.25),
+                roof=roof,
+                palette=(blocks[0].wall, blocks[0].wall2, blocks[0].trim, blocks[0].roof_col),
+                ornament=pick(rng, ("clock", "none")),
+            )
+        )
+    return blocks
+
+
+def _tower(rng: np.random.Generator) -> list[Block]:
+    """A tall clock tower, usually between two low wings."""
+    u = rng.uniform
+    blocks = []
+    for s in (-1, 1):
+        if rng.random() < 0.8:
+            ww = u(0.15, 0.3)
+            xa = 0.5 + s * 0.05
+            blocks.append(sample_block(rng, min(xa, xa + s * ww), max(xa, xa + s * ww), u(0.55, 0.72)))
+    tw = u(0.14, 0.24)
+    blocks.append(
+        sample_block(
+            rng,
+            0.5 - tw / 2,
+            0.5 + tw / 2,
+            u(0.1, 0.22),
+            roof=pick(rng, ("spire", "dome", "crenel", "flat")),
+            ornament="clock",
+        )
+    )
+    return blocks
+
+
+def _domed(rng: np.random.Generator) -> list[Block]:
+    """A flat-roofed hall under a central dome."""
+    u = rng.uniform
+    w = u(0.5, 0.85)
+    blocks = [
+        sample_block(
+            rng,
+            0.5 - w / 2,
+            0.5 + w / 2,
+            u(0.45, 0.62),
+            roof="flat",
+            ornament=pick(rng, ("columns", "niches", "none")),
+        )
+    ]
+    dw = w * u(0.3, 0.5)
+    blocks.append(sample_block(rng, 0.5 - dw / 2, 0.5 + dw / 2, blocks[0].top - u(0.1, 0.16), roof="dome"))
+    return blocks
+
+
+def _row(rng: np.random.Generator) -> list[Block]:
+    """A row of two to four narrow houses side by side."""
+    u = rng.uniform
+    n = int(rng.integers(2, 5))
+    widths = rng.uniform(0.14, 0.24, n)
+    x = 0.5 - widths.sum() / 2
+    blocks = []
+    for wi in widths:
+        blocks.append(
+            sample_block(
+                rng,
+                x,
+                x + wi,
+                u(0.3, 0.55),
+                roof=pick(rng, ("stepped", "gable", "flat")),
+                ornament=pick(rng, ("banner", "none", "none")),
+            )
+        )
+        x += wi
+    return blocks
+
+
+def _temple(rng: np.random.Generator) -> list[Block]:
+    """A temple or museum with a gabled portico."""
+    u = rng.uniform
+    w = u(0.55, 0.85)
+    return [
+        sample_block(
+            rng,
+            0.5 - w / 2,
+            0.5 + w / 2,
+            u(0.42, 0.6),
+            roof="gable",
+            ornament=pick(rng, ("columns", "niches")),
+        )
+    ]
+
+
+# One block-layout builder per archetype (each draws from the generator in a fixed order: the set's bytes).
+ARCHETYPE_BLOCKS: dict[str, Callable[[np.random.Generator], list[Block]]] = dict(
+    zip(ARCHETYPES, (_palace, _church, _tower, _domed, _row, _temple), strict=True)
+)
+
+
 def sample_landmark(rng: np.random.Generator) -> Landmark:
     """A landmark: an archetype (palace, church, tower, domed hall, row of houses, temple), random layout."""
-    kind = _pick(rng, ARCHETYPES)
-    u = rng.uniform
-    blocks: list[Block] = []
-    if kind == "palace":
-        w = u(0.6, 0.9)
-        x0 = 0.5 - w / 2
-        blocks.append(sample_block(rng, x0, x0 + w, u(0.38, 0.6), roof=_pick(rng, ("flat", "mansard"))))
-        if rng.random() < 0.7:  # central pavilion
-            pw = w * u(0.2, 0.35)
-            blocks.append(
-                sample_block(
-                    rng,
-                    0.5 - pw / 2,
-                    0.5 + pw / 2,
-                    blocks[0].top - u(0.04, 0.12),
-                    roof=_pick(rng, ("gable", "dome", "mansard")),
-                    ornament=_pick(rng, ("clock", "columns", "none")),
-                )
-            )
-    elif kind == "church":
-        w = u(0.35, 0.55)
-        blocks.append(sample_block(rng, 0.5 - w / 2, 0.5 + w / 2, u(0.3, 0.5), roof="gable", ornament="rose"))
-        tw = u(0.1, 0.16)
-        roof = _pick(rng, ("spire", "crenel", "dome"))
-        sides = (-1, 1) if rng.random() < 0.6 else (_pick(rng, (-1, 1)),)
-        for s in sides:
-            xc = 0.5 + s * (w / 2 + tw / 2 - 0.01)
-            blocks.append(
-                sample_block(
-                    rng,
-                    xc - tw / 2,
-                    xc + tw / 2,
-                    u(0.12, 0.25),
-                    roof=roof,
-                    palette=(blocks[0].wall, blocks[0].wall2, blocks[0].trim, blocks[0].roof_col),
-                    ornament=_pick(rng, ("clock", "none")),
-                )
-            )
-    elif kind == "tower":
-        for s in (-1, 1):
-            if rng.random() < 0.8:
-                ww = u(0.15, 0.3)
-                xa = 0.5 + s * 0.05
-                blocks.append(sample_block(rng, min(xa, xa + s * ww), max(xa, xa + s * ww), u(0.55, 0.72)))
-        tw = u(0.14, 0.24)
-        blocks.append(
-            sample_block(
-                rng,
-                0.5 - tw / 2,
-                0.5 + tw / 2,
-                u(0.1, 0.22),
-                roof=_pick(rng, ("spire", "dome", "crenel", "flat")),
-                ornament="clock",
-            )
-        )
-    elif kind == "domed":
-        w = u(0.5, 0.85)
-        blocks.append(
-            sample_block(
-                rng,
-                0.5 - w / 2,
-                0.5 + w / 2,
-                u(0.45, 0.62),
-                roof="flat",
-                ornament=_pick(rng, ("columns", "niches", "none")),
-            )
-        )
-        dw = w * u(0.3, 0.5)
-        blocks.append(sample_block(rng, 0.5 - dw / 2, 0.5 + dw / 2, blocks[0].top - u(0.1, 0.16), roof="dome"))
-    elif kind == "row":
-        n = int(rng.integers(2, 5))
-        widths = rng.uniform(0.14, 0.24, n)
-        x = 0.5 - widths.sum() / 2
-        for wi in widths:
-            blocks.append(
-                sample_block(
-                    rng,
-                    x,
-                    x + wi,
-                    u(0.3, 0.55),
-                    roof=_pick(rng, ("stepped", "gable", "flat")),
-                    ornament=_pick(rng, ("banner", "none", "none")),
-                )
-            )
-            x += wi
-    else:  # temple / museum with portico
-        w = u(0.55, 0.85)
-        blocks.append(
-            sample_block(
-                rng,
-                0.5 - w / 2,
-                0.5 + w / 2,
-                u(0.42, 0.6),
-                roof="gable",
-                ornament=_pick(rng, ("columns", "niches")),
-            )
-        )
+    kind = pick(rng, ARCHETYPES)
+    blocks = ARCHETYPE_BLOCKS[kind](rng)
     return Landmark(
         archetype=kind,
         blocks=tuple(blocks),
-        glass=_jitter(rng, _pick(rng, GLASS), 10),
+        glass=jitter(rng, pick(rng, GLASS), 10),
         seed=int(rng.integers(2**31)),
     )
 
@@ -308,7 +347,7 @@ def texture_gain(kind: str, h: int, w: int, period: float, rng: np.random.Genera
     return gain.astype(np.float32), tone
 
 
-def _window(d: _Draw, box: tuple[float, float, float, float], kind: str, glass: RGB, trim: RGB, wall2: RGB) -> None:
+def _window(d: Draw, box: tuple[float, float, float, float], kind: str, glass: RGB, trim: RGB, wall2: RGB) -> None:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     fw = max(1.0, 0.12 * w)
@@ -346,7 +385,7 @@ def _window(d: _Draw, box: tuple[float, float, float, float], kind: str, glass: 
         d.rectangle((x0 - fw, y1 - 0.25 * h, x1 + fw, y1), outline=trim, width=max(1, int(fw / 2)))
 
 
-def _roof(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> None:
+def _roof(d: Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> None:
     x0, x1, top = b.x0 * px, b.x1 * px, b.top * px
     w, rh = x1 - x0, b.roof_h * px
     cx = (x0 + x1) / 2
@@ -405,7 +444,7 @@ def _roof(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> 
         d.ellipse((cx - 0.08 * w, top - 0.55 * rh, cx + 0.08 * w, top - 0.55 * rh + 0.16 * w), fill=b.trim)
 
 
-def _ornament(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> None:
+def _ornament(d: Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB) -> None:
     x0, x1, top = b.x0 * px, b.x1 * px, b.top * px
     w, cx = x1 - x0, (x0 + x1) / 2
     if b.ornament in ("rose", "clock"):
@@ -428,7 +467,7 @@ def _ornament(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB)
     elif b.ornament == "banner":
         y = top + 0.1 * (GROUND * px - top)
         bh = 0.06 * (GROUND * px - top) + 4
-        col = _jitter(rng, _pick(rng, ((160, 30, 30), (30, 60, 120), (30, 100, 60), (200, 170, 40))), 20)
+        col = jitter(rng, pick(rng, ((160, 30, 30), (30, 60, 120), (30, 100, 60), (200, 170, 40))), 20)
         d.rectangle((x0 + 0.1 * w, y, x1 - 0.1 * w, y + bh), fill=col)
         for x in np.arange(x0 + 0.14 * w, x1 - 0.14 * w, 0.06 * w):
             if rng.random() < 0.8:  # glyphs of a sign
@@ -441,7 +480,7 @@ def _ornament(d: _Draw, b: Block, px: int, rng: np.random.Generator, glass: RGB)
         pw = w * 0.8
         for x in np.linspace(cx - pw / 2 + cw, cx + pw / 2 - cw, n):
             d.rectangle((x - cw / 2, g - ch, x + cw / 2, g), fill=b.trim)
-            d.line((x - cw / 4, g - ch, x - cw / 4, g), fill=_jitter(rng, b.trim, 0), width=1)
+            d.line((x - cw / 4, g - ch, x - cw / 4, g), fill=jitter(rng, b.trim, 0), width=1)
         d.rectangle((cx - pw / 2, g - ch - 0.05 * ch, cx + pw / 2, g - ch), fill=b.trim)
         d.polygon(
             [(cx - pw / 2, g - ch - 0.05 * ch), (cx, g - ch - 0.3 * ch), (cx + pw / 2, g - ch - 0.05 * ch)],
@@ -467,7 +506,7 @@ def _facade(img: Image.Image, b: Block, px: int, rng: np.random.Generator, glass
     rgb = np.asarray(b.wall, np.float32) * (1 - tone[..., None]) + np.asarray(b.wall2, np.float32) * tone[..., None]
     rgb = np.clip(rgb * (gain * shade)[..., None], 0, 255).astype(np.uint8)
     img.paste(Image.fromarray(np.dstack([rgb, np.full((h, w), 255, np.uint8)])), (x0, y0))
-    d = _Draw(img)
+    d = Draw(img)
     fh, cw = h / b.floors, w / b.cols
     if b.pilasters:
         for i in range(b.cols + 1):
@@ -509,7 +548,7 @@ def render_landmark(lm: Landmark, px: int) -> np.ndarray:
     rng = np.random.default_rng(lm.seed)
     img = Image.new("RGBA", (px, px), (0, 0, 0, 0))
     for b in lm.blocks:
-        _roof(_Draw(img), b, px, rng, lm.glass)
+        _roof(Draw(img), b, px, rng, lm.glass)
         _facade(img, b, px, rng, lm.glass)
-        _ornament(_Draw(img), b, px, rng, lm.glass)
+        _ornament(Draw(img), b, px, rng, lm.glass)
     return np.asarray(img)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from aml.data.synth_scene import GLASS, GROUND, MATERIALS, _Draw, _jitter, _pick
+from aml.data.synth_scene import GLASS, GROUND, MATERIALS, Draw, jitter, pick
 
 SKIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "clear": ((70, 128, 200), (184, 212, 236)),
@@ -20,7 +20,6 @@ SKIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "sunset": ((62, 60, 118), (242, 156, 92)),
     "night": ((8, 10, 26), (40, 40, 70)),
 }
-LEVELS = ("query", "easy", "hard", "junk")
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,8 @@ def sample_view(rng: np.random.Generator, level: str) -> ViewSpec:
         scale=u(0.45, 0.95),
         cx=0.5 + u(-0.12, 0.12),
         cy=0.5 + u(-0.1, 0.1),
-        aspect=_pick(rng, (4 / 3, 3 / 4, 1.0, 3 / 2)),
-        sky=_pick(rng, ("clear", "clear", "overcast", "sunset")),
+        aspect=pick(rng, (4 / 3, 3 / 4, 1.0, 3 / 2)),
+        sky=pick(rng, ("clear", "clear", "overcast", "sunset")),
         clutter=int(rng.integers(1, 5)),
         occluders=int(rng.integers(0, 3)),
         occ_size=u(0.15, 0.35),
@@ -114,7 +113,7 @@ def sample_view(rng: np.random.Generator, level: str) -> ViewSpec:
             cy=0.5 + u(-0.05, 0.05),
             occluders=int(rng.integers(0, 2)),
             occ_size=u(0.12, 0.25),
-            sky=_pick(rng, ("clear", "overcast")),
+            sky=pick(rng, ("clear", "overcast")),
             exposure=u(0.85, 1.15),
             shadow=u(0, 0.2),
             haze=u(0, 0.08),
@@ -125,14 +124,14 @@ def sample_view(rng: np.random.Generator, level: str) -> ViewSpec:
     elif level == "hard":  # one strong change, sometimes two
         for f in rng.choice(5, size=1 if rng.random() < 0.8 else 2, replace=False):
             if f == 0:  # strong viewpoint change
-                p.update(yaw=_pick(rng, (-1, 1)) * u(33, 50), pitch=u(-12, 12), dist=u(1.6, 2.5))
+                p.update(yaw=pick(rng, (-1, 1)) * u(33, 50), pitch=u(-12, 12), dist=u(1.6, 2.5))
             elif f == 1:  # close-up: only part of the landmark in frame
                 p.update(scale=u(1.25, 1.7), cx=0.5 + u(-0.25, 0.25), cy=0.5 + u(-0.2, 0.2))
             elif f == 2:  # heavy occlusion
                 p.update(occluders=int(rng.integers(2, 4)), occ_size=u(0.3, 0.5))
             elif f == 3:  # harsh light: night, dusk, cast shadow, haze
                 p.update(
-                    sky=_pick(rng, ("night", "sunset", "overcast")),
+                    sky=pick(rng, ("night", "sunset", "overcast")),
                     exposure=u(0.45, 0.75),
                     shadow=u(0.4, 0.65),
                     haze=u(0.12, 0.3),
@@ -146,7 +145,7 @@ def sample_view(rng: np.random.Generator, level: str) -> ViewSpec:
         if f == 0:  # extreme zoom on a detail
             p.update(scale=u(3.0, 5.0), cx=0.5 + u(-1.2, 1.2), cy=0.5 + u(-1.0, 1.0))
         elif f == 1:  # mostly out of frame
-            p.update(scale=u(0.7, 1.2), cx=_pick(rng, (-1, 1)) * u(0.55, 0.75) + 0.5)
+            p.update(scale=u(0.7, 1.2), cx=pick(rng, (-1, 1)) * u(0.55, 0.75) + 0.5)
         elif f == 2:  # tiny in the distance
             p.update(scale=u(0.08, 0.15), clutter=int(rng.integers(4, 8)), cx=u(0.15, 0.85))
         else:  # buried behind occluders
@@ -195,13 +194,13 @@ def _background(w: int, h: int, spec: ViewSpec, ground_y: float, rng: np.random.
         a = np.clip(cloud - 0.3, 0, 1)[..., None] * (0.6 if spec.sky == "clear" else 0.3)
         sky = sky * (1 - a) + 235 * a
     img = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8)).convert("RGBA")
-    d = _Draw(img)
+    d = Draw(img)
     gy = int(np.clip(ground_y, h * 0.3, h))
     for _ in range(spec.clutter):  # unrelated buildings, same vocabulary: windows in a grid
         bw, bh = rng.uniform(0.15, 0.5) * w, rng.uniform(0.25, 0.8) * h
         bx = rng.uniform(-0.1 * w, w)
-        wall = _jitter(rng, MATERIALS[_pick(rng, list(MATERIALS))], 25)
-        glass = _jitter(rng, _pick(rng, GLASS), 15)
+        wall = jitter(rng, MATERIALS[pick(rng, list(MATERIALS))], 25)
+        glass = jitter(rng, pick(rng, GLASS), 15)
         d.rectangle((bx, gy - bh, bx + bw, gy), fill=wall)
         nx, ny = int(rng.integers(2, 7)), int(rng.integers(2, 9))
         cw, ch = bw / nx, bh / ny
@@ -211,10 +210,10 @@ def _background(w: int, h: int, spec: ViewSpec, ground_y: float, rng: np.random.
                 x, y = bx + (i + 0.5) * cw, gy - bh + (j + 0.5) * ch
                 d.rectangle((x - ww / 2, y - wh / 2, x + ww / 2, y + wh / 2), fill=glass)
     if gy < h:
-        pave = _jitter(rng, _pick(rng, ((118, 118, 120), (150, 142, 130), (90, 92, 96))), 10)
+        pave = jitter(rng, pick(rng, ((118, 118, 120), (150, 142, 130), (90, 92, 96))), 10)
         d.rectangle((0, gy, w, h), fill=pave)
         for y in np.linspace(gy, h, 5)[1:]:
-            d.line((0, y, w, y), fill=_jitter(rng, pave, 12), width=1)
+            d.line((0, y, w, y), fill=jitter(rng, pave, 12), width=1)
     return img
 
 
@@ -223,22 +222,22 @@ def _occluders(
 ) -> Image.Image:
     """A transparent layer of foreground objects placed over the landmark's box."""
     layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    d = _Draw(layer)
+    d = Draw(layer)
     gy = float(np.clip(ground_y, 0.5 * h, h)) + rng.uniform(0, 0.05 * h)
     bx0, bx1 = float(np.clip(box[0], 0, w)), float(np.clip(box[2], 0, w))
     for _ in range(spec.occluders):
         s = spec.occ_size * h * rng.uniform(0.7, 1.3)
         x = rng.uniform(bx0 - 0.1 * w, max(bx0, bx1) + 0.1 * w)
-        kind = _pick(rng, ("tree", "tree", "bus", "people", "lamp", "scaffold", "edge", "car"))
+        kind = pick(rng, ("tree", "tree", "bus", "people", "lamp", "scaffold", "edge", "car"))
         if kind == "tree":
             d.rectangle((x - 0.04 * s, gy - 0.5 * s, x + 0.04 * s, gy), fill=(80, 60, 40))
-            green = _jitter(rng, (60, 104, 50), 20)
+            green = jitter(rng, (60, 104, 50), 20)
             for _ in range(6):
                 ox, oy, r = rng.normal(0, 0.22 * s), rng.uniform(-1.1, -0.55) * s, rng.uniform(0.2, 0.35) * s
-                d.ellipse((x + ox - r, gy + oy - r, x + ox + r, gy + oy + r), fill=_jitter(rng, green, 12))
+                d.ellipse((x + ox - r, gy + oy - r, x + ox + r, gy + oy + r), fill=jitter(rng, green, 12))
         elif kind in ("bus", "car"):
             ln, ht = (1.6 * s, 0.55 * s) if kind == "bus" else (0.8 * s, 0.3 * s)
-            body = _jitter(rng, _pick(rng, ((200, 40, 40), (230, 230, 225), (40, 70, 140), (230, 190, 40))), 20)
+            body = jitter(rng, pick(rng, ((200, 40, 40), (230, 230, 225), (40, 70, 140), (230, 190, 40))), 20)
             d.rectangle((x - ln / 2, gy - ht, x + ln / 2, gy - 0.12 * ht), fill=body)
             for wx in np.arange(x - ln / 2 + 0.05 * ln, x + ln / 2 - 0.1 * ln, 0.16 * ln):
                 d.rectangle((wx, gy - 0.9 * ht, wx + 0.11 * ln, gy - 0.55 * ht), fill=(40, 50, 60))
@@ -247,11 +246,11 @@ def _occluders(
         elif kind == "people":
             for _ in range(int(rng.integers(2, 6))):
                 px, ph = x + rng.normal(0, 0.3 * s), 0.5 * s * rng.uniform(0.8, 1.1)
-                coat = _jitter(rng, (90, 80, 90), 50)
+                coat = jitter(rng, (90, 80, 90), 50)
                 d.rectangle((px - 0.07 * ph, gy - 0.82 * ph, px + 0.07 * ph, gy), fill=coat)
                 d.ellipse(
                     (px - 0.06 * ph, gy - ph, px + 0.06 * ph, gy - 0.82 * ph),
-                    fill=_jitter(rng, (200, 160, 130)),
+                    fill=jitter(rng, (200, 160, 130)),
                 )
         elif kind == "lamp":
             d.rectangle((x - 0.015 * s, gy - 1.4 * s, x + 0.015 * s, gy), fill=(40, 42, 40))
@@ -262,11 +261,11 @@ def _occluders(
                 d.line((xx, y0, xx, gy), fill=(120, 120, 125), width=max(1, int(0.015 * s)))
             for yy in np.linspace(y0, gy, 7):
                 d.line((x0, yy, x1, yy), fill=(120, 120, 125), width=max(1, int(0.015 * s)))
-            d.rectangle((x0, y0 + 0.3 * s, x1, y0 + 0.7 * s), fill=_jitter(rng, (40, 120, 60), 30))  # banner
+            d.rectangle((x0, y0 + 0.3 * s, x1, y0 + 0.7 * s), fill=jitter(rng, (40, 120, 60), 30))  # banner
         else:  # the edge of a nearby building, from one side of the frame
             ew = 0.45 * s
             xa = 0.0 if rng.random() < 0.5 else w - ew
-            d.rectangle((xa, 0, xa + ew, h), fill=_jitter(rng, MATERIALS[_pick(rng, list(MATERIALS))], 25))
+            d.rectangle((xa, 0, xa + ew, h), fill=jitter(rng, MATERIALS[pick(rng, list(MATERIALS))], 25))
             for yy in np.arange(rng.uniform(0, 0.1 * h), h, 0.12 * h):
                 d.rectangle((xa + 0.2 * ew, yy, xa + 0.8 * ew, yy + 0.06 * h), fill=(40, 50, 60))
     return layer
