@@ -1,7 +1,9 @@
-"""Shared fixtures: the real data beside the repo (../shared/data), skipped cleanly when absent."""
+"""Shared fixtures: the real data beside the repo (../shared/data), skipped cleanly when absent; one thread;
+the `aml` command line run in this process."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,19 +29,44 @@ def _deterministic():
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    """Run `aml ARGS...` in-process; returns (exit_code, stdout, stderr)."""
-    import subprocess
-    import sys
+def one_thread():
+    """Tiny convolutions on one thread: two spinning OpenMP threads on a shared 2-core box are many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
-    def _run(*args: str, cwd: Path | None = None, env: dict | None = None):
-        import os
 
-        e = dict(os.environ)
-        e.update(env or {})
-        p = subprocess.run(
-            [sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=e
-        )
-        return p.returncode, p.stdout, p.stderr
+def _cli_module():
+    """The repository's `cli.py` (the console entry point `aml = cli:main`), imported once."""
+    spec = importlib.util.spec_from_file_location("aml_cli", REPO / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run `aml ARGS...` in this process through `cli.main`; returns (exit_code, stdout, stderr).
+
+    `env` entries are set and `cwd` entered for the call only. The console script's own process start is
+    tested once, in tests/test_cli_extract.py.
+    """
+    cli = _cli_module()
+
+    def _run(*args: str, cwd: Path | None = None, env: dict | None = None) -> tuple[int, str, str]:
+        with monkeypatch.context() as m:
+            for k, v in (env or {}).items():
+                m.setenv(k, str(v))
+            if cwd is not None:
+                m.chdir(cwd)
+            capsys.readouterr()
+            try:
+                cli.main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            out, err = capsys.readouterr()
+        return code, out, err
 
     return _run

@@ -23,9 +23,7 @@ SIZE = 40
 MS = [1, 1 / 2**0.5, 1 / 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # on a shared 2-core box, two spinning OpenMP threads are many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchvision_resnet18() -> nn.Module:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from aml.extract import extract
@@ -13,9 +18,7 @@ from aml.registry import create_model
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # on a shared 2-core box, two spinning OpenMP threads are many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -30,19 +33,6 @@ def listed(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(names) + "\n")
     return lst, [str(tmp_path / n) for n in names]
-
-
-def _in_process(capsys, *args):
-    """`aml ARGS` in this process (the subprocess runner costs seconds per call on a shared CPU)."""
-    import cli
-
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _fails(result, *needles):
@@ -91,8 +81,8 @@ def test_extract_writes_rows_in_list_order(listed, tmp_path, run_cli):
     assert [p.name for p in out.parent.iterdir()] == ["v.npy"]  # no temporary left behind
 
 
-def test_models_table(capsys):
-    code, out, err = _in_process(capsys, "models")
+def test_models_table(run_cli):
+    code, out, err = run_cli("models")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["name", "role", "dim", "weights"]
@@ -100,23 +90,33 @@ def test_models_table(capsys):
     assert rows["rn101"] == ["teacher", "2048"] and rows["effnet-b3"] == ["student", "1536"]
 
 
-def test_errors_are_one_line(listed, tmp_path, capsys, run_cli):
+def test_console_entry_point_in_its_own_process(listed, tmp_path):
+    """The one real subprocess: `cli.py` as a fresh process lists the models, and a user error is one line, exit 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(REPO / "cli.py"), "models"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout.split()[:4] == ["name", "role", "dim", "weights"], p.stderr
+    lst, _ = listed
+    args = ["extract", "--model", str(tmp_path / "missing.pth"), "--images", str(lst), "--image-size", "32"]
+    args += ["--out", str(tmp_path / "o.npy")]
+    p = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env)
+    _fails((p.returncode, p.stdout, p.stderr), "missing.pth", "not found")
+
+
+def test_errors_are_one_line(listed, tmp_path, run_cli):
     lst, _ = listed
     out = tmp_path / "o.npy"
     base = ("--images", lst, "--image-size", 32, "--out", out, "--workers", 0)
-    # one real subprocess: the console entry point prints one line, no traceback
     _fails(run_cli("extract", "--model", tmp_path / "missing.pth", *base, env=ENV), "missing.pth", "not found")
     ck = tmp_path / "nometa.pth"
     torch.save({"state_dict": {}}, ck)
-    _fails(_in_process(capsys, "extract", "--model", ck, *base), "nometa.pth", "'meta'")
-    _fails(_in_process(capsys, "extract", "--model", "resnet-18", *base), "unknown model 'resnet-18'", "resnet18")
-    _fails(_in_process(capsys, "extract", "--model", "rn101", *base), "resnet101-63fe2227.pth")
+    _fails(run_cli("extract", "--model", ck, *base), "nometa.pth", "'meta'")
+    _fails(run_cli("extract", "--model", "resnet-18", *base), "unknown model 'resnet-18'", "resnet18")
+    _fails(run_cli("extract", "--model", "rn101", *base), "resnet101-63fe2227.pth")
     bad = tmp_path / "bad.txt"
     (tmp_path / "jpg" / "broken.jpg").write_bytes(b"nope")
     bad.write_text("jpg/0.png\njpg/broken.jpg\n")
     _fails(
-        _in_process(
-            capsys,
+        run_cli(
             "extract",
             "--model",
             "resnet18",
@@ -136,12 +136,12 @@ def test_errors_are_one_line(listed, tmp_path, capsys, run_cli):
     bbx = tmp_path / "short.txt"
     bbx.write_text("1 2 3 4\n")
     _fails(
-        _in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--bbx", bbx, "--whiten"),
+        run_cli("extract", "--model", "resnet18", "--random-init", *base, "--bbx", bbx, "--whiten"),
         "short.txt",
         "1 lines for 3 images",
     )
     _fails(
-        _in_process(capsys, "extract", "--model", "resnet18", "--random-init", *base, "--whiten"),
+        run_cli("extract", "--model", "resnet18", "--random-init", *base, "--whiten"),
         "no learned whitening",
     )
     assert not out.exists()

@@ -264,17 +264,6 @@ def assert_same_result(got, want):
 MODEL_KW = dict(random_init=True, image_size=32, workers=0, device="cpu", progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions: one thread avoids OpenMP spin-waiting on a shared 2-core machine (60x faster)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monkeypatch, one_thread):
     import aml.registry
     from aml.evaluate import evaluate_models
@@ -332,26 +321,7 @@ def test_models_whitening_uses_the_teachers_lw_on_both_sides(tmp_path, one_threa
         evaluate_models(ds, "lite2", "lite0", whiten=True, cache_dir=tmp_path / "cache", **MODEL_KW)
 
 
-def cli_in_process(capsys, *args):
-    """`aml ARGS` in this process (no second torch import): (exit code, stdout, stderr)."""
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("aml_cli", REPO / "cli.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    capsys.readouterr()
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_from_models(tmp_path, capsys, one_thread):
+def test_cli_from_models(tmp_path, run_cli, one_thread):
     image_dataset(tmp_path)
     base = (
         "evaluate",
@@ -374,9 +344,7 @@ def test_cli_from_models(tmp_path, capsys, one_thread):
         "--device",
         "cpu",
     )
-    code, out, err = cli_in_process(
-        capsys, *base, "--row", "teacher", "--row", "asymmetric", "--json", tmp_path / "r.json"
-    )
+    code, out, err = run_cli(*base, "--row", "teacher", "--row", "asymmetric", "--json", tmp_path / "r.json")
     assert code == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"dataset", "settings", "teacher", "asymmetric"}
@@ -384,5 +352,5 @@ def test_cli_from_models(tmp_path, capsys, one_thread):
         assert set(res[row]) == {"dataset", "mAP", "mP@k"} and set(res[row]["mAP"]) == {"E", "M", "H"}
     assert "teacher (sym)" in out and "asymmetric (s->t)" in out and "student (sym)" not in out
     (tmp_path / "imgs" / "jpg" / "im3.jpg").unlink()
-    code, _, err = cli_in_process(capsys, *base)
+    code, _, err = run_cli(*base)
     assert code == 2 and "1 of 10 images are missing (first: " in err and "im3.jpg" in err

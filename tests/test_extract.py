@@ -17,9 +17,7 @@ SIZES = [(64, 48), (48, 64), (37, 53), (64, 48), (53, 37), (64, 48), (20, 90), (
 BBXS = [None, (4, 6, 40, 50), None, (10.4, 3.6, 50.2, 40.9), None, None, (2, 10, 18, 70), (0, 0, 48, 64)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # on a shared 2-core box, two spinning OpenMP threads are many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
