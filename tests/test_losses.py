@@ -373,8 +373,8 @@ def test_spec_checks_constants():
     assert LOSSES["contr"].constants({"margin": 0.5}) == {"margin": 0.5}
     with pytest.raises(UserError, match=r"^--loss-arg alpha: loss 'reg' takes no constants$"):
         LOSSES["reg"].constants({"alpha": 1.0})
-    with pytest.raises(UserError, match=r"--margin tau: loss 'csd' takes k, tau_s, tau_t$"):
-        LOSSES["csd"].constants({"tau": 1.0}, option="--margin")
+    with pytest.raises(UserError, match=r"^--margin 0.5: loss 'csd' takes k, tau_s, tau_t$"):
+        LOSSES["csd"].constants({"margin": 0.5}, where="--margin 0.5")
 
 
 @pytest.mark.parametrize("name", ["ref", "anchor_teacher", "reduction"])

@@ -148,7 +148,7 @@ def test_loss_constants_are_checked_and_margin_defaults_per_loss(tiny_data, tmp_
     assert loss_function(cfg.replace(loss="contr", margin=0.5))[1] == {"margin": 0.5}
     with pytest.raises(UserError, match="--loss-arg alpha"):
         loss_function(cfg.replace(loss="reg", loss_args={"alpha": 1.0}))
-    with pytest.raises(UserError, match="^--margin margin: loss 'csd' takes k, tau_s, tau_t$"):
+    with pytest.raises(UserError, match="^--margin 0.5: loss 'csd' takes k, tau_s, tau_t$"):
         loss_function(cfg.replace(loss="csd", margin=0.5))
     with pytest.raises(UserError, match="^--loss-arg ref: 'ref' is an input of loss 'csd'"):
         loss_function(cfg.replace(loss="csd", loss_args={"ref": 1.0}))

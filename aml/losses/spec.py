@@ -59,18 +59,22 @@ class LossSpec:
         """Call the loss function itself."""
         return self.fn(*inputs, **kwargs)
 
-    def constants(self, given: Mapping[str, Any], option: str = "--loss-arg") -> dict[str, Any]:
-        """`given` checked against the loss's constants: a one-line UserError naming the accepted names."""
+    def constants(self, given: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+        """`given` checked against the loss's constants: a one-line UserError naming the accepted names.
+
+        `where` names the option in the message (default `--loss-arg NAME`).
+        """
         for k in given:
             if k in self.defaults:
                 continue
             takes = ", ".join(sorted(self.defaults)) or "no constants"
+            opt = where or f"--loss-arg {k}"
             if k in TENSOR_INPUTS or k == "reduction":
                 raise UserError(
-                    f"{option} {k}: '{k}' is an input of loss '{self.name}' that the trainer passes, not a "
+                    f"{opt}: '{k}' is an input of loss '{self.name}' that the trainer passes, not a "
                     f"constant; loss '{self.name}' takes {takes}"
                 )
-            raise UserError(f"{option} {k}: loss '{self.name}' takes {takes}")
+            raise UserError(f"{opt}: loss '{self.name}' takes {takes}")
         return dict(given)
 
 

@@ -79,7 +79,7 @@ def loss_function(cfg: TrainConfig) -> tuple[LossSpec, dict[str, Any]]:
     spec = LOSSES[cfg.loss]
     constants = spec.constants(cfg.loss_args)
     if cfg.margin is not None and "margin" not in constants:
-        constants.update(spec.constants({"margin": cfg.margin}, option="--margin"))
+        constants.update(spec.constants({"margin": cfg.margin}, where=f"--margin {cfg.margin}"))
     return spec, constants
 
 
