@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from aml.data.images import Bbx, header_size, load_image, loaded_size, same_shape_groups, to_array
+from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_size, same_shape_groups, to_array
 from aml.errors import UserError
 from aml.nn import l2n, rescale
 from aml.progress import Progress
@@ -123,8 +123,7 @@ def extract(
     image_size, scales, batch_size = settings.image_size, settings.scales, settings.batch_size
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
-    if bbxs is not None and len(bbxs) != n:
-        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+    check_bbxs(bbxs, n)
     dev = resolve_device(settings.device)
     dim = int(model.dim)
     if lw is not None:

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from aml.data.images import Bbx, load_image, same_shape_groups, to_array
+from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_array
 from aml.errors import UserError
 from aml.sidecar import read_sidecar
 
@@ -109,8 +109,7 @@ def embed_images(
 ) -> np.ndarray:
     """(N, D) float32 vectors of images in list order; images of equal loaded size are run as one batch."""
     n = len(paths)
-    if bbxs is not None and len(bbxs) != n:
-        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+    check_bbxs(bbxs, n)
     rescaler = Rescaler() if tuple(scales) != (1.0,) else None
     out: np.ndarray | None = None
 

@@ -54,6 +54,12 @@ def load_image(path: str | os.PathLike, size: int, bbx: Bbx = None) -> Image.Ima
     return img
 
 
+def check_bbxs(bbxs: Sequence[Bbx] | None, n: int) -> None:
+    """UserError unless `bbxs` is None or has one entry (a box or None) per image."""
+    if bbxs is not None and len(bbxs) != n:
+        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+
+
 def to_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(3, H, W) float32 array of an RGB image in [0, 1], normalised by per-channel mean and std."""
     x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
