@@ -24,7 +24,7 @@ from aml.scoring import KAPPAS, score_rankings, summary
 from aml.search import search
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
-from aml.whiten import Lw, is_file_spec
+from aml.whiten import Lw, is_file_spec, teacher_lw
 
 TEST_IMAGE_SIZE = 1024  # `aml evaluate`'s default longest side (cirtorch's test size)
 FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
@@ -170,14 +170,6 @@ def _whiten(x: np.ndarray, lw: Lw | None) -> np.ndarray:
     return x if lw is None else lw.apply_np(x, dtype=x.dtype)
 
 
-def teacher_lw(spec: str | None, teacher: TeacherVectors, multiscale: bool) -> Lw | None:
-    """The asymmetric protocol's whitening: the teacher's Lw named by `--whiten` (see `Lw.from_spec`), applied
-    to the teacher database and to the student queries alike; None without `spec`."""
-    if spec is None:
-        return None
-    return Lw.from_spec(spec, multiscale, lambda: teacher.net().meta)
-
-
 def _teacher_rows(
     dataset: Revisitop,
     t: TeacherVectors,
@@ -267,7 +259,7 @@ def evaluate_models(
     t = TeacherVectors(
         teacher, settings, cache_dir=cache, weights=teacher_weights, random_init=random_init, dtype=cache_dtype
     )
-    lw = teacher_lw(whiten, t, settings.multiscale)
+    lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
     info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
     if lw is not None:
         info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"

@@ -7,7 +7,7 @@ dataset key and its variant ('ss' single-scale, 'ms' multi-scale). It is found i
 rows (`apply_torch`) or folded into an export graph (`as_linear`).
 
 The asymmetric protocol whitens both sides with **the teacher's** Lw: `aml evaluate` and `aml export` pick it
-with `Lw.from_spec(spec, multiscale, teacher_meta)` and apply that one value to the teacher database and to
+with `teacher_lw(spec, multiscale, teacher_meta)` and apply that one value to the teacher database and to
 the student queries.
 """
 
@@ -169,6 +169,15 @@ class Lw:
             lin.weight.copy_(P)
             lin.bias.copy_(-(P @ torch.from_numpy(self.m)))
         return lin
+
+
+def teacher_lw(
+    spec: str | None, multiscale: bool, teacher_meta: Callable[[], Mapping[str, Any]], *, where: str | None = None
+) -> Lw | None:
+    """The asymmetric protocol's whitening, the one function `aml evaluate` and `aml export` use: the teacher's
+    Lw named by a `--whiten` value (see `Lw.from_spec`), to apply to the teacher database *and* the student
+    queries; None without `spec`. `teacher_meta` gives the teacher's meta (called only when needed)."""
+    return None if spec is None else Lw.from_spec(spec, multiscale, teacher_meta, where=where)
 
 
 def is_file_spec(spec: str | None) -> bool:

@@ -31,7 +31,7 @@ from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.settings import ExtractSettings
 from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS, write_sidecar
-from aml.whiten import Lw
+from aml.whiten import Lw, teacher_lw
 
 
 @dataclass
@@ -59,9 +59,8 @@ def ort_runner(path: str | os.PathLike) -> verify.Runner:
     return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def teacher_lw(spec: str, identity: Mapping[str, Any] | None, where: str) -> Lw:
-    """The teacher's single-scale Lw named by `--whiten` (see `Lw.from_spec`), to fold into the student's
-    graph and to whiten the teacher database of the retrieval gate: one value for both sides."""
+def _teacher_meta(identity: Mapping[str, Any] | None, where: str) -> Callable[[], Mapping[str, Any]]:
+    """Reads the teacher's meta (for its meta['Lw']) from the weights file the student's meta names."""
     label = (identity or {}).get("weights")
 
     def meta() -> Mapping[str, Any]:
@@ -77,7 +76,7 @@ def teacher_lw(spec: str, identity: Mapping[str, Any] | None, where: str) -> Lw:
         found = obj.get("meta") if isinstance(obj, Mapping) else None
         return found if isinstance(found, Mapping) else {}
 
-    return Lw.from_spec(spec, False, meta, where=f"teacher {label}")
+    return meta
 
 
 def _config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -291,7 +290,8 @@ def export_checkpoint(
     size = int(image_size or config.get("test_image_size") or config.get("image_size") or TrainConfig.image_size)
     suffix = f"-{precision}{'-w' if whiten is not None else ''}{FORMATS[fmt]}"
     out = Path(out) if out is not None else ckpt_path.with_name(f"{ckpt_path.stem}{suffix}")
-    lw = teacher_lw(whiten, teacher, where) if whiten is not None else None
+    label = (teacher or {}).get("weights")
+    lw = teacher_lw(whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
 
     reference = reference_encoder(net, lw)
     module, swaps = export_encoder(net, lw, "fp32" if precision == "int8" else precision)
