@@ -26,10 +26,14 @@ __all__ = ["MULTISCALE", "ExtractSettings", "embed", "extract", "resolve_device"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The one device resolver: `auto` -> CUDA when available, else CPU; `cuda` without a GPU is a UserError."""
+    """The one device resolver: `auto` -> CUDA when available, else CPU; an unknown device or `cuda` without a
+    GPU is a UserError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: unknown device; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
     return dev

@@ -182,3 +182,11 @@ def test_lw_from_meta_errors():
 def test_lw_of_the_wrong_dimension_is_a_user_error(net, images):
     with pytest.raises(UserError, match="whitens 5-d vectors"):
         extract(net, images[:1], ExtractSettings(32, workers=0, progress=False), lw=Lw(np.zeros(5), np.eye(5), "x"))
+
+
+def test_resolve_device_errors_are_user_errors():
+    from aml.extract import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device tpu: unknown device"):
+        resolve_device("tpu")
