@@ -2,40 +2,44 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import sys
 
 import click
 
-# name -> (module under aml.commands, one-line help). Modules load only when their command runs.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("models", "List the model registry: dimensions and where weights come from."),
-    "extract": ("extract", "Embed a list of images with a model or checkpoint into an .npy file."),
-    "evaluate": ("evaluate", "Revisited Oxford/Paris-style evaluation: symmetric and asymmetric mAP."),
-    "data": ("data", "Dataset tools: synthetic landmarks, splits in revisitop layout."),
-    "distill": ("distill", "Train a student into the teacher's embedding space (AML)."),
-    "export": ("export", "Export a student checkpoint as a verified ONNX / TorchScript query encoder."),
-    "embed": ("embed", "Embed images with an exported ONNX encoder (onnxruntime only, no torch)."),
-}
+# The commands, in `aml --help` order; each is `command` in aml/commands/<name>.py. Modules load only when
+# their command runs; the one-line help is the module docstring's first line ("`aml NAME`: what it does").
+COMMANDS = ("models", "extract", "evaluate", "data", "distill", "export", "embed")
+
+
+def short_help(name: str) -> str:
+    """The one-line help of a command, read from its module's docstring without importing it."""
+    spec = importlib.util.find_spec(f"aml.commands.{name}")
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    line = doc.splitlines()[0] if doc else ""
+    text = line.split(": ", 1)[1] if line.startswith("`aml ") and ": " in line else line
+    return text[:1].upper() + text[1:]
 
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [n for n in COMMANDS if importlib.util.find_spec(f"aml.commands.{COMMANDS[n][0]}")]
+        return [n for n in COMMANDS if importlib.util.find_spec(f"aml.commands.{n}")]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or name not in self.list_commands(ctx):
             return None
-        module = importlib.import_module(f"aml.commands.{COMMANDS[name][0]}")
+        module = importlib.import_module(f"aml.commands.{name}")
         cmd = module.command
-        cmd.short_help = cmd.short_help or COMMANDS[name][1]
+        cmd.short_help = cmd.short_help or short_help(name)
         return cmd
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(n, COMMANDS[n][1]) for n in self.list_commands(ctx)]
+        rows = [(n, short_help(n)) for n in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)

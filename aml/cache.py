@@ -30,19 +30,20 @@ from aml.progress import Progress
 FORMAT = "aml-feature-cache"
 VERSION = 1
 DTYPES = ("float16", "float32")
+# The one default cache dtype, shared by `aml distill` (TrainConfig.cache_dtype) and `aml evaluate`, so an
+# evaluation after training reads the teacher vectors training cached.
+DEFAULT_DTYPE = "float16"
 
 
-def cache_key(
-    identity: dict, image_size: int, scales: Sequence[float], paths: Sequence[str], whiten: Any = None
-) -> dict:
-    """What the cached vectors depend on: teacher identity, image size, scales, the image list, whitening."""
+def cache_key(identity: dict, image_size: int, scales: Sequence[float], paths: Sequence[str]) -> dict:
+    """What the cached vectors depend on: teacher identity, image size, scales, the image list."""
     return {
         "teacher": identity,
         "image_size": int(image_size),
         "scales": [float(s) for s in scales],
         "images": sha256_lines(list(paths)),
         "n_images": len(paths),
-        "whiten": whiten,
+        "whiten": None,  # whitening is applied after the cache; the field keeps existing cache files valid
     }
 
 
@@ -83,7 +84,7 @@ def _read_json(path: Path) -> dict | None:
 class FeatureCache:
     """One cached (n, dim) array of teacher vectors, identified by `key` (see `cache_key`)."""
 
-    def __init__(self, directory: str | os.PathLike, key: dict, n: int, dim: int, dtype: str = "float16") -> None:
+    def __init__(self, directory: str | os.PathLike, key: dict, n: int, dim: int, dtype: str = DEFAULT_DTYPE) -> None:
         if dtype not in DTYPES:
             raise UserError(f"cache dtype {dtype!r}: unsupported; use float16 or float32")
         if n < 0 or dim <= 0:

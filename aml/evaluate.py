@@ -10,19 +10,23 @@ the ranking is truncated) is the mAP if every dropped positive had come right af
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aml.cache import DEFAULT_DTYPE
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
 from aml.io import aml_home
 from aml.scoring import KAPPAS, score_rankings, summary
 from aml.search import search
+from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
+from aml.whiten import Lw, is_file_spec, teacher_lw
 
+TEST_IMAGE_SIZE = 1024  # `aml evaluate`'s default longest side (cirtorch's test size)
 FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
 TRUNCATED_TOPK = 10_000  # ranking depth for larger databases (R1M)
 ROWS = ("teacher", "student", "asymmetric")
@@ -100,9 +104,35 @@ def evaluate_features(
     return out
 
 
-def format_table(results: Mapping[str, Any]) -> str:
-    """A text table (x100, 2 decimals) of one `evaluate_features` result, or of the teacher / student /
-    asymmetric results of `evaluate_models` side by side."""
+def format_table(results: Mapping[str, Any], *, title: str | None = None, layout: str = "columns") -> str:
+    """The one text table of revisitop results (x100, 2 decimals).
+
+    layout "columns" (`aml evaluate`): one `evaluate_features` result, or the teacher / student / asymmetric
+    results of `evaluate_models` side by side, one line per metric (mAP, mP@k). layout "rows" (the `aml
+    distill` table): `results` is {name: result}, one line per result with mAP and mP@10 for E / M / H.
+    """
+    if layout == "rows":
+        return _rows_table(results, title or "")
+    if layout != "columns":
+        raise ValueError(f"layout {layout!r}; expected 'columns' or 'rows'")
+    return _columns_table(results)
+
+
+def _rows_table(rows: Mapping[str, Mapping[str, Any]], title: str) -> str:
+    name_w = max([len(n) for n in rows] + [10])
+    head = f"{'':<{name_w}}  {'mAP E':>7} {'mAP M':>7} {'mAP H':>7}   {'mP@10 E':>7} {'mP@10 M':>7} {'mP@10 H':>7}"
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    for name, r in rows.items():
+        k = r["mP@k"]["k"].index(10) if 10 in r["mP@k"]["k"] else -1
+        m, p = r["mAP"], r["mP@k"]
+        lines.append(
+            f"{name:<{name_w}}  {m['E']:7.2f} {m['M']:7.2f} {m['H']:7.2f}   "
+            f"{p['E'][k]:7.2f} {p['M'][k]:7.2f} {p['H'][k]:7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _columns_table(results: Mapping[str, Any]) -> str:
     if "mAP" in results:
         cols, title = {"": results}, results.get("dataset", "")
     else:
@@ -135,63 +165,89 @@ def format_table(results: Mapping[str, Any]) -> str:
 # ---- model-based evaluation ---------------------------------------------------------------------------
 
 
-def _whiten(x: np.ndarray, lw: Mapping[str, Any] | None, block: int = 65536) -> np.ndarray:
-    """Apply learned whitening `l2n(P (x - m))` block by block, keeping `x`'s dtype."""
-    if lw is None:
-        return x
-    import torch
-
-    from aml.nn import apply_lw
-
-    m = torch.as_tensor(np.asarray(lw["m"], dtype=np.float32).reshape(-1))
-    P = torch.as_tensor(np.asarray(lw["P"], dtype=np.float32))
-    out = np.empty((x.shape[0], P.shape[0]), dtype=x.dtype)
-    for s in range(0, x.shape[0], block):
-        out[s : s + block] = apply_lw(torch.from_numpy(np.array(x[s : s + block], np.float32)), m, P).numpy()
-    return out
+def _whiten(x: np.ndarray, lw: Lw | None) -> np.ndarray:
+    """`lw` applied to stored vectors (keeping their dtype), or the vectors themselves without one."""
+    return x if lw is None else lw.apply_np(x, dtype=x.dtype)
 
 
-def learned_whitening(meta: Mapping[str, Any], scales: Sequence[float], key: str | None) -> dict[str, Any]:
-    """cirtorch Lw {'m', 'P', 'name'}: `meta['Lw'][key]`, 'ms' when multi-scale (key default: the first)."""
-    from aml.extract import select_lw
+def _teacher_rows(
+    dataset: Revisitop,
+    t: TeacherVectors,
+    lw: Lw | None,
+    distractors: list[str],
+    rows: Sequence[str],
+    score: Callable[..., dict[str, Any]],
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """(the teacher row if asked, the teacher database, its distractors), all whitened with `lw`."""
+    if "teacher" not in rows and "asymmetric" not in rows:
+        return {}, None, None
+    t_db = _whiten(t.get(dataset.db_paths()), lw)
+    t_dis = _whiten(t.get(distractors), lw) if distractors else None
+    out = {}
+    if "teacher" in rows:
+        t_q = _whiten(t.get(dataset.query_paths(), dataset.bbxs), lw)
+        out["teacher"] = score(t_db, t_q, distractors=t_dis)
+    return out, t_db, t_dis
 
-    key = key if key is not None else next(iter(meta.get("Lw") or {}), None)
-    kind = "ms" if len(scales) > 1 else "ss"
-    return {**select_lw(meta, len(scales) > 1, key), "key": key, "name": f"{key}/{kind}"}
+
+def _student_rows(
+    dataset: Revisitop,
+    s_net: Any,
+    settings: ExtractSettings,
+    lw: Lw | None,
+    t_db: np.ndarray | None,
+    t_dis: np.ndarray | None,
+    distractors: list[str],
+    rows: Sequence[str],
+    score: Callable[..., dict[str, Any]],
+) -> tuple[dict[str, Any], str | None]:
+    """The asymmetric row (student queries vs the teacher database, both whitened with the teacher's `lw`) and
+    the student's symmetric row (with the student's own Lw of the same name when it has one). Returns
+    (rows, the student's own Lw name or None)."""
+    from aml.extract import extract
+
+    out: dict[str, Any] = {}
+    s_q = extract(s_net, dataset.query_paths(), settings, bbxs=dataset.bbxs)
+    if "asymmetric" in rows:
+        out["asymmetric"] = score(t_db, _whiten(s_q, lw), distractors=t_dis)
+    own = None
+    if "student" in rows:
+        lw_s = lw
+        if lw is not None and lw.key in (s_net.meta.get("Lw") or {}):
+            lw_s = own = Lw.from_meta(s_net.meta, settings.multiscale, lw.key)
+        s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
+        s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
+        out["student"] = score(s_db, _whiten(s_q, lw_s), distractors=s_dis)
+    return out, None if own is None else own.name
 
 
 def evaluate_models(
     dataset: Revisitop,
     teacher: str,
     student: str,
+    settings: ExtractSettings,
     *,
     teacher_weights: str | None = None,
     student_weights: str | None = None,
     random_init: bool = False,
-    image_size: int = 1024,
-    scales: Sequence[float] = (1.0,),
-    whiten: bool = False,
-    lw_key: str | None = None,
+    whiten: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    cache_dtype: str = "float32",
+    cache_dtype: str = DEFAULT_DTYPE,
     topk: int | None = None,
     distractors: Sequence[str] | None = None,
     rows: Sequence[str] = ROWS,
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int | None = None,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
+    Both sides are extracted with `settings` (its device also runs the search).
 
     Teacher vectors (database, queries, distractors) come from the feature cache in `cache_dir` (default
-    $AML_HOME/cache), so a second student costs only its own extraction. With `whiten`, the teacher's learned
-    whitening is applied to the teacher and asymmetric rows (both sides) and to the student row unless the
-    student carries its own Lw of the same name. Returns {"dataset", "settings", row: evaluate_features(..)}.
+    $AML_HOME/cache) stored as `cache_dtype`, so a second student costs only its own extraction. `whiten` (a
+    `--whiten` value: `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to
+    the teacher and asymmetric rows (both sides) and to the student row unless the student carries its own Lw
+    of the same name. Returns {"dataset", "settings", row: evaluate_features(..)}.
     """
-    from aml.extract import extract
     from aml.registry import create_model
 
     unknown = [r for r in rows if r not in ROWS]
@@ -199,44 +255,21 @@ def evaluate_models(
         raise UserError(f"rows {list(rows)}: expected some of {', '.join(ROWS)}")
     distractors = list(distractors or [])
     dataset.check_images(distractors)
-    kw = dict(
-        image_size=image_size,
-        scales=tuple(scales),
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        progress=progress,
-    )
     cache = Path(cache_dir) if cache_dir is not None else aml_home() / "cache"
     t = TeacherVectors(
-        teacher,
-        weights=teacher_weights,
-        random_init=random_init,
-        image_size=image_size,
-        scales=scales,
-        cache_dir=cache,
-        dtype=cache_dtype,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
+        teacher, settings, cache_dir=cache, weights=teacher_weights, random_init=random_init, dtype=cache_dtype
     )
-    db_paths, q_paths, bbxs = dataset.db_paths(), dataset.query_paths(), dataset.bbxs
-    need_student_db = "student" in rows
-    need_teacher_db = "teacher" in rows or "asymmetric" in rows
-    lw_t = learned_whitening(t.net().meta, scales, lw_key) if whiten else None
+    lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
+    info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
+    if lw is not None:
+        info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
 
-    settings: dict[str, Any] = {"image size": image_size, "scales": list(scales)}
-    if whiten:
-        settings["Lw"] = f"teacher {lw_t['name']}"
-    out: dict[str, Any] = {"dataset": dataset.name, "settings": settings}
-    t_db = t_dis = None
-    if need_teacher_db:
-        t_db = _whiten(t.get(db_paths), lw_t)
-        t_dis = _whiten(t.get(distractors), lw_t) if distractors else None
-    if "teacher" in rows:
-        t_q = _whiten(t.get(q_paths, bbxs), lw_t)
-        out["teacher"] = evaluate_features(dataset, t_db, t_q, topk=topk, distractors=t_dis, device=device)
+    def score(db: np.ndarray, q: np.ndarray, distractors: np.ndarray | None) -> dict[str, Any]:
+        return evaluate_features(dataset, db, q, topk=topk, distractors=distractors, device=settings.device)
+
+    out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
+    found, t_db, t_dis = _teacher_rows(dataset, t, lw, distractors, rows, score)
+    out.update(found)
     if "student" in rows or "asymmetric" in rows:
         is_file = os.path.isfile(student)
         s_net = create_model(
@@ -246,19 +279,8 @@ def evaluate_models(
             random_init=random_init and not is_file,
             dim=None if is_file else t.identity["dim"],
         )
-        lw_s = lw_t
-        if whiten and lw_t["key"] in (s_net.meta.get("Lw") or {}):
-            lw_s = learned_whitening(s_net.meta, scales, lw_t["key"])
-            settings["Lw"] += f", student's own {lw_s['name']} on the student row"
-        s_q = extract(s_net, q_paths, bbxs=bbxs, **kw)
-        if "asymmetric" in rows:
-            out["asymmetric"] = evaluate_features(
-                dataset, t_db, _whiten(s_q, lw_t), topk=topk, distractors=t_dis, device=device
-            )
-        if need_student_db:
-            s_db = _whiten(extract(s_net, db_paths, **kw), lw_s)
-            s_dis = _whiten(extract(s_net, distractors, **kw), lw_s) if distractors else None
-            out["student"] = evaluate_features(
-                dataset, s_db, _whiten(s_q, lw_s), topk=topk, distractors=s_dis, device=device
-            )
+        found, own = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
+        out.update(found)
+        if own is not None:
+            info["Lw"] += f", student's own {own} on the student row"
     return {k: out[k] for k in ("dataset", "settings", *ROWS) if k in out}

@@ -7,36 +7,46 @@ exactly the vectors of batch-size-1 extraction); multi-scale and Lw whitening fo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from aml.data.images import Bbx, header_size, load_image, loaded_size, to_tensor
+from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_size, same_shape_groups, to_array
 from aml.errors import UserError
-from aml.nn import apply_lw, l2n, rescale
+from aml.nn import l2n, rescale
 from aml.progress import Progress
+from aml.settings import CPU_BATCH, MULTISCALE, ExtractSettings
+from aml.whiten import Lw
 
-MULTISCALE = (1.0, 2**-0.5, 0.5)
+__all__ = ["MULTISCALE", "ExtractSettings", "embed", "extract", "resolve_device", "to_tensor", "torch_groups"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is a UserError."""
+    """The one device resolver: `auto` -> CUDA when available, else CPU; an unknown device or `cuda` without a
+    GPU is a UserError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: unknown device; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
     return dev
 
 
-# Images per forward on the CPU. Measured (2 cores, 362 px, channels_last, aml.allocator on), images/s at
-# batch 1 / 2 / 4 / 8: lite2 24.8 / 33.1 / 34.2 / 31.0, lite0 35.7 / 41.2 / 44.5 / 40.3; contiguous tensors
-# at batch 32 (the GPU-style setting): lite2 5.7. Larger CPU batches only thrash the caches.
-CPU_BATCH = 4
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, H, W) float32 tensor of an RGB image, normalised (`aml.data.images.to_array` as a tensor)."""
+    return torch.from_numpy(to_array(img, mean, std))
+
+
+def torch_groups(items: Iterable[tuple[int, torch.Tensor]]) -> list[tuple[list[int], torch.Tensor]]:
+    """`same_shape_groups` of (index, tensor) pairs, stacked with torch."""
+    return same_shape_groups(items, torch.stack)
 
 
 def auto_workers(n: int, batch_size: int, device: torch.device | None = None) -> int:
@@ -99,48 +109,29 @@ def _keep(items: list) -> list:
     return items
 
 
-def same_shape_groups(items: Iterable[tuple[int, torch.Tensor]]) -> list[tuple[list[int], torch.Tensor]]:
-    """Stack (index, image tensor) pairs by tensor shape: [(indices, (b, 3, H, W) batch)], first-seen order."""
-    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-    for i, x in items:
-        groups.setdefault(tuple(x.shape), []).append((i, x))
-    return [([i for i, _ in g], torch.stack([x for _, x in g])) for g in groups.values()]
-
-
-def _lw_tensors(lw: Mapping[str, Any], dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    m = torch.as_tensor(np.asarray(lw["m"]), dtype=torch.float32).reshape(-1).to(device)
-    P = torch.as_tensor(np.asarray(lw["P"]), dtype=torch.float32).to(device)
-    if m.numel() != dim or P.shape[1] != dim:
-        raise UserError(f"Lw whitening is for {m.numel()}-d vectors (P {tuple(P.shape)}), the model gives {dim}-d")
-    return m, P
-
-
 def extract(
     model: nn.Module,
     paths: Sequence[str | os.PathLike],
+    settings: ExtractSettings,
     *,
-    image_size: int,
-    scales: Sequence[float] = (1.0,),
     bbxs: Sequence[Bbx] | None = None,
-    lw: Mapping[str, Any] | None = None,
-    batch_size: int = 32,
-    workers: int | None = None,
-    device: str | torch.device = "auto",
-    progress: bool = True,
+    lw: Lw | None = None,
 ) -> np.ndarray:
     """Embed images into an (N, D) float32 array of L2-normalised rows, in input order.
 
-    Each image is loaded as `load_image(path, image_size, bbx)`; images of equal size are batched
-    together, which gives the vectors of a batch-size-1 loop. `lw = {'m', 'P'}` applies learned
-    whitening after the multi-scale combination. The model is moved to `device` and used in eval mode
-    (its train/eval mode is restored afterwards).
+    Each image is loaded as `load_image(path, settings.image_size, bbx)`; images of equal size are batched
+    together, which gives the vectors of a batch-size-1 loop. `lw` applies learned whitening after the
+    multi-scale combination. The model is moved to `settings.device` and used in eval mode (its train/eval
+    mode is restored afterwards).
     """
+    image_size, scales, batch_size = settings.image_size, settings.scales, settings.batch_size
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
-    if bbxs is not None and len(bbxs) != n:
-        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
-    dev = resolve_device(device)
+    check_bbxs(bbxs, n)
+    dev = resolve_device(settings.device)
     dim = int(model.dim)
+    if lw is not None:
+        lw.check(dim)
     out = np.empty((n, dim), dtype=np.float32)
     if n == 0:
         return out
@@ -151,7 +142,7 @@ def extract(
     if dev.type == "cpu":
         batch_size = min(batch_size, CPU_BATCH)
     batches = size_batches(np.asarray(sizes), batch_size)
-    workers = auto_workers(n, batch_size, dev) if workers is None or workers < 0 else workers
+    workers = auto_workers(n, batch_size, dev) if settings.workers is None else settings.workers
     loader = torch.utils.data.DataLoader(
         _Images(paths, image_size, bbxs, model.mean, model.std),
         batch_sampler=batches,
@@ -162,35 +153,17 @@ def extract(
     fmt = torch.channels_last  # faster on both: CPU 2.9x at batch 1 for lite2 (8.8 -> 25.7 images/s)
     was_training = model.training
     model.eval().to(dev, memory_format=fmt)
-    whiten = _lw_tensors(lw, dim, dev) if lw is not None else None
-    bar = Progress(n, "extract", "img", progress)
+    bar = Progress(n, "extract", "img", settings.progress)
     try:
         with torch.inference_mode():
             for items in loader:
-                for idx, x in same_shape_groups(items):
+                for idx, x in torch_groups(items):
                     v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
-                    if whiten is not None:
-                        v = apply_lw(v, *whiten)
+                    if lw is not None:
+                        v = lw.apply_torch(v)
                     out[idx] = v.float().cpu().numpy()
                 bar.update(len(items))
     finally:
         bar.close()
         model.train(was_training)
     return out
-
-
-def select_lw(meta: Mapping[str, Any], multiscale: bool, dataset: str | None = None) -> dict[str, Any]:
-    """A cirtorch net's learned whitening `meta['Lw'][dataset]['ms' | 'ss']` (first dataset by default)."""
-    lws = meta.get("Lw")
-    name = (meta.get("aml") or {}).get("name") or meta.get("architecture")
-    if not isinstance(lws, Mapping) or not lws:
-        raise UserError(f"model '{name}': no learned whitening (meta['Lw']) in its checkpoint; drop --whiten")
-    if dataset is None:
-        dataset = next(iter(lws))
-    if dataset not in lws:
-        raise UserError(f"model '{name}': meta['Lw'] has no '{dataset}'; available: {', '.join(map(str, lws))}")
-    kind = "ms" if multiscale else "ss"
-    lw = lws[dataset].get(kind) if isinstance(lws[dataset], Mapping) else None
-    if not isinstance(lw, Mapping) or "m" not in lw or "P" not in lw:
-        raise UserError(f"model '{name}': meta['Lw']['{dataset}']['{kind}'] with 'm' and 'P' missing")
-    return {"m": lw["m"], "P": lw["P"]}

@@ -1,4 +1,6 @@
-"""The small pieces every retrieval net shares: GeM pooling, L2 normalisation, Lw whitening."""
+"""The small pieces every retrieval net shares: GeM pooling, L2 normalisation, the student head, rescaling.
+
+Learned whitening (Lw) lives in `aml.whiten`."""
 
 from __future__ import annotations
 
@@ -32,27 +34,6 @@ class GeM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.4f}, eps={self.eps}"
-
-
-class L2N(nn.Module):
-    """L2 normalisation as a module."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return l2n(x)
-
-
-def apply_lw(x: torch.Tensor, m: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """Apply learned post-whitening (cirtorch meta['Lw']): x -> l2n(P (x - m)), x is (B, D), m is (D,)."""
-    return l2n((x - m.reshape(1, -1)) @ P.T)
-
-
-def lw_as_linear(m: torch.Tensor, P: torch.Tensor) -> nn.Linear:
-    """Lw whitening folded into one Linear layer (x -> P x - P m), for export and fast inference."""
-    lin = nn.Linear(P.shape[1], P.shape[0], bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(P)
-        lin.bias.copy_(-(P @ m.reshape(-1)))
-    return lin
 
 
 def projection(in_channels: int, out_dim: int) -> nn.Sequential:

@@ -1,9 +1,9 @@
 """Embedding with an exported ONNX encoder on onnxruntime alone: no torch anywhere on this path.
 
-Images load exactly as `aml.data.images` loads them (PIL RGB, crop to bbx, Lanczos thumbnail to the longest
-side, never upscaling; that module imports torch, so the PIL steps are repeated here and a test checks they
-give the same pixels). Multi-scale (SPEC §3) rescales the normalised batch with a one-node ONNX `Resize`
-graph (linear, half_pixel, no antialias, scale given) — the ONNX spelling of torch's
+Images load through `aml.data.images` (torch-free: PIL RGB, crop to bbx, Lanczos thumbnail to the longest
+side, never upscaling), the loader the torch path uses too. Multi-scale (SPEC §3) rescales the normalised
+batch with a one-node ONNX `Resize` graph (linear, half_pixel, no antialias, scale given) — the ONNX
+spelling of torch's
 `interpolate(scale_factor=s, mode="bilinear", align_corners=False)` — and combines the per-scale vectors as
 `l2n(mean_s(v_s^msp)^(1/msp))` with the `msp` the sidecar records.
 """
@@ -20,37 +20,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from PIL import Image
 
+from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_array
 from aml.errors import UserError
-from aml.export.sidecar import read_sidecar
+from aml.sidecar import read_sidecar
 
 EPS = 1e-6
-Bbx = Sequence[float] | None
 Runner = Callable[[np.ndarray], np.ndarray]  # normalised (B, 3, H, W) float32 -> (B, D) float32
-
-
-def load_image(path: str | os.PathLike, size: float, bbx: Bbx = None) -> Image.Image:
-    """RGB image, longest side `size` (Lanczos thumbnail, never upscaled); a bbx crop scaled alike."""
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
-    if bbx is not None:
-        full = max(img.size)
-        img = img.crop(tuple(bbx))
-        size = size * max(img.size) / full
-    img.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return img
-
-
-def to_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(3, H, W) float32 array of an RGB image in [0, 1], normalised by per-channel mean and std."""
-    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    return (x - m) / s
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -133,8 +109,7 @@ def embed_images(
 ) -> np.ndarray:
     """(N, D) float32 vectors of images in list order; images of equal loaded size are run as one batch."""
     n = len(paths)
-    if bbxs is not None and len(bbxs) != n:
-        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+    check_bbxs(bbxs, n)
     rescaler = Rescaler() if tuple(scales) != (1.0,) else None
     out: np.ndarray | None = None
 
@@ -144,14 +119,11 @@ def embed_images(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, n, chunk):
             idx = list(range(start, min(n, start + chunk)))
-            groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-            for i, x in zip(idx, pool.map(load, idx), strict=True):
-                groups.setdefault(x.shape, []).append((i, x))
-            for members in groups.values():
-                v = embed_batch(run, np.stack([x for _, x in members]), scales, msp, rescaler)
+            for members, x in same_shape_groups(zip(idx, pool.map(load, idx), strict=True)):
+                v = embed_batch(run, x, scales, msp, rescaler)
                 if out is None:
                     out = np.empty((n, v.shape[1]), dtype=np.float32)
-                out[[i for i, _ in members]] = v
+                out[members] = v
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 

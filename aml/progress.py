@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 class Progress:
@@ -46,14 +42,3 @@ class Progress:
             self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-def progress(items: Iterable[T], total: int, desc: str = "", unit: str = "it", enabled: bool = True) -> Iterator[T]:
-    """Iterate `items`, advancing a progress bar by one per item."""
-    bar = Progress(total, desc, unit, enabled)
-    try:
-        for x in items:
-            yield x
-            bar.update()
-    finally:
-        bar.close()

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from aml.errors import UserError
+
 FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit
 BLOCK_BYTES = 64 << 20  # database rows converted to float32 at a time
 
@@ -37,9 +39,22 @@ def _torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def pick_backend(device: str = "auto", topk: int = 1) -> str:
-    """Which backend `search` uses: 'faiss-gpu', 'faiss', 'torch-cuda', 'torch' or 'numpy'."""
+BACKENDS = ("faiss-gpu", "faiss", "torch-cuda", "torch", "numpy")
+
+
+def pick_backend(backend: str = "auto", device: str = "auto", topk: int = 1) -> str:
+    """Which backend `search` uses: `backend` when given (one of BACKENDS), else one for the torch `device`
+    (auto: faiss-gpu or torch-cuda when a GPU is present, else numpy; cpu: numpy; cuda[:N]: torch-cuda).
+    An unknown or unavailable choice is a UserError."""
     faiss = _faiss()
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise UserError(f"search backend '{backend}': expected auto or one of {', '.join(BACKENDS)}")
+        if backend.startswith("faiss") and faiss is None:
+            raise UserError(f"search backend '{backend}': faiss is not installed; use backend numpy")
+        if backend == "torch-cuda" and not _torch_cuda():
+            raise UserError(f"search backend '{backend}': no CUDA device is available; use backend numpy")
+        return backend
     if device == "auto":
         if (
             faiss is not None
@@ -53,13 +68,9 @@ def pick_backend(device: str = "auto", topk: int = 1) -> str:
         return "numpy"
     if device.startswith("cuda"):
         if not _torch_cuda():
-            raise ValueError(f"device '{device}': no CUDA device is available")
+            raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
         return "torch-cuda"
-    if device in ("faiss", "faiss-gpu") and faiss is None:
-        raise ValueError(f"device '{device}': faiss is not installed")
-    if device in ("faiss", "faiss-gpu", "torch", "torch-cuda", "numpy"):
-        return device
-    raise ValueError(f"device '{device}': expected auto, cpu, cuda[:N], faiss, faiss-gpu, torch or numpy")
+    raise UserError(f"--device {device}: expected auto, cpu or cuda[:N]")
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -168,10 +179,12 @@ def search(
     chunk: int = 256,
     block: int | None = None,
     device: str = "auto",
+    backend: str = "auto",
     return_scores: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Top-`topk` database indices (Q, topk) int64 per query by descending inner product, exact.
 
+    `device` is a torch device (auto | cpu | cuda[:N]) and `backend` an explicit backend (see `pick_backend`).
     `db`: (N, D) float32/float16 array, or a list of such arrays searched as their concatenation;
     `topk=None` ranks the whole database. `chunk` queries and `block` database rows (default: 64 MiB of
     float32) are processed at a time; the full ranking keeps a (chunk, N) float32 score matrix.
@@ -183,7 +196,7 @@ def search(
         raise ValueError(f"topk={topk}: must be between 1 and the database size {n}")
     queries = np.asarray(queries)
     block = block or max(1024, BLOCK_BYTES // (4 * queries.shape[1]))
-    backend = pick_backend(device, k)
+    backend = pick_backend(backend, device, k)
     out_s = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for a in range(0, queries.shape[0], chunk):

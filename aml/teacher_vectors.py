@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from aml.cache import FeatureCache, cache_key
-
-Bbx = Sequence[float] | None
+from aml.cache import DEFAULT_DTYPE, FeatureCache, cache_key
+from aml.data.images import Bbx
+from aml.settings import ExtractSettings
 
 
 def image_list_key(paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> list[str]:
@@ -23,45 +23,33 @@ def image_list_key(paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> l
 
 
 class TeacherVectors:
-    """Teacher vectors at one image size and scale set, cached under `cache_dir` (keyed by the teacher's identity).
+    """Teacher vectors at one image size and scale set (`settings`), cached under `cache_dir` (keyed by the
+    teacher's identity) as `dtype`.
 
     `teacher` is a registry name or a checkpoint file. With `dist` (a torchrun job), rank 0 extracts a missing
     list and the others wait and read it. `built` tells whether the network had to be built (tests check that
-    a complete cache never builds it).
+    a complete cache never builds it). `settings.progress` shows the cache's progress bar.
     """
 
     def __init__(
         self,
         teacher: str,
+        settings: ExtractSettings,
         *,
+        cache_dir: str | os.PathLike,
         weights: str | None = None,
         random_init: bool = False,
-        image_size: int,
-        scales: Sequence[float] = (1.0,),
-        cache_dir: str | os.PathLike,
-        dtype: str = "float16",
-        device: str = "auto",
-        batch_size: int = 32,
-        workers: int | None = None,
+        dtype: str = DEFAULT_DTYPE,
         dist: Any = None,
-        progress: bool = True,
     ) -> None:
         from aml.registry import model_identity
 
         self.teacher, self.weights = teacher, weights
         self.random_init = random_init and not os.path.isfile(teacher)
         self.identity = model_identity(teacher, weights=weights, random_init=self.random_init)
-        self.image_size, self.scales = image_size, tuple(float(s) for s in scales)
+        self.settings = settings
         self.cache_dir, self.dtype = Path(cache_dir), dtype
-        self.extract_kw = dict(
-            image_size=image_size,
-            scales=self.scales,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            progress=False,
-        )
-        self.dist, self.progress = dist, progress
+        self.dist = dist
         self.built = False
         self._net = None
 
@@ -83,7 +71,8 @@ class TeacherVectors:
         from aml.extract import extract
 
         paths = list(paths)
-        key = cache_key(self.identity, self.image_size, self.scales, image_list_key(paths, bbxs))
+        st = self.settings
+        key = cache_key(self.identity, st.image_size, st.scales, image_list_key(paths, bbxs))
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
         if main and not cache.complete():
@@ -91,10 +80,10 @@ class TeacherVectors:
                 lambda idx: extract(
                     self.net(),
                     [paths[i] for i in idx],
+                    st.replace(progress=False),
                     bbxs=None if bbxs is None else [bbxs[i] for i in idx],
-                    **self.extract_kw,
                 ),
-                progress=self.progress,
+                progress=st.progress,
             )
         if self.dist is not None:
             self.dist.barrier()

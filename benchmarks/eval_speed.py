@@ -101,7 +101,7 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generat
     db, q = make_data(gnd, n, args.dim, rng, np.float32 if args.fp16_check else np.float16)
     db32, db = (db, db.astype(np.float16)) if args.fp16_check else (None, db)
     k = default_topk(n)
-    t_search, m_search, ranks = timed(lambda: search(db, q, k, device=args.device), args.reps)
+    t_search, m_search, ranks = timed(lambda: search(db, q, k, backend=args.backend), args.reps)
     t_score, m_score, sc = timed(lambda: score_rankings(ranks, gnd["gnd"], n), args.reps)
     t_loop, m_loop, lp = timed(lambda: loop_scores(ranks, gnd["gnd"]), args.reps)
     vec = {p: 100 * s.map for p, s in sc.items()}
@@ -114,7 +114,7 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generat
         flush=True,
     )
     if db32 is not None:
-        t32, m32, r32 = timed(lambda: search(db32, q, k, device=args.device), args.reps)
+        t32, m32, r32 = timed(lambda: search(db32, q, k, backend=args.backend), args.reps)
         s32 = score_rankings(r32, gnd["gnd"], n)
         d_map = max(abs(100 * s32[p].map - vec[p]) for p in "EMH")
         d_ap = max(np.nanmax(np.abs(s32[p].ap - sc[p].ap)) for p in "EMH")
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="5000,100000", help="database sizes, comma-separated")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="auto", help="search backend (see aml.search.pick_backend)")
+    ap.add_argument("--backend", default="auto", help="search backend (see aml.search.pick_backend)")
     ap.add_argument(
         "--fp16-check",
         action="store_true",
@@ -144,7 +144,7 @@ def main() -> None:
         gnd = pickle.load(f)
     rng = np.random.default_rng(0)
     tracemalloc.start()
-    print(f"backend {pick_backend(args.device)}, dim {args.dim}, 70 queries, medians of {args.reps}")
+    print(f"backend {pick_backend(args.backend)}, dim {args.dim}, 70 queries, medians of {args.reps}")
     print(
         f"{'N_db':>8} {'topk':>7} {'search s':>9} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
         f"{'search MiB':>10} {'score MiB':>9} {'loop MiB':>8}  mAP E/M/H (vec == loop)"

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from aml.allocator import keep_freed_memory
-from aml.data.images import load_image, to_tensor
-from aml.extract import extract, resolve_device
+from aml.data.images import load_image
+from aml.extract import ExtractSettings, extract, resolve_device, to_tensor
 from aml.registry import create_model
 
 UKBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ukbench" / "jpg"
@@ -74,7 +74,7 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.workers}"
         )
         # warm-up (first-call kernel selection)
-        extract(model, paths[:8], image_size=args.image_size, device=device, progress=False, workers=0)
+        extract(model, paths[:8], ExtractSettings(args.image_size, workers=0, device=str(device), progress=False))
         rates: dict[str, list[float]] = {"per-image bs=1": [], "extract": []}
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -84,11 +84,13 @@ def main() -> None:
             got = extract(
                 model,
                 paths,
-                image_size=args.image_size,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                device=device,
-                progress=False,
+                ExtractSettings(
+                    args.image_size,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    device=str(device),
+                    progress=False,
+                ),
             )
             rates["extract"].append(len(paths) / (time.perf_counter() - t))
         med = {k: statistics.median(v) for k, v in rates.items()}

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from aml.allocator import keep_freed_memory  # noqa: E402
 from aml.io import atomic_write, write_json  # noqa: E402
+from aml.scoring import PROTOCOLS as SCORING_PROTOCOLS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 UKBENCH_CSV = REPO.parent / "shared" / "data" / "ukbench" / "groups.csv"
@@ -66,7 +67,7 @@ STUDENTS: dict[str, dict[str, Any]] = {
 # leaves near chance whatever the method (so spread says little there).
 SEEDS = {"lite0": (0, 1, 2), "mobilenetv2": (0,)}
 EXPORTED = ("contr+", "csd", "contr+csd")  # lite0 seed-0 students exported to int8 ONNX
-PROTOCOLS = ("E", "M", "H")
+PROTOCOLS = tuple(SCORING_PROTOCOLS)  # E, M, H
 # Per dataset: its test set in words and the protocols its table shows.
 TEST_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "synth": ("synthetic landmarks test split (72 queries, 320 database images); mAP Easy / Medium / Hard", PROTOCOLS),

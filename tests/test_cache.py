@@ -167,7 +167,7 @@ def test_key_change_gives_new_file(tmp_path):
 
 
 def test_cache_key_contents():
-    key = cache_key(IDENTITY, 362, (1, 0.7071), ["a", "b"], whiten={"lw": "retrieval-SfM-120k"})
+    key = cache_key(IDENTITY, 362, (1, 0.7071), ["a", "b"])
     assert key["image_size"] == 362 and key["scales"] == [1.0, 0.7071] and key["n_images"] == 2
     assert key["images"] != cache_key(IDENTITY, 362, (1,), ["b", "a"])["images"]  # order matters
     assert json.loads(json.dumps(key)) == key

@@ -13,8 +13,9 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from aml.extract import extract, select_lw
+from aml.extract import ExtractSettings, extract
 from aml.registry import create_model, model_identity
+from aml.whiten import Lw
 
 RESNET_POS = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.26, 0.27]  # not ImageNet's: must come from meta
@@ -162,13 +163,8 @@ def test_vectors_match_reference(ckpt, tv, images, scales, boxes):
     got = extract(
         create_model(path),
         images,
-        image_size=SIZE,
-        scales=scales,
+        ExtractSettings(SIZE, scales=scales, batch_size=2, workers=0, device="cpu", progress=False),
         bbxs=bbxs,
-        batch_size=2,
-        workers=0,
-        device="cpu",
-        progress=False,
     )
     ref = _reference(tv, images, whiten=whiten, scales=scales, bbxs=bbxs)
     assert got.shape == (len(images), 512) and got.dtype == np.float32
@@ -179,10 +175,12 @@ def test_learned_whitening_matches_reference(ckpt, tv, images):
     path, whiten, meta = ckpt
     net = create_model(path)
     scales = MS
-    assert select_lw(net.meta, False)["P"] is net.meta["Lw"]["retrieval-SfM-120k"]["ss"]["P"]
-    lw = select_lw(net.meta, True)
+    ss = Lw.from_meta(net.meta, False)
+    want_P = np.asarray(net.meta["Lw"]["retrieval-SfM-120k"]["ss"]["P"], np.float32)
+    assert np.array_equal(ss.P, want_P) and ss.name == "retrieval-SfM-120k/ss"
+    lw = Lw.from_meta(net.meta, True)
     got = extract(
-        net, images, image_size=SIZE, scales=scales, lw=lw, batch_size=4, workers=0, device="cpu", progress=False
+        net, images, ExtractSettings(SIZE, scales=scales, batch_size=4, workers=0, device="cpu", progress=False), lw=lw
     )
     want_lw = meta["Lw"]["retrieval-SfM-120k"]["ms" if len(scales) > 1 else "ss"]
     ref = _reference(tv, images, whiten=whiten, scales=scales, lw=want_lw)

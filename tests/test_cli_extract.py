@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from aml.extract import extract
+from aml.extract import ExtractSettings, extract
 from aml.registry import create_model
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -71,10 +71,8 @@ def test_extract_writes_rows_in_list_order(listed, tmp_path, run_cli):
     want = extract(
         create_model("resnet18", random_init=True),
         paths,
-        image_size=32,
+        ExtractSettings(32, workers=0, progress=False),
         bbxs=[None, (2, 3, 30, 25), None],
-        workers=0,
-        progress=False,
     )
     assert got.dtype == np.float32 and got.shape == (3, 512)
     np.testing.assert_allclose(got, want, atol=1e-5)

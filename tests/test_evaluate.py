@@ -13,6 +13,8 @@ from test_scoring import ref_compute_map, ref_protocol_gnd
 from aml.data.revisitop import load_revisitop, write_revisitop
 from aml.errors import UserError
 from aml.evaluate import default_topk, evaluate_features, format_table
+from aml.settings import ExtractSettings
+from aml.whiten import FIRST
 
 
 def unit(x):
@@ -248,9 +250,9 @@ def image_dataset(tmp_path):
 
 def direct_vectors(model, paths, bbxs=None, lw=None):
     """Independent of the cache: extract, then (optionally) l2n(P (x - m)) in numpy."""
-    from aml.extract import extract
+    from aml.extract import ExtractSettings, extract
 
-    x = extract(model, paths, image_size=32, bbxs=bbxs, workers=0, device="cpu", progress=False)
+    x = extract(model, paths, ExtractSettings(32, workers=0, device="cpu", progress=False), bbxs=bbxs)
     if lw is None:
         return x
     y = (x - lw["m"].reshape(1, -1)) @ lw["P"].T
@@ -261,7 +263,8 @@ def assert_same_result(got, want):
     assert_close(got, want, atol=1e-6)
 
 
-MODEL_KW = dict(random_init=True, image_size=32, workers=0, device="cpu", progress=False)
+SETTINGS = ExtractSettings(32, workers=0, device="cpu", progress=False)
+MODEL_KW = dict(random_init=True)
 
 
 def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monkeypatch, one_thread):
@@ -271,7 +274,7 @@ def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monke
 
     ds = image_dataset(tmp_path)
     cache = tmp_path / "cache"
-    res = evaluate_models(ds, "lite2", "lite0", cache_dir=cache, **MODEL_KW)
+    res = evaluate_models(ds, "lite2", "lite0", SETTINGS, cache_dir=cache, **MODEL_KW)
     assert list(res) == ["dataset", "settings", "teacher", "student", "asymmetric"]
 
     t = create_model("lite2", random_init=True)
@@ -287,7 +290,9 @@ def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monke
     built = []
     real = aml.registry.create_model
     monkeypatch.setattr(aml.registry, "create_model", lambda *a, **k: built.append(k.get("role")) or real(*a, **k))
-    res2 = evaluate_models(ds, "lite2", "mobilenetv2", cache_dir=cache, rows=("teacher", "asymmetric"), **MODEL_KW)
+    res2 = evaluate_models(
+        ds, "lite2", "mobilenetv2", SETTINGS, cache_dir=cache, rows=("teacher", "asymmetric"), **MODEL_KW
+    )
     assert built == ["student"] and sorted(p.name for p in cache.iterdir()) == files
     assert list(res2) == ["dataset", "settings", "teacher", "asymmetric"]
     assert res2["teacher"] == res["teacher"]
@@ -309,7 +314,14 @@ def test_models_whitening_uses_the_teachers_lw_on_both_sides(tmp_path, one_threa
     ckpt = tmp_path / "teacher-lw.pth"
     torch.save({"state_dict": t.state_dict(), "meta": {**t.meta, "Lw": {"sfm": {"ss": lw}}}}, ckpt)
     res = evaluate_models(
-        ds, str(ckpt), "lite0", whiten=True, cache_dir=tmp_path / "cache", rows=("teacher", "asymmetric"), **MODEL_KW
+        ds,
+        str(ckpt),
+        "lite0",
+        SETTINGS,
+        whiten=FIRST,
+        cache_dir=tmp_path / "cache",
+        rows=("teacher", "asymmetric"),
+        **MODEL_KW,
     )
     assert res["settings"]["Lw"] == "teacher sfm/ss"
     s = create_model("lite0", role="student", dim=t.dim, random_init=True)
@@ -318,7 +330,7 @@ def test_models_whitening_uses_the_teachers_lw_on_both_sides(tmp_path, one_threa
     assert_same_result(res["teacher"], evaluate_features(ds, t_db, t_q))
     assert_same_result(res["asymmetric"], evaluate_features(ds, t_db, s_q))
     with pytest.raises(UserError, match="no learned whitening"):
-        evaluate_models(ds, "lite2", "lite0", whiten=True, cache_dir=tmp_path / "cache", **MODEL_KW)
+        evaluate_models(ds, "lite2", "lite0", SETTINGS, whiten=FIRST, cache_dir=tmp_path / "cache", **MODEL_KW)
 
 
 def test_cli_from_models(tmp_path, run_cli, one_thread):

@@ -18,9 +18,9 @@ from aml.export import pipeline, verify
 from aml.export.encoder import export_encoder
 from aml.export.friendly import SameConv2d, TFSamePad, make_export_friendly
 from aml.export.onnx_export import export_onnx
-from aml.export.sidecar import read_sidecar, sidecar_path
 from aml.io import sha256_file
 from aml.registry import create_model
+from aml.sidecar import read_sidecar, sidecar_path
 from aml.train.batchnorm import estimate_batchnorm
 
 SIZE = 48
@@ -230,9 +230,9 @@ def tiny_set(tmp_path_factory):
     ds = _tiny_revisitop(d)
     ckpt = save_student(d / "s.pt", "lite0")
     student = create_model(ckpt).eval()
-    from aml.extract import extract
+    from aml.extract import ExtractSettings, extract
 
-    db = extract(student, ds.db_paths(), image_size=SIZE, device="cpu", progress=False, workers=0)
+    db = extract(student, ds.db_paths(), ExtractSettings(SIZE, workers=0, device="cpu", progress=False))
     return d, ckpt, ds, db
 
 
@@ -304,7 +304,7 @@ def test_whiten_folds_teacher_lw_and_blocks_multiscale_embed(tmp_path):
         ckpt,
     )
     out = tmp_path / "w.onnx"
-    info = pipeline.export_checkpoint(ckpt, whiten=True, out=out)
+    info = pipeline.export_checkpoint(ckpt, whiten="first", out=out)
     assert info["whiten"]["dataset"] == "sfm" and info["msp"] == 1.0
     x = torch.randn(2, 3, 50, 61)
     with torch.no_grad():

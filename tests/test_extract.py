@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aml.data.images import load_image, loaded_size, thumbnail_size, to_tensor
+from aml.data.images import load_image, loaded_size, thumbnail_size
 from aml.errors import UserError
-from aml.extract import embed, extract, select_lw, size_batches
+from aml.extract import ExtractSettings, embed, extract, size_batches, to_tensor
 from aml.registry import create_model
+from aml.whiten import Lw
 
 SIZES = [(64, 48), (48, 64), (37, 53), (64, 48), (53, 37), (64, 48), (20, 90), (48, 64)]
 BBXS = [None, (4, 6, 40, 50), None, (10.4, 3.6, 50.2, 40.9), None, None, (2, 10, 18, 70), (0, 0, 48, 64)]
@@ -64,7 +65,9 @@ def _one_by_one(net, paths, size, scales=(1.0,), bbxs=None) -> np.ndarray:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batched_equals_one_by_one_mixed_sizes_and_crops(net, images, workers):
     ref = _one_by_one(net, images, 40, bbxs=BBXS)
-    got = extract(net, images, image_size=40, bbxs=BBXS, batch_size=3, workers=workers, device="cpu", progress=False)
+    got = extract(
+        net, images, ExtractSettings(40, batch_size=3, workers=workers, device="cpu", progress=False), bbxs=BBXS
+    )
     assert got.shape == (len(images), 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
@@ -73,23 +76,25 @@ def test_batched_equals_one_by_one_mixed_sizes_and_crops(net, images, workers):
 def test_multiscale_equals_one_by_one(net, images):
     scales = (1.0, 2**-0.5, 0.5)
     ref = _one_by_one(net, images, 48, scales=scales)
-    got = extract(net, images, image_size=48, scales=scales, batch_size=4, workers=0, device="cpu", progress=False)
+    got = extract(
+        net, images, ExtractSettings(48, scales=scales, batch_size=4, workers=0, device="cpu", progress=False)
+    )
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_input_order_and_empty_list(net, images):
     perm = [5, 0, 7, 2, 2, 1]
-    a = extract(net, images, image_size=32, workers=0, progress=False)
-    b = extract(net, [images[i] for i in perm], image_size=32, batch_size=2, workers=0, progress=False)
+    a = extract(net, images, ExtractSettings(32, workers=0, progress=False))
+    b = extract(net, [images[i] for i in perm], ExtractSettings(32, batch_size=2, workers=0, progress=False))
     np.testing.assert_allclose(b, a[perm], atol=1e-5)
-    assert extract(net, [], image_size=32, progress=False).shape == (0, 24)
+    assert extract(net, [], ExtractSettings(32, progress=False)).shape == (0, 24)
 
 
 def test_lw_applied_after_combination(net, images):
     rng = np.random.default_rng(3)
     lw = {"m": rng.normal(size=(24, 1)), "P": rng.normal(size=(24, 24))}
-    plain = extract(net, images, image_size=32, workers=0, progress=False).astype(np.float64)
-    got = extract(net, images, image_size=32, lw=lw, workers=0, progress=False)
+    plain = extract(net, images, ExtractSettings(32, workers=0, progress=False)).astype(np.float64)
+    got = extract(net, images, ExtractSettings(32, workers=0, progress=False), lw=Lw(lw["m"], lw["P"], "test"))
     want = (plain - lw["m"][:, 0]) @ lw["P"].T
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
 
@@ -101,7 +106,7 @@ def test_embed_keeps_grad_and_mode_is_restored(images):
     v = embed(student, x, (1.0, 0.5))
     v.sum().backward()
     assert student.proj[0].weight.grad is not None
-    extract(student, images[:2], image_size=32, workers=0, progress=False)
+    extract(student, images[:2], ExtractSettings(32, workers=0, progress=False))
     assert student.training
 
 
@@ -157,16 +162,29 @@ def test_unreadable_image_names_the_file(net, images, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.jpg"):
-        extract(net, [images[0], str(bad)], image_size=32, workers=0, progress=False)
+        extract(net, [images[0], str(bad)], ExtractSettings(32, workers=0, progress=False))
     with pytest.raises(UserError, match="missing.jpg"):
-        extract(net, [str(tmp_path / "missing.jpg")], image_size=32, workers=0, progress=False)
+        extract(net, [str(tmp_path / "missing.jpg")], ExtractSettings(32, workers=0, progress=False))
 
 
-def test_select_lw_errors():
+def test_lw_from_meta_errors():
     with pytest.raises(UserError, match="no learned whitening"):
-        select_lw({"architecture": "resnet18"}, False)
+        Lw.from_meta({"architecture": "resnet18"}, False)
     lw = {"a": {"ss": {"m": 0, "P": 1}}}
     with pytest.raises(UserError, match="'ms'"):
-        select_lw({"Lw": lw}, True)
+        Lw.from_meta({"Lw": lw}, True)
     with pytest.raises(UserError, match="available: a"):
-        select_lw({"Lw": lw}, False, "b")
+        Lw.from_meta({"Lw": lw}, False, "b")
+
+
+def test_lw_of_the_wrong_dimension_is_a_user_error(net, images):
+    with pytest.raises(UserError, match="whitens 5-d vectors"):
+        extract(net, images[:1], ExtractSettings(32, workers=0, progress=False), lw=Lw(np.zeros(5), np.eye(5), "x"))
+
+
+def test_resolve_device_errors_are_user_errors():
+    from aml.extract import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device tpu: unknown device"):
+        resolve_device("tpu")

@@ -7,7 +7,8 @@ import pickle
 import pytest
 from conftest import shared_path
 
-from aml.data.revisitop import load_revisitop, read_image_list, write_revisitop
+from aml.data.images import read_image_list
+from aml.data.revisitop import load_revisitop, write_revisitop
 from aml.errors import UserError
 
 
@@ -120,9 +121,13 @@ def test_check_images_counts_missing(tmp_path):
         ds.check_images([str(tmp_path / "r1m.jpg")])
 
 
-def test_distractor_list(tmp_path):
+def test_image_list_skips_blank_and_comment_lines(tmp_path):
     lst = tmp_path / "d.txt"
-    lst.write_text("x/1.jpg\n\n# comment\n/abs/2.jpg\n")
+    lst.write_text("x/1.jpg\n\n# comment\n  #indented comment\n/abs/2.jpg\n")
     assert read_image_list(lst) == [str(tmp_path / "x" / "1.jpg"), "/abs/2.jpg"]
-    with pytest.raises(UserError, match="not found"):
-        read_image_list(tmp_path / "none.txt")
+    with pytest.raises(UserError, match="distractor list not found"):
+        read_image_list(tmp_path / "none.txt", "distractor list")
+    only = tmp_path / "only.txt"
+    only.write_text("# nothing here\n\n")
+    with pytest.raises(UserError, match="image list is empty"):
+        read_image_list(only)

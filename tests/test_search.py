@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aml.errors import UserError
 from aml.search import pick_backend, search
 
 BACKENDS = ["numpy", "torch", "faiss"]
@@ -30,7 +31,7 @@ def data():
 @pytest.mark.parametrize("k", [1, 17, 700])
 def test_matches_brute_force(data, backend, k):
     db, q = data
-    got = search(db, q, k, device=backend, chunk=5, block=128)
+    got = search(db, q, k, backend=backend, chunk=5, block=128)
     assert got.dtype == np.int64 and got.shape == (23, k)
     np.testing.assert_array_equal(got, brute(db, q, k))
 
@@ -48,18 +49,18 @@ def assert_same_ranking(got, db, q, k):
 def test_float16_database_and_parts(data, backend):
     db, q = data
     db16 = db.astype(np.float16)  # float16 storage: exact search on the stored values
-    assert_same_ranking(search(db16, q, 50, device=backend, block=100), db16, q, 50)
+    assert_same_ranking(search(db16, q, 50, backend=backend, block=100), db16, q, 50)
     parts = [db16[:300], db16[300:301], db16[301:]]  # searched as one concatenated database
-    assert_same_ranking(search(parts, q, 50, device=backend, block=64), db16, q, 50)
+    assert_same_ranking(search(parts, q, 50, backend=backend, block=64), db16, q, 50)
     q16 = q.astype(np.float16)
-    assert_same_ranking(search(db16, q16, 700, device=backend, chunk=7), db16, q16, 700)
+    assert_same_ranking(search(db16, q16, 700, backend=backend, chunk=7), db16, q16, 700)
 
 
 def test_scores_sorted_and_ties_by_index():
     db = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], np.float32)
     q = np.array([[1, 0]], np.float32)
     for backend in BACKENDS:
-        idx, s = search(db, q, 4, device=backend, return_scores=True)
+        idx, s = search(db, q, 4, backend=backend, return_scores=True)
         np.testing.assert_array_equal(idx[0], [0, 2, 3, 1])
         np.testing.assert_allclose(s[0], [1, 1, 0.6, 0], atol=1e-6)
 
@@ -72,8 +73,21 @@ def test_default_is_full_ranking_and_bad_topk(data):
 
 
 def test_backend_choice_on_cpu():
-    assert pick_backend("cpu") == "numpy"
-    assert pick_backend("auto") in ("numpy", "faiss-gpu", "torch-cuda")
+    assert pick_backend(device="cpu") == "numpy"
+    assert pick_backend() in ("numpy", "faiss-gpu", "torch-cuda")
     assert pick_backend("faiss") == "faiss"
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="tpu"):
         pick_backend("tpu")
+    with pytest.raises(UserError, match="--device tpu"):
+        pick_backend(device="tpu")
+
+
+def test_unavailable_cuda_is_a_user_error(data, monkeypatch):
+    import aml.search
+
+    monkeypatch.setattr(aml.search, "_torch_cuda", lambda: False)
+    db, q = data
+    with pytest.raises(UserError, match="--device cuda: no CUDA device"):
+        search(db, q, 5, device="cuda")
+    with pytest.raises(UserError, match="torch-cuda"):
+        search(db, q, 5, backend="torch-cuda")

@@ -247,6 +247,7 @@ def test_cli_distill_then_evaluate_and_export(tiny_data, tmp_path, home, run_cli
     assert f"run: {out}" in stdout
     saved = json.loads((out / "config.json").read_text())
     assert saved["teacher"] == "resnet18" and saved["margin"] is None and saved["epochs"] == 1
+    cached = sorted(p.name for p in (home / "cache").iterdir())
 
     code, stdout, stderr = run_cli(
         "evaluate",
@@ -273,6 +274,8 @@ def test_cli_distill_then_evaluate_and_export(tiny_data, tmp_path, home, run_cli
     assert code == 0, stderr
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert set(scores) >= {"teacher", "student", "asymmetric"}
+    # one default cache dtype: the evaluation reads the test-set teacher vectors training cached
+    assert sorted(p.name for p in (home / "cache").iterdir()) == cached
 
     code, stdout, stderr = run_cli(
         "export", "--checkpoint", out / "last.pt", "--out", tmp_path / "q.onnx", "--quiet", env=env

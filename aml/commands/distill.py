@@ -1,42 +1,107 @@
-"""`aml distill`: train a student into the teacher's embedding space."""
+"""`aml distill`: train a student into the teacher's embedding space.
+
+Every `TrainConfig` field is an option (`--field-name`), derived from `dataclasses.fields(TrainConfig)`;
+the defaults come from the preset (`--preset`, default `aml` with --data, else `demo`) and the help shows
+them from `TrainConfig()` and `PRESETS`, never typed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import click
 
+from aml.cache import DTYPES
+from aml.commands._options import quiet_option
 from aml.train.config import PRESETS, TrainConfig
 
-# CLI option -> config field, for options that map one to one (defaults come from the preset).
-_FIELDS = [
-    "teacher",
-    "teacher_weights",
-    "student",
-    "student_weights",
-    "student_random_init",
-    "loss",
-    "data",
-    "mining",
-    "epochs",
-    "optimizer",
-    "lr",
-    "head_lr_mult",
-    "weight_decay",
-    "margin",
-    "neg_num",
-    "query_size",
-    "pool_size",
-    "batch_size",
-    "update_every",
-    "image_size",
-    "test_image_size",
-    "cache_dtype",
-    "eval_every",
-    "seed",
-    "device",
-    "amp",
-    "workers",
-    "out",
-]
+# What each field's option says; the type comes from the field, the defaults from TrainConfig() and PRESETS.
+# A field missing here is an error at import (a test imports this module), so a new field gets an option.
+_HELP: dict[str, str] = {
+    "teacher": "Teacher: registry name or checkpoint",
+    "teacher_weights": "Local weights file for the teacher",
+    "student": "Student: registry name",
+    "student_weights": "Local ImageNet weights for the student",
+    "random_init": "Random weights for teacher and student (tests)",
+    "student_random_init": "ImageNet-free student: random weights, BatchNorm statistics set from training images",
+    "bn_images": "Training images that set a random-weight student's BatchNorm statistics",
+    "loss": "contr, contr+, reg, triplet, ms, rkd, darkrank, sym, csd, contr+csd",
+    "loss_args": "Loss constant NAME=VALUE (repeatable)",
+    "data": "synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | images:DIR "
+    "(label-free losses only); omit for the embedded demo",
+    "mining": "Negative mining (auto: symmetric for sym, else asymmetric)",
+    "epochs": "Training epochs",
+    "optimizer": "Optimizer",
+    "lr": "Learning rate of the backbone",
+    "gem_lr_mult": "lr multiplier of GeM's p (no weight decay)",
+    "head_lr_mult": "lr multiplier of the student's 1x1 projection",
+    "weight_decay": "Weight decay",
+    "lr_decay": "lr factor per epoch (exponential decay)",
+    "margin": "Margin of contr/contr+/sym/triplet (unset: the loss's own default)",
+    "neg_num": "Negatives per tuple",
+    "query_size": "Training tuples (queries) per epoch",
+    "pool_size": "Negative pool per epoch",
+    "batch_size": "Tuples (or images, for batch losses) per forward",
+    "update_every": "Forwards per optimizer step",
+    "image_size": "Longest side of training images",
+    "test_image_size": "Longest side for the per-epoch test (0: the image size)",
+    "cache_dtype": "Teacher feature cache storage (shared with `aml evaluate`)",
+    "eval_every": "Epochs between test-set evaluations (0: never)",
+    "seed": "Seed of everything random",
+    "device": "auto | cpu | cuda[:N]",
+    "amp": "Mixed precision (CUDA only)",
+    "workers": "Image-loading workers (-1: automatic)",
+    "out": "Run directory (unset: runs/<date>-T-S-LOSS)",
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mining": ("auto", "asymmetric", "symmetric", "random"),
+    "optimizer": ("adam", "sgd"),
+    "amp": ("none", "bf16", "fp16"),
+    "cache_dtype": DTYPES,
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _show(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _defaults_help(name: str) -> str:
+    """'. Default X; demo Y' from TrainConfig() and the demo preset (unset and empty values are not shown)."""
+    default, demo = getattr(TrainConfig(), name), PRESETS["demo"].get(name)
+    shown = default is not None and not isinstance(default, bool | dict)
+    parts = [f"Default {_show(default)}"] if shown else []
+    if demo is not None and demo != default:
+        parts.append(f"demo {_show(demo)}" if parts else f"Demo {_show(demo)}")
+    return ". " + "; ".join(parts) if parts else ""
+
+
+def _field_option(field: dataclasses.Field) -> Callable:
+    """The click option of one TrainConfig field (`--field-name`); its value None means: keep the preset's."""
+    name, flag = field.name, "--" + field.name.replace("_", "-")
+    text = _HELP[name] + _defaults_help(name) + "."
+    base = field.type.replace(" | None", "")
+    if name == "loss_args":
+        return click.option("--loss-arg", "loss_args", multiple=True, help=text)
+    if base == "bool":
+        return click.option(flag, name, is_flag=True, default=None, help=text)
+    if name in _CHOICES:
+        return click.option(flag, name, type=click.Choice(_CHOICES[name]), help=text)
+    if name == "data":
+        return click.option(flag, name, help=text)
+    if name == "out":
+        return click.option(flag, name, type=click.Path(file_okay=False), help=text)
+    if name.endswith("_weights"):
+        return click.option(flag, name, type=click.Path(dir_okay=False), help=text)
+    return click.option(flag, name, type=_TYPES[base], help=text)
+
+
+def _config_options(f: Callable) -> Callable:
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        f = _field_option(field)(f)
+    return f
 
 
 def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
@@ -52,46 +117,17 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def config_from_options(preset: str, opts: dict[str, Any]) -> TrainConfig:
+    """The preset's TrainConfig with every given option (not None) replacing its field."""
+    given = {f.name: opts[f.name] for f in dataclasses.fields(TrainConfig) if opts.get(f.name) is not None}
+    given["loss_args"] = _loss_args(given.get("loss_args", ()))
+    if not given["loss_args"]:
+        given.pop("loss_args")
+    return TrainConfig().replace(**PRESETS[preset]).replace(**given)
+
+
 @click.command("distill")
-@click.option("--teacher", help="Teacher: registry name or checkpoint (default rn101; demo: lite2).")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Local weights file for the teacher.")
-@click.option("--student", help="Student: registry name (default effnet-b3; demo: lite0).")
-@click.option("--student-weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for the student.")
-@click.option("--random-init", is_flag=True, help="Random weights for teacher and student (tests).")
-@click.option(
-    "--student-random-init",
-    is_flag=True,
-    default=None,
-    help="ImageNet-free student: random weights, BatchNorm statistics set from training images.",
-)
-@click.option("--loss", help="contr, contr+, reg, triplet, ms, rkd, darkrank, sym, csd, ... (default contr+).")
-@click.option("--loss-arg", "loss_args", multiple=True, help="Loss constant NAME=VALUE (repeatable).")
-@click.option(
-    "--data",
-    help="synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | "
-    "images:DIR (label-free losses only). Omit for the embedded demo.",
-)
-@click.option("--mining", type=click.Choice(["auto", "asymmetric", "symmetric", "random"]))
-@click.option("--epochs", type=int)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]))
-@click.option("--lr", type=float)
-@click.option("--head-lr-mult", type=float, help="lr multiplier of the student's 1x1 projection (demo: 50).")
-@click.option("--weight-decay", type=float)
-@click.option("--margin", type=float, help="Margin of contr/contr+/sym/triplet (default: the loss's own, 0.7 / 0.1).")
-@click.option("--neg-num", type=int)
-@click.option("--query-size", type=int)
-@click.option("--pool-size", type=int)
-@click.option("--batch-size", type=int, help="Tuples (or images, for batch losses) per forward.")
-@click.option("--update-every", type=int, help="Forwards per optimizer step.")
-@click.option("--image-size", type=int, help="Longest side of training images (default 362).")
-@click.option("--test-image-size", type=int, help="Longest side for the per-epoch test (default: image size).")
-@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]))
-@click.option("--eval-every", type=int, help="Epochs between test-set evaluations (0: never).")
-@click.option("--seed", type=int)
-@click.option("--device", help="auto | cpu | cuda[:N].")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), help="Mixed precision (CUDA).")
-@click.option("--workers", type=int, help="Image-loading workers (-1: automatic).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<date>-T-S-LOSS).")
+@_config_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option(
     "--preset",
@@ -103,36 +139,26 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
     default=None,
     help="Also train the no-teacher (sym) student and compare (default: on for the demo).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def command(
-    random_init: bool,
-    loss_args: tuple[str, ...],
-    resume: bool,
-    preset: str | None,
-    baseline: bool | None,
-    quiet: bool,
-    **opts,
-) -> None:
+@quiet_option()
+def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool, **opts: Any) -> None:
     """Train a student whose query vectors search the teacher's database (AML).
 
     With no --data, runs the embedded default: synthetic landmarks generated once into $AML_HOME,
-    teacher lite2, student lite0, loss contr+, plus the no-teacher baseline, and prints the table.
+    the demo preset's teacher and student, loss contr+, plus the no-teacher baseline, and prints the table.
     """
+    from aml.evaluate import format_table
     from aml.train.demo import run_with_baseline
     from aml.train.loop import distill
-    from aml.train.report import format_rows
 
     preset = preset or ("aml" if opts["data"] else "demo")
-    cfg = TrainConfig().replace(**PRESETS[preset])
-    given = {k: v for k, v in opts.items() if k in _FIELDS and v is not None}
-    cfg = cfg.replace(**given, random_init=random_init, loss_args=_loss_args(loss_args))
+    cfg = config_from_options(preset, opts)
     if baseline is None:
         baseline = preset == "demo" and not resume
     if baseline:
         result = run_with_baseline(cfg, progress=not quiet)
         click.echo(f"\nrun: {result['run_dir']}\nbaseline: {result['baseline_dir']}")
         if result["rows"]:
-            click.echo(format_rows(result["rows"], title=f"test set {result['dataset'][1]}"))
+            click.echo(format_table(result["rows"], title=f"test set {result['dataset'][1]}", layout="rows"))
         return
     run_dir = distill(cfg, resume=resume, progress=not quiet)
     click.echo(f"run: {run_dir}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from aml.commands._options import image_options, images_options, out_option, read_images
+
 
 @click.command("embed")
 @click.option(
@@ -13,29 +15,16 @@ import click
     type=click.Path(dir_okay=False),
     help="ONNX file written by `aml export` (its .json sidecar must sit beside it).",
 )
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Text file, one image path per line (relative to the file's folder).",
-)
-@click.option("--image-size", type=click.IntRange(min=1), help="Longest side in pixels (default: the sidecar's).")
-@click.option(
-    "--multiscale",
-    is_flag=False,
-    flag_value="1,0.7071,0.5",
-    default=None,
-    help="Scales, comma-separated (alone: 1,0.7071,0.5).",
-)
-@click.option("--bbx", type=click.Path(dir_okay=False), help="Boxes 'x1 y1 x2 y2' per image line (empty: none).")
+@images_options
+@image_options(size_help="Longest side in pixels (default: the sidecar's).")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: its own).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy, float32 (N, D).")
+@out_option("Output .npy, float32 (N, D).", required=True)
 def command(
     model_path: str,
     images: str,
-    image_size: int | None,
-    multiscale: str | None,
     bbx: str | None,
+    image_size: int | None,
+    scales: tuple[float, ...],
     threads: int | None,
     out: str,
 ) -> None:
@@ -44,13 +33,10 @@ def command(
 
     import numpy as np
 
-    from aml.commands.extract import parse_scales, read_bbxs, read_image_list
     from aml.io import atomic_write
     from aml.onnx_embed import OnnxEncoder
 
-    paths = read_image_list(Path(images))
-    bbxs = read_bbxs(Path(bbx), len(paths)) if bbx else None
-    scales = parse_scales(multiscale) if multiscale else (1.0,)
+    paths, bbxs = read_images(images, bbx)
     enc = OnnxEncoder(model_path, threads=threads)
     vecs = enc.embed(paths, image_size=image_size, scales=scales, bbxs=bbxs)
     with atomic_write(out, "wb") as f:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from aml.commands._options import (
+    cache_dtype_option,
+    extract_settings,
+    extraction_options,
+    json_option,
+    model_options,
+    quiet_option,
+    random_init_option,
+    whiten_option,
+)
 from aml.errors import UserError
-
-_MS_DEFAULT = "1,0.7071,0.5"
+from aml.evaluate import ROWS, TEST_IMAGE_SIZE
 
 
 def load_features(path: str, what: str) -> np.ndarray:
@@ -35,6 +43,59 @@ def _json_safe(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def _features_only(db_features: str | None, query_features: str | None, distractors: str | None, **model_only: Any):
+    """UserError for options that need models, given with feature files."""
+    if db_features is None or query_features is None:
+        raise UserError("--db-features and --query-features go together; give both")
+    if distractors:
+        raise UserError("--distractors needs models to embed them; with feature files use --distractor-features D.npy")
+    given = [f"--{n.replace('_', '-')}" for n, v in model_only.items() if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: only for --teacher/--student evaluation")
+
+
+def _from_features(
+    ds: Any,
+    db_features: str,
+    query_features: str,
+    distractor_features: str | None,
+    cache_dtype: str | None,
+    topk: int | None,
+    device: str,
+) -> tuple[dict[str, Any], int]:
+    """Scores of feature files (float16 storage of the database with --cache-dtype float16)."""
+    from aml.evaluate import evaluate_features
+
+    db = load_features(db_features, "database features")
+    q = load_features(query_features, "query features")
+    dis = load_features(distractor_features, "distractor features") if distractor_features else None
+    if cache_dtype == "float16":
+        db = np.asarray(db, dtype=np.float16)
+        dis = None if dis is None else np.asarray(dis, dtype=np.float16)
+    result = evaluate_features(
+        ds,
+        db,
+        q,
+        topk=topk,
+        distractors=dis,
+        device=device,
+        check_unit=True,
+        names=(db_features, query_features, distractor_features or ""),
+    )
+    return result, 0 if dis is None else dis.shape[0]
+
+
+def _from_models(ds: Any, teacher: str | None, student: str | None, distractors: str | None, **kw: Any):
+    """Teacher / student / asymmetric scores of two models (teacher vectors through the cache)."""
+    from aml.data.images import read_image_list
+    from aml.evaluate import evaluate_models
+
+    if teacher is None or student is None:
+        raise UserError("--teacher and --student go together (the asymmetric setting needs both)")
+    dis_paths = read_image_list(distractors, "distractor list") if distractors else []
+    return evaluate_models(ds, teacher, student, distractors=dis_paths, **kw), len(dis_paths)
+
+
 @click.command("evaluate")
 @click.option("--dataset", required=True, help="Dataset name: reads DATA_ROOT/NAME/gnd_NAME.pkl and jpg/.")
 @click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Folder holding NAME/.")
@@ -45,27 +106,11 @@ def _json_safe(x: Any) -> Any:
     type=click.Path(dir_okay=False),
     help="(N_dis, D) .npy of R1M-style distractors, appended after imlist.",
 )
-@click.option("--teacher", help="Teacher: registry name or checkpoint (database side).")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Teacher weights file.")
-@click.option("--student", help="Student: registry name or checkpoint (query side).")
-@click.option("--student-weights", type=click.Path(dir_okay=False), help="Student weights file.")
-@click.option("--random-init", is_flag=True, help="Seeded random weights where none are given (tests).")
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Longest side in pixels (queries: their crop scaled alike).",
-)
-@click.option(
-    "--multiscale",
-    is_flag=False,
-    flag_value=_MS_DEFAULT,
-    default=None,
-    help=f"Scales, comma-separated (alone: {_MS_DEFAULT}).",
-)
-@click.option("--whiten", is_flag=True, help="Apply the teacher's learned whitening meta['Lw'] (both sides).")
-@click.option("--lw-dataset", help="Which meta['Lw'] entry (default: the first).")
+@model_options("teacher")
+@model_options("student")
+@random_init_option()
+@extraction_options(default=TEST_IMAGE_SIZE)
+@whiten_option(" of the teacher, on both sides (the student row: its own Lw of that name if it has one)")
 @click.option(
     "--distractors",
     type=click.Path(dir_okay=False),
@@ -80,22 +125,16 @@ def _json_safe(x: Any) -> Any:
     "--row",
     "rows",
     multiple=True,
-    type=click.Choice(["teacher", "student", "asymmetric"]),
-    help="With models: which settings to run (repeatable; default all three).",
+    type=click.Choice(ROWS),
+    help="With models: which settings to run (repeatable; default all).",
 )
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher vector cache ($AML_HOME/cache).")
-@click.option(
-    "--db-dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Storage of database vectors (float16: half the memory).",
+@cache_dtype_option(
+    "Storage of the teacher cache with models (default: aml.cache.DEFAULT_DTYPE, shared with `aml distill`); "
+    "of the database held in memory with feature files (default: as stored; float16 halves the memory)."
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: auto).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@json_option
+@quiet_option()
 def command(
     dataset: str,
     data_root: str,
@@ -108,17 +147,16 @@ def command(
     student_weights: str | None,
     random_init: bool,
     image_size: int,
-    multiscale: str | None,
-    whiten: bool,
-    lw_dataset: str | None,
+    scales: tuple[float, ...],
+    batch_size: int,
+    workers: int,
+    device: str,
+    whiten: str | None,
     distractors: str | None,
     topk: int | None,
     rows: tuple[str, ...],
     cache_dir: str | None,
-    db_dtype: str,
-    batch_size: int,
-    workers: int,
-    device: str,
+    cache_dtype: str | None,
     json_out: str | None,
     quiet: bool,
 ) -> None:
@@ -128,8 +166,9 @@ def command(
     order). From models: --teacher T --student S reports teacher/teacher and student/student (symmetric)
     and student-query/teacher-database (asymmetric) side by side; teacher vectors are cached.
     """
-    from aml.data.revisitop import load_revisitop, read_image_list
-    from aml.evaluate import evaluate_features, evaluate_models, format_table
+    from aml.cache import DEFAULT_DTYPE
+    from aml.data.revisitop import load_revisitop
+    from aml.evaluate import format_table
     from aml.io import write_json
 
     features = db_features is not None or query_features is not None
@@ -140,72 +179,33 @@ def command(
         )
     ds = load_revisitop(data_root, dataset)
     if features:
-        if db_features is None or query_features is None:
-            raise UserError("--db-features and --query-features go together; give both")
-        if distractors:
-            raise UserError(
-                "--distractors needs models to embed them; with feature files use --distractor-features D.npy"
-            )
-        model_only = [
-            n
-            for n, v in [
-                ("--whiten", whiten),
-                ("--multiscale", multiscale),
-                ("--row", rows),
-                ("--random-init", random_init),
-            ]
-            if v
-        ]
-        if model_only:
-            raise UserError(f"{', '.join(model_only)}: only for --teacher/--student evaluation")
-        db = load_features(db_features, "database features")
-        q = load_features(query_features, "query features")
-        dis = load_features(distractor_features, "distractor features") if distractor_features else None
-        if db_dtype == "float16":
-            db = np.asarray(db, dtype=np.float16)
-            dis = None if dis is None else np.asarray(dis, dtype=np.float16)
-        n_dis = 0 if dis is None else dis.shape[0]
-        result = evaluate_features(
-            ds,
-            db,
-            q,
-            topk=topk,
-            distractors=dis,
-            device=device,
-            check_unit=True,
-            names=(db_features, query_features, distractor_features or ""),
+        _features_only(
+            db_features,
+            query_features,
+            distractors,
+            whiten=whiten,
+            multiscale=scales != (1.0,),
+            row=rows,
+            random_init=random_init,
         )
+        result, n_dis = _from_features(ds, db_features, query_features, distractor_features, cache_dtype, topk, device)
     else:
-        if teacher is None or student is None:
-            raise UserError("--teacher and --student go together (the asymmetric setting needs both)")
         if distractor_features:
             raise UserError("--distractor-features is for feature files; with models: --distractors LIST.txt")
-        if lw_dataset and not whiten:
-            raise UserError("--lw-dataset given without --whiten; add --whiten")
-        from aml.commands.extract import parse_scales
-
-        dis_paths = read_image_list(distractors) if distractors else []
-        n_dis = len(dis_paths)
-        result = evaluate_models(
+        result, n_dis = _from_models(
             ds,
             teacher,
             student,
+            distractors,
+            settings=extract_settings(image_size, scales, batch_size, workers, device, quiet),
             teacher_weights=teacher_weights,
             student_weights=student_weights,
             random_init=random_init,
-            image_size=image_size,
-            scales=parse_scales(multiscale) if multiscale else (1.0,),
             whiten=whiten,
-            lw_key=lw_dataset,
             cache_dir=cache_dir,
-            cache_dtype=db_dtype,
+            cache_dtype=cache_dtype or DEFAULT_DTYPE,
             topk=topk,
-            distractors=dis_paths,
-            rows=rows or ("teacher", "student", "asymmetric"),
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            progress=not quiet and sys.stderr.isatty(),
+            rows=rows or ROWS,
         )
     click.echo(
         f"{dataset}: {len(ds.qimlist)} queries, {len(ds.imlist)} database images"

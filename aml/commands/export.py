@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from aml.commands._options import out_option, quiet_option, whiten_option
 from aml.errors import UserError
+from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
 
 
 @click.command("export")
@@ -14,21 +16,16 @@ from aml.errors import UserError
     type=click.Path(dir_okay=False),
     help="Student checkpoint written by `aml distill` (or any aml student checkpoint).",
 )
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="onnx", show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
-    default="fp32",
+    type=click.Choice(PRECISIONS),
+    default=PRECISIONS[0],
     show_default=True,
     help="fp16: float16 body, float32 I/O; int8: static QDQ quantisation (ONNX only).",
 )
-@click.option("--whiten", is_flag=True, help="Fold the teacher's single-scale learned whitening (Lw) into the graph.")
-@click.option("--lw-dataset", help="Which teacher meta['Lw'] entry to fold (default: the first).")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    help="Output file (default: beside the checkpoint, e.g. last-fp32.onnx); sidecar is OUT.json.",
-)
+@whiten_option(" of the teacher, single-scale, folded into the graph (and on the retrieval check's database)")
+@out_option("Output file (default: beside the checkpoint, e.g. last-fp32.onnx); sidecar is OUT.json.")
 @click.option(
     "--image-size",
     type=click.IntRange(min=16),
@@ -48,17 +45,16 @@ from aml.errors import UserError
 @click.option(
     "--calib-count",
     type=click.IntRange(min=1),
-    default=32,
+    default=CALIB_COUNT,
     show_default=True,
     help="Calibration images drawn (seeded) from the list.",
 )
-@click.option("--quiet", is_flag=True, help="Print only the result line.")
+@quiet_option("Print only the result line.")
 def command(
     checkpoint: str,
     fmt: str,
     precision: str,
-    whiten: bool,
-    lw_dataset: str | None,
+    whiten: str | None,
     out: str | None,
     image_size: int | None,
     verify_data: str | None,
@@ -69,13 +65,11 @@ def command(
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
     from pathlib import Path
 
-    from aml.commands.extract import read_image_list
+    from aml.data.images import read_image_list
     from aml.export.pipeline import export_checkpoint
-    from aml.export.sidecar import sidecar_path
     from aml.export.verify import summary_lines
+    from aml.sidecar import sidecar_path
 
-    if lw_dataset and not whiten:
-        raise UserError("--lw-dataset given without --whiten; add --whiten")
     if calib_images and precision != "int8":
         raise UserError(f"--calib-images is for --precision int8 (got {precision}); drop it")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
@@ -84,11 +78,10 @@ def command(
         fmt=fmt,
         precision=precision,
         whiten=whiten,
-        lw_dataset=lw_dataset,
         out=out,
         image_size=image_size,
         verify_data=verify_data,
-        calib_images=read_image_list(Path(calib_images)) if calib_images else None,
+        calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
         log=log,
     )

@@ -1,26 +1,39 @@
-"""Image loading as cirtorch does it (SPEC §3): PIL RGB, Lanczos thumbnail, query crops scaled alike."""
+"""Image loading as cirtorch does it (SPEC §3): PIL RGB, Lanczos thumbnail, query crops scaled alike.
+
+Torch-free (numpy and PIL only): the torch extraction path (`aml.extract`, the trainer) and the onnxruntime
+path (`aml.onnx_embed`) both load images here, so they see the same pixels. Image lists are read here too.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from aml.errors import UserError
 
 Bbx = Sequence[float] | None
+A = TypeVar("A")
+
+
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _unreadable(path: str | os.PathLike, e: Exception) -> UserError:
+    return UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list")
 
 
 def _open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
 
 
 def load_image(path: str | os.PathLike, size: int, bbx: Bbx = None) -> Image.Image:
@@ -41,12 +54,45 @@ def load_image(path: str | os.PathLike, size: int, bbx: Bbx = None) -> Image.Ima
     return img
 
 
-def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(3, H, W) float32 tensor of an RGB image in [0, 1], normalised by per-channel mean and std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+def check_bbxs(bbxs: Sequence[Bbx] | None, n: int) -> None:
+    """UserError unless `bbxs` is None or has one entry (a box or None) per image."""
+    if bbxs is not None and len(bbxs) != n:
+        raise UserError(f"{len(bbxs)} bounding boxes for {n} images; give one per image (None for no box)")
+
+
+def to_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(3, H, W) float32 array of an RGB image in [0, 1], normalised by per-channel mean and std."""
+    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return (x - m) / s
+
+
+def same_shape_groups(
+    items: Iterable[tuple[int, A]], stack: Callable[[list[A]], Any] = np.stack
+) -> list[tuple[list[int], Any]]:
+    """Stack (index, image array) pairs by shape: [(indices, stack(images))], first-seen order.
+
+    `stack` is `np.stack` for numpy arrays (onnxruntime path) or `torch.stack` for tensors (torch path).
+    """
+    groups: dict[tuple[int, ...], list[tuple[int, A]]] = {}
+    for i, x in items:
+        groups.setdefault(tuple(x.shape), []).append((i, x))
+    return [([i for i, _ in g], stack([x for _, x in g])) for g in groups.values()]
+
+
+def read_image_list(path: str | os.PathLike, what: str = "image list") -> list[str]:
+    """Image paths from a text file, one per line: relative paths are relative to the file's folder; blank
+    lines and lines starting with '#' (comments) are skipped. Used by every command that reads a list
+    (extract, embed, export --calib-images, evaluate --distractors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} not found; give a text file with one image path per line")
+    lines = [ln.strip() for ln in p.read_text().splitlines()]
+    paths = [ln if os.path.isabs(ln) else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    if not paths:
+        raise UserError(f"{p}: the {what} is empty; one image path per line ('#' starts a comment)")
+    return paths
 
 
 def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:
@@ -69,8 +115,8 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list") from e
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
 
 
 def loaded_size(width: int, height: int, size: int, bbx: Bbx = None) -> tuple[int, int]:

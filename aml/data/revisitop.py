@@ -172,15 +172,3 @@ def write_revisitop(
     with atomic_write(path, "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": out}, f, protocol=4)
     return path
-
-
-def read_image_list(path: str | os.PathLike) -> list[str]:
-    """Distractor image paths from a text file, one per line (relative paths are relative to the file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: distractor list not found; pass a text file with one image path per line")
-    lines = [ln.strip() for ln in p.read_text().splitlines()]
-    paths = [ln if os.path.isabs(ln) else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
-    if not paths:
-        raise UserError(f"{p}: the distractor list is empty; one image path per line")
-    return paths

@@ -9,31 +9,23 @@ whitening stay float32 (GeM's x^p overflows float16 for activations above ~40 wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
 import torch
 from torch import nn
 
 from aml.export.friendly import make_export_friendly
 from aml.net import RetrievalNet
-from aml.nn import l2n, lw_as_linear
-
-PRECISIONS = ("fp32", "fp16", "int8")
+from aml.nn import l2n
+from aml.sidecar import PRECISIONS
+from aml.whiten import Lw
 
 
 class Encoder(nn.Module):
     """Normalised (B, 3, H, W) float32 batch -> (B, D) L2-normalised vectors in the teacher's space."""
 
-    def __init__(self, net: RetrievalNet, lw: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, net: RetrievalNet, lw: Lw | None = None) -> None:
         super().__init__()
         self.net = net
-        self.lw = None
-        if lw is not None:
-            m = torch.as_tensor(np.asarray(lw["m"], dtype=np.float32)).reshape(-1)
-            P = torch.as_tensor(np.asarray(lw["P"], dtype=np.float32))
-            self.lw = lw_as_linear(m, P)
+        self.lw = None if lw is None else lw.as_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.net(x)
@@ -51,14 +43,12 @@ class Float16(nn.Module):
         return self.module(x.half()).float()
 
 
-def reference_encoder(net: RetrievalNet, lw: Mapping[str, Any] | None = None) -> Encoder:
+def reference_encoder(net: RetrievalNet, lw: Lw | None = None) -> Encoder:
     """The float32 PyTorch encoder the export must reproduce (the student as trained, unmodified modules)."""
     return Encoder(net, lw).eval()
 
 
-def export_encoder(
-    net: RetrievalNet, lw: Mapping[str, Any] | None = None, precision: str = "fp32"
-) -> tuple[Encoder, dict[str, int]]:
+def export_encoder(net: RetrievalNet, lw: Lw | None = None, precision: str = "fp32") -> tuple[Encoder, dict[str, int]]:
     """An export-ready copy: friendly modules swapped in, eval mode, fp16 body when asked.
 
     int8 is quantised after export (onnxruntime), so its torch module is the float32 one.

@@ -19,18 +19,19 @@ import numpy as np
 import torch
 
 import aml
+from aml.cache import DEFAULT_DTYPE
+from aml.data.images import load_image, to_array
 from aml.errors import UserError
 from aml.export import verify
 from aml.export.encoder import export_encoder, reference_encoder
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
-from aml.export.sidecar import write_sidecar
 from aml.export.torchscript_export import export_torchscript, load_torchscript
 from aml.io import atomic_path, sha256_file
-from aml.onnx_embed import embed_images, l2n, load_image, session, to_array
-
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-DEFAULT_IMAGE_SIZE = 362
-CALIB_COUNT = 32
+from aml.net import RetrievalNet
+from aml.onnx_embed import embed_images, l2n, session
+from aml.settings import ExtractSettings
+from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS, write_sidecar
+from aml.whiten import Lw, teacher_lw
 
 
 @dataclass
@@ -58,31 +59,24 @@ def ort_runner(path: str | os.PathLike) -> verify.Runner:
     return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def teacher_lw(identity: Mapping[str, Any] | None, lw_dataset: str | None, where: str) -> tuple[str, dict[str, Any]]:
-    """(dataset key, {'m', 'P'}): the teacher's single-scale learned whitening from its file's meta['Lw']."""
-    from aml.extract import select_lw
-    from aml.registry import read_torch_file
-
+def _teacher_meta(identity: Mapping[str, Any] | None, where: str) -> Callable[[], Mapping[str, Any]]:
+    """Reads the teacher's meta (for its meta['Lw']) from the weights file the student's meta names."""
     label = (identity or {}).get("weights")
-    if not label or not os.path.isfile(str(label)):
-        raise UserError(
-            f"{where}: --whiten needs the teacher's learned whitening, but "
-            f"meta['aml']['teacher'] names weights {label!r}, not a checkpoint file with "
-            "meta['Lw']; drop --whiten"
-        )
-    obj = read_torch_file(label)
-    meta = obj.get("meta") if isinstance(obj, Mapping) else None
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("Lw"), Mapping) or not meta["Lw"]:
-        raise UserError(f"{label}: no meta['Lw'] (learned whitening) in the teacher file; drop --whiten")
-    key = lw_dataset if lw_dataset is not None else next(iter(meta["Lw"]))
-    return str(key), select_lw(meta, False, key)
 
+    def meta() -> Mapping[str, Any]:
+        from aml.registry import read_torch_file
 
-def apply_lw_np(x: np.ndarray, lw: Mapping[str, Any]) -> np.ndarray:
-    """x -> l2n(P (x - m)) on (N, D) numpy rows (the teacher side of the whitened asymmetric protocol)."""
-    m = np.asarray(lw["m"], np.float32).reshape(1, -1)
-    P = np.asarray(lw["P"], np.float32)
-    return l2n((np.asarray(x, np.float32) - m) @ P.T).astype(np.float32)
+        if not label or not os.path.isfile(str(label)):
+            raise UserError(
+                f"{where}: --whiten needs the teacher's learned whitening, but "
+                f"meta['aml']['teacher'] names weights {label!r}, not a checkpoint file with "
+                "meta['Lw']; pass --whiten FILE (a whitening file) or drop --whiten"
+            )
+        obj = read_torch_file(label)
+        found = obj.get("meta") if isinstance(obj, Mapping) else None
+        return found if isinstance(found, Mapping) else {}
+
+    return meta
 
 
 def _config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +89,7 @@ def default_verify_data(
     verify_data: str | None,
     identity: Mapping[str, Any],
     image_size: int,
-    lw: Mapping[str, Any] | None,
+    lw: Lw | None,
     where: str,
 ) -> VerifyData:
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
@@ -123,16 +117,15 @@ def default_verify_data(
     label = str(identity.get("weights"))
     tv = TeacherVectors(
         str(identity["name"]),
+        ExtractSettings(image_size, progress=False),
+        cache_dir=aml_home() / "cache",
         weights=label if os.path.isfile(label) else None,
         random_init=label == "random-init",
-        image_size=image_size,
-        cache_dir=aml_home() / "cache",
-        dtype=config.get("cache_dtype", "float16"),
-        progress=False,
+        dtype=config.get("cache_dtype", DEFAULT_DTYPE),
     )
     db = np.asarray(tv.get(ds.db_paths()), dtype=np.float32)
     db = l2n(db).astype(np.float32)  # float16 cache rows back to unit length
-    return VerifyData(ds, apply_lw_np(db, lw) if lw is not None else db)
+    return VerifyData(ds, lw.apply_np(db) if lw is not None else db)
 
 
 def calibration_batches(
@@ -164,13 +157,109 @@ def _retrieval_gate(
     return verify.retrieval(ds, vd.db, q_ref, q_exp, tolerance=tolerance)
 
 
+def _check_choices(fmt: str, precision: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if fmt == "torchscript" and precision == "int8":
+        raise UserError(
+            "--format torchscript --precision int8: int8 is quantised with onnxruntime; use --format onnx for int8"
+        )
+
+
+def _calibration_images(config: Mapping[str, Any], calib_images: Sequence[str] | None, where: str) -> Sequence[str]:
+    """The int8 calibration list: the given one, else the training images of the checkpoint's config."""
+    if calib_images is not None:
+        return calib_images
+    if "data" not in config:
+        raise UserError(f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt")
+    from aml.data.spec import parse_data_spec
+
+    return parse_data_spec(config["data"]).train.paths
+
+
+def _export_graph(
+    fmt: str,
+    precision: str,
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    tmp: Path,
+    calibration: Callable[[], list[np.ndarray]],
+) -> tuple[Path, verify.Runner]:
+    """Export `module` into `tmp` (int8: fp32 ONNX, then quantised on `calibration()` batches); returns the
+    model file and a runner of it."""
+    model = tmp / f"model{FORMATS[fmt]}"
+    if fmt == "torchscript":
+        export_torchscript(module, model, example)
+        return model, torch_runner(load_torchscript(model))
+    fp32_path = tmp / "fp32.onnx" if precision == "int8" else model
+    export_onnx(module, fp32_path, example)
+    if precision == "int8":
+        from aml.export.quantize import quantize_int8
+
+        quantize_int8(fp32_path, model, calibration())
+    check_onnx(model)
+    return model, ort_runner(model)
+
+
+def _sidecar_info(
+    fmt: str,
+    precision: str,
+    out: Path,
+    net: RetrievalNet,
+    reference: torch.nn.Module,
+    lw: Lw | None,
+    size: int,
+    swaps: dict[str, int],
+    ckpt_path: Path,
+    ckpt: Mapping[str, Any],
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """The sidecar of an export (everything but the model file's sha256)."""
+    info_aml = net.meta.get("aml") or {}
+    return {
+        "format": fmt,
+        "precision": precision,
+        "file": out.name,
+        "mean": net.mean,
+        "std": net.std,
+        "input": {
+            "name": "images",
+            "layout": "NCHW RGB",
+            "dtype": "float32",
+            "dynamic": ["batch", "height", "width"],
+        },
+        "output": {"name": "vectors", "dtype": "float32", "l2_normalised": True},
+        "image_size": size,
+        "dim": int(reference.lw.out_features if lw is not None else net.dim),
+        "msp": 1.0 if lw is not None else float(net.msp),
+        "whiten": None if lw is None else {"folded": "teacher Lw", "variant": lw.variant, "dataset": lw.key},
+        "teacher": info_aml.get("teacher"),
+        "student": {
+            "name": info_aml.get("name"),
+            "checkpoint": str(ckpt_path.resolve()),
+            "sha256": sha256_file(ckpt_path),
+            "epoch": ckpt.get("epoch"),
+        },
+        "export": {
+            "exporter": "torch.onnx.export(dynamo=False)" if fmt == "onnx" else "torch.jit.trace",
+            "opset": OPSET if fmt == "onnx" else None,
+            "traced_at": [size, size],
+            "swapped_modules": swaps,
+            "torch": torch.__version__,
+            "aml": aml.__version__,
+        },
+        "verification": results,
+    }
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     *,
     fmt: str = "onnx",
     precision: str = "fp32",
-    whiten: bool = False,
-    lw_dataset: str | None = None,
+    whiten: str | None = None,
     out: str | os.PathLike | None = None,
     image_size: int | None = None,
     verify_data: str | None = None,
@@ -182,19 +271,15 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export, verify and write `out` (+ `out.json` sidecar); returns the sidecar dict.
 
-    `verify_data_fn(config, verify_data, identity, image_size, lw, where)` overrides where the held-out set
-    and the teacher database come from (tests pass tiny arrays).
+    `whiten` (a `--whiten` value: `aml.whiten.FIRST`, a key of the teacher's meta['Lw'], or an Lw file) folds
+    the teacher's single-scale Lw into the graph. The image size is `image_size`, else the checkpoint's test or
+    training size, else TrainConfig's default. `verify_data_fn(config, verify_data, identity, image_size, lw,
+    where)` overrides where the held-out set and the teacher database come from (tests pass tiny arrays).
     """
     from aml.registry import create_model, read_torch_file
+    from aml.train.config import TrainConfig
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise UserError(f"--precision {precision}: expected fp32, fp16 or int8")
-    if fmt == "torchscript" and precision == "int8":
-        raise UserError(
-            "--format torchscript --precision int8: int8 is quantised with onnxruntime; use --format onnx for int8"
-        )
+    _check_choices(fmt, precision)
     ckpt_path = Path(checkpoint)
     where = str(ckpt_path)
     ckpt = read_torch_file(ckpt_path)
@@ -202,53 +287,35 @@ def export_checkpoint(
     net = create_model(ckpt_path, role="student").eval().requires_grad_(False)
     info_aml = net.meta.get("aml") or {}
     teacher = info_aml.get("teacher")
-    size = int(image_size or config.get("test_image_size") or config.get("image_size") or DEFAULT_IMAGE_SIZE)
-    out = (
-        Path(out)
-        if out is not None
-        else ckpt_path.with_name(f"{ckpt_path.stem}-{precision}{'-w' if whiten else ''}{FORMATS[fmt]}")
-    )
-    lw_key, lw = teacher_lw(teacher, lw_dataset, where) if whiten else (None, None)
+    size = int(image_size or config.get("test_image_size") or config.get("image_size") or TrainConfig.image_size)
+    suffix = f"-{precision}{'-w' if whiten is not None else ''}{FORMATS[fmt]}"
+    out = Path(out) if out is not None else ckpt_path.with_name(f"{ckpt_path.stem}{suffix}")
+    label = (teacher or {}).get("weights")
+    lw = teacher_lw(whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
 
     reference = reference_encoder(net, lw)
     module, swaps = export_encoder(net, lw, "fp32" if precision == "int8" else precision)
     example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
+
+    def calibration() -> list[np.ndarray]:
+        paths = _calibration_images(config, calib_images, where)
+        batches = calibration_batches(paths, size, net.mean, net.std, calib_count)
+        log(f"calibrating int8 on {len(batches)} images")
+        return batches
+
     results: dict[str, Any] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        tmp_model = Path(tmp) / f"model{FORMATS[fmt]}"
         log(
             f"exporting {info_aml.get('name')} ({fmt}, {precision}) traced at {size}x{size}; "
             f"export-friendly swaps: {swaps or 'none needed'}"
         )
-        if fmt == "onnx":
-            fp32_path = Path(tmp) / "fp32.onnx" if precision == "int8" else tmp_model
-            export_onnx(module, fp32_path, example)
-            if precision == "int8":
-                if calib_images is None:
-                    if "data" not in config:
-                        raise UserError(
-                            f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt"
-                        )
-                    from aml.data.spec import parse_data_spec
-
-                    calib_images = parse_data_spec(config["data"]).train.paths
-                from aml.export.quantize import quantize_int8
-
-                batches = calibration_batches(calib_images, size, net.mean, net.std, calib_count)
-                log(f"calibrating int8 on {len(batches)} images")
-                quantize_int8(fp32_path, tmp_model, batches)
-            check_onnx(tmp_model)
-            runner = ort_runner(tmp_model)
-        else:
-            export_torchscript(module, tmp_model, example)
-            runner = torch_runner(load_torchscript(tmp_model))
+        tmp_model, runner = _export_graph(fmt, precision, module, example, Path(tmp), calibration)
         results["equivalence"] = verify.equivalence(
             torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
         )
         if precision != "fp32":
-            fn = verify_data_fn or default_verify_data
-            vd = fn(config, verify_data, teacher or {}, size, lw, where)
+            vd = (verify_data_fn or default_verify_data)(config, verify_data, teacher or {}, size, lw, where)
             log(
                 f"retrieval check on {vd.dataset.name}: {len(vd.dataset.qimlist)} queries, {vd.db.shape[0]} "
                 "database vectors"
@@ -257,40 +324,7 @@ def export_checkpoint(
         failure = verify.failure_message(where, results)
         if failure:
             raise verify.VerificationError(failure)
-        info = {
-            "format": fmt,
-            "precision": precision,
-            "file": out.name,
-            "mean": net.mean,
-            "std": net.std,
-            "input": {
-                "name": "images",
-                "layout": "NCHW RGB",
-                "dtype": "float32",
-                "dynamic": ["batch", "height", "width"],
-            },
-            "output": {"name": "vectors", "dtype": "float32", "l2_normalised": True},
-            "image_size": size,
-            "dim": int(reference.lw.out_features if lw is not None else net.dim),
-            "msp": 1.0 if lw is not None else float(net.msp),
-            "whiten": None if lw is None else {"folded": "teacher Lw", "variant": "ss", "dataset": lw_key},
-            "teacher": teacher,
-            "student": {
-                "name": info_aml.get("name"),
-                "checkpoint": str(ckpt_path.resolve()),
-                "sha256": sha256_file(ckpt_path),
-                "epoch": ckpt.get("epoch"),
-            },
-            "export": {
-                "exporter": "torch.onnx.export(dynamo=False)" if fmt == "onnx" else "torch.jit.trace",
-                "opset": OPSET if fmt == "onnx" else None,
-                "traced_at": [size, size],
-                "swapped_modules": swaps,
-                "torch": torch.__version__,
-                "aml": aml.__version__,
-            },
-            "verification": results,
-        }
+        info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
         with atomic_path(out) as final:
             os.replace(tmp_model, final)
         info["sha256"] = sha256_file(out)

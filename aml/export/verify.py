@@ -19,13 +19,12 @@ import numpy as np
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
 from aml.evaluate import evaluate_features
+from aml.net import IMAGENET_MEAN, IMAGENET_STD
+from aml.scoring import PROTOCOLS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_COSINE = 0.9999
 MAX_ABS_DIFF = 1e-4
 MAP_TOLERANCE = 1.0
-PROTOCOLS = ("E", "M", "H")
 Runner = Callable[[np.ndarray], np.ndarray]
 
 

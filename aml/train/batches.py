@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from aml.data.images import load_image, to_tensor
-from aml.extract import same_shape_groups
+from aml.data.images import load_image
+from aml.extract import to_tensor, torch_groups
 
 
 class ImageTensors(Dataset):
@@ -35,7 +35,7 @@ def forward_by_size(model: nn.Module, images: list[torch.Tensor], device: torch.
     """Embed a list of (3, H, W) images: one forward per distinct size, rows back in input order."""
     order: list[int] = []
     parts: list[torch.Tensor] = []
-    for idx, x in same_shape_groups(enumerate(images)):
+    for idx, x in torch_groups(enumerate(images)):
         order += idx
         parts.append(model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)))
     return torch.cat(parts)[torch.as_tensor(np.argsort(order))].float()

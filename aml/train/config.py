@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from aml.cache import DEFAULT_DTYPE
 from aml.errors import UserError
 from aml.losses import LOSSES
 
@@ -41,7 +42,7 @@ class TrainConfig:
     update_every: int = 1  # forwards per optimizer step
     image_size: int = 362
     test_image_size: int = 0  # 0: same as image_size
-    cache_dtype: str = "float16"
+    cache_dtype: str = DEFAULT_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
     eval_every: int = 1  # epochs between quick test-set evaluations (0: never)
     seed: int = 0
     device: str = "auto"

@@ -17,11 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from aml.data.images import header_size, size_key
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
-from aml.extract import auto_workers, extract
+from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, atomic_write, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
 from aml.progress import Progress
 from aml.registry import create_model
+from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train.batches import ImageTensors, forward_by_size, size_buckets
 from aml.train.batchnorm import estimate_batchnorm, set_train_mode
@@ -33,15 +34,6 @@ from aml.train.quick_eval import QuickEval
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -146,14 +138,12 @@ class Trainer:
         def teacher_at(size: int) -> TeacherVectors:
             return TeacherVectors(
                 cfg.teacher,
+                ExtractSettings(size, device=str(self.device), progress=progress and self.dist.main),
+                cache_dir=aml_home() / "cache",
                 weights=cfg.teacher_weights,
                 random_init=cfg.random_init,
-                image_size=size,
-                cache_dir=aml_home() / "cache",
                 dtype=cfg.cache_dtype,
-                device=str(self.device),
                 dist=self.dist,
-                progress=progress and self.dist.main,
             )
 
         self.teacher = teacher_at(cfg.image_size)
@@ -162,7 +152,9 @@ class Trainer:
         self.evaluator = None
         if bundle.test is not None and cfg.eval_every > 0:
             eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else teacher_at(cfg.eval_size())
-            self.evaluator = QuickEval(bundle.test, eval_teacher, cfg.eval_size(), str(self.device))
+            self.evaluator = QuickEval(
+                bundle.test, eval_teacher, ExtractSettings(cfg.eval_size(), device=str(self.device))
+            )
             eval_teacher.release()
         self.teacher.release()
 
@@ -222,10 +214,7 @@ class Trainer:
         part = extract(
             self.student,
             [self.train.paths[i] for i in mine],
-            image_size=self.cfg.image_size,
-            device=str(self.device),
-            progress=False,
-            workers=self.workers,
+            ExtractSettings(self.cfg.image_size, workers=self.workers, device=str(self.device), progress=False),
         )
         return gather_rows(self.dist, part, len(idx))
 

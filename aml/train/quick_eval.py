@@ -9,15 +9,17 @@ from torch import nn
 from aml.data.revisitop import load_revisitop
 from aml.evaluate import evaluate_features
 from aml.extract import extract
+from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 
 
 class QuickEval:
-    """Holds the test set and its teacher vectors (cached once); `run(student)` embeds only the student side."""
+    """Holds the test set and its teacher vectors (cached once); `run(student)` embeds only the student side
+    with `settings` (the teacher's image size and scales; no progress bar)."""
 
-    def __init__(self, test: tuple[str, str], teacher: TeacherVectors, image_size: int, device: str) -> None:
+    def __init__(self, test: tuple[str, str], teacher: TeacherVectors, settings: ExtractSettings) -> None:
         self.ds = load_revisitop(*test)
-        self.image_size, self.device = image_size, device
+        self.settings = settings.replace(progress=False)
         self.db_teacher = teacher.get(self.ds.db_paths())
         self.q_teacher = teacher.get(self.ds.query_paths(), self.ds.bbxs)
 
@@ -26,10 +28,10 @@ class QuickEval:
         return evaluate_features(self.ds, self.db_teacher, self.q_teacher)
 
     def run(self, student: nn.Module) -> dict[str, Any]:
+        """The student's symmetric and asymmetric (student queries, teacher database) scores."""
         student.eval()
-        kw = dict(image_size=self.image_size, device=self.device, progress=False)
-        q = extract(student, self.ds.query_paths(), bbxs=self.ds.bbxs, **kw)
-        db = extract(student, self.ds.db_paths(), **kw)
+        q = extract(student, self.ds.query_paths(), self.settings, bbxs=self.ds.bbxs)
+        db = extract(student, self.ds.db_paths(), self.settings)
         return {
             "student": evaluate_features(self.ds, db, q),
             "asymmetric": evaluate_features(self.ds, self.db_teacher, q),

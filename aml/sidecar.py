@@ -1,6 +1,7 @@
 """The JSON sidecar beside an exported encoder: what the graph expects and what verification measured.
 
-Torch-free (read by `aml embed`). `FILE.onnx` -> `FILE.onnx.json`.
+Torch-free, bottom layer: written by `aml.export`, read by `aml.onnx_embed` (`aml embed`).
+`FILE.onnx` -> `FILE.onnx.json`. The export formats, precisions and the int8 calibration count are named here once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 from aml.errors import UserError
 from aml.io import write_json
 
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> file suffix
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list
 SIDECAR_VERSION = 1
 REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher", "verification")
 

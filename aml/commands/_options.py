@@ -1,0 +1,204 @@
+"""Click options shared by the commands, with defaults taken from the library (never typed twice).
+
+Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
+`runtime_options` (--batch-size, --workers, --device), `extraction_options` (both), `whiten_option`,
+`images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`, `quiet_option`; and the
+helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
+uses some of them, and the library constants are imported from torch-free modules only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from aml.data.images import read_image_list
+from aml.errors import UserError
+from aml.settings import BATCH_SIZE, CPU_BATCH, MULTISCALE, ExtractSettings
+from aml.whiten import FIRST
+
+F = TypeVar("F", bound=Callable[..., Any])
+MULTISCALE_TEXT = ",".join(f"{s:.4g}" for s in MULTISCALE)  # what `--multiscale` alone stands for
+
+
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply option decorators so that they show in the order given."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'1,0.7071,0.5' -> scales; a value within 1e-4 of 1/sqrt(2) means exactly 1/sqrt(2) (cirtorch's)."""
+    try:
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{text}': expected comma-separated numbers, e.g. {MULTISCALE_TEXT}") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise click.BadParameter(f"'{text}': expected positive scales, e.g. {MULTISCALE_TEXT}")
+    return tuple(2**-0.5 if math.isclose(s, 2**-0.5, abs_tol=1e-4) else s for s in scales)
+
+
+def read_bbxs(path: Path, n: int) -> list[tuple[float, float, float, float] | None]:
+    """One 'x1 y1 x2 y2' per listed image (an empty line: no box)."""
+    if not path.is_file():
+        raise UserError(f"{path}: bounding-box file not found")
+    lines = path.read_text().splitlines()
+    if len(lines) != n:
+        raise UserError(f"{path}: {len(lines)} lines for {n} images; one 'x1 y1 x2 y2' (or empty) line per image")
+    out: list[tuple[float, float, float, float] | None] = []
+    for i, s in enumerate(lines, 1):
+        if not s.strip():
+            out.append(None)
+            continue
+        try:
+            x1, y1, x2, y2 = (float(v) for v in s.replace(",", " ").split())
+        except ValueError:
+            raise UserError(f"{path}: line {i}: '{s.strip()}' is not 'x1 y1 x2 y2'") from None
+        if not (x2 > x1 and y2 > y1):
+            raise UserError(f"{path}: line {i}: box {s.strip()} is empty; need x1 < x2 and y1 < y2")
+        out.append((x1, y1, x2, y2))
+    return out
+
+
+def read_images(images: str, bbx: str | None) -> tuple[list[str], list | None]:
+    """(paths, boxes or None) from `--images LIST` and `--bbx FILE`."""
+    paths = read_image_list(Path(images))
+    return paths, read_bbxs(Path(bbx), len(paths)) if bbx else None
+
+
+def extract_settings(
+    image_size: int, scales: tuple[float, ...], batch_size: int, workers: int, device: str, quiet: bool
+) -> ExtractSettings:
+    """The `ExtractSettings` of `extraction_options` (progress bars only on a terminal, unless --quiet)."""
+    import sys
+
+    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet and sys.stderr.isatty())
+
+
+# ------------------------------------------------------------------------------------------------ options
+_ROLES = {
+    "model": ("--model", "model_name", "--weights", "Registry name (see `aml models`) or checkpoint file."),
+    "teacher": ("--teacher", "teacher", "--teacher-weights", "Teacher: registry name or checkpoint (database side)."),
+    "student": ("--student", "student", "--student-weights", "Student: registry name or checkpoint (query side)."),
+}
+
+
+def model_options(role: str, *, required: bool = False, default_help: str = "") -> Callable[[F], F]:
+    """`--ROLE NAME|CHECKPOINT` and `--ROLE-weights FILE` (role: model, teacher or student)."""
+    name, dest, weights, text = _ROLES[role]
+    extra = f" ({default_help})" if default_help else ""
+    return _stack(
+        click.option(name, dest, required=required, help=text[:-1] + extra + "."),
+        click.option(weights, type=click.Path(dir_okay=False), help=f"Local weights file for {name}."),
+    )
+
+
+def random_init_option(help: str = "Seeded random weights where none are given (tests).") -> Callable[[F], F]:
+    """`--random-init`."""
+    return click.option("--random-init", is_flag=True, help=help)
+
+
+def _scales(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...]:
+    return parse_scales(value) if value else (1.0,)
+
+
+def image_options(*, default: int | None = None, required: bool = False, size_help: str = "") -> Callable[[F], F]:
+    """`--image-size` (longest side) and `--multiscale [SCALES]` (passed as the tuple `scales`)."""
+    return _stack(
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=default,
+            required=required,
+            show_default=default is not None,
+            help=size_help or "Longest side in pixels (queries: their crop scaled alike).",
+        ),
+        click.option(
+            "--multiscale",
+            "scales",
+            is_flag=False,
+            flag_value=MULTISCALE_TEXT,
+            default=None,
+            callback=_scales,
+            help=f"Scales, comma-separated (alone: {MULTISCALE_TEXT}; default: 1).",
+        ),
+    )
+
+
+def runtime_options(f: F) -> F:
+    """`--batch-size` (images per forward), `--workers`, `--device`."""
+    return _stack(
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=BATCH_SIZE,
+            show_default=True,
+            help=f"Images per forward; at most {CPU_BATCH} on the CPU (faster there).",
+        ),
+        click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]."),
+    )(f)
+
+
+def extraction_options(*, default: int | None = None, required: bool = False) -> Callable[[F], F]:
+    """`image_options` + `runtime_options`: what `extract_settings` needs (with --quiet)."""
+    return _stack(image_options(default=default, required=required), runtime_options)
+
+
+def whiten_option(side: str) -> Callable[[F], F]:
+    """`--whiten [KEY|FILE]`: apply learned whitening Lw. Alone: the `side` model's own meta['Lw'], its first
+    dataset; KEY: that dataset of meta['Lw']; FILE: a whitening file written by `aml.whiten.Lw.save`."""
+    return click.option(
+        "--whiten",
+        is_flag=False,
+        flag_value=FIRST,
+        default=None,
+        metavar="[KEY|FILE]",
+        help=f"Apply learned whitening Lw{side}: alone, the model's own meta['Lw'] (first dataset); KEY: that "
+        "meta['Lw'] dataset; FILE: a whitening file ({'Lw': {KEY: {'ss', 'ms'}}}).",
+    )
+
+
+def images_options(f: F) -> F:
+    """`--images LIST` (one path per line) and `--bbx FILE` (a box per listed image)."""
+    return _stack(
+        click.option(
+            "--images",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Text file, one image path per line (relative to the file's folder; '#' starts a comment).",
+        ),
+        click.option("--bbx", type=click.Path(dir_okay=False), help="Box 'x1 y1 x2 y2' per image line (empty: none)."),
+    )(f)
+
+
+def cache_dtype_option(help: str) -> Callable[[F], F]:
+    """`--cache-dtype float16|float32` (no default here: the library's DEFAULT_DTYPE applies)."""
+    from aml.cache import DTYPES
+
+    return click.option("--cache-dtype", type=click.Choice(DTYPES), help=help)
+
+
+def out_option(help: str, *, required: bool = False, file: bool = True) -> Callable[[F], F]:
+    """`--out PATH`."""
+    return click.option("--out", required=required, type=click.Path(dir_okay=not file, file_okay=file), help=help)
+
+
+def json_option(f: F) -> F:
+    """`--json FILE`: also write the result as JSON."""
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")(f)
+
+
+def quiet_option(help: str = "No progress bars.") -> Callable[[F], F]:
+    """`--quiet`."""
+    return click.option("--quiet", is_flag=True, help=help)

@@ -1,0 +1,82 @@
+"""The shared CLI options: every TrainConfig field is an `aml distill` option, help shows the library's
+defaults, `--whiten` / `--multiscale` / `--batch-size` mean one thing everywhere, commands import no sibling."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import click
+
+from aml.settings import CPU_BATCH, MULTISCALE
+from aml.train.config import PRESETS, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ("models", "extract", "evaluate", "data", "distill", "export", "embed")
+
+
+def _command(name: str) -> click.Command:
+    return importlib.import_module(f"aml.commands.{name}").command
+
+
+def _options(cmd: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+
+
+def test_every_train_config_field_is_a_distill_option():
+    opts = _options(_command("distill"))
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in opts]
+    assert not missing, missing
+    for name in ("lr_decay", "gem_lr_mult", "bn_images"):
+        assert opts[name].opts == ["--" + name.replace("_", "-")]
+
+
+def test_distill_help_defaults_come_from_the_config_and_the_demo_preset():
+    opts = _options(_command("distill"))
+    default, demo = TrainConfig(), PRESETS["demo"]
+    assert f"Default {default.image_size}; demo {demo['image_size']}" in opts["image_size"].help
+    assert f"Default {default.teacher}; demo {demo['teacher']}" in opts["teacher"].help
+    assert f"demo {demo['lr_decay']:.6g}" in opts["lr_decay"].help
+
+
+def test_distill_options_override_the_preset():
+    from aml.commands.distill import config_from_options
+
+    given = {f.name: None for f in dataclasses.fields(TrainConfig)}
+    cfg = config_from_options("demo", {**given, "lr_decay": 0.5, "gem_lr_mult": 3.0, "bn_images": 7, "loss_args": ()})
+    assert (cfg.lr_decay, cfg.gem_lr_mult, cfg.bn_images) == (0.5, 3.0, 7)
+    assert cfg.image_size == PRESETS["demo"]["image_size"] and cfg.loss_args == {}
+    cfg = config_from_options("aml", {**given, "loss_args": ("alpha=2",)})
+    assert cfg.loss_args == {"alpha": 2.0} and cfg == TrainConfig(loss_args={"alpha": 2.0})
+
+
+def test_shared_options_mean_one_thing():
+    from aml.commands._options import MULTISCALE_TEXT, parse_scales
+    from aml.whiten import FIRST
+
+    assert parse_scales(MULTISCALE_TEXT) == MULTISCALE
+    for name in ("extract", "evaluate", "embed"):
+        ms = _options(_command(name))["scales"]
+        assert ms.flag_value == MULTISCALE_TEXT and ms.opts == ["--multiscale"]
+    for name in ("extract", "evaluate", "export"):
+        w = _options(_command(name))["whiten"]
+        assert w.flag_value == FIRST and not w.is_flag and "learned whitening Lw" in w.help
+        assert "lw_dataset" not in _options(_command(name))
+    for name in ("extract", "evaluate"):
+        b = _options(_command(name))["batch_size"]
+        assert f"at most {CPU_BATCH} on the CPU" in b.help and "Images per forward" in b.help
+    for name in ("evaluate", "distill"):
+        assert "cache_dtype" in _options(_command(name))
+
+
+def test_commands_import_no_sibling_command_and_help_comes_from_docstrings():
+    import cli
+
+    for name in COMMANDS:
+        src = (REPO / "aml" / "commands" / f"{name}.py").read_text()
+        siblings = set(re.findall(r"from aml\.commands\.(\w+)", src)) - {"_options"}
+        assert not siblings, (name, siblings)
+    assert tuple(cli.COMMANDS) == COMMANDS
+    assert cli.short_help("extract") == "Embed a list of images with a model or checkpoint into an .npy file."
