@@ -83,10 +83,10 @@ class TeacherVectors:
         from aml.extract import extract
 
         paths = list(paths)
-        key = cache_key(self.identity, self.image_size, self.scales, image_list_key(paths, bbxs))
+        key = cache_key(self.identity, self.image_size, self.scales, image_list_key(paths, bbxs), files=paths)
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
-        if main and not cache.complete():
+        if main:  # returns at once when complete; waits when another process builds it; rebuilds a corrupt one
             cache.build(
                 lambda idx: extract(
                     self.net(),
