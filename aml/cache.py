@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from aml.errors import UserError
-from aml.io import _host, sha256_lines, write_json
+from aml.io import host_tag, sha256_lines, write_json
 from aml.progress import Progress
 
 FORMAT = "aml-feature-cache"
@@ -177,7 +177,7 @@ class FeatureCache:
         self.partial = self._new_partial()  # this builder's own file (a new name for each build)
 
     def _new_partial(self) -> Path:
-        return self.directory / f"{self._partial_prefix}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+        return self.directory / f"{self._partial_prefix}{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
 
     # ------------------------------------------------------------------------------------- state
     def _record(self, **extra: Any) -> dict:

@@ -16,7 +16,8 @@ from typing import IO, Any
 TMP_TAG = ".aml-tmp-"  # temp files are `.NAME.aml-tmp-HOST-PID-RANDOM` beside NAME
 
 
-def _host() -> str:
+def host_tag() -> str:
+    """This machine's name as temp and partial file names carry it (letters and digits, at most 16)."""
     return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:16] or "host"
 
 
@@ -34,7 +35,7 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete the temp files of `path` left by killed writers on this host (their PID no longer runs)."""
     path = Path(path)
-    prefix = f".{path.name}{TMP_TAG}{_host()}-"
+    prefix = f".{path.name}{TMP_TAG}{host_tag()}-"
     removed = []
     try:
         entries = list(os.scandir(path.parent))
@@ -61,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{_host()}-{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{host_tag()}-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from aml.io import TMP_TAG, _host, atomic_write, remove_stale_temps, write_json
+from aml.io import TMP_TAG, atomic_write, host_tag, remove_stale_temps, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,11 +28,11 @@ def test_killed_write_leaves_a_named_temp_that_the_next_write_removes(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", code, str(target)], env={**os.environ, "PYTHONPATH": REPO})
     assert p.wait(timeout=120) == -signal.SIGKILL
     left = _temps(tmp_path, "last.pt")
-    assert len(left) == 1 and left[0].startswith(f".last.pt{TMP_TAG}{_host()}-{p.pid}-") and not target.exists()
+    assert len(left) == 1 and left[0].startswith(f".last.pt{TMP_TAG}{host_tag()}-{p.pid}-") and not target.exists()
 
-    live = tmp_path / f".last.pt{TMP_TAG}{_host()}-{os.getpid()}-inflight"  # a writer still running: kept
+    live = tmp_path / f".last.pt{TMP_TAG}{host_tag()}-{os.getpid()}-inflight"  # a writer still running: kept
     other_host = tmp_path / f".last.pt{TMP_TAG}otherhost-{p.pid}-x"  # another machine's PID: not ours to judge
-    other_file = tmp_path / f".other.pt{TMP_TAG}{_host()}-{p.pid}-x"  # another target: left for its own writer
+    other_file = tmp_path / f".other.pt{TMP_TAG}{host_tag()}-{p.pid}-x"  # another target: left for its own writer
     for f in (live, other_host, other_file):
         f.write_bytes(b"")
     with atomic_write(target, "wb") as f:
