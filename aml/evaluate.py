@@ -39,6 +39,21 @@ def default_topk(n_db: int) -> int:
     return n_db if n_db <= FULL_RANKING_MAX else TRUNCATED_TOPK
 
 
+def load_features(path: str | os.PathLike, what: str = "features") -> np.ndarray:
+    """A memory-mapped (N, D) .npy (no pickles), or a one-line UserError naming the file (missing, empty,
+    truncated, not .npy). `aml evaluate --db-features/--query-features/--distractor-features` read through this."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} file not found; pass an .npy (N, D) array from `aml extract`")
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # EOFError (an empty file) must not reach click as Ctrl-C
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if isinstance(e, EOFError) or p.stat().st_size == 0:
+            why = f"the file is empty or truncated ({p.stat().st_size} bytes)"
+        raise UserError(f"{p}: {what}: not a readable .npy array ({why}); write it again with numpy.save") from None
+
+
 def check_features(
     x: np.ndarray,
     rows: int,

@@ -6,18 +6,63 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+TMP_TAG = ".aml-tmp-"  # temp files are `.NAME.aml-tmp-HOST-PID-RANDOM` beside NAME
+
+
+def host_tag() -> str:
+    """This machine's name as temp and partial file names carry it (letters and digits, at most 16)."""
+    return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:16] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a permission error means it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of `path` left by killed writers on this host (their PID no longer runs)."""
+    path = Path(path)
+    prefix = f".{path.name}{TMP_TAG}{host_tag()}-"
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    The temp file is `.NAME.aml-tmp-HOST-PID-RANDOM`; those a killed writer of the same `path` left behind (its
+    PID gone) are removed first, so a killed write costs disk space only until the next write of the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{host_tag()}-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -20,6 +20,7 @@ from torch import nn
 from aml.errors import UserError
 from aml.io import sha256_file
 from aml.net import RetrievalNet, default_meta
+from aml.trust import torch_load
 
 Builder = Callable[[str | None], nn.Module]  # (weights file or None) -> the backbone's feature-map module
 INIT_SEED = 0  # every network is built under this seed: random-init models are reproducible
@@ -103,29 +104,16 @@ def _unknown(name: str) -> UserError:
 _memo: dict[str, Any] = {}  # one file read by `_resolve` and reused by the builder in the same call
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load on CPU: weights-only (memory-mapped when possible) first, full unpickling for old files."""
-    last: Exception | None = None
-    for kw in ({"weights_only": True, "mmap": True}, {"weights_only": True}, {"weights_only": False}):
-        try:
-            return torch.load(path, map_location="cpu", **kw)
-        except Exception as e:  # noqa: BLE001 - try the next, more permissive reader
-            last = e
-    msg = str(last).strip().splitlines()[0][:120] if last is not None and str(last).strip() else ""
-    raise UserError(
-        f"{path}: not a readable torch file ({type(last).__name__}: {msg}); re-download it or check the path"
-    )
-
-
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """The object saved in a torch file, with a one-line UserError when it is missing or unreadable."""
+    """The object saved in a torch file (weights-only: `aml.trust.torch_load`), a one-line UserError when it is
+    missing, unreadable, or needs more than weights to load."""
     p = Path(path)
     key = str(p.resolve())
     if key in _memo:
         return _memo[key]
     if not p.is_file():
         raise UserError(f"{p}: file not found; check the path (weights are never downloaded by aml)")
-    return _torch_load(p)
+    return torch_load(p)
 
 
 def backbone_keys(sd: Mapping[str, Any], renames: Mapping[str, int] | None = None, drop: tuple[str, ...] = ()) -> dict:

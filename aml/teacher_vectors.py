@@ -72,10 +72,10 @@ class TeacherVectors:
 
         paths = list(paths)
         st = self.settings
-        key = cache_key(self.identity, st.image_size, st.scales, image_list_key(paths, bbxs))
+        key = cache_key(self.identity, st.image_size, st.scales, image_list_key(paths, bbxs), files=paths)
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
-        if main and not cache.complete():
+        if main:  # returns at once when complete; waits when another process builds it; rebuilds a corrupt one
             cache.build(
                 lambda idx: extract(
                     self.net(),

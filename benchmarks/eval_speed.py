@@ -15,7 +15,6 @@ process's max RSS.
 from __future__ import annotations
 
 import argparse
-import pickle
 import resource
 import statistics
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from aml.evaluate import default_topk  # noqa: E402
 from aml.scoring import KAPPAS, PROTOCOLS, score_rankings  # noqa: E402
 from aml.search import pick_backend, search  # noqa: E402
+from aml.trust import load_pickle  # noqa: E402
 
 GND = REPO.parent / "shared" / "data" / "revisitop" / "gnd_roxford5k.pkl"
 
@@ -140,8 +140,7 @@ def main() -> None:
         help="generate float32 vectors and compare their search with float16 storage (4x memory)",
     )
     args = ap.parse_args()
-    with open(GND, "rb") as f:
-        gnd = pickle.load(f)
+    gnd = load_pickle(GND)
     rng = np.random.default_rng(0)
     tracemalloc.start()
     print(f"backend {pick_backend(args.backend)}, dim {args.dim}, 70 queries, medians of {args.reps}")

@@ -366,3 +366,35 @@ def test_cli_from_models(tmp_path, run_cli, one_thread):
     (tmp_path / "imgs" / "jpg" / "im3.jpg").unlink()
     code, _, err = run_cli(*base)
     assert code == 2 and "1 of 10 images are missing (first: " in err and "im3.jpg" in err
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"", "empty or truncated"),
+        (b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (10, 8), }" + b" " * 50 + b"\n", ""),
+        (b"not an npy at all", ""),
+    ],
+    ids=["empty", "truncated", "garbage"],
+)
+def test_load_features_bad_files_are_one_line(tmp_path, content, why):
+    """A 0-byte or truncated .npy used to reach click as EOFError ('Aborted.', exit 130)."""
+    from aml.evaluate import load_features
+
+    p = tmp_path / "db.npy"
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=rf"db\.npy: database features: not a readable \.npy array.*{why}") as e:
+        load_features(p, "database features")
+    assert "\n" not in str(e.value)
+
+
+def test_load_features_refuses_pickled_arrays(tmp_path):
+    from aml.evaluate import load_features
+
+    p = tmp_path / "obj.npy"
+    np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="obj.npy: features: not a readable .npy array"):
+        load_features(p)
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.eye(3, dtype=np.float32))
+    np.testing.assert_array_equal(load_features(ok), np.eye(3))

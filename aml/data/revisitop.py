@@ -19,6 +19,7 @@ from typing import Any
 
 from aml.errors import UserError
 from aml.io import atomic_write
+from aml.trust import load_pickle
 
 Bbx = tuple[float, float, float, float]
 GND_KEYS = ("easy", "hard", "junk")
@@ -150,11 +151,7 @@ def load_revisitop(data_root: str | os.PathLike, name: str) -> Revisitop:
             f"{path}: ground-truth file not found{hint}; expected "
             f"DATA_ROOT/{name}/gnd_{name}.pkl (e.g. gnd_roxford5k.pkl from the revisitop site)"
         )
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-    except Exception as e:  # any unpickling failure means a bad file
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download or rewrite it") from None
+    obj = load_pickle(path, encoding="latin1")  # dicts, lists, numbers, numpy arrays: nothing that runs code
     imlist, qimlist, gnd = validate_gnd(obj, str(path))
     return Revisitop(path.parent, name, imlist, qimlist, gnd)
 

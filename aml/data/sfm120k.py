@@ -12,6 +12,7 @@ import numpy as np
 from aml.data.trainset import TrainSet
 from aml.errors import UserError
 from aml.io import atomic_path
+from aml.trust import load_pickle
 
 SFM_PICKLE = "retrieval-SfM-120k.pkl"
 SPLIT_KEYS = ("cids", "cluster", "qidxs", "pidxs")
@@ -30,11 +31,7 @@ def load_sfm_pickle(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: file not found; expected the SfM pickle ({path.name}) in the data root "
             "(for SfM-120k: retrieval-SfM-120k.pkl beside ims/)"
         )
-    try:
-        with open(path, "rb") as f:
-            db = pickle.load(f)
-    except Exception as e:  # any unpickling failure means a bad file
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download the file") from e
+    db = load_pickle(path)  # dicts, lists, numbers, numpy arrays: nothing that runs code
     if not isinstance(db, dict):
         raise UserError(f"{path}: expected a dict with 'train' and 'val' splits, got {type(db).__name__}")
     return db

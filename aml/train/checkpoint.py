@@ -11,6 +11,7 @@ import torch
 
 from aml.errors import UserError
 from aml.io import atomic_path
+from aml.trust import torch_load
 
 FORMAT = 1  # bumped when the checkpoint layout changes
 
@@ -34,10 +35,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a training checkpoint written by `save_checkpoint`, with a clear error when it is not one."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; pass --out of an earlier run to --resume")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise UserError(f"{path}: not a readable torch checkpoint ({e.__class__.__name__}); delete it") from e
+    ck = torch_load(path)  # weights-only: a checkpoint holds tensors, numbers, strings and numpy arrays
+    if not isinstance(ck, dict):
+        raise UserError(f"{path}: a {type(ck).__name__}, not an aml training checkpoint (a dict); delete it")
     for key in ("state_dict", "meta", "optimizer", "config", "epoch"):
         if key not in ck:
             raise UserError(f"{path}: field '{key}' missing; this is not an aml training checkpoint")

@@ -1,0 +1,58 @@
+"""Atomic writes: recognisable temp names, and a killed writer's temp file removed by the next write of the file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from aml.io import TMP_TAG, atomic_write, host_tag, remove_stale_temps, write_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _temps(folder, name):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}{TMP_TAG}"))
+
+
+def test_killed_write_leaves_a_named_temp_that_the_next_write_removes(tmp_path):
+    target = tmp_path / "last.pt"
+    code = (
+        "import os, signal, sys\n"
+        "from aml.io import atomic_write\n"
+        "with atomic_write(sys.argv[1], 'wb') as f:\n"
+        "    f.write(b'x' * 1000); f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(target)], env={**os.environ, "PYTHONPATH": REPO})
+    assert p.wait(timeout=120) == -signal.SIGKILL
+    left = _temps(tmp_path, "last.pt")
+    assert len(left) == 1 and left[0].startswith(f".last.pt{TMP_TAG}{host_tag()}-{p.pid}-") and not target.exists()
+
+    live = tmp_path / f".last.pt{TMP_TAG}{host_tag()}-{os.getpid()}-inflight"  # a writer still running: kept
+    other_host = tmp_path / f".last.pt{TMP_TAG}otherhost-{p.pid}-x"  # another machine's PID: not ours to judge
+    other_file = tmp_path / f".other.pt{TMP_TAG}{host_tag()}-{p.pid}-x"  # another target: left for its own writer
+    for f in (live, other_host, other_file):
+        f.write_bytes(b"")
+    with atomic_write(target, "wb") as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new"
+    assert _temps(tmp_path, "last.pt") == sorted([live.name, other_host.name])
+    assert other_file.exists()
+
+
+def test_remove_stale_temps_ignores_a_missing_folder(tmp_path):
+    assert remove_stale_temps(tmp_path / "nowhere" / "x.json") == []
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "r.json"
+    write_json(target, {"a": 1})
+    try:
+        with atomic_write(target) as f:
+            f.write("partial")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert target.read_text().startswith("{") and _temps(tmp_path, "r.json") == []
