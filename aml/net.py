@@ -1,7 +1,8 @@
-"""The retrieval network: backbone maps -> (student projection) -> GeM -> L2N -> (FC whitening -> L2N).
+"""The retrieval network: backbone maps -> (AML projection) -> GeM -> L2N -> (linear head -> L2N) -> (FC whitening
+-> L2N).
 
 State-dict keys follow cirtorch (`features.N.*`, `pool.p`, `whiten.weight/bias`) so published cirtorch
-checkpoints load as they are; the AML student head adds `proj.0.weight`.
+checkpoints load as they are; the AML student head adds `proj.0.weight`, the linear student head `fc.weight`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def default_meta(architecture: str, outputdim: int, whitening: bool = False) -> 
     }
 
 
+# Student heads: "aml" is the AML paper's Conv1x1 (no bias) -> ReLU before GeM; "linear" pools first, then maps
+# the L2-normalised GeM vector with a Linear D_s -> D_t (no bias) and L2-normalises again.
+HEADS = ("aml", "linear")
+
+
 class RetrievalNet(nn.Module):
     """One L2-normalised global descriptor per image, cirtorch-compatible (SPEC §2)."""
 
@@ -41,14 +47,18 @@ class RetrievalNet(nn.Module):
         out_channels: int,
         *,
         dim: int | None = None,
+        head: str = "aml",
         whiten: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head {head!r}: expected one of {HEADS}")
         self.features = features
         self.out_channels = out_channels
-        self.proj = projection(out_channels, dim) if dim is not None else None
+        self.proj = projection(out_channels, dim) if dim is not None and head == "aml" else None
         self.pool = GeM()
+        self.fc = nn.Linear(out_channels, dim, bias=False) if dim is not None and head == "linear" else None
         d = dim if dim is not None else out_channels
         self.whiten = nn.Linear(d, d, bias=True) if whiten else None
         self.meta = copy.deepcopy(meta) if meta is not None else default_meta("unknown", d, whiten)
@@ -58,12 +68,21 @@ class RetrievalNet(nn.Module):
     @property
     def dim(self) -> int:
         """Output dimension D."""
-        return self.proj[0].out_channels if self.proj is not None else self.out_channels
+        if self.proj is not None:
+            return self.proj[0].out_channels
+        return self.fc.out_features if self.fc is not None else self.out_channels
+
+    @property
+    def head(self) -> str | None:
+        """The student head: "aml" (1x1 projection before GeM), "linear" (a map after GeM), None (no head)."""
+        return "aml" if self.proj is not None else "linear" if self.fc is not None else None
 
     @property
     def msp(self) -> float:
-        """Multi-scale power: the GeM p when there is no whitening layer, else 1 (as cirtorch)."""
-        return 1.0 if self.whiten is not None else float(self.pool.p.detach().item())
+        """Multi-scale power: the GeM p when GeM gives the output directly, else 1 (as cirtorch with whitening:
+        a linear map after pooling makes components negative, which have no real GeM power)."""
+        linear_after_pool = self.whiten is not None or self.fc is not None
+        return 1.0 if linear_after_pool else float(self.pool.p.detach().item())
 
     @property
     def mean(self) -> list[float]:
@@ -83,6 +102,8 @@ class RetrievalNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, H, W) batch -> (B, D) L2-normalised descriptors."""
         v = l2n(self.pool(self.maps(x)))
+        if self.fc is not None:
+            v = l2n(self.fc(v))
         if self.whiten is not None:
             v = l2n(self.whiten(v))
         return v

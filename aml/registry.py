@@ -232,7 +232,7 @@ def _entry_from_meta(meta: Mapping[str, Any], path: Path) -> Entry:
 
 def _checkpoint_dim(ckpt: Mapping[str, Any], entry: Entry) -> int:
     sd = ckpt["state_dict"]
-    for key in ("proj.0.weight", "whiten.weight"):
+    for key in ("proj.0.weight", "fc.weight", "whiten.weight"):
         if key in sd:
             return int(sd[key].shape[0])
     return int(ckpt["meta"].get("outputdim", entry.feature_dim))
@@ -338,23 +338,40 @@ def _features(entry: Entry, weights: str | None) -> nn.Module:
     return features
 
 
-def _build(src: _Source, dim: int | None) -> RetrievalNet:
+def _checkpoint_head(sd: Mapping[str, torch.Tensor]) -> tuple[str, int | None]:
+    """The student head a state dict holds and its dimension: ("aml", D), ("linear", D) or ("aml", None)."""
+    if "proj.0.weight" in sd:
+        return "aml", int(sd["proj.0.weight"].shape[0])
+    if "fc.weight" in sd:
+        return "linear", int(sd["fc.weight"].shape[0])
+    return "aml", None
+
+
+def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
     entry, ckpt = src.entry, src.checkpoint
     channels = entry.feature_dim
     if ckpt is None:
         features = _features(entry, str(src.path) if src.path is not None else None)
-        return RetrievalNet(features, channels, dim=dim, meta=default_meta(entry.architecture, dim or channels))
+        meta = default_meta(entry.architecture, dim or channels)
+        return RetrievalNet(features, channels, dim=dim, head=head, meta=meta)
     sd = ckpt["state_dict"]
-    ck_dim = int(sd["proj.0.weight"].shape[0]) if "proj.0.weight" in sd else None
+    ck_head, ck_dim = _checkpoint_head(sd)
     whiten = "whiten.weight" in sd
     new_head = dim is not None and ck_dim is None and not whiten
     if dim is not None and ck_dim != dim and not new_head:
-        have = f"a {ck_dim}-d projection head" if ck_dim else "a whitening layer"
+        have = f"a {ck_dim}-d {ck_head} head" if ck_dim else "a whitening layer"
         raise UserError(f"{src.path}: checkpoint has {have}, but dim={dim} was asked for")
     features = _features(entry, None)
     meta = {**default_meta(entry.architecture, channels), **ckpt["meta"]}
-    net = RetrievalNet(features, channels, dim=dim if new_head else ck_dim, whiten=whiten, meta=meta)
-    load_into(net, sd, src.path, optional=("proj.",) if new_head else ())
+    net = RetrievalNet(
+        features,
+        channels,
+        dim=dim if new_head else ck_dim,
+        head=head if new_head else ck_head,
+        whiten=whiten,
+        meta=meta,
+    )
+    load_into(net, sd, src.path, optional=("proj.", "fc.") if new_head else ())
     return net
 
 
@@ -364,11 +381,13 @@ def create_model(
     role: str | None = None,
     weights: str | os.PathLike | None = None,
     dim: int | None = None,
+    head: str = "aml",
     random_init: bool = False,
 ) -> RetrievalNet:
     """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
 
-    `role="student"` with `dim` adds the AML projection head (Conv1x1 -> ReLU) to `dim` before GeM;
+    `role="student"` with `dim` adds a student head to `dim` (`head="aml"`: the AML projection Conv1x1 -> ReLU
+    before GeM; `head="linear"`: a Linear after GeM; a checkpoint keeps the head it was saved with);
     `role="teacher"` (the default, or the role recorded in an aml checkpoint) returns the net frozen, in
     eval mode. Networks are built under a fixed seed, so `random_init=True` is reproducible.
     """
@@ -378,7 +397,7 @@ def create_model(
         src = _resolve(name_or_path, weights, random_init)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            net = _build(src, dim)
+            net = _build(src, dim, head)
     finally:
         _memo.clear()
     saved = (src.checkpoint or {}).get("meta", {}).get("aml") or {}

@@ -23,6 +23,9 @@ class TrainConfig:
     random_init: bool = False  # random weights for teacher and student alike (tests only)
     student_random_init: bool = False  # an ImageNet-free student: random weights, the teacher keeps its own
     bn_images: int = 128  # training images that set a random-weight student's BatchNorm statistics
+    head_init: str = "local-procrustes"  # the student's start; "random" is the AML paper's (aml.train.head_init)
+    init_images: int = 2000  # training images the closed-form start is fitted on (0: all)
+    init_flip: bool = True  # also fit on the mirrored images (map-level methods)
     loss: str = "contr+"
     loss_args: dict[str, float] = field(default_factory=dict)  # keyword constants of the loss
     data: str = "synth"

@@ -30,6 +30,7 @@ from aml.train.checkpoint import load_checkpoint, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
 from aml.train.epoch import EpochPlan, plan_images, plan_tuples
+from aml.train.head_init import head_for, init_head
 from aml.train.quick_eval import QuickEval
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
@@ -47,7 +48,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "gem": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            groups["gem" if n.endswith("pool.p") else "head" if n.startswith("proj.") else "backbone"].append(p)
+            group = "gem" if n.endswith("pool.p") else "head" if n.startswith(("proj.", "fc.")) else "backbone"
+            groups[group].append(p)
     return [
         {"params": groups["backbone"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": groups["head"], "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
@@ -110,6 +112,7 @@ class Trainer:
             raise UserError(f"--amp {cfg.amp}: mixed precision needs CUDA; use --amp none on the CPU")
         self._load_data()
         self._build_student(fresh=checkpoint is None)
+        self.init_info = self._init_head() if checkpoint is None else checkpoint.get("init")
         self.optimizer = make_optimizer(self.student, cfg)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.start_epoch = self._resume_state(checkpoint)
@@ -168,12 +171,36 @@ class Trainer:
             role="student",
             weights=cfg.student_weights,
             dim=self.identity["dim"],
+            head=head_for(cfg.head_init),
             random_init=random_student,
         )
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
         if random_student and fresh:
             self._estimate_batchnorm()
+
+    def _init_head(self) -> dict[str, Any] | None:
+        """Fit the fresh student's head to the teacher in closed form (`cfg.head_init`), before epoch 1.
+
+        Under DDP only rank 0 fits: DistributedDataParallel copies rank 0's weights to every rank."""
+        cfg = self.cfg
+        if not self.dist.main:
+            return None
+        info = init_head(
+            self.student,
+            cfg.head_init,
+            paths=self.train.paths,
+            teacher_vectors=self.train_teacher,
+            teacher_net=self.teacher.net,
+            image_size=cfg.image_size,
+            count=cfg.init_images,
+            flip=cfg.init_flip,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        self.teacher.release()
+        self.student.to(memory_format=torch.channels_last)
+        return info
 
     def _resume_state(self, checkpoint: dict[str, Any] | None) -> int:
         """Student, optimizer and scheduler state from a checkpoint; returns the epoch to start from."""
@@ -334,6 +361,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
             "metrics": metrics,
+            "init": self.init_info,
         }
 
     def fit(self) -> Path:
@@ -342,6 +370,8 @@ class Trainer:
         if self.dist.main:
             write_json(self.run_dir / "config.json", cfg.to_dict())
         try:
+            if self.start_epoch == 0 and self.dist.main:
+                self._log_start()
             for epoch in range(self.start_epoch, cfg.epochs):
                 stats = self.train_epoch(epoch)
                 if (
@@ -358,6 +388,16 @@ class Trainer:
             shutdown(self.dist)
         return self.run_dir
 
+    def _log_start(self) -> None:
+        """Epoch 0: the closed-form start, its residual and (unless random) its test-set scores; a zero-epoch run
+        saves this student as its checkpoint."""
+        stats: dict[str, Any] = {"epoch": 0, "init": self.init_info}
+        if self.evaluator is not None and (self.cfg.head_init != "random" or self.cfg.epochs == 0):
+            stats["eval"] = self.evaluator.run(self.student)
+        if self.cfg.epochs == 0:
+            save_checkpoint(self.run_dir, 0, self.checkpoint_state(stats))
+        self._log(stats)
+
     def _log(self, stats: dict[str, Any]) -> None:
         path = self.run_dir / "log.jsonl"
         old = path.read_text() if path.exists() else ""
@@ -365,7 +405,16 @@ class Trainer:
             f.write(old + json.dumps(stats, sort_keys=True) + "\n")
         if self.progress:
             ev = stats.get("eval")
-            line = f"epoch {stats['epoch']}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+            if "loss" in stats:
+                line = f"epoch {stats['epoch']}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+            else:
+                init = stats.get("init") or {}
+                line = f"epoch 0: head init {init.get('method')}"
+                if "residual" in init:
+                    line += (
+                        f" on {init['images']} images ({init['pairs']} pairs), residual {init['residual']:.4f},"
+                        f" {init['seconds']:.1f} s"
+                    )
             if ev:
                 line += f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, sym mAP M {ev['student']['mAP']['M']:.2f}"
             print(line, flush=True)

@@ -1,0 +1,169 @@
+"""The student's start: its head fitted to the teacher in closed form on training images, before epoch 1.
+
+The AML paper starts every student from a random 1x1 projection, which a small budget cannot align with the
+teacher's space (a student trained so keeps its own, good space but searches the teacher's badly). Here the
+head is solved for instead (`aml.closed_form`), with the backbone as it is (ImageNet weights):
+
+| method             | head                                   | fitted on                                        |
+|--------------------|----------------------------------------|--------------------------------------------------|
+| `random`           | aml: Conv1x1 -> ReLU -> GeM (paper)    | nothing: the paper's random start                |
+| `lstsq`            | aml: Conv1x1 -> ReLU -> GeM            | least squares, student -> teacher feature maps,  |
+|                    |                                        | location by location                             |
+| `ridge`            | linear: GeM -> L2N -> Linear -> L2N    | ridge on pooled vectors (teacher's from cache)   |
+| `procrustes`       | linear                                 | orthogonal Procrustes on pooled vectors          |
+| `local-procrustes` | linear                                 | orthogonal Procrustes on the L2-normalised local |
+|                    |                                        | descriptors (one per feature-map location), the  |
+|                    |                                        | default                                          |
+
+`local-procrustes` rests on two facts: a rotation keeps the student's own geometry (which is as good as the
+teacher's), and every location of the two networks' feature maps of one image is a matched pair, so N images
+give N x h x w pairs instead of N (and horizontal flips double them) for the same backbone passes; the
+rotation fitted on local descriptors then aligns the GeM vectors pooled from them. Both networks see the same
+image at the same size; when their grids differ (other strides) the finer map is average-pooled to the
+coarser grid. Methods fitted on maps need the teacher network itself (one teacher forward per fitting image,
+flips included); pooled methods read the teacher's cached vectors only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from aml.closed_form import CrossCovariance, residual
+from aml.data.images import header_size, size_key
+from aml.net import RetrievalNet
+from aml.nn import gem, l2n
+from aml.train.batches import ImageTensors, size_buckets
+
+HEAD_INITS: dict[str, str] = {  # method -> the head it initialises
+    "random": "aml",
+    "lstsq": "aml",
+    "ridge": "linear",
+    "procrustes": "linear",
+    "local-procrustes": "linear",
+}
+MAP_METHODS = ("lstsq", "local-procrustes")  # fitted on feature maps: these need the teacher network
+RIDGE_LAMBDA = 0.1  # relative to the mean of diag(S^T S)
+_FIT_BATCH = 4  # images per forward while fitting (the CPU extraction batch)
+
+
+def head_for(method: str) -> str:
+    """The student head (`aml` or `linear`) that a head-init method initialises."""
+    if method not in HEAD_INITS:
+        raise ValueError(f"head init {method!r}: expected one of {', '.join(HEAD_INITS)}")
+    return HEAD_INITS[method]
+
+
+def fit_images(n: int, count: int, seed: int) -> np.ndarray:
+    """The training images a fit uses: all of them, or `count` drawn under the run's seed (sorted)."""
+    if count <= 0 or count >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 2]).choice(n, size=count, replace=False))
+
+
+def _batches(
+    paths: Sequence[str], idx: np.ndarray, size: int, net: RetrievalNet
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(positions into idx, (b, 3, H, W) batch) of same-size images, normalised for `net`."""
+    images = ImageTensors(paths, size, net.mean, net.std)
+    keys = size_key([header_size(paths[i]) for i in idx])
+    for b in size_buckets(np.argsort(keys, kind="stable"), keys, _FIT_BATCH):
+        x = [images[int(idx[j])] for j in b]
+        for shape in dict.fromkeys(tuple(t.shape) for t in x):
+            sel = [k for k, t in enumerate(x) if tuple(t.shape) == shape]
+            yield b[sel], torch.stack([x[k] for k in sel])
+
+
+def _common_grid(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps on the coarser of their two grids (the finer one average-pooled)."""
+    h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+    return tuple(m if m.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(m, (h, w)) for m in (a, b))  # type: ignore[return-value]
+
+
+def _rows(m: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) maps -> (B h w, C) local descriptors."""
+    return m.permute(0, 2, 3, 1).reshape(-1, m.shape[1])
+
+
+@torch.inference_mode()
+def init_head(
+    student: RetrievalNet,
+    method: str,
+    *,
+    paths: Sequence[str],
+    teacher_vectors: np.ndarray,
+    teacher_net: Callable[[], RetrievalNet],
+    image_size: int,
+    count: int = 0,
+    flip: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Fit `student`'s head to the teacher in place and return what was done (the record kept with the run).
+
+    Args:
+        student: a student RetrievalNet whose head matches `head_for(method)`.
+        method: one of HEAD_INITS.
+        paths: the training images; `teacher_vectors` (N, D) their cached teacher vectors, same order.
+        teacher_net: builds the teacher network (called only by the map methods).
+        image_size: the training size; `count` how many images to fit on (0: all); `flip` adds mirrored images
+            (map methods); `seed` picks the images when `count` is smaller than the set.
+
+    Returns {'method', 'head', 'images', 'flip', 'pairs', 'residual', 'seconds'}: `residual` is the mean
+    1 - cos of the mapped student's pooled vectors and the teacher's on the fitting images (for `lstsq`, whose
+    map acts before ReLU and GeM: ||S W - T||^2 / ||T||^2 of the fitted local maps).
+    """
+    head = head_for(method)
+    if student.head != head:
+        raise ValueError(f"head init {method!r} initialises a {head!r} head, the student has {student.head!r}")
+    if method == "random":
+        return {"method": method, "head": head}
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    idx = fit_images(len(paths), count, seed)
+    was_training = student.training
+    student.eval()
+    teacher = teacher_net().eval().to(dev) if method in MAP_METHODS else None
+    ds, dt = student.out_channels, int(teacher_vectors.shape[1])
+    local, pooled = CrossCovariance(ds, teacher.out_channels if teacher else dt), CrossCovariance(ds, dt)
+    s_pooled = np.zeros((len(idx), ds), dtype=np.float32)
+    p = student.pool.p.detach().to(dev)
+    for pos, x in _batches(paths, idx, image_size, student):
+        x = x.to(dev)
+        fs = student.features(x)
+        s_pooled[pos] = l2n(gem(fs, p)).cpu().numpy()
+        if teacher is None:
+            continue
+        for view in (x, x.flip(-1)) if flip else (x,):
+            a, b = _common_grid(student.features(view) if view is not x else fs, teacher.features(view))
+            a, b = _rows(a), _rows(b)
+            if method == "local-procrustes":
+                a, b = l2n(a.clamp(min=1e-6)), l2n(b.clamp(min=1e-6))
+            local.add(a.cpu().numpy(), b.cpu().numpy())
+    t_rows = np.asarray(teacher_vectors[idx], dtype=np.float32)
+    pooled.add(s_pooled, t_rows)
+    if method == "lstsq":
+        w = local.lstsq()
+        student.proj[0].weight.data.copy_(torch.from_numpy(w.T.copy())[:, :, None, None])
+        res = local.relative_error(w)
+    else:
+        acc = local if method == "local-procrustes" else pooled
+        w = acc.procrustes() if method != "ridge" else acc.ridge(RIDGE_LAMBDA)
+        student.fc.weight.data.copy_(torch.from_numpy(w.T.copy()))
+        res = residual(s_pooled, t_rows, w)
+    student.train(was_training)
+    pairs = local.n if method in MAP_METHODS else pooled.n
+    return {
+        "method": method,
+        "head": head,
+        "images": int(len(idx)),
+        "flip": bool(flip and method in MAP_METHODS),
+        "pairs": int(pairs),
+        "residual": float(res),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
