@@ -171,6 +171,77 @@ class Lw:
         return lin
 
 
+# ---------------------------------------------------------------------------------------------- learning it
+CHOLESKY_ALPHA = 1e-10  # cirtorch's first diagonal loading when S is not positive definite (then x10 until it is)
+LEARN_METHODS = ("lw", "pca")
+
+
+def _cholesky(s: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of `s`, adding alpha I (1e-10, x10 each try) until `s` is positive definite."""
+    alpha = 0.0
+    while True:
+        try:
+            return np.linalg.cholesky(s + alpha * np.eye(len(s)))
+        except np.linalg.LinAlgError:
+            alpha = CHOLESKY_ALPHA if alpha == 0 else alpha * 10
+
+
+def _by_eigenvalue(y: np.ndarray) -> np.ndarray:
+    """Eigenvectors (as columns) of the symmetric `y`, by decreasing eigenvalue; each column's sign fixed so that
+    its largest-magnitude entry is positive (the basis is then a function of `y` alone)."""
+    val, vec = np.linalg.eigh(y)
+    vec = vec[:, np.argsort(val)[::-1]]
+    flip = np.sign(vec[np.abs(vec).argmax(axis=0), np.arange(vec.shape[1])])
+    return vec * np.where(flip == 0, 1.0, flip)
+
+
+def learn_lw(
+    x: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, *, source: str, key: str = "custom", variant: str = "ss"
+) -> Lw:
+    """cirtorch `whitenlearn` (Radenović et al., SPEC §2) on (N, D) rows `x` and matching pairs (qidxs, pidxs):
+
+        m = mean_i x[q_i];  S = 1/n sum_i (x[q_i] - x[p_i])(x[q_i] - x[p_i])^T;  P1 = chol(S)^-1
+        E = eigenvectors of P1 (X - m)(X - m)^T P1^T, by decreasing eigenvalue;  P = E^T P1
+
+    computed in float64."""
+    xd = np.asarray(x, dtype=np.float64)
+    q, p = np.asarray(qidxs, dtype=np.int64), np.asarray(pidxs, dtype=np.int64)
+    if len(q) == 0 or len(q) != len(p):
+        raise UserError(f"{source}: learned whitening needs matching (query, positive) pairs; got {len(q)}/{len(p)}")
+    m = xd[q].mean(axis=0)
+    df = xd[q] - xd[p]
+    p1 = np.linalg.inv(_cholesky(df.T @ df / len(df)))
+    y = (xd - m) @ p1.T
+    P = _by_eigenvalue(y.T @ y).T @ p1
+    return Lw(m.astype(np.float32), P.astype(np.float32), source, key, variant)
+
+
+def learn_pca(x: np.ndarray, *, source: str, key: str = "custom", variant: str = "ss") -> Lw:
+    """cirtorch `pcawhitenlearn` (label-free): PCA whitening P = diag(eigval)^-1/2 E^T of the rows' covariance."""
+    xd = np.asarray(x, dtype=np.float64)
+    m = xd.mean(axis=0)
+    xc = xd - m
+    c = xc.T @ xc / len(xd)
+    val, _ = np.linalg.eigh(c)
+    vec = _by_eigenvalue(c)
+    val = np.sort(val)[::-1]
+    P = np.diag(np.maximum(val, 1e-12) ** -0.5) @ vec.T
+    return Lw(m.astype(np.float32), P.astype(np.float32), source, key, variant)
+
+
+def learn_teacher_lw(vectors: np.ndarray, train: Any, method: str, *, key: str, variant: str = "ss") -> Lw:
+    """The teacher's Lw learned on its (N, D) `vectors` of a TrainSet's images: `lw` on its (qidxs, pidxs)
+    pairs (cirtorch whitenlearn), `pca` on all images (pcawhitenlearn)."""
+    source = f"{method} on {train.name} ({variant})"
+    if method == "pca":
+        return learn_pca(vectors, source=source, key=key, variant=variant)
+    if method != "lw":
+        raise ValueError(f"whitening method {method!r}; expected one of {LEARN_METHODS}")
+    if len(train.qidxs) == 0:
+        raise UserError(f"{train.name}: no (query, positive) pairs to learn Lw from; use --method pca (label-free)")
+    return learn_lw(vectors, train.qidxs, train.pidxs, source=source, key=key, variant=variant)
+
+
 def teacher_lw(
     spec: str | None, multiscale: bool, teacher_meta: Callable[[], Mapping[str, Any]], *, where: str | None = None
 ) -> Lw | None:

@@ -15,7 +15,9 @@ import click
 
 from aml.cache import DTYPES
 from aml.commands._options import quiet_option
+from aml.losses import LOSSES
 from aml.train.config import PRESETS, TrainConfig
+from aml.train.head_init import HEAD_INITS
 
 # What each field's option says; the type comes from the field, the defaults from TrainConfig() and PRESETS.
 # A field missing here is an error at import (a test imports this module), so a new field gets an option.
@@ -27,7 +29,10 @@ _HELP: dict[str, str] = {
     "random_init": "Random weights for teacher and student (tests)",
     "student_random_init": "ImageNet-free student: random weights, BatchNorm statistics set from training images",
     "bn_images": "Training images that set a random-weight student's BatchNorm statistics",
-    "loss": "contr, contr+, reg, triplet, ms, rkd, darkrank, sym, csd, contr+csd",
+    "head_init": "The student's start: its head fitted to the teacher in closed form (random: the AML paper's)",
+    "init_images": "Training images the closed-form start is fitted on (0: all)",
+    "init_flip": "Also fit the start on mirrored images",
+    "loss": "The loss",
     "loss_args": "Loss constant NAME=VALUE (repeatable)",
     "data": "synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | images:DIR "
     "(label-free losses only); omit for the embedded demo",
@@ -56,6 +61,8 @@ _HELP: dict[str, str] = {
     "out": "Run directory (unset: runs/<date>-T-S-LOSS)",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "head_init": tuple(HEAD_INITS),
+    "loss": tuple(LOSSES),
     "mining": ("auto", "asymmetric", "symmetric", "random"),
     "optimizer": ("adam", "sgd"),
     "amp": ("none", "bf16", "fp16"),
@@ -86,7 +93,7 @@ def _field_option(field: dataclasses.Field) -> Callable:
     if name == "loss_args":
         return click.option("--loss-arg", "loss_args", multiple=True, help=text)
     if base == "bool":
-        return click.option(flag, name, is_flag=True, default=None, help=text)
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
     if name in _CHOICES:
         return click.option(flag, name, type=click.Choice(_CHOICES[name]), help=text)
     if name == "data":
