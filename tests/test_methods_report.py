@@ -52,8 +52,18 @@ def results():
 
 def test_summary_keeps_method_order_and_seeds(results):
     s = methods.summarise(results)["lite0"]
-    assert list(s) == methods.METHODS
+    assert list(s) == [m for m in methods.METHODS if m in ASYM]
     assert s["reg"]["asymmetric"]["M"] == [26, 27, 28] and s["sym"]["seeds"] == [0]
+
+
+def test_start_findings_compare_the_two_starts(results):
+    init = [fake(m, 0, a + 30, student="lite0-init") for m, a in ASYM.items() if m != "sym"]
+    init.append(fake("0 epochs", 0, 40.0, student="lite0-init"))
+    lines = methods.start_findings(methods.summarise(results + init))
+    assert lines[0].startswith("closed-form start vs the paper's random start")
+    assert "csd 23.00 -> 52.00" in lines[0]
+    assert "by +29.00 to +29.00 points" in lines[1] and "best from it: contr+csd 58.00" in lines[1]
+    assert methods.start_findings(methods.summarise(results)) == []  # one start only: nothing to compare
 
 
 def test_findings_check_the_issue_claims(results):
@@ -121,3 +131,11 @@ def test_findings_flag_a_student_that_did_not_learn():
     lines = methods.findings(rows, chance=3.0)
     assert lines[0].startswith("no method reaches twice chance asymmetrically (best 4.20, chance 3.00)")
     assert lines[-1].endswith("points; one seed: no spread)")
+
+
+def test_readme_demo_table_comes_from_the_results_file():
+    demo_spec = importlib.util.spec_from_file_location("demo_table", REPO / "benchmarks" / "demo_table.py")
+    demo = importlib.util.module_from_spec(demo_spec)
+    demo_spec.loader.exec_module(demo)
+    readme = (REPO / "README.md").read_text()
+    assert demo.readme_block(demo.RESULT.read_text()) in readme, "run benchmarks/demo_table.py after make demo"

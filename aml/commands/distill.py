@@ -8,13 +8,16 @@ them from `TrainConfig()` and `PRESETS`, never typed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from aml.cache import DTYPES
 from aml.commands._options import quiet_option
+from aml.io import atomic_write
 from aml.losses import LOSSES
 from aml.train.config import PRESETS, TrainConfig
 from aml.train.head_init import HEAD_INITS
@@ -29,7 +32,8 @@ _HELP: dict[str, str] = {
     "random_init": "Random weights for teacher and student (tests)",
     "student_random_init": "ImageNet-free student: random weights, BatchNorm statistics set from training images",
     "bn_images": "Training images that set a random-weight student's BatchNorm statistics",
-    "head_init": "The student's start: its head fitted to the teacher in closed form (random: the AML paper's)",
+    "head_init": "The student's start: its head fitted to the teacher in closed form (random: the AML paper's; "
+    "auto: local-procrustes, random for the no-teacher sym)",
     "init_images": "Training images the closed-form start is fitted on (0: all)",
     "init_flip": "Also fit the start on mirrored images",
     "loss": "The loss",
@@ -61,7 +65,7 @@ _HELP: dict[str, str] = {
     "out": "Run directory (unset: runs/<date>-T-S-LOSS)",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "head_init": tuple(HEAD_INITS),
+    "head_init": ("auto", *HEAD_INITS),
     "loss": tuple(LOSSES),
     "mining": ("auto", "asymmetric", "symmetric", "random"),
     "optimizer": ("adam", "sgd"),
@@ -130,6 +134,8 @@ def config_from_options(preset: str, opts: dict[str, Any]) -> TrainConfig:
     given["loss_args"] = _loss_args(given.get("loss_args", ()))
     if not given["loss_args"]:
         given.pop("loss_args")
+        if "loss" in given:  # another loss than the preset's: the preset's constants are for its own loss
+            given["loss_args"] = {}
     return TrainConfig().replace(**PRESETS[preset]).replace(**given)
 
 
@@ -151,7 +157,8 @@ def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool
     """Train a student whose query vectors search the teacher's database (AML).
 
     With no --data, runs the embedded default: synthetic landmarks generated once into $AML_HOME,
-    the demo preset's teacher and student, loss contr+, plus the no-teacher baseline, and prints the table.
+    the demo preset's teacher, student and recipe (closed-form start, then csd), plus the no-teacher baseline,
+    and prints the table.
     """
     from aml.evaluate import format_table
     from aml.train.demo import run_with_baseline
@@ -162,10 +169,14 @@ def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool
     if baseline is None:
         baseline = preset == "demo" and not resume
     if baseline:
+        t0 = time.perf_counter()
         result = run_with_baseline(cfg, progress=not quiet)
         click.echo(f"\nrun: {result['run_dir']}\nbaseline: {result['baseline_dir']}")
         if result["rows"]:
-            click.echo(format_table(result["rows"], title=f"test set {result['dataset'][1]}", layout="rows"))
+            table = format_table(result["rows"], title=f"test set {result['dataset'][1]}", layout="rows")
+            click.echo(table)
+            with atomic_write(Path(result["run_dir"]) / "table.txt") as f:  # what the README quotes
+                f.write(f"{table}\n\n(training and evaluation: {time.perf_counter() - t0:.0f} s)\n")
         return
     run_dir = distill(cfg, resume=resume, progress=not quiet)
     click.echo(f"run: {run_dir}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from aml.train.loop import Trainer
 def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train `cfg` and the same student with the symmetric no-teacher loss; return the rows of the table.
 
-    Rows: the teacher on itself, the distilled student asymmetric and symmetric, and the baseline
-    student (trained without the teacher) queried against the teacher's database and on its own.
+    Rows: the teacher on itself, the closed-form start alone (the student before epoch 1, asymmetric), the
+    distilled student asymmetric and symmetric, and the baseline student (trained without the teacher) queried
+    against the teacher's database and on its own.
     """
     main = Trainer(cfg, progress=progress)
     run_dir = main.fit()
@@ -24,10 +26,13 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, A
     rows: dict[str, Any] = {}
     if main.evaluator is not None:
         rows[f"teacher {cfg.teacher} (symmetric)"] = main.evaluator.teacher()
+    start = json.loads((Path(run_dir) / "log.jsonl").read_text().splitlines()[0])
     ev = load_checkpoint(Path(run_dir) / "last.pt")["metrics"].get("eval")
     bev = load_checkpoint(Path(base_dir) / "last.pt")["metrics"].get("eval")
     budget = f"{cfg.epochs} ep x {cfg.query_size}"
     base_budget = f"{base_cfg.epochs} ep x {base_cfg.query_size}"
+    if start.get("epoch") == 0 and "eval" in start:
+        rows[f"student {cfg.student} {start['init']['method']} start, 0 ep (asymmetric)"] = start["eval"]["asymmetric"]
     if ev:
         rows[f"student {cfg.student} {cfg.loss}, {budget} (asymmetric)"] = ev["asymmetric"]
         rows[f"student {cfg.student} {cfg.loss}, {budget} (symmetric)"] = ev["student"]

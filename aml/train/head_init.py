@@ -26,16 +26,22 @@ flips included); pooled methods read the teacher's cached vectors only.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from aml.cache import content_identity
 from aml.closed_form import CrossCovariance, residual
 from aml.data.images import header_size, size_key
+from aml.io import atomic_path, sha256_lines
 from aml.net import RetrievalNet
 from aml.nn import gem, l2n
 from aml.train.batches import ImageTensors, size_buckets
@@ -88,6 +94,39 @@ def _common_grid(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _rows(m: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) maps -> (B h w, C) local descriptors."""
     return m.permute(0, 2, 3, 1).reshape(-1, m.shape[1])
+
+
+def _head_state(student: RetrievalNet) -> dict[str, torch.Tensor]:
+    """The head's parameters (what a fit writes)."""
+    return {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k.startswith(("proj.", "fc."))}
+
+
+def cached_init_head(
+    student: RetrievalNet, method: str, *, cache_dir: str | os.PathLike, key: dict[str, Any], **kw: Any
+) -> dict[str, Any]:
+    """`init_head`, memoised in `cache_dir` under `key` (what the fit depends on besides the arguments: the
+    student's and teacher's identities, the training images): runs that share a start (every method of a
+    benchmark, a rerun) fit once. The file holds tensors and JSON only (read with weights_only=True); a bad
+    file is refitted."""
+    if method == "random":
+        return init_head(student, method, **kw)
+    full = {**key, "method": method, "image_size": kw["image_size"], "count": kw.get("count", 0),
+            "flip": kw.get("flip", True), "seed": kw.get("seed", 0), "paths": sha256_lines(list(kw["paths"])),
+            "content": content_identity(kw["paths"]), "format": 1}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"head-init-{digest}.pt"
+    if path.is_file() and not path.is_symlink():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            student.load_state_dict(saved["state"], strict=False)
+            return {**json.loads(saved["info"]), "cached": True}
+        except Exception:  # noqa: BLE001 - a half-written or foreign file: fit again and replace it
+            pass
+    info = init_head(student, method, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"state": _head_state(student), "info": json.dumps(info)}, tmp)
+    return info
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, atomic_write, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
 from aml.progress import Progress
-from aml.registry import create_model
+from aml.registry import create_model, model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train.batches import ImageTensors, forward_by_size, size_buckets
@@ -30,7 +30,7 @@ from aml.train.checkpoint import load_checkpoint, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
 from aml.train.epoch import EpochPlan, plan_images, plan_tuples
-from aml.train.head_init import head_for, init_head
+from aml.train.head_init import cached_init_head, head_for
 from aml.train.quick_eval import QuickEval
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
@@ -171,7 +171,7 @@ class Trainer:
             role="student",
             weights=cfg.student_weights,
             dim=self.identity["dim"],
-            head=head_for(cfg.head_init),
+            head=head_for(cfg.resolved_head_init()),
             random_init=random_student,
         )
         student.meta["aml"]["teacher"] = self.identity
@@ -180,15 +180,20 @@ class Trainer:
             self._estimate_batchnorm()
 
     def _init_head(self) -> dict[str, Any] | None:
-        """Fit the fresh student's head to the teacher in closed form (`cfg.head_init`), before epoch 1.
+        """Fit the fresh student's head to the teacher in closed form (`cfg.resolved_head_init()`), before epoch 1.
 
         Under DDP only rank 0 fits: DistributedDataParallel copies rank 0's weights to every rank."""
         cfg = self.cfg
         if not self.dist.main:
             return None
-        info = init_head(
+        student_identity = model_identity(
+            cfg.student, weights=cfg.student_weights, random_init=cfg.random_init or cfg.student_random_init
+        )
+        info = cached_init_head(
             self.student,
-            cfg.head_init,
+            cfg.resolved_head_init(),
+            cache_dir=aml_home() / "cache",
+            key={"student": student_identity, "teacher": self.identity, "bn_images": cfg.bn_images},
             paths=self.train.paths,
             teacher_vectors=self.train_teacher,
             teacher_net=self.teacher.net,
@@ -392,7 +397,7 @@ class Trainer:
         """Epoch 0: the closed-form start, its residual and (unless random) its test-set scores; a zero-epoch run
         saves this student as its checkpoint."""
         stats: dict[str, Any] = {"epoch": 0, "init": self.init_info}
-        if self.evaluator is not None and (self.cfg.head_init != "random" or self.cfg.epochs == 0):
+        if self.evaluator is not None and (self.cfg.resolved_head_init() != "random" or self.cfg.epochs == 0):
             stats["eval"] = self.evaluator.run(self.student)
         if self.cfg.epochs == 0:
             save_checkpoint(self.run_dir, 0, self.checkpoint_state(stats))
