@@ -359,7 +359,8 @@ def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
     whiten = "whiten.weight" in sd
     new_head = dim is not None and ck_dim is None and not whiten
     if dim is not None and ck_dim != dim and not new_head:
-        have = f"a {ck_dim}-d {ck_head} head" if ck_dim else "a whitening layer"
+        kind = "projection" if ck_head == "aml" else "linear"
+        have = f"a {ck_dim}-d {kind} head" if ck_dim else "a whitening layer"
         raise UserError(f"{src.path}: checkpoint has {have}, but dim={dim} was asked for")
     features = _features(entry, None)
     meta = {**default_meta(entry.architecture, channels), **ckpt["meta"]}

@@ -14,7 +14,7 @@ from aml.settings import CPU_BATCH, MULTISCALE
 from aml.train.config import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("models", "extract", "evaluate", "data", "distill", "export", "embed")
+COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "export", "embed")
 
 
 def _command(name: str) -> click.Command:
@@ -47,7 +47,9 @@ def test_distill_options_override_the_preset():
     given = {f.name: None for f in dataclasses.fields(TrainConfig)}
     cfg = config_from_options("demo", {**given, "lr_decay": 0.5, "gem_lr_mult": 3.0, "bn_images": 7, "loss_args": ()})
     assert (cfg.lr_decay, cfg.gem_lr_mult, cfg.bn_images) == (0.5, 3.0, 7)
-    assert cfg.image_size == PRESETS["demo"]["image_size"] and cfg.loss_args == {}
+    assert cfg.image_size == PRESETS["demo"]["image_size"] and cfg.loss_args == PRESETS["demo"]["loss_args"]
+    other = config_from_options("demo", {**given, "loss": "contr+", "loss_args": ()})
+    assert other.loss_args == {}  # the preset's constants belong to the preset's loss
     cfg = config_from_options("aml", {**given, "loss_args": ("alpha=2",)})
     assert cfg.loss_args == {"alpha": 2.0} and cfg == TrainConfig(loss_args={"alpha": 2.0})
 
