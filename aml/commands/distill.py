@@ -8,7 +8,6 @@ them from `TrainConfig()` and `PRESETS`, never typed.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,14 +168,13 @@ def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool
     if baseline is None:
         baseline = preset == "demo" and not resume
     if baseline:
-        t0 = time.perf_counter()
         result = run_with_baseline(cfg, progress=not quiet)
         click.echo(f"\nrun: {result['run_dir']}\nbaseline: {result['baseline_dir']}")
         if result["rows"]:
             table = format_table(result["rows"], title=f"test set {result['dataset'][1]}", layout="rows")
             click.echo(table)
             with atomic_write(Path(result["run_dir"]) / "table.txt") as f:  # what the README quotes
-                f.write(f"{table}\n\n(training and evaluation: {time.perf_counter() - t0:.0f} s)\n")
+                f.write(table + "\n")
         return
     run_dir = distill(cfg, resume=resume, progress=not quiet)
     click.echo(f"run: {run_dir}")
