@@ -226,3 +226,59 @@ def test_torchrun_two_processes_equal_one(ukbench, tmp_path, home, run_cli, one_
     one, two = (tmp_path / "one" / "index-0.faiss").read_bytes(), (tmp_path / "two" / "index-0.faiss").read_bytes()
     assert one == two
     assert Index.open(tmp_path / "one").names == Index.open(tmp_path / "two").names
+
+
+def test_onnx_encoder_searches_torch_free(ukbench, tmp_path, home, run_cli, one_thread):
+    from aml.export import pipeline
+
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
+    ckpt = save_student(tmp_path / "s.pt", model_identity("lite2"))
+    pipeline.export_checkpoint(ckpt, out=tmp_path / "s.onnx", image_size=SIZE)
+    code = (
+        "import sys\nfrom cli import main\nmain(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported on the search path'\nprint('TORCH-FREE')"
+    )
+    args = ["search", "--index", tmp_path / "db", "--encoder", tmp_path / "s.onnx", "--images", ukbench / "q.txt",
+            "--topk", 5, "--out", tmp_path / "o.jsonl"]  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, AML_HOME=str(home)))  # fmt: skip
+    assert p.returncode == 0 and "TORCH-FREE" in p.stdout, p.stderr[-2000:]
+    code, _, err = run_cli(*args[:-1], tmp_path / "t.jsonl", "--encoder", ckpt, "--device", "cpu", env=env)
+    assert code == 0, err
+    onnx_res = [json.loads(ln) for ln in (tmp_path / "o.jsonl").read_text().splitlines()]
+    torch_res = [json.loads(ln) for ln in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for a, b in zip(onnx_res, torch_res, strict=True):
+        assert np.allclose([h["score"] for h in a["results"]], [h["score"] for h in b["results"]], atol=1e-3)
+
+
+def test_show_frames_hits_with_revisitop_ground_truth(ukbench, tmp_path, home, run_cli, one_thread):
+    from PIL import Image
+
+    from aml.data.revisitop import write_revisitop
+    from aml.show import gnd_labels, name_ids
+
+    paths = (ukbench / "all.txt").read_text().split()
+    root = tmp_path / "data"
+    (root / "uk" / "jpg").mkdir(parents=True)
+    for p in paths:
+        os.symlink(p, root / "uk" / "jpg" / os.path.basename(p))
+    names = [os.path.basename(p)[:-4] for p in paths]
+    gnd = [{"easy": [4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i][:2], "hard": [],
+            "junk": [4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i][2:]} for i in range(0, 40, 5)]  # fmt: skip
+    write_revisitop(root, "uk", names, names[0:40:5], gnd)
+    assert name_ids(paths[:3], names).tolist() == [0, 1, 2] and name_ids(["x/none.jpg"], names).tolist() == [-1]
+    labels = gnd_labels(gnd[:1], np.array([[1, 3, 7, -1]]))
+    assert labels == [["positive", "junk", "negative", None]]
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
+    code, out, err = run_cli(
+        "search", "--index", tmp_path / "db", "--encoder", "lite2", "--images", ukbench / "q.txt", "--topk", 6,
+        "--device", "cpu", "--out", tmp_path / "r.jsonl", "--show", tmp_path / "r.png", "--dataset", "uk",
+        "--data-root", root, env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    img = np.asarray(Image.open(tmp_path / "r.png"))
+    green = ((img[..., 0] == 0) & (img[..., 1] == 170) & (img[..., 2] == 0)).sum()
+    red = ((img[..., 0] == 210) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum()
+    assert green > 0 and red > 0
