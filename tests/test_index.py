@@ -282,3 +282,27 @@ def test_show_frames_hits_with_revisitop_ground_truth(ukbench, tmp_path, home, r
     green = ((img[..., 0] == 0) & (img[..., 1] == 170) & (img[..., 2] == 0)).sum()
     red = ((img[..., 0] == 210) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum()
     assert green > 0 and red > 0
+
+
+def test_whitened_index_add_and_search(ukbench, tmp_path, home, run_cli, one_thread):
+    from aml.whiten import Lw
+
+    rng = np.random.default_rng(0)
+    lw = Lw(rng.standard_normal(1280) * 0.01, np.linalg.qr(rng.standard_normal((1280, 1280)))[0][:256], "t", "demo")
+    lw.save(tmp_path / "lw.pt")
+    env = {"AML_HOME": home}
+    w = ["--whiten", tmp_path / "lw.pt"]
+    assert run_cli(*build_args(ukbench / "db.txt", tmp_path / "a", *w), env=env)[0] == 0
+    code, _, err = run_cli("index", "add", tmp_path / "a", "--images", ukbench / "more.txt", "--device", "cpu",
+                           "--workers", "0", "--quiet", env=env)  # fmt: skip
+    assert code == 0, err
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "b", *w), env=env)[0] == 0
+    a, b = Index.open(tmp_path / "a"), Index.open(tmp_path / "b")
+    assert a.dim == 256 and a.meta["whitening"] == "demo/ss" and a.lw() is not None
+    q = unit(3, 256, 1)
+    assert all(np.array_equal(x, y) for x, y in zip(a.search(q, 40), b.search(q, 40), strict=True))
+    code, _, err = run_cli("search", "--index", tmp_path / "a", "--encoder", "lite2", "--images", ukbench / "q.txt",
+                           "--device", "cpu", "--topk", 3, "--out", tmp_path / "r.jsonl", env=env)  # fmt: skip
+    assert code == 0, err
+    first = [json.loads(ln)["results"][0]["name"] for ln in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert first == (ukbench / "q.txt").read_text().split()  # whitened on both sides: each query finds itself

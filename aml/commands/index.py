@@ -14,6 +14,7 @@ from aml.commands._options import (
     model_options,
     quiet_option,
     random_init_option,
+    runtime_options,
     whiten_option,
 )
 from aml.index import KINDS
@@ -89,9 +90,7 @@ def build(
 @command.command("add")
 @click.argument("db", type=click.Path(file_okay=False))
 @click.option("--images", required=True, type=click.Path(dir_okay=False), help="Image list to append.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=int, default=-1, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@runtime_options
 @click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights file (when the index names one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
 @quiet_option()
@@ -103,8 +102,8 @@ def add(db, images, batch_size, workers, device, teacher_weights, cache_dir, qui
     index = Index.open(db)
     paths = read_image_list(images)
     _check_images(paths, images)
-    n = add_images(index, paths, batch_size=batch_size, workers=workers, device=device, weights=teacher_weights,
-                   cache_dir=cache_dir, progress=not quiet)  # fmt: skip
+    n = add_images(index, paths, batch_size=batch_size, workers=workers if workers >= 0 else None, device=device,
+                   weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
     click.echo(f"{db}: +{n} images, {len(index)} in all")
 
 
