@@ -264,8 +264,8 @@ def test_show_frames_hits_with_revisitop_ground_truth(ukbench, tmp_path, home, r
     for p in paths:
         os.symlink(p, root / "uk" / "jpg" / os.path.basename(p))
     names = [os.path.basename(p)[:-4] for p in paths]
-    gnd = [{"easy": [4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i][:2], "hard": [],
-            "junk": [4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i][2:]} for i in range(0, 40, 5)]  # fmt: skip
+    same = [[4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i] for i in range(0, 40, 5)]
+    gnd = [{"easy": s[:2], "hard": [], "junk": s[2:]} for s in same]  # the other 3 of each object
     write_revisitop(root, "uk", names, names[0:40:5], gnd)
     assert name_ids(paths[:3], names).tolist() == [0, 1, 2] and name_ids(["x/none.jpg"], names).tolist() == [-1]
     labels = gnd_labels(gnd[:1], np.array([[1, 3, 7, -1]]))
