@@ -14,7 +14,7 @@ from aml.settings import CPU_BATCH, MULTISCALE
 from aml.train.config import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "export", "embed")
+COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "export", "embed", "index", "search")
 
 
 def _command(name: str) -> click.Command:

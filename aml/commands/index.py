@@ -1,0 +1,127 @@
+"""`aml index`: build, extend and describe a faiss index of a teacher's vectors (build | add | info)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from aml.commands._options import (
+    cache_dtype_option,
+    extract_settings,
+    extraction_options,
+    model_options,
+    quiet_option,
+    random_init_option,
+    runtime_options,
+    whiten_option,
+)
+from aml.index import KINDS
+
+
+@click.group("index")
+def command() -> None:
+    """Build, extend and describe a faiss index of a teacher's vectors."""
+
+
+def _teacher(teacher, weights, random_init, settings, cache_dtype, cache_dir):
+    from aml.cache import DEFAULT_DTYPE
+    from aml.io import aml_home
+    from aml.teacher_vectors import TeacherVectors
+
+    cache = cache_dir or aml_home() / "cache"
+    return TeacherVectors(
+        teacher, settings, cache_dir=cache, weights=weights, random_init=random_init, dtype=cache_dtype or DEFAULT_DTYPE
+    )
+
+
+def _check_images(paths: list[str], where: str) -> None:
+    from aml.errors import UserError
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(
+            f"{where}: {len(missing)} of {len(paths)} images are missing (first: {missing[0]}); fix the list"
+        )
+
+
+@command.command("build")
+@model_options("teacher", required=True)
+@random_init_option()
+@click.option("--images", required=True, type=click.Path(dir_okay=False), help="Database image list.")
+@extraction_options(required=True)
+@whiten_option(" (the teacher's), applied to the database and to every query")
+@click.option("--type", "kind", type=click.Choice(KINDS), default="flat", show_default=True, help="Index type.")
+@click.option("--nlist", type=click.IntRange(min=1), help="ivfpq: inverted lists (default ~4 sqrt(N)).")
+@click.option("--m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (must divide D; default D/32).")
+@click.option("--nbits", type=click.IntRange(1, 16), help="ivfpq: bits per sub-quantizer code (default 8).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched per query (default 32).")
+@cache_dtype_option("Teacher cache dtype (default float16, shared with `aml evaluate`).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
+@quiet_option()
+def build(
+    teacher, teacher_weights, random_init, images, image_size, scales, batch_size, workers, device, whiten,
+    kind, nlist, m, nbits, nprobe, cache_dtype, cache_dir, out, overwrite, quiet,
+) -> None:  # fmt: skip
+    """Index the teacher's vectors of an image list (under torchrun: sharded across ranks, rank 0 writes)."""
+    from aml.data.images import read_image_list
+    from aml.index import build_from_images
+    from aml.whiten import teacher_lw
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device == "auto":
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    paths = read_image_list(images)
+    _check_images(paths, images)
+    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet)
+    t = _teacher(teacher, teacher_weights, random_init, settings, cache_dtype, cache_dir)
+    lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
+    params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
+    index = build_from_images(t, paths, kind, out, lw=lw, params=params, overwrite=overwrite, rank=rank, world=world)
+    if index is not None:
+        click.echo(f"{out}: {len(index)} x {index.dim} {kind} index of {t.identity['name']} ({image_size} px)")
+
+
+@command.command("add")
+@click.argument("db", type=click.Path(file_okay=False))
+@click.option("--images", required=True, type=click.Path(dir_okay=False), help="Image list to append.")
+@runtime_options
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights file (when the index names one).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
+@quiet_option()
+def add(db, images, batch_size, workers, device, teacher_weights, cache_dir, quiet) -> None:
+    """Append images to an index with the teacher settings its manifest records (atomically)."""
+    from aml.data.images import read_image_list
+    from aml.index import Index, add_images
+
+    index = Index.open(db)
+    paths = read_image_list(images)
+    _check_images(paths, images)
+    n = add_images(index, paths, batch_size=batch_size, workers=workers if workers >= 0 else None, device=device,
+                   weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
+    click.echo(f"{db}: +{n} images, {len(index)} in all")
+
+
+@command.command("info")
+@click.argument("db", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(db, as_json) -> None:
+    """Describe an index: teacher identity, type, parameters, counts."""
+    from pathlib import Path
+
+    from aml.index import describe, index_identity, read_manifest
+
+    man = read_manifest(Path(db))
+    if as_json:
+        click.echo(json.dumps(man, indent=2, sort_keys=True))
+        return
+    click.echo(f"{db}: {man['type']} index, {man['count']} x {man['dim']} vectors, params {man.get('params') or {}}")
+    click.echo(f"teacher: {describe(index_identity(man))}, scales {man.get('scales')}")
+    click.echo(
+        f"format {man['format']} v{man['version']}, faiss {man.get('faiss')}, generation {man.get('generation')}"
+    )

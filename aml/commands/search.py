@@ -1,0 +1,77 @@
+"""`aml search`: query an `aml index` with a student (checkpoint, registry name or exported .onnx)."""
+
+from __future__ import annotations
+
+import click
+
+from aml.commands._options import image_options, images_options, read_images
+
+
+@click.command("search")
+@click.option("--index", "db", required=True, type=click.Path(file_okay=False), help="Index directory.")
+@click.option("--encoder", required=True, help="Query encoder: aml checkpoint, registry name, or exported .onnx.")
+@click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Weights file for a registry name.")
+@images_options
+@image_options(size_help="Query longest side (default: the index's).")
+@click.option("--topk", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched (default: the manifest's).")
+@click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
+@click.option("--device", default="auto", show_default=True, help="Query extraction device (torch encoders).")
+@click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
+@click.option("--show", type=click.Path(dir_okay=False), help="Also draw the results: a .png or .html file.")
+@click.option("--show-k", type=click.IntRange(min=1), default=8, show_default=True, help="Hits drawn per query.")
+@click.option("--dataset", help="revisitop dataset name: frame hits as positive / junk / negative.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding DATASET/gnd_DATASET.pkl.")
+def command(
+    db, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device, force, out,
+    show, show_k, dataset, data_root,
+) -> None:  # fmt: skip
+    """Search the index for each query image; write one JSON line per query, best first."""
+    import json
+
+    import numpy as np
+
+    from aml.errors import UserError
+    from aml.index import Index, check_compatible, index_identity, query_vectors
+    from aml.io import atomic_write
+
+    if dataset and not data_root:
+        raise UserError("--dataset: needs --data-root DIR (the folder holding DATASET/gnd_DATASET.pkl)")
+    index = Index.open(db)
+    paths, bbxs = read_images(images, bbx)
+    given_scales = scales if scales != (1.0,) else None
+    q, ident = query_vectors(
+        encoder, paths, index, bbxs=bbxs, weights=encoder_weights, image_size=image_size, scales=given_scales,
+        device=device,
+    )  # fmt: skip
+    warning = check_compatible(ident, index_identity(index.meta), force=force, what=f"encoder {encoder}", where=db)
+    if warning:
+        click.echo(warning, err=True)
+    s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming)
+    with atomic_write(out) as f:
+        for name, row_s, row_i in zip(paths, s, ids, strict=True):
+            hits = [
+                {"name": index.names[i], "score": round(float(v), 6)}
+                for v, i in zip(row_s, row_i, strict=True)
+                if i >= 0
+            ]
+            f.write(json.dumps({"query": name, "results": hits}) + "\n")
+    click.echo(f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind})")
+    if show:
+        from aml.show import draw_results, gnd_labels, name_ids
+
+        k = min(show_k, ids.shape[1])
+        hits = [[index.names[i] for i in row[:k] if i >= 0] for row in ids]
+        labels = None
+        if dataset:
+            from aml.data.revisitop import load_revisitop
+
+            ds = load_revisitop(data_root, dataset)
+            qpos = name_ids(paths, ds.qimlist)
+            if (qpos < 0).any():
+                raise UserError(f"--dataset {dataset}: query {paths[int((qpos < 0).argmax())]} is not in its qimlist")
+            db_ids = np.stack([name_ids([index.names[i] for i in row[:k]], ds.imlist) for row in ids])
+            labels = gnd_labels([ds.gnd[i] for i in qpos], db_ids)
+        draw_results(show, paths, bbxs, hits, s[:, :k], labels)
+        click.echo(f"{show}: {len(paths)} queries drawn{f' ({dataset} ground truth)' if dataset else ''}")

@@ -1,0 +1,103 @@
+"""Index speed and quality: flat / flat16 / ivfpq / binary on 2048-d vectors at 100k and 1M (run by hand).
+
+The database is the real roxford5k ground truth (4993 images, positives leaning towards their 70 queries)
+padded with random distractors to the target size, as benchmarks/eval_speed.py makes it. For each index type:
+build time (train + add), bytes on disk, RSS growth while building and loaded, queries per second (70
+queries, top 100), recall@100 against exact search (flat), and roxford5k mAP (E/M/H, ranking = the top 100).
+
+    .venv/bin/python benchmarks/index_speed.py --sizes 100000
+    .venv/bin/python benchmarks/index_speed.py --sizes 1000000 --types flat16,ivfpq,binary   # ~8 GB for flat
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from eval_speed import GND, make_data  # noqa: E402
+
+from aml.index import KINDS, Index, build_index  # noqa: E402
+from aml.scoring import KAPPAS, score_rankings  # noqa: E402
+from aml.trust import load_pickle  # noqa: E402
+
+
+def rss_mib() -> float:
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run(kind: str, db: np.ndarray, q: np.ndarray, gnd: dict, exact: np.ndarray | None, topk: int, reps: int):
+    """One index type: (row text, its ids)."""
+    r0 = rss_mib()
+    t = time.perf_counter()
+    idx = build_index(db, kind, meta={"teacher": {"name": "random-benchmark", "dim": db.shape[1]}})
+    t_build = time.perf_counter() - t
+    r_built = rss_mib() - r0
+    with tempfile.TemporaryDirectory() as tmp:
+        idx.save(Path(tmp) / "db")
+        disk = sum(f.stat().st_size for f in (Path(tmp) / "db").iterdir()) / 2**20
+        del idx
+        r1 = rss_mib()
+        idx = Index.open(Path(tmp) / "db")
+        r_loaded = rss_mib() - r1
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            _, ids = idx.search(q, topk)
+            times.append(time.perf_counter() - t)
+    qps = q.shape[0] / float(np.median(times))
+    recall = 1.0 if exact is None else np.mean([len(set(a) & set(b)) / topk for a, b in zip(ids, exact, strict=True)])
+    sc = score_rankings(ids, gnd["gnd"], db.shape[0], KAPPAS)
+    m = "/".join(f"{100 * sc[p].map:.2f}" for p in "EMH")
+    row = (
+        f"{db.shape[0]:>8} {kind:>7} {t_build:>8.2f} {disk:>9.0f} {r_built:>9.0f} {r_loaded:>9.0f} "
+        f"{qps:>9.1f} {recall:>8.3f}  {m}  {idx.params or ''}"
+    )
+    return row, ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100000")
+    ap.add_argument("--types", default=",".join(KINDS))
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--topk", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import faiss
+
+    gnd = load_pickle(GND)
+    print(
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__} "
+        f"omp threads {faiss.omp_get_max_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}"
+    )
+    print(
+        f"{'N_db':>8} {'type':>7} {'build s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "
+        f"{'q/s':>9} {'R@100':>8}  mAP E/M/H (top-100 ranking)  params"
+    )
+    for n in (int(s) for s in args.sizes.split(",")):
+        db, q = make_data(gnd, n, args.dim, np.random.default_rng(0), np.float16)
+        exact = None
+        for kind in args.types.split(","):
+            row, ids = run(kind, db, q, gnd, exact if kind != "flat" else None, args.topk, args.reps)
+            exact = ids if kind == "flat" else exact
+            print(row, flush=True)
+    print(f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""`aml.index` / `aml index` / `aml search`: the teacher's database as a faiss index, searched by queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, shared_path
+
+from aml import index as aml_index
+from aml.errors import UserError
+from aml.index import Index, build_index
+from aml.registry import create_model, model_identity
+from aml.search import search
+
+
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------ vectors API
+def test_flat_equals_exact_search_and_roundtrips(tmp_path):
+    db, q = unit(300, 64, 0), unit(7, 64, 1)
+    idx = build_index(db, "flat", meta={"teacher": {"name": "t", "dim": 64}})
+    s, i = idx.search(q, 20)
+    want_i, want_s = search(db, q, 20, backend="numpy", return_scores=True)
+    assert np.array_equal(i, want_i) and np.allclose(s, want_s, atol=1e-5)
+    idx.save(tmp_path / "db")
+    again = Index.open(tmp_path / "db")
+    assert np.array_equal(again.search(q, 20)[1], i) and again.names == [str(k) for k in range(300)]
+
+
+def test_add_equals_build_of_the_concatenation(tmp_path):
+    a, b, q = unit(120, 32, 2), unit(50, 32, 3), unit(5, 32, 4)
+    for kind in ("flat", "flat16", "binary"):
+        one = build_index(a, kind, meta={"teacher": {}})
+        one.save(tmp_path / kind)
+        opened = Index.open(tmp_path / kind)
+        opened.add(b, [f"b{k}" for k in range(50)])
+        opened.save()
+        got = Index.open(tmp_path / kind)
+        both = build_index(np.concatenate([a, b]), kind)
+        assert len(got) == 170 and got.generation == 1
+        assert sorted(os.listdir(tmp_path / kind)) == ["images-1.txt", "index-1.faiss", "manifest.json"]
+        for x, y in zip(got.search(q, 30), both.search(q, 30), strict=True):
+            assert np.array_equal(x, y), kind
+
+
+def test_flat16_and_binary_are_sensible():
+    db, q = unit(400, 128, 5), unit(20, 128, 6)
+    db[:20] = q + 0.3 * unit(20, 128, 7)  # each query has a near neighbour
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    exact = build_index(db, "flat").search(q, 10)[1]
+    assert np.array_equal(build_index(db, "flat16").search(q, 10)[1][:, 0], exact[:, 0])
+    binary = build_index(db, "binary")
+    b_ids = binary.search(q, 10)[1]
+    recall = np.mean([len(set(r) & set(e)) / 10 for r, e in zip(b_ids, exact, strict=True)])
+    print(f"binary (asymmetric) recall@10 vs flat: {recall:.2f}")
+    assert (b_ids[:, 0] == np.arange(20)).mean() >= 0.9 and recall > 0.2
+    h_ids = binary.search(q, 10, hamming=True)[1]
+    assert (h_ids[:, 0] == np.arange(20)).mean() >= 0.8
+    ivf = build_index(db, "ivfpq", nlist=4, m=16, nbits=6, nprobe=4)
+    assert (ivf.search(q, 10)[1][:, 0] == np.arange(20)).mean() >= 0.8
+
+
+def test_bad_index_dirs_are_one_line(tmp_path):
+    build_index(unit(30, 16, 8), "flat", meta={"teacher": {}}).save(tmp_path / "db")
+    man_path = tmp_path / "db" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    with pytest.raises(UserError, match="already exists"):
+        build_index(unit(30, 16, 8), "flat", meta={"teacher": {}}).save(tmp_path / "db")
+    man_path.write_text(json.dumps({**man, "version": 99}))
+    with pytest.raises(UserError, match="version 99; this aml reads up to 1"):
+        Index.open(tmp_path / "db")
+    man_path.write_text("{not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        Index.open(tmp_path / "db")
+    man_path.write_text(json.dumps({**man, "bytes": {**man["bytes"], "index": 1}}))
+    with pytest.raises(UserError, match="wrong size"):
+        Index.open(tmp_path / "db")
+    man_path.unlink()
+    with pytest.raises(UserError, match="not a complete aml index"):
+        Index.open(tmp_path / "db")
+    with pytest.raises(UserError, match="index directory not found"):
+        Index.open(tmp_path / "nope")
+
+
+def test_identity_mismatch_names_the_fields():
+    a = {"name": "rn101", "sha256": "aa", "dim": 2048, "image_size": 1024, "whitening": None}
+    assert aml_index.identity_mismatch(a, dict(a)) == []
+    assert aml_index.identity_mismatch({**a, "sha256": "bb", "image_size": 362}, a) == ["sha256", "image_size"]
+    with pytest.raises(UserError, match=r"\(differ: dim\); use an encoder distilled"):
+        aml_index.check_compatible({**a, "dim": 512}, a, force=False, what="encoder s", where="DB")
+    assert "--force" in aml_index.check_compatible({**a, "dim": 512}, a, force=True, what="s", where="DB")
+
+
+# ------------------------------------------------------------------------------------------------ UKBench, CLI
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def ukbench(tmp_path_factory):
+    jpg = shared_path("ukbench", "jpg")
+    d = tmp_path_factory.mktemp("uk")
+    names = sorted(os.listdir(jpg))
+    (d / "db.txt").write_text("".join(f"{jpg / n}\n" for n in names[:32]))
+    (d / "more.txt").write_text("".join(f"{jpg / n}\n" for n in names[32:40]))
+    (d / "all.txt").write_text("".join(f"{jpg / n}\n" for n in names[:40]))
+    (d / "q.txt").write_text("".join(f"{jpg / n}\n" for n in names[0:40:5]))
+    return d
+
+
+@pytest.fixture
+def home(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "uk-home"  # shared by the module: one teacher cache
+
+
+def build_args(lst, out, *extra):
+    return ["index", "build", "--teacher", "lite2", "--images", lst, "--image-size", SIZE, "--device", "cpu",
+            "--workers", "0", "--out", out, "--quiet", *extra]  # fmt: skip
+
+
+def test_build_search_equals_evaluate_search(ukbench, tmp_path, home, run_cli, one_thread):
+    from aml.settings import ExtractSettings
+    from aml.teacher_vectors import TeacherVectors
+
+    env = {"AML_HOME": home}
+    code, out, err = run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)
+    assert code == 0, err
+    res = tmp_path / "r.jsonl"
+    code, out, err = run_cli(
+        "search", "--index", tmp_path / "db", "--encoder", "lite2", "--images", ukbench / "q.txt", "--topk", 10,
+        "--device", "cpu", "--out", res, "--show", tmp_path / "r.html", env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    t = TeacherVectors(
+        "lite2", ExtractSettings(SIZE, workers=0, device="cpu", progress=False), cache_dir=home / "cache"
+    )
+    paths = (ukbench / "all.txt").read_text().split()
+    db = t.get(paths)
+    q = db[0:40:5].astype(np.float32)  # the queries are database images: the teacher's own vectors
+    want = search(db, q, 10, device="cpu")
+    lines = [json.loads(ln) for ln in res.read_text().splitlines()]
+    got = [[paths.index(h["name"]) for h in ln["results"]] for ln in lines]
+    assert np.array_equal(np.array(got), want)
+    assert all(ln["results"][0]["score"] >= ln["results"][1]["score"] for ln in lines)
+    assert "<img src=" in (tmp_path / "r.html").read_text()
+
+
+def test_add_equals_build_and_killed_build_resumes(ukbench, tmp_path, home, run_cli, monkeypatch, one_thread):
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "db.txt", tmp_path / "a", "--type", "flat16"), env=env)[0] == 0
+    code, _, err = run_cli("index", "add", tmp_path / "a", "--images", ukbench / "more.txt", "--device", "cpu",
+                           "--workers", "0", "--quiet", env=env)  # fmt: skip
+    assert code == 0, err
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "b", "--type", "flat16"), env=env)[0] == 0
+    a, b = Index.open(tmp_path / "a"), Index.open(tmp_path / "b")
+    q = unit(4, 1280, 0)
+    assert a.names == b.names and all(
+        np.array_equal(x, y) for x, y in zip(a.search(q, 40), b.search(q, 40), strict=True)
+    )
+
+    def boom(*args, **kw):
+        raise RuntimeError("killed mid-build")
+
+    with monkeypatch.context() as m:
+        m.setattr(aml_index.Index, "manifest", boom)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_cli(*build_args(ukbench / "all.txt", tmp_path / "c", "--type", "flat16"), env=env)
+    assert not (tmp_path / "c").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".c")]
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "c", "--type", "flat16"), env=env)[0] == 0
+    c = Index.open(tmp_path / "c")
+    assert (tmp_path / "c" / "index-0.faiss").read_bytes() == (tmp_path / "b" / "index-0.faiss").read_bytes()
+    assert c.names == b.names
+
+
+def save_student(path, teacher: dict):
+    net = create_model("lite0", role="student", dim=teacher["dim"], random_init=True)
+    net.meta["aml"]["teacher"] = teacher
+    torch.save({"state_dict": net.state_dict(), "meta": net.meta, "epoch": 1, "config": {}}, path)
+    return path
+
+
+def test_compatibility_check_refuses_and_force_accepts(ukbench, tmp_path, home, run_cli, one_thread):
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
+    good = save_student(tmp_path / "good.pt", model_identity("lite2"))
+    bad = save_student(tmp_path / "bad.pt", {"name": "rn101", "weights": "x.pth", "sha256": "ab" * 32, "dim": 1280})
+    base = ["search", "--index", tmp_path / "db", "--images", ukbench / "q.txt", "--device", "cpu", "--topk", 3]
+    code, out, err = run_cli(*base, "--encoder", good, "--out", tmp_path / "g.jsonl", env=env)
+    assert code == 0, err
+    code, out, err = run_cli(*base, "--encoder", bad, "--out", tmp_path / "b.jsonl", env=env)
+    assert code == 2 and err.startswith("error: encoder") and "rn101" in err and "lite2" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b.jsonl").exists()
+    code, out, err = run_cli(*base, "--encoder", bad, "--out", tmp_path / "b.jsonl", "--force", env=env)
+    assert code == 0 and "warning: --force" in err and len((tmp_path / "b.jsonl").read_text().splitlines()) == 8
+    code, out, err = run_cli(*base, "--encoder", good, "--image-size", 64, "--out", tmp_path / "s.jsonl", env=env)
+    assert code == 2 and "image_size" in err
+
+
+def test_bad_inputs_are_one_line(ukbench, tmp_path, home, run_cli):
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{tmp_path / 'missing.jpg'}\n")
+    code, _, err = run_cli(*build_args(lst, tmp_path / "db"), env={"AML_HOME": home})
+    assert code == 2 and "1 of 1 images are missing" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "index-0.faiss").write_bytes(b"x")
+    code, _, err = run_cli("index", "info", tmp_path / "half")
+    assert code == 2 and "not a complete aml index" in err
+
+
+def test_torchrun_two_processes_equal_one(ukbench, tmp_path, home, run_cli, one_thread):
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "one"), env=env)[0] == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"),
+           *map(str, build_args(ukbench / "all.txt", tmp_path / "two"))]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", AML_HOME=str(home)))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, two = (tmp_path / "one" / "index-0.faiss").read_bytes(), (tmp_path / "two" / "index-0.faiss").read_bytes()
+    assert one == two
+    assert Index.open(tmp_path / "one").names == Index.open(tmp_path / "two").names
+
+
+def test_onnx_encoder_searches_torch_free(ukbench, tmp_path, home, run_cli, one_thread):
+    from aml.export import pipeline
+
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
+    ckpt = save_student(tmp_path / "s.pt", model_identity("lite2"))
+    pipeline.export_checkpoint(ckpt, out=tmp_path / "s.onnx", image_size=SIZE)
+    code = (
+        "import sys\nfrom cli import main\nmain(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported on the search path'\nprint('TORCH-FREE')"
+    )
+    args = ["search", "--index", tmp_path / "db", "--encoder", tmp_path / "s.onnx", "--images", ukbench / "q.txt",
+            "--topk", 5, "--out", tmp_path / "o.jsonl"]  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, AML_HOME=str(home)))  # fmt: skip
+    assert p.returncode == 0 and "TORCH-FREE" in p.stdout, p.stderr[-2000:]
+    code, _, err = run_cli(*args[:-1], tmp_path / "t.jsonl", "--encoder", ckpt, "--device", "cpu", env=env)
+    assert code == 0, err
+    onnx_res = [json.loads(ln) for ln in (tmp_path / "o.jsonl").read_text().splitlines()]
+    torch_res = [json.loads(ln) for ln in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for a, b in zip(onnx_res, torch_res, strict=True):
+        assert np.allclose([h["score"] for h in a["results"]], [h["score"] for h in b["results"]], atol=1e-3)
+
+
+def test_show_frames_hits_with_revisitop_ground_truth(ukbench, tmp_path, home, run_cli, one_thread):
+    from PIL import Image
+
+    from aml.data.revisitop import write_revisitop
+    from aml.show import gnd_labels, name_ids
+
+    paths = (ukbench / "all.txt").read_text().split()
+    root = tmp_path / "data"
+    (root / "uk" / "jpg").mkdir(parents=True)
+    for p in paths:
+        os.symlink(p, root / "uk" / "jpg" / os.path.basename(p))
+    names = [os.path.basename(p)[:-4] for p in paths]
+    same = [[4 * (i // 4) + j for j in range(4) if 4 * (i // 4) + j != i] for i in range(0, 40, 5)]
+    gnd = [{"easy": s[:2], "hard": [], "junk": s[2:]} for s in same]  # the other 3 of each object
+    write_revisitop(root, "uk", names, names[0:40:5], gnd)
+    assert name_ids(paths[:3], names).tolist() == [0, 1, 2] and name_ids(["x/none.jpg"], names).tolist() == [-1]
+    labels = gnd_labels(gnd[:1], np.array([[1, 3, 7, -1]]))
+    assert labels == [["positive", "junk", "negative", None]]
+    env = {"AML_HOME": home}
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
+    code, out, err = run_cli(
+        "search", "--index", tmp_path / "db", "--encoder", "lite2", "--images", ukbench / "q.txt", "--topk", 6,
+        "--device", "cpu", "--out", tmp_path / "r.jsonl", "--show", tmp_path / "r.png", "--dataset", "uk",
+        "--data-root", root, env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    img = np.asarray(Image.open(tmp_path / "r.png"))
+    green = ((img[..., 0] == 0) & (img[..., 1] == 170) & (img[..., 2] == 0)).sum()
+    red = ((img[..., 0] == 210) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum()
+    assert green > 0 and red > 0
+
+
+def test_whitened_index_add_and_search(ukbench, tmp_path, home, run_cli, one_thread):
+    from aml.whiten import Lw
+
+    rng = np.random.default_rng(0)
+    lw = Lw(rng.standard_normal(1280) * 0.01, np.linalg.qr(rng.standard_normal((1280, 1280)))[0][:256], "t", "demo")
+    lw.save(tmp_path / "lw.pt")
+    env = {"AML_HOME": home}
+    w = ["--whiten", tmp_path / "lw.pt"]
+    assert run_cli(*build_args(ukbench / "db.txt", tmp_path / "a", *w), env=env)[0] == 0
+    code, _, err = run_cli("index", "add", tmp_path / "a", "--images", ukbench / "more.txt", "--device", "cpu",
+                           "--workers", "0", "--quiet", env=env)  # fmt: skip
+    assert code == 0, err
+    assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "b", *w), env=env)[0] == 0
+    a, b = Index.open(tmp_path / "a"), Index.open(tmp_path / "b")
+    assert a.dim == 256 and a.meta["whitening"] == "demo/ss" and a.lw() is not None
+    q = unit(3, 256, 1)
+    assert all(np.array_equal(x, y) for x, y in zip(a.search(q, 40), b.search(q, 40), strict=True))
+    code, _, err = run_cli("search", "--index", tmp_path / "a", "--encoder", "lite2", "--images", ukbench / "q.txt",
+                           "--device", "cpu", "--topk", 3, "--out", tmp_path / "r.jsonl", env=env)  # fmt: skip
+    assert code == 0, err
+    first = [json.loads(ln)["results"][0]["name"] for ln in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert first == (ukbench / "q.txt").read_text().split()  # whitened on both sides: each query finds itself
