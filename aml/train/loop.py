@@ -51,9 +51,9 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             )
         for pattern in RUN_FILES:
             for f in run_dir.glob(pattern):
-                f.unlink()
+                f.unlink(missing_ok=True)  # DDP: every rank runs this check
             for f in run_dir.glob(f".{pattern}{TMP_TAG}*"):
-                f.unlink()
+                f.unlink(missing_ok=True)  # DDP: every rank runs this check
     if resume and overwrite:
         raise UserError("--resume and --overwrite both given; pass one of them")
     check_writable_dir(run_dir, "--out")
