@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        click.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -7,11 +7,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from aml.errors import UserError
 
 TMP_TAG = ".aml-tmp-"  # temp files are `.NAME.aml-tmp-HOST-PID-RANDOM` beside NAME
 
@@ -32,6 +35,33 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _check_creatable(target: Path, option: str, shown: Path) -> None:
+    """UserError unless `target` (a folder) exists and is writable, or can be created under a writable folder."""
+    p = target
+    while not p.exists() and not p.is_symlink():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{shown}: {option}: {p} is a file, not a folder; choose another path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{shown}: {option}: folder {p} is not writable; choose another path")
+
+
+def check_writable_file(path: str | os.PathLike, option: str) -> None:
+    """Before the work: `path` can be written (its folder exists or can be made, and is writable), or a one-line
+    UserError naming the path and the option."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: {option}: is a folder; give a file path")
+    _check_creatable(path.parent, option, path)
+
+
+def check_writable_dir(path: str | os.PathLike, option: str) -> None:
+    """Before the work: folder `path` exists and is writable, or can be created; else a one-line UserError."""
+    _check_creatable(Path(path), option, Path(path))
+
+
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete the temp files of `path` left by killed writers on this host (their PID no longer runs)."""
     path = Path(path)
@@ -45,11 +75,26 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         pid = entry.name[len(prefix) :].partition("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(OSError):
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):  # a temp folder (`temp_dir`)
+                shutil.rmtree(entry.path)
+            else:
+                continue
+            removed.append(Path(entry.path))
     return removed
+
+
+def temp_dir(path: str | os.PathLike) -> Path:
+    """A new hidden temp folder beside `path` (`.NAME.aml-tmp-HOST-PID-RANDOM`) to build `path` in and rename;
+    those a killed builder of the same `path` left behind are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_TAG}{host_tag()}-{os.getpid()}-", dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -68,6 +113,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # e.g. ENOSPC from a write: name the file the user asked for
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -23,7 +23,8 @@ from onnx import TensorProto, helper
 
 from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_array
 from aml.errors import UserError
-from aml.sidecar import read_sidecar
+from aml.io import sha256_file
+from aml.sidecar import read_sidecar, sidecar_path
 
 EPS = 1e-6
 Runner = Callable[[np.ndarray], np.ndarray]  # normalised (B, 3, H, W) float32 -> (B, D) float32
@@ -127,6 +128,18 @@ def embed_images(
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
+def check_pair(path: Path, info: dict[str, Any]) -> None:
+    """The model file is the one its sidecar describes (the sha256 it records), or a one-line UserError."""
+    want = info.get("sha256")
+    if not want:
+        raise UserError(f"{sidecar_path(path)}: field 'sha256' missing; re-export the model with `aml export`")
+    if sha256_file(path) != want:
+        raise UserError(
+            f"{path}: does not match its sidecar {sidecar_path(path).name} (sha256 differs: an interrupted "
+            "export or a file copied without its pair); re-export the model with `aml export`"
+        )
+
+
 class OnnxEncoder:
     """An exported encoder and its sidecar: `enc(x)` runs a normalised (B, 3, H, W) float32 batch."""
 
@@ -136,6 +149,7 @@ class OnnxEncoder:
             raise UserError(f"{path}: model not found; pass the .onnx file written by `aml export`")
         self.path = path
         self.info: dict[str, Any] = read_sidecar(path)
+        check_pair(path, self.info)
         if self.info["format"] != "onnx":
             raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX exports only")
         try:

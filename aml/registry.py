@@ -253,11 +253,14 @@ def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".tar", ".ckpt") or Path(s).exists()
 
 
-def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None, random_init: bool) -> _Source:
+def _resolve(
+    name_or_path: str | os.PathLike, weights: str | os.PathLike | None, random_init: bool, opt: str = "--weights"
+) -> _Source:
+    """Where a model's weights come from; `opt` is the weights option of the command typed (in messages)."""
     entries = _entries()
     name = str(name_or_path)
     if weights is not None and random_init:
-        raise UserError(f"--weights {weights} and --random-init both given; pass one of them")
+        raise UserError(f"{opt} {weights} and --random-init both given; pass one of them")
     if name in entries:
         entry = entries[name]
         if weights is not None:
@@ -279,14 +282,14 @@ def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
         if entry.bundled is not None:
             return _Source(entry, f"bundled:{entry.bundled.package}", Path(entry.bundled.path()), None)
         raise UserError(
-            f"model '{name}' has no bundled weights: pass --weights FILE ({entry.weights_help}); "
+            f"model '{name}' has no bundled weights: pass {opt} FILE ({entry.weights_help}); "
             "--random-init gives random weights (tests only)"
         )
     if not _looks_like_path(name):
         raise _unknown(name)
     path = Path(name)
     if weights is not None:
-        raise UserError(f"{path}: a checkpoint carries its own weights; drop --weights {weights}")
+        raise UserError(f"{path}: a checkpoint carries its own weights; drop {opt} {weights}")
     if random_init:
         raise UserError(f"{path}: a checkpoint carries its own weights; drop --random-init")
     if not path.is_file():
@@ -299,11 +302,16 @@ def _resolve(name_or_path: str | os.PathLike, weights: str | os.PathLike | None,
 
 
 def model_identity(
-    name_or_path: str | os.PathLike, weights: str | os.PathLike | None = None, random_init: bool = False
+    name_or_path: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    *,
+    weights_option: str = "--weights",
 ) -> dict[str, Any]:
-    """What a model is, without building it: {'name', 'weights', 'sha256', 'dim'} (the teacher-cache key)."""
+    """What a model is, without building it: {'name', 'weights', 'sha256', 'dim'} (the teacher-cache key).
+    `weights_option` is how the calling command names its weights option (e.g. `--teacher-weights`)."""
     try:
-        src = _resolve(name_or_path, weights, random_init)
+        src = _resolve(name_or_path, weights, random_init, weights_option)
     finally:
         _memo.clear()
     dim = _checkpoint_dim(src.checkpoint, src.entry) if src.checkpoint is not None else src.entry.feature_dim
@@ -384,6 +392,7 @@ def create_model(
     dim: int | None = None,
     head: str = "aml",
     random_init: bool = False,
+    weights_option: str = "--weights",
 ) -> RetrievalNet:
     """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
 
@@ -395,7 +404,7 @@ def create_model(
     if role not in (None, "teacher", "student"):
         raise UserError(f"role '{role}': expected 'teacher' or 'student'")
     try:
-        src = _resolve(name_or_path, weights, random_init)
+        src = _resolve(name_or_path, weights, random_init, weights_option)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             net = _build(src, dim, head)
@@ -407,6 +416,33 @@ def create_model(
     if role == "teacher":
         net.eval().requires_grad_(False)
     return net
+
+
+IDENTITY_FIELDS = ("name", "sha256", "dim")  # what must match between a student's recorded teacher and a teacher
+
+
+def check_compatible(student_meta: Mapping[str, Any], teacher: Mapping[str, Any], *, where: str = "student") -> None:
+    """UserError unless the student (its `meta`) was distilled for this teacher (a `model_identity`): the
+    teacher recorded in meta['aml']['teacher'] must match in name, sha256 and dim. A student that records no
+    teacher (not distilled by aml) must at least match the teacher's dim. Used by `aml evaluate` and search."""
+    aml = student_meta.get("aml") if isinstance(student_meta, Mapping) else None
+    recorded = aml.get("teacher") if isinstance(aml, Mapping) else None
+
+    def show(ident: Mapping[str, Any]) -> str:
+        sha = ident.get("sha256")
+        return f"{ident.get('name')} (sha256 {sha[:12] if sha else None}, dim {ident.get('dim')})"
+
+    if not isinstance(recorded, Mapping):
+        dim = aml.get("dim") if isinstance(aml, Mapping) else None
+        if dim is not None and teacher.get("dim") is not None and int(dim) != int(teacher["dim"]):
+            raise UserError(f"{where}: {dim}-d vectors cannot search the {show(teacher)} teacher's database")
+        return
+    diff = [k for k in IDENTITY_FIELDS if recorded.get(k) != teacher.get(k)]
+    if diff:
+        raise UserError(
+            f"{where}: distilled for teacher {show(recorded)}, not for {show(teacher)} ({', '.join(diff)} differ); "
+            "pass the student's own teacher, or --force to evaluate anyway"
+        )
 
 
 def list_models() -> list[dict[str, Any]]:

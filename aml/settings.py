@@ -8,7 +8,10 @@ are also part of the teacher cache key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+
+from aml.errors import UserError
 
 MULTISCALE = (1.0, 2**-0.5, 0.5)  # cirtorch's multi-scale setting (`--multiscale` given alone)
 BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
@@ -16,6 +19,15 @@ BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
 # batch 1 / 2 / 4 / 8: lite2 24.8 / 33.1 / 34.2 / 31.0, lite0 35.7 / 41.2 / 44.5 / 40.3; contiguous tensors
 # at batch 32 (the GPU-style setting): lite2 5.7. Larger CPU batches only thrash the caches.
 CPU_BATCH = 4
+DEVICES = "auto, cpu, cuda or cuda:N"  # what `--device` accepts (resolved by `aml.extract.resolve_device`)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str, option: str = "--device") -> str:
+    """`device` if it is auto, cpu, cuda or cuda:N, else a one-line UserError (checked before any work)."""
+    if not _DEVICE.fullmatch(str(device)):
+        raise UserError(f"{option} {device}: unknown device; use {DEVICES}")
+    return str(device)
 
 
 @dataclass(frozen=True)

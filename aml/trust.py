@@ -49,11 +49,11 @@ def set_trust_pickle(on: bool = True) -> None:
 
 def opt_in_hint() -> str:
     """How a user opts in to loading a file that needs full unpickling (the end of every refusal)."""
-    return f"if you trust this file, set {ENV}=1 to load it anyway (that runs any code it holds)"
+    return f"if you trust this file, pass --trust-pickle (or {ENV}=1) to load it anyway (that runs any code it holds)"
 
 
 def _warn(path: Path, why: str) -> None:
-    print(f"warning: {path}: loaded with full unpickling ({ENV} is set): {why}", file=sys.stderr)
+    print(f"warning: {path}: loaded with full unpickling (--trust-pickle or {ENV}=1): {why}", file=sys.stderr)
 
 
 def _needs(name: str) -> str:

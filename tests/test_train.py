@@ -286,7 +286,10 @@ def test_cli_distill_then_evaluate_and_export(tiny_data, tmp_path, home, run_cli
 
 def test_cli_distill_bad_input_is_one_line(tmp_path, home, run_cli):
     code, _, stderr = run_cli(
-        "distill", "--data", f"sfm120k:{tmp_path / 'missing'}", "--out", tmp_path / "r", env={"AML_HOME": str(home)}
+        "distill",
+        *("--teacher", "lite2", "--student", "lite0"),  # models with weights: they are checked before the data
+        *("--data", f"sfm120k:{tmp_path / 'missing'}", "--out", tmp_path / "r"),
+        env={"AML_HOME": str(home)},
     )
     assert code == 2
     lines = [ln for ln in stderr.splitlines() if ln.strip()]

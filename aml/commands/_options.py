@@ -2,7 +2,8 @@
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
 `runtime_options` (--batch-size, --workers, --device), `extraction_options` (both), `whiten_option`,
-`images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`, `quiet_option`; and the
+`images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`, `quiet_option`,
+`trust_pickle_option`; and the
 helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
 uses some of them, and the library constants are imported from torch-free modules only.
 """
@@ -18,7 +19,7 @@ import click
 
 from aml.data.images import read_image_list
 from aml.errors import UserError
-from aml.settings import BATCH_SIZE, CPU_BATCH, MULTISCALE, ExtractSettings
+from aml.settings import BATCH_SIZE, CPU_BATCH, DEVICES, MULTISCALE, ExtractSettings, check_device
 from aml.whiten import FIRST
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,6 +136,21 @@ def image_options(*, default: int | None = None, required: bool = False, size_he
     )
 
 
+def device_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback of `--device`: `aml.settings.check_device`, before any work."""
+    if value is not None and not _checked(check_device, value):
+        raise click.BadParameter(f"'{value}': unknown device; use {DEVICES}")
+    return value
+
+
+def _checked(check: Callable[[str], Any], value: str) -> bool:
+    try:
+        check(value)
+    except UserError:
+        return False
+    return True
+
+
 def runtime_options(f: F) -> F:
     """`--batch-size` (images per forward), `--workers`, `--device`."""
     return _stack(
@@ -146,7 +162,9 @@ def runtime_options(f: F) -> F:
             help=f"Images per forward; at most {CPU_BATCH} on the CPU (faster there).",
         ),
         click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]."),
+        click.option(
+            "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
+        ),
     )(f)
 
 
@@ -197,6 +215,26 @@ def out_option(help: str, *, required: bool = False, file: bool = True) -> Calla
 def json_option(f: F) -> F:
     """`--json FILE`: also write the result as JSON."""
     return click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")(f)
+
+
+def _trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        from aml.trust import set_trust_pickle
+
+        set_trust_pickle(True)
+
+
+def trust_pickle_option(f: F) -> F:
+    """`--trust-pickle`: load weights, checkpoints and pickles with full unpickling (`aml.trust.set_trust_pickle`);
+    eager, so it applies before any other option's callback reads a file."""
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        is_eager=True,
+        expose_value=False,
+        callback=_trust,
+        help="Trust the given weights/checkpoint/pickle files: load them fully (that runs any code they hold).",
+    )(f)
 
 
 def quiet_option(help: str = "No progress bars.") -> Callable[[F], F]:

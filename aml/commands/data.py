@@ -6,6 +6,7 @@ import time
 
 import click
 
+from aml.commands._options import trust_pickle_option
 from aml.errors import UserError
 
 
@@ -123,6 +124,7 @@ def ukbench(groups: str, out: str, train_objects: str, test_objects: str, copy: 
 
 @command.command("info")
 @click.argument("spec")
+@trust_pickle_option
 def info(spec: str) -> None:
     """Resolve a data spec and check it (pickle, labels, missing images) without training."""
     from aml.data.spec import parse_data_spec

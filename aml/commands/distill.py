@@ -14,12 +14,9 @@ from typing import Any
 
 import click
 
-from aml.cache import DTYPES
-from aml.commands._options import quiet_option
+from aml.commands._options import device_callback, quiet_option, trust_pickle_option
 from aml.io import atomic_write
-from aml.losses import LOSSES
-from aml.train.config import PRESETS, TrainConfig
-from aml.train.head_init import HEAD_INITS
+from aml.train.config import CHOICES, MINIMUMS, PRESETS, TrainConfig
 
 # What each field's option says; the type comes from the field, the defaults from TrainConfig() and PRESETS.
 # A field missing here is an error at import (a test imports this module), so a new field gets an option.
@@ -63,14 +60,6 @@ _HELP: dict[str, str] = {
     "workers": "Image-loading workers (-1: automatic)",
     "out": "Run directory (unset: runs/<date>-T-S-LOSS)",
 }
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "head_init": ("auto", *HEAD_INITS),
-    "loss": tuple(LOSSES),
-    "mining": ("auto", "asymmetric", "symmetric", "random"),
-    "optimizer": ("adam", "sgd"),
-    "amp": ("none", "bf16", "fp16"),
-    "cache_dtype": DTYPES,
-}
 _TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -97,14 +86,20 @@ def _field_option(field: dataclasses.Field) -> Callable:
         return click.option("--loss-arg", "loss_args", multiple=True, help=text)
     if base == "bool":
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
-    if name in _CHOICES:
-        return click.option(flag, name, type=click.Choice(_CHOICES[name]), help=text)
+    if name in CHOICES:
+        return click.option(flag, name, type=click.Choice(CHOICES[name]), help=text)
+    if name == "device":
+        return click.option(flag, name, callback=device_callback, help=text)
     if name == "data":
         return click.option(flag, name, help=text)
     if name == "out":
         return click.option(flag, name, type=click.Path(file_okay=False), help=text)
     if name.endswith("_weights"):
         return click.option(flag, name, type=click.Path(dir_okay=False), help=text)
+    if name in MINIMUMS:
+        low, open_ = MINIMUMS[name]
+        kind = click.IntRange(min=int(low)) if base == "int" else click.FloatRange(min=low, min_open=open_)
+        return click.option(flag, name, type=kind, help=text)
     return click.option(flag, name, type=_TYPES[base], help=text)
 
 
@@ -138,9 +133,20 @@ def config_from_options(preset: str, opts: dict[str, Any]) -> TrainConfig:
     return TrainConfig().replace(**PRESETS[preset]).replace(**given)
 
 
+def given_fields(ctx: click.Context) -> frozenset[str]:
+    """The TrainConfig fields the user set on the command line (or through click's environment variables)."""
+    user = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if ctx.get_parameter_source(f.name) in user)
+
+
 @click.command("distill")
 @_config_options
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last checkpoint (its configuration; given options must match).",
+)
+@click.option("--overwrite", is_flag=True, help="Delete the checkpoints and log of a run already in --out first.")
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
@@ -152,7 +158,8 @@ def config_from_options(preset: str, opts: dict[str, Any]) -> TrainConfig:
     help="Also train the no-teacher (sym) student and compare (default: on for the demo).",
 )
 @quiet_option()
-def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool, **opts: Any) -> None:
+@trust_pickle_option
+def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | None, quiet: bool, **opts: Any) -> None:
     """Train a student whose query vectors search the teacher's database (AML).
 
     With no --data, runs the embedded default: synthetic landmarks generated once into $AML_HOME,
@@ -164,11 +171,12 @@ def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool
     from aml.train.loop import distill
 
     preset = preset or ("aml" if opts["data"] else "demo")
-    cfg = config_from_options(preset, opts)
+    cfg = config_from_options(preset, opts).validate()  # before any work
+    given = given_fields(click.get_current_context())
     if baseline is None:
         baseline = preset == "demo" and not resume
     if baseline:
-        result = run_with_baseline(cfg, progress=not quiet)
+        result = run_with_baseline(cfg, progress=not quiet, overwrite=overwrite)
         click.echo(f"\nrun: {result['run_dir']}\nbaseline: {result['baseline_dir']}")
         if result["rows"]:
             table = format_table(result["rows"], title=f"test set {result['dataset'][1]}", layout="rows")
@@ -176,5 +184,5 @@ def command(resume: bool, preset: str | None, baseline: bool | None, quiet: bool
             with atomic_write(Path(result["run_dir"]) / "table.txt") as f:  # what the README quotes
                 f.write(table + "\n")
         return
-    run_dir = distill(cfg, resume=resume, progress=not quiet)
+    run_dir = distill(cfg, resume=resume, progress=not quiet, overwrite=overwrite, given=given)
     click.echo(f"run: {run_dir}")

@@ -17,21 +17,11 @@ from aml.commands._options import (
     model_options,
     quiet_option,
     random_init_option,
+    trust_pickle_option,
     whiten_option,
 )
 from aml.errors import UserError
 from aml.evaluate import ROWS, TEST_IMAGE_SIZE
-
-
-def load_features(path: str, what: str) -> np.ndarray:
-    """A memory-mapped .npy matrix, or a UserError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: {what} file not found; pass an .npy (N, D) array from `aml extract`")
-    try:
-        return np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{p}: not a readable .npy array ({e}); save it with numpy.save") from None
 
 
 def _json_safe(x: Any) -> Any:
@@ -64,7 +54,7 @@ def _from_features(
     device: str,
 ) -> tuple[dict[str, Any], int]:
     """Scores of feature files (float16 storage of the database with --cache-dtype float16)."""
-    from aml.evaluate import evaluate_features
+    from aml.evaluate import evaluate_features, load_features
 
     db = load_features(db_features, "database features")
     q = load_features(query_features, "query features")
@@ -85,13 +75,33 @@ def _from_features(
     return result, 0 if dis is None else dis.shape[0]
 
 
-def _from_models(ds: Any, teacher: str | None, student: str | None, distractors: str | None, **kw: Any):
+def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_init: bool, force: bool) -> None:
+    """Before any work: a student checkpoint distilled for another teacher is refused (`--force`: a warning)."""
+    from aml.registry import check_compatible, list_models, model_identity, read_torch_file
+
+    if student in {m["name"] for m in list_models()} or not Path(student).is_file():
+        return  # a registered backbone records no teacher; a missing file is reported when the student loads
+    ident = model_identity(teacher, teacher_weights, random_init, weights_option="--teacher-weights")
+    obj = read_torch_file(student)
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    try:
+        check_compatible(meta if isinstance(meta, dict) else {}, ident, where=f"--student {student}")
+    except UserError as e:
+        if not force:
+            raise
+        click.echo(f"warning: {e} (--force given: evaluating anyway)", err=True)
+
+
+def _from_models(
+    ds: Any, teacher: str | None, student: str | None, distractors: str | None, force: bool = False, **kw: Any
+):
     """Teacher / student / asymmetric scores of two models (teacher vectors through the cache)."""
     from aml.data.images import read_image_list
     from aml.evaluate import evaluate_models
 
     if teacher is None or student is None:
         raise UserError("--teacher and --student go together (the asymmetric setting needs both)")
+    _check_pair(teacher, kw["teacher_weights"], student, kw["random_init"], force)
     dis_paths = read_image_list(distractors, "distractor list") if distractors else []
     return evaluate_models(ds, teacher, student, distractors=dis_paths, **kw), len(dis_paths)
 
@@ -134,7 +144,9 @@ def _from_models(ds: Any, teacher: str | None, student: str | None, distractors:
     "of the database held in memory with feature files (default: as stored; float16 halves the memory)."
 )
 @json_option
+@click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
 @quiet_option()
+@trust_pickle_option
 def command(
     dataset: str,
     data_root: str,
@@ -158,6 +170,7 @@ def command(
     cache_dir: str | None,
     cache_dtype: str | None,
     json_out: str | None,
+    force: bool,
     quiet: bool,
 ) -> None:
     """mAP and mP@k (Easy / Medium / Hard, x100) on a revisitop-layout dataset.
@@ -169,8 +182,10 @@ def command(
     from aml.cache import DEFAULT_DTYPE
     from aml.data.revisitop import load_revisitop
     from aml.evaluate import format_table
-    from aml.io import write_json
+    from aml.io import check_writable_file, write_json
 
+    if json_out:
+        check_writable_file(json_out, "--json")
     features = db_features is not None or query_features is not None
     models = teacher is not None or student is not None
     if features == models:
@@ -197,6 +212,7 @@ def command(
             teacher,
             student,
             distractors,
+            force,
             settings=extract_settings(image_size, scales, batch_size, workers, device, quiet),
             teacher_weights=teacher_weights,
             student_weights=student_weights,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aml.commands._options import out_option, quiet_option, whiten_option
+from aml.commands._options import out_option, quiet_option, trust_pickle_option, whiten_option
 from aml.errors import UserError
 from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
 
@@ -50,6 +50,7 @@ from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
     help="Calibration images drawn (seeded) from the list.",
 )
 @quiet_option("Print only the result line.")
+@trust_pickle_option
 def command(
     checkpoint: str,
     fmt: str,
@@ -72,6 +73,10 @@ def command(
 
     if calib_images and precision != "int8":
         raise UserError(f"--calib-images is for --precision int8 (got {precision}); drop it")
+    if out:
+        from aml.io import check_writable_file
+
+        check_writable_file(out, "--out")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     info = export_checkpoint(
         checkpoint,

@@ -13,6 +13,7 @@ from aml.commands._options import (
     quiet_option,
     random_init_option,
     read_images,
+    trust_pickle_option,
     whiten_option,
 )
 
@@ -25,6 +26,7 @@ from aml.commands._options import (
 @whiten_option(" (the model's, after the scale combination)")
 @out_option("Output .npy, float32 (N, D).", required=True)
 @quiet_option("No progress bar.")
+@trust_pickle_option
 def command(
     model_name: str,
     weights: str | None,
@@ -44,10 +46,11 @@ def command(
     import numpy as np
 
     from aml.extract import extract
-    from aml.io import atomic_write
+    from aml.io import atomic_write, check_writable_file
     from aml.registry import create_model
     from aml.whiten import Lw
 
+    check_writable_file(out, "--out")
     paths, bbxs = read_images(images, bbx)
     settings = extract_settings(image_size, scales, batch_size, workers, device, quiet)
     model = create_model(model_name, weights=weights, random_init=random_init)

@@ -88,7 +88,14 @@ def read_image_list(path: str | os.PathLike, what: str = "image list") -> list[s
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: {what} not found; give a text file with one image path per line")
-    lines = [ln.strip() for ln in p.read_text().splitlines()]
+    raw = p.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise UserError(f"{p}: the {what} is not a text list (binary content); give a text file, one image path a line")
+    lines = [ln.strip() for ln in text.splitlines()]
     paths = [ln if os.path.isabs(ln) else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
     if not paths:
         raise UserError(f"{p}: the {what} is empty; one image path per line ('#' starts a comment)")

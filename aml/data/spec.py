@@ -19,7 +19,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from aml.data.sfm120k import read_sfm
 from aml.data.synth import SYNTH_NAME, SYNTH_PICKLE, ensure_default_synth
 from aml.data.trainset import DataBundle, RevisitopRef
 from aml.errors import UserError
-from aml.io import aml_home
+from aml.io import aml_home, temp_dir
 
 FORMS = "synth, synth:DIR, sfm120k:DIR, folder:DIR, groups:CSV, images:DIR"
 
@@ -120,7 +119,7 @@ def cached_test_split(name: str, paths: list[str], keys: np.ndarray) -> Revisito
     if gnd_file(root, name).is_file():
         return RevisitopRef(str(root), name)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    tmp = temp_dir(root)
     try:
         write_test_split(tmp, name, paths, keys)
         try:

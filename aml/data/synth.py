@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from aml.data.sfm120k import cid_path, write_sfm_pickle
 from aml.data.synth_scene import render_landmark, sample_landmark
 from aml.data.synth_view import Scene, classify, jpeg_bytes, render_view, sample_view
 from aml.errors import UserError
-from aml.io import aml_home
+from aml.io import aml_home, temp_dir
 
 SYNTH_VERSION = 1  # bump when the generator's output changes: cached default sets are keyed by it
 SYNTH_PICKLE = "retrieval-SfM-synth.pkl"
@@ -193,7 +192,7 @@ def generate_synth(out: str | os.PathLike, cfg: SynthConfig | None = None, progr
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose a new --out folder or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         t0 = time.time()
         splits, counts = {}, {}

@@ -325,8 +325,10 @@ def export_checkpoint(
         if failure:
             raise verify.VerificationError(failure)
         info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
+        # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
+        # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
+        info["sha256"] = sha256_file(tmp_model)
+        write_sidecar(out, info)
         with atomic_path(out) as final:
             os.replace(tmp_model, final)
-        info["sha256"] = sha256_file(out)
-        write_sidecar(out, info)
     return info

@@ -7,9 +7,45 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from aml.cache import DEFAULT_DTYPE
+from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
 from aml.losses import LOSSES
+from aml.settings import check_device
+from aml.train.head_init import HEAD_INITS
+
+# The smallest value of each numeric field, and whether the minimum itself is excluded (the `aml distill`
+# option ranges are generated from this table, and `TrainConfig.validate` checks it for Python callers).
+# epochs 0 is valid: the run writes the initialised student without training.
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "bn_images": (1, False),
+    "init_images": (0, False),
+    "epochs": (0, False),
+    "lr": (0, False),
+    "gem_lr_mult": (0, False),
+    "head_lr_mult": (0, False),
+    "weight_decay": (0, False),
+    "lr_decay": (0, True),
+    "margin": (0, False),
+    "neg_num": (1, False),
+    "query_size": (1, False),
+    "pool_size": (1, False),
+    "batch_size": (1, False),
+    "update_every": (1, False),
+    "image_size": (1, False),
+    "test_image_size": (0, False),
+    "eval_every": (0, False),
+    "seed": (0, False),
+    "workers": (-1, False),
+}
+# The fields with a fixed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "head_init": ("auto", *HEAD_INITS),
+    "loss": tuple(LOSSES),
+    "mining": ("auto", "asymmetric", "symmetric", "random"),
+    "optimizer": ("adam", "sgd"),
+    "amp": ("none", "bf16", "fp16"),
+    "cache_dtype": DTYPES,
+}
 
 
 @dataclass
@@ -72,6 +108,20 @@ class TrainConfig:
 
     def eval_size(self) -> int:
         return self.test_image_size or self.image_size
+
+    def validate(self) -> TrainConfig:
+        """This config, or a one-line UserError naming the first out-of-range or unknown value (before any work)."""
+        for name, (low, open_) in MINIMUMS.items():
+            v = getattr(self, name)
+            if v is not None and (v < low or (open_ and v == low)):
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} {v}: must be {'>' if open_ else '>='} {low:g}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
+        LOSSES[self.loss].constants(self.loss_args)
+        check_device(self.device)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,17 +12,17 @@ from aml.train.config import DEMO_BASELINE, TrainConfig
 from aml.train.loop import Trainer
 
 
-def run_with_baseline(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_with_baseline(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train `cfg` and the same student with the symmetric no-teacher loss; return the rows of the table.
 
     Rows: the teacher on itself, the closed-form start alone (the student before epoch 1, asymmetric), the
     distilled student asymmetric and symmetric, and the baseline student (trained without the teacher) queried
     against the teacher's database and on its own.
     """
-    main = Trainer(cfg, progress=progress)
+    main = Trainer(cfg, progress=progress, overwrite=overwrite)
     run_dir = main.fit()
     base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"], out=str(Path(run_dir) / "baseline-sym"))
-    base_dir = Trainer(base_cfg, progress=progress).fit()
+    base_dir = Trainer(base_cfg, progress=progress, overwrite=overwrite).fit()
     rows: dict[str, Any] = {}
     if main.evaluator is not None:
         rows[f"teacher {cfg.teacher} (symmetric)"] = main.evaluator.teacher()

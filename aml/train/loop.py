@@ -18,10 +18,10 @@ from aml.data.images import header_size, size_key
 from aml.data.spec import parse_data_spec
 from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
-from aml.io import aml_home, atomic_write, write_json
+from aml.io import TMP_TAG, aml_home, atomic_write, check_writable_dir, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
 from aml.progress import Progress
-from aml.registry import create_model, model_identity
+from aml.registry import create_model, load_into, model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train.batches import ImageTensors, forward_by_size, size_buckets
@@ -32,9 +32,32 @@ from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
 from aml.train.epoch import EpochPlan, plan_images, plan_tuples
 from aml.train.head_init import cached_init_head, head_for
 from aml.train.quick_eval import QuickEval
+from aml.trust import first_line
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
+# The files a run writes into its folder (what `overwrite=True` removes; anything else there is kept).
+RUN_FILES = ("last.pt", "log.jsonl", "config.json", "epoch_[0-9][0-9][0-9]*.pt")
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before any work: a new run never mixes with a finished one in `run_dir` (refused unless `overwrite`, which
+    removes aml's own run files first); the folder must be writable."""
+    existing = [p for p in (run_dir / "last.pt", run_dir / "log.jsonl") if p.exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise UserError(
+                f"{run_dir}: holds a run ({existing[0].name}); pass --resume to continue it, a new --out, or "
+                "--overwrite to delete its checkpoints and log first"
+            )
+        for pattern in RUN_FILES:
+            for f in run_dir.glob(pattern):
+                f.unlink(missing_ok=True)  # DDP: every rank runs this check
+            for f in run_dir.glob(f".{pattern}{TMP_TAG}*"):
+                f.unlink(missing_ok=True)  # DDP: every rank runs this check
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite both given; pass one of them")
+    check_writable_dir(run_dir, "--out")
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -98,14 +121,28 @@ def _raw_sizes(paths: list[str], idx: np.ndarray) -> np.ndarray:
 class Trainer:
     """One distillation run: set up from a config (or a checkpoint), then `fit()`."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        overwrite: bool = False,
+        given: frozenset[str] | None = None,
+    ) -> None:
+        """`given`: the config fields the user set (command-line options); with `resume`, only those are compared
+        with the checkpoint's config (None: every field). `overwrite`: clear a finished run in `cfg.out` first."""
         self.progress = progress
-        self._set_device(cfg)
+        cfg.validate()
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
         checkpoint = None
         if resume:
-            checkpoint = load_checkpoint(self.run_dir / "last.pt")
-            cfg = self._merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]))
+            self.checkpoint_path = self.run_dir / "last.pt"
+            checkpoint = load_checkpoint(self.checkpoint_path)
+            cfg = self._merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]), given)
+        self._check_models(cfg)
+        self._set_device(cfg)
         self.cfg = cfg.replace(out=str(self.run_dir))
         self.loss, self.loss_constants = loss_function(cfg)
         if cfg.amp != "none" and self.device.type != "cuda":
@@ -126,6 +163,13 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+
+    @staticmethod
+    def _check_models(cfg: TrainConfig) -> None:
+        """Before any data work: the teacher and the student resolve to weights (nothing is built)."""
+        model_identity(cfg.teacher, cfg.teacher_weights, cfg.random_init, weights_option="--teacher-weights")
+        student_random = cfg.random_init or cfg.student_random_init
+        model_identity(cfg.student, cfg.student_weights, student_random, weights_option="--student-weights")
 
     def _load_data(self) -> None:
         """The training set, the teacher's cached vectors of its images, and the quick test-set evaluator."""
@@ -173,6 +217,7 @@ class Trainer:
             dim=self.identity["dim"],
             head=head_for(cfg.resolved_head_init()),
             random_init=random_student,
+            weights_option="--student-weights",
         )
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
@@ -211,10 +256,23 @@ class Trainer:
         """Student, optimizer and scheduler state from a checkpoint; returns the epoch to start from."""
         if checkpoint is None:
             return 0
-        self.student.load_state_dict(checkpoint["state_dict"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        return int(checkpoint["epoch"])
+        path = self.checkpoint_path
+        sd = checkpoint["state_dict"]
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise UserError(f"{path}: state_dict: not a dict of tensors; the checkpoint is damaged, start a new run")
+        load_into(self.student, sd, path)
+        for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+            try:
+                target.load_state_dict(checkpoint[key])
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+                raise UserError(
+                    f"{path}: {key}: state does not fit this run ({first_line(e)}); the checkpoint is damaged or "
+                    "from another version, start a new run"
+                ) from None
+        try:
+            return int(checkpoint["epoch"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: epoch: {checkpoint['epoch']!r} is not a number; start a new run") from None
 
     def _wrap_model(self) -> None:
         """The module the steps run (DDP across ranks), the AMP scaler and the loader workers."""
@@ -227,8 +285,11 @@ class Trainer:
         self.workers = cfg.workers if cfg.workers >= 0 else auto_workers(1 << 30, cfg.batch_size, self.device)
 
     @staticmethod
-    def _merge_resumed(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
-        diff = sorted(k for k, v in given.to_dict().items() if k not in RESUMABLE_CHANGES and v != saved.to_dict()[k])
+    def _merge_resumed(given: TrainConfig, saved: TrainConfig, names: frozenset[str] | None = None) -> TrainConfig:
+        """The checkpoint's config with the resumable options; `names` (the options the user gave, None: all)
+        are the only ones compared, and must equal the saved values unless in RESUMABLE_CHANGES."""
+        compared = set(given.to_dict()) if names is None else set(names) | {"out"}
+        diff = sorted(k for k in compared if k not in RESUMABLE_CHANGES and getattr(given, k) != getattr(saved, k))
         if diff:
             k = diff[0]
             raise UserError(
@@ -236,7 +297,7 @@ class Trainer:
                 f"({getattr(given, k)!r} vs {getattr(saved, k)!r}); only {sorted(RESUMABLE_CHANGES)} "
                 "may change when resuming"
             )
-        return saved.replace(**{k: getattr(given, k) for k in RESUMABLE_CHANGES})
+        return saved.replace(**{k: getattr(given, k) for k in RESUMABLE_CHANGES & compared})
 
     # ---------------------------------------------------------------------------------------- pieces
     def _student_vectors(self, idx: np.ndarray) -> np.ndarray:
@@ -425,6 +486,14 @@ class Trainer:
             print(line, flush=True)
 
 
-def distill(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run a distillation and return its run directory (checkpoints, log.jsonl, config.json)."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+def distill(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    given: frozenset[str] | None = None,
+) -> Path:
+    """Run a distillation and return its run directory (checkpoints, log.jsonl, config.json); `overwrite` and
+    `given` as in `Trainer`."""
+    return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, given=given).fit()
