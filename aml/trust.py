@@ -165,6 +165,8 @@ def torch_load(path: str | os.PathLike) -> Any:
     if refused is not None and trust_pickle():
         _warn(path, _needs(refused[0]) if refused[0] else f"the weights-only reader said: {refused[1]}")
         try:
+            # Safe by consent only: reached solely when the user opted in (--trust-pickle / AML_TRUST_PICKLE=1)
+            # for a file the weights-only reader refused, after the one-line warning above names the file.
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - reported as a bad file below
             last, refused = e, None
