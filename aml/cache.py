@@ -41,7 +41,7 @@ import numpy as np
 
 from aml.errors import UserError
 from aml.io import host_tag, sha256_lines, write_json
-from aml.progress import Progress
+from aml.progress import progress_bar
 
 FORMAT = "aml-feature-cache"
 VERSION = 2  # 2: content identity in the key, per-chunk digests, per-writer partial files
@@ -412,8 +412,7 @@ class FeatureCache:
         n, dim = self.shape
         with self._disk():
             start, chunks = self._start(resume)
-        bar = Progress(n, f"teacher cache {self.name}", "img", progress)
-        bar.update(start)
+        bar = progress_bar(n, f"teacher cache {self.name}", "img", enabled=progress, initial=start)
         out = np.lib.format.open_memmap(self.partial, mode="r+") if n else None
         try:
             for lo in range(start, n, chunk):

@@ -18,8 +18,9 @@ from torch import nn
 from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_size, same_shape_groups, to_array
 from aml.errors import UserError
 from aml.nn import l2n, rescale
-from aml.progress import Progress
+from aml.progress import progress_bar
 from aml.settings import CPU_BATCH, MULTISCALE, ExtractSettings
+from aml.threads import available_cores, intra_op_threads
 from aml.whiten import Lw
 
 __all__ = ["MULTISCALE", "ExtractSettings", "embed", "extract", "resolve_device", "to_tensor", "torch_groups"]
@@ -53,7 +54,7 @@ def auto_workers(n: int, batch_size: int, device: torch.device | None = None) ->
     """Decoding processes: none for a handful of images, none on a CPU of up to 4 cores (the network
     already uses every core: lite2 on 2 cores, 100 UKBench images, 1 worker 29.0 vs none 44.2 images/s),
     else up to 8 leaving one core to the main process."""
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if n <= batch_size or (device is not None and device.type == "cpu" and cores <= 4):
         return 0
     return min(8, max(1, cores - 1))
@@ -135,7 +136,7 @@ def extract(
     out = np.empty((n, dim), dtype=np.float32)
     if n == 0:
         return out
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, intra_op_threads())) as pool:
         full = list(pool.map(header_size, paths))
     boxes = bbxs if bbxs is not None else [None] * n
     sizes = [loaded_size(w, h, image_size, b) for (w, h), b in zip(full, boxes, strict=True)]
@@ -153,7 +154,7 @@ def extract(
     fmt = torch.channels_last  # faster on both: CPU 2.9x at batch 1 for lite2 (8.8 -> 25.7 images/s)
     was_training = model.training
     model.eval().to(dev, memory_format=fmt)
-    bar = Progress(n, "extract", "img", settings.progress)
+    bar = progress_bar(n, "extract", "img", enabled=settings.progress)
     try:
         with torch.inference_mode():
             for items in loader:

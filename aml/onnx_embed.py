@@ -25,6 +25,7 @@ from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_a
 from aml.errors import UserError
 from aml.io import sha256_file
 from aml.sidecar import read_sidecar, sidecar_path
+from aml.threads import intra_op_threads
 
 EPS = 1e-6
 Runner = Callable[[np.ndarray], np.ndarray]  # normalised (B, 3, H, W) float32 -> (B, D) float32
@@ -36,10 +37,9 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 
 def session(model: str | os.PathLike | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session (threads: intra-op threads, None = onnxruntime's default)."""
+    """A CPU onnxruntime session (threads: intra-op threads, None = `aml.threads.intra_op_threads()`)."""
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or intra_op_threads()
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
     )
@@ -117,7 +117,7 @@ def embed_images(
     def load(i: int) -> np.ndarray:
         return to_array(load_image(paths[i], image_size, bbxs[i] if bbxs is not None else None), mean, std)
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, intra_op_threads())) as pool:
         for start in range(0, n, chunk):
             idx = list(range(start, min(n, start + chunk)))
             for members, x in same_shape_groups(zip(idx, pool.map(load, idx), strict=True)):

@@ -15,6 +15,7 @@ process's max RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from aml.evaluate import default_topk  # noqa: E402
 from aml.scoring import KAPPAS, PROTOCOLS, score_rankings  # noqa: E402
 from aml.search import pick_backend, search  # noqa: E402
+from aml.threads import HELP, benchmark_threads  # noqa: E402
 from aml.trust import load_pickle  # noqa: E402
 
 GND = REPO.parent / "shared" / "data" / "revisitop" / "gnd_roxford5k.pkl"
@@ -139,11 +141,17 @@ def main() -> None:
         action="store_true",
         help="generate float32 vectors and compare their search with float16 storage (4x memory)",
     )
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
+    with contextlib.suppress(ImportError):  # the search backends, loaded first so that their threads are set
+        import faiss  # noqa: F401
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    setting = benchmark_threads(args.threads)
     gnd = load_pickle(GND)
     rng = np.random.default_rng(0)
     tracemalloc.start()
-    print(f"backend {pick_backend(args.backend)}, dim {args.dim}, 70 queries, medians of {args.reps}")
+    print(f"backend {pick_backend(args.backend)}, dim {args.dim}, 70 queries, medians of {args.reps}\n{setting}")
     print(
         f"{'N_db':>8} {'topk':>7} {'search s':>9} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
         f"{'search MiB':>10} {'score MiB':>9} {'loop MiB':>8}  mAP E/M/H (vec == loop)"

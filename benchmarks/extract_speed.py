@@ -1,5 +1,7 @@
 """Images/s of `aml.extract.extract` (size-bucketed batches, DataLoader workers) against the plain
-per-image batch-size-1 loop, same images and settings, side by side in one run; medians of repeats.
+per-image batch-size-1 loop, same images and settings, side by side in one run; medians of repeats. The thread
+setting (`--threads`, through `aml.threads`) is printed; the torch threads each variant ran with are recorded and
+no ratio is printed between variants that ran with different counts.
 
     .venv/bin/python benchmarks/extract_speed.py --model lite2 --image-size 362 --n 100
 """
@@ -18,8 +20,10 @@ from PIL import Image
 
 from aml.allocator import keep_freed_memory
 from aml.data.images import load_image
+from aml.errors import UserError
 from aml.extract import ExtractSettings, extract, resolve_device, to_tensor
 from aml.registry import create_model
+from aml.threads import HELP, benchmark_threads, check_comparable
 
 UKBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ukbench" / "jpg"
 
@@ -60,26 +64,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=-1, help="-1: extract's automatic choice")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
     keep_freed_memory()  # as the `aml` CLI does; both variants run under it
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setting = benchmark_threads(args.threads)
     device = resolve_device(args.device)
     model = create_model(args.model, weights=args.weights, random_init=args.random_init).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         paths, source = image_paths(args.n, Path(tmp))
         print(
             f"{args.model} at {args.image_size} px on {device}, {len(paths)} images ({source}), "
-            f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.workers}"
+            f"batch {args.batch_size}, workers {args.workers}\n{setting}"
         )
         # warm-up (first-call kernel selection)
         extract(model, paths[:8], ExtractSettings(args.image_size, workers=0, device=str(device), progress=False))
         rates: dict[str, list[float]] = {"per-image bs=1": [], "extract": []}
+        threads: dict[str, set[int]] = {k: set() for k in rates}  # torch threads each variant ran with
         for _ in range(args.repeats):
             t = time.perf_counter()
             ref = per_image_loop(model, paths, args.image_size, device)
             rates["per-image bs=1"].append(len(paths) / (time.perf_counter() - t))
+            threads["per-image bs=1"].add(torch.get_num_threads())
             t = time.perf_counter()
             got = extract(
                 model,
@@ -93,9 +98,16 @@ def main() -> None:
                 ),
             )
             rates["extract"].append(len(paths) / (time.perf_counter() - t))
+            threads["extract"].add(torch.get_num_threads())
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k, v in rates.items():
             print(f"  {k:16s} median {med[k]:8.1f} img/s   runs {', '.join(f'{r:.1f}' for r in v)}")
+        try:
+            if any(len(v) > 1 for v in threads.values()):
+                raise UserError(f"the torch thread count changed between repeats ({threads}); no ratio is printed")
+            check_comparable({k: min(v) for k, v in threads.items()})
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
         print(
             f"  ratio extract / per-image: {med['extract'] / med['per-image bs=1']:.2f}x   "
             f"max |difference| {np.abs(got - ref).max():.2e}"

@@ -30,6 +30,7 @@ from eval_speed import GND, make_data  # noqa: E402
 
 from aml.index import KINDS, Index, build_index  # noqa: E402
 from aml.scoring import KAPPAS, score_rankings  # noqa: E402
+from aml.threads import HELP, benchmark_threads  # noqa: E402
 from aml.trust import load_pickle  # noqa: E402
 
 
@@ -76,14 +77,16 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
     import faiss
 
+    setting = benchmark_threads(args.threads)
+
     gnd = load_pickle(GND)
     print(
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__} "
-        f"omp threads {faiss.omp_get_max_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}"
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}, "
+        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}\n{setting}"
     )
     print(
         f"{'N_db':>8} {'type':>7} {'build s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from aml.allocator import keep_freed_memory  # noqa: E402
 from aml.io import atomic_write, write_json  # noqa: E402
 from aml.scoring import PROTOCOLS as SCORING_PROTOCOLS  # noqa: E402
+from aml.threads import HELP, benchmark_threads, intra_op_threads  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 UKBENCH_CSV = REPO.parent / "shared" / "data" / "ukbench" / "groups.csv"
@@ -168,6 +169,7 @@ def train_one(work: Path, dataset: str, student: str, method: str, seed: int) ->
         "images_per_s": statistics.median([e["images_per_s"] for e in log if "images_per_s" in e] or [0.0]),
         "init": ckpt.get("init"),
         "checkpoint": str(run_dir / "last.pt"),
+        "threads": intra_op_threads(),
     }
     write_json(done, result)
     return result
@@ -473,8 +475,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "runs" / "methods"), help="Run folders (resumable).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
     ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md.")
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
     keep_freed_memory()
+    import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
+
+    print(benchmark_threads(args.threads), flush=True)
     work = Path(args.work)
     datasets = args.datasets.split(",")
     given = [int(x) for x in args.seeds.split(",")] if args.seeds else None

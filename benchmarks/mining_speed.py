@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from aml.mining import mine_negatives
+from aml.threads import HELP, benchmark_threads
 
 
 def per_query_walk(q: torch.Tensor, pool: torch.Tensor, qc: np.ndarray, pc: np.ndarray, neg_num: int) -> np.ndarray:
@@ -68,13 +69,12 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=700)
     ap.add_argument("--neg-num", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    setting = benchmark_threads(args.threads)
     print(
         f"{args.queries} queries x {args.pool} pool, {args.dim}-d (pool rounded to float16, as cached), "
-        f"{args.clusters} clusters, neg_num {args.neg_num}, {args.threads} threads, "
-        f"median of {args.repeats}"
+        f"{args.clusters} clusters, neg_num {args.neg_num}, median of {args.repeats}\n{setting}"
     )
     for kind in ("random", "clustered"):
         q, pool, qc, pc = make(kind, args.queries, args.pool, args.dim, args.clusters, seed=0)

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from aml.threads import HELP, benchmark_threads
 from aml.train.batches import ImageTensors, forward_by_size
 from aml.train.batchnorm import set_train_mode
 from aml.train.config import PRESETS, TrainConfig
@@ -38,7 +39,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="/tmp/aml-train-speed")
+    ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
+    setting = benchmark_threads(args.threads)
 
     cfg = (
         TrainConfig()
@@ -106,7 +109,7 @@ def main() -> None:
     print(
         f"teacher {cfg.teacher}, student {cfg.student}, image size {cfg.image_size}, {cfg.batch_size} tuples "
         f"x (1 + 1 + {cfg.neg_num}) images per step, {len(times[next(iter(times))])} timed steps, "
-        f"torch threads {torch.get_num_threads()}, device {device}"
+        f"device {device}\n{setting}"
     )
     base = statistics.median(times["(a) aml: cache + batched"])
     for name, ts in times.items():

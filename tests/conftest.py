@@ -1,13 +1,16 @@
-"""Shared fixtures: the real data beside the repo (../shared/data), skipped cleanly when absent; one thread;
-the `aml` command line run in this process."""
+"""Shared fixtures: the real data beside the repo (../shared/data), skipped cleanly when absent; the thread count
+through `aml.threads` (its default, at most 2); the `aml` command line run in this process."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from aml import threads
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -22,9 +25,17 @@ def shared_path(*parts: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(monkeypatch):
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    # each test starts from the resolver's default (capped at 2: tiny networks), and what a test or an in-process
+    # CLI run applies (`--threads`, the OMP_NUM_THREADS that `apply_threads` sets) ends with it
+    monkeypatch.setattr(threads, "_applied", None)
+    for name in (threads.ENV, threads.OMP_ENV):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    threads.apply_threads(min(2, threads.resolve_threads()[0]))
     yield
 
 

@@ -1,9 +1,9 @@
 """Click options shared by the commands, with defaults taken from the library (never typed twice).
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
-`runtime_options` (--batch-size, --workers, --device), `extraction_options` (both), `whiten_option`,
-`images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`, `quiet_option`,
-`trust_pickle_option`; and the
+`runtime_options` (--batch-size, --workers, --device, --threads), `extraction_options` (both), `threads_option`,
+`whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`,
+`quiet_option`, `trust_pickle_option`; and the
 helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
 uses some of them, and the library constants are imported from torch-free modules only.
 """
@@ -80,10 +80,8 @@ def read_images(images: str, bbx: str | None) -> tuple[list[str], list | None]:
 def extract_settings(
     image_size: int, scales: tuple[float, ...], batch_size: int, workers: int, device: str, quiet: bool
 ) -> ExtractSettings:
-    """The `ExtractSettings` of `extraction_options` (progress bars only on a terminal, unless --quiet)."""
-    import sys
-
-    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet and sys.stderr.isatty())
+    """The `ExtractSettings` of `extraction_options` (progress shown unless --quiet: `aml.progress`)."""
+    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -151,8 +149,22 @@ def _checked(check: Callable[[str], Any], value: str) -> bool:
     return True
 
 
+def _threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from aml.threads import apply_threads
+
+    apply_threads(value)
+
+
+def threads_option(f: F) -> F:
+    """`--threads N`: intra-op threads of torch, onnxruntime and faiss, applied as the options are read
+    (`aml.threads.apply_threads`; unset: $AML_THREADS, $OMP_NUM_THREADS, else the cores this process may use)."""
+    from aml.threads import HELP
+
+    return click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_threads, help=HELP)(f)
+
+
 def runtime_options(f: F) -> F:
-    """`--batch-size` (images per forward), `--workers`, `--device`."""
+    """`--batch-size` (images per forward), `--workers`, `--device`, `--threads`."""
     return _stack(
         click.option(
             "--batch-size",
@@ -165,6 +177,7 @@ def runtime_options(f: F) -> F:
         click.option(
             "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
         ),
+        threads_option,
     )(f)
 
 
@@ -237,6 +250,6 @@ def trust_pickle_option(f: F) -> F:
     )(f)
 
 
-def quiet_option(help: str = "No progress bars.") -> Callable[[F], F]:
+def quiet_option(help: str = "No progress output (errors and the result are still printed).") -> Callable[[F], F]:
     """`--quiet`."""
     return click.option("--quiet", is_flag=True, help=help)

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from aml.commands._options import trust_pickle_option
+from aml.commands._options import quiet_option, trust_pickle_option
 from aml.errors import UserError
 
 
@@ -26,6 +26,7 @@ def command() -> None:
 @click.option("--distractors", default=16, show_default=True, help="Database-only distractor landmarks.")
 @click.option("--seed", default=0, show_default=True, help="Everything is a function of the seed.")
 @click.option("--size", default=256, show_default=True, help="Longest image side in pixels.")
+@quiet_option("No progress lines (the result line is still printed).")
 def synth(
     out: str,
     landmarks: int,
@@ -37,6 +38,7 @@ def synth(
     distractors: int,
     seed: int,
     size: int,
+    quiet: bool,
 ) -> None:
     """Write a synthetic landmarks set: SfM-format training data + a revisitop-layout test set (`synth`)."""
     from aml.data.synth import SYNTH_NAME, SynthConfig, generate_synth
@@ -53,7 +55,7 @@ def synth(
         seed=seed,
     )
     t0 = time.time()
-    path = generate_synth(out, cfg, progress=True)
+    path = generate_synth(out, cfg, progress=not quiet)
     click.echo(
         f"wrote {path} in {time.time() - t0:.1f} s: train with --data synth:{path}, "
         f"evaluate with --dataset {SYNTH_NAME} --data-root {path}"

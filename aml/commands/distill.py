@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from aml.commands._options import device_callback, quiet_option, trust_pickle_option
+from aml.commands._options import device_callback, quiet_option, threads_option, trust_pickle_option
 from aml.io import atomic_write
 from aml.train.config import CHOICES, MINIMUMS, PRESETS, TrainConfig
 
@@ -157,6 +157,7 @@ def given_fields(ctx: click.Context) -> frozenset[str]:
     default=None,
     help="Also train the no-teacher (sym) student and compare (default: on for the demo).",
 )
+@threads_option
 @quiet_option()
 @trust_pickle_option
 def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | None, quiet: bool, **opts: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aml.commands._options import image_options, images_options, out_option, read_images
+from aml.commands._options import image_options, images_options, out_option, read_images, threads_option
 
 
 @click.command("embed")
@@ -17,7 +17,7 @@ from aml.commands._options import image_options, images_options, out_option, rea
 )
 @images_options
 @image_options(size_help="Longest side in pixels (default: the sidecar's).")
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: its own).")
+@threads_option
 @out_option("Output .npy, float32 (N, D).", required=True)
 def command(
     model_path: str,
@@ -25,7 +25,6 @@ def command(
     bbx: str | None,
     image_size: int | None,
     scales: tuple[float, ...],
-    threads: int | None,
     out: str,
 ) -> None:
     """Embed the images of a list into OUT (rows in list order, L2-normalised), torch-free."""
@@ -37,7 +36,7 @@ def command(
     from aml.onnx_embed import OnnxEncoder
 
     paths, bbxs = read_images(images, bbx)
-    enc = OnnxEncoder(model_path, threads=threads)
+    enc = OnnxEncoder(model_path)
     vecs = enc.embed(paths, image_size=image_size, scales=scales, bbxs=bbxs)
     with atomic_write(out, "wb") as f:
         np.save(f, vecs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aml.commands._options import out_option, quiet_option, trust_pickle_option, whiten_option
+from aml.commands._options import out_option, quiet_option, threads_option, trust_pickle_option, whiten_option
 from aml.errors import UserError
 from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
 
@@ -49,6 +49,7 @@ from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
     show_default=True,
     help="Calibration images drawn (seeded) from the list.",
 )
+@threads_option
 @quiet_option("Print only the result line.")
 @trust_pickle_option
 def command(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aml.commands._options import image_options, images_options, read_images
+from aml.commands._options import image_options, images_options, read_images, threads_option
 
 
 @click.command("search")
@@ -17,6 +17,7 @@ from aml.commands._options import image_options, images_options, read_images
 @click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched (default: the manifest's).")
 @click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
 @click.option("--device", default="auto", show_default=True, help="Query extraction device (torch encoders).")
+@threads_option
 @click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
 @click.option("--show", type=click.Path(dir_okay=False), help="Also draw the results: a .png or .html file.")

@@ -20,7 +20,7 @@ from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import TMP_TAG, aml_home, atomic_write, check_writable_dir, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
-from aml.progress import Progress
+from aml.progress import progress_bar, write_line
 from aml.registry import create_model, load_into, model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
@@ -384,7 +384,15 @@ class Trainer:
         )
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", "step", self.progress and self.dist.main)
+        bar = progress_bar(
+            len(batches),
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            "step",
+            enabled=self.progress and self.dist.main,
+            terminal_only=True,
+            position=1,
+            leave=False,
+        )
         total, n_images, t1 = 0.0, 0, time.perf_counter()
         for step, (b, imgs) in enumerate(zip(batches, loader, strict=True)):
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
@@ -398,10 +406,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             total += float(loss.detach())
             n_images += len(imgs)
-            bar.update(
-                postfix=f"loss {total / (step + 1):.4f} lr {self.optimizer.param_groups[0]['lr']:.2e}"
-                f" {n_images / (time.perf_counter() - t1):.1f} img/s"
+            bar.set_postfix_str(
+                f"loss {total / (step + 1):.4f} lr {self.optimizer.param_groups[0]['lr']:.2e}"
+                f" {n_images / (time.perf_counter() - t1):.1f} img/s",
+                refresh=False,
             )
+            bar.update()
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -435,6 +445,14 @@ class Trainer:
         cfg = self.cfg
         if self.dist.main:
             write_json(self.run_dir / "config.json", cfg.to_dict())
+        epochs = progress_bar(
+            cfg.epochs,
+            "distill",
+            "epoch",
+            enabled=self.progress and self.dist.main,
+            terminal_only=True,
+            initial=self.start_epoch,
+        )
         try:
             if self.start_epoch == 0 and self.dist.main:
                 self._log_start()
@@ -449,8 +467,10 @@ class Trainer:
                 if self.dist.main:
                     save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
                     self._log(stats)
+                epochs.update()
                 self.dist.barrier()
         finally:
+            epochs.close()
             shutdown(self.dist)
         return self.run_dir
 
@@ -483,7 +503,7 @@ class Trainer:
                     )
             if ev:
                 line += f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, sym mAP M {ev['student']['mAP']['M']:.2f}"
-            print(line, flush=True)
+            write_line(line)
 
 
 def distill(
