@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from aml.cache import DEFAULT_DTYPE
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
 from aml.io import aml_home
-from aml.scoring import KAPPAS, score_rankings, summary
+from aml.scoring import KAPPAS, ProtocolScores, score_rankings, summary
 from aml.search import search
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
@@ -83,6 +84,16 @@ def check_features(
             )
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What one evaluation ranked: (Q, k) database positions (imlist, then distractors) and their scores, best
+    first, and the per-query scores of each protocol (`scores['M'].ap`: (Q,) AP, NaN without positives)."""
+
+    ids: np.ndarray
+    sims: np.ndarray
+    scores: dict[str, ProtocolScores]
+
+
 def evaluate_features(
     dataset: Revisitop,
     db: np.ndarray,
@@ -93,12 +104,14 @@ def evaluate_features(
     device: str = "auto",
     check_unit: bool = False,
     names: tuple[str, str, str] = ("database features", "query features", "distractor features"),
-) -> dict[str, Any]:
+    return_ranking: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], Ranking]:
     """mAP and mP@k (x100) of `queries` (qimlist order) against `db` (imlist order) + optional distractors.
 
     Returns {"dataset", "mAP": {E, M, H}, "mP@k": {"k", E, M, H}}, plus "topk" and "mAP_max" when the ranking
-    is truncated. Shapes and finiteness are checked (UserError naming `names`), and unit norms too with
-    `check_unit` (for feature files; a network's L2N leaves near-zero vectors, e.g. at random init, shorter).
+    is truncated; with `return_ranking`, (that, its `Ranking`). Shapes and finiteness are checked (UserError
+    naming `names`), and unit norms too with `check_unit` (for feature files; a network's L2N leaves near-zero
+    vectors, e.g. at random init, shorter).
     """
     kw = dict(unit=check_unit)
     check_features(db, len(dataset.imlist), f"{names[0]} ({dataset.name} imlist order)", **kw)
@@ -110,13 +123,13 @@ def evaluate_features(
     k = default_topk(n_db) if topk is None else min(int(topk), n_db)
     if k < 1:
         raise UserError(f"topk={topk}: the ranking depth must be at least 1")
-    ranks = search(parts, queries, k, device=device)
+    ranks, sims = search(parts, queries, k, device=device, return_scores=True)
     scores = score_rankings(ranks, dataset.gnd, n_db, KAPPAS)
     out: dict[str, Any] = {"dataset": dataset.name, **summary(scores, KAPPAS)}
     if k < n_db:
         out["topk"] = k
         out["mAP_max"] = {p: 100 * s.map_max for p, s in scores.items()}
-    return out
+    return (out, Ranking(ranks, sims, scores)) if return_ranking else out
 
 
 def format_table(results: Mapping[str, Any], *, title: str | None = None, layout: str = "columns") -> str:
@@ -201,7 +214,7 @@ def _teacher_rows(
     out = {}
     if "teacher" in rows:
         t_q = _whiten(t.get(dataset.query_paths(), dataset.bbxs), lw)
-        out["teacher"] = score(t_db, t_q, distractors=t_dis)
+        out["teacher"] = score("teacher", t_db, t_q, distractors=t_dis)
     return out, t_db, t_dis
 
 
@@ -224,7 +237,7 @@ def _student_rows(
     out: dict[str, Any] = {}
     s_q = extract(s_net, dataset.query_paths(), settings, bbxs=dataset.bbxs)
     if "asymmetric" in rows:
-        out["asymmetric"] = score(t_db, _whiten(s_q, lw), distractors=t_dis)
+        out["asymmetric"] = score("asymmetric", t_db, _whiten(s_q, lw), distractors=t_dis)
     own = None
     if "student" in rows:
         lw_s = lw
@@ -232,7 +245,7 @@ def _student_rows(
             lw_s = own = Lw.from_meta(s_net.meta, settings.multiscale, lw.key)
         s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
         s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
-        out["student"] = score(s_db, _whiten(s_q, lw_s), distractors=s_dis)
+        out["student"] = score("student", s_db, _whiten(s_q, lw_s), distractors=s_dis)
     return out, None if own is None else own.name
 
 
@@ -251,7 +264,8 @@ def evaluate_models(
     topk: int | None = None,
     distractors: Sequence[str] | None = None,
     rows: Sequence[str] = ROWS,
-) -> dict[str, Any]:
+    return_rankings: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Ranking]]:
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
@@ -261,7 +275,8 @@ def evaluate_models(
     $AML_HOME/cache) stored as `cache_dtype`, so a second student costs only its own extraction. `whiten` (a
     `--whiten` value: `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to
     the teacher and asymmetric rows (both sides) and to the student row unless the student carries its own Lw
-    of the same name. Returns {"dataset", "settings", row: evaluate_features(..)}.
+    of the same name. Returns {"dataset", "settings", row: evaluate_features(..)}; with `return_rankings`,
+    (that, {row: its Ranking}).
     """
     from aml.registry import create_model
 
@@ -279,8 +294,15 @@ def evaluate_models(
     if lw is not None:
         info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
 
-    def score(db: np.ndarray, q: np.ndarray, distractors: np.ndarray | None) -> dict[str, Any]:
-        return evaluate_features(dataset, db, q, topk=topk, distractors=distractors, device=settings.device)
+    rankings: dict[str, Ranking] = {}  # kept only when asked for (a full ranking is (Q, N_db))
+
+    def score(row: str, db: np.ndarray, q: np.ndarray, distractors: np.ndarray | None) -> dict[str, Any]:
+        result, ranking = evaluate_features(
+            dataset, db, q, topk=topk, distractors=distractors, device=settings.device, return_ranking=True
+        )
+        if return_rankings:
+            rankings[row] = ranking
+        return result
 
     out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
     found, t_db, t_dis = _teacher_rows(dataset, t, lw, distractors, rows, score)
@@ -298,4 +320,5 @@ def evaluate_models(
         out.update(found)
         if own is not None:
             info["Lw"] += f", student's own {own} on the student row"
-    return {k: out[k] for k in ("dataset", "settings", *ROWS) if k in out}
+    out = {k: out[k] for k in ("dataset", "settings", *ROWS) if k in out}
+    return (out, rankings) if return_rankings else out

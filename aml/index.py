@@ -16,6 +16,10 @@ Types: `flat` (IndexFlatIP, float32), `flat16` (IndexScalarQuantizer QT_fp16, in
 IndexBinaryFlat). A binary index is searched **asymmetrically** by float queries: each code is reconstructed
 as +-1 and scored by inner product / sqrt(D) (exact, blockwise); `search(..., hamming=True)` binarises the
 queries and uses faiss's Hamming search instead (score = 1 - 2 * hamming / D).
+
+Search runs on the CPU, or with faiss-gpu on the GPUs `search_gpus` picks for `device` (auto | cpu | cuda |
+cuda:N; several GPUs shard the index), the copy made by `aml.faiss_gpu.to_gpu`. The compatibility of a query
+encoder with an index is `aml.identity.check_compatible` against `index_identity(manifest)`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -33,14 +38,16 @@ from typing import Any
 import numpy as np
 
 from aml.errors import UserError
+from aml.faiss_gpu import MAX_K, gpu_count, parse_device, to_gpu
+from aml.identity import check_compatible
 from aml.io import TMP_TAG, atomic_write, host_tag, pid_alive, write_json
 
 FORMAT = "aml-index"
 VERSION = 1
 KINDS = ("flat", "flat16", "ivfpq", "binary")
 MANIFEST = "manifest.json"
-IDENTITY_FIELDS = ("name", "sha256", "dim", "image_size", "whitening")  # what the compatibility check compares
 BLOCK = 65536  # rows converted / added at a time
+TRAIN_PER_LIST = 64  # ivfpq k-means points per centroid, coarse lists and PQ codes (faiss: 39 to 256)
 
 
 def _faiss():
@@ -83,10 +90,52 @@ def _empty(kind: str, dim: int, params: dict[str, int]) -> Any:
         )
         index.own_fields = True
         quantizer.this.disown()
+        index.cp.max_points_per_centroid = index.pq.cp.max_points_per_centroid = TRAIN_PER_LIST  # k-means samples
         return index
     if kind == "binary":
         return faiss.IndexBinaryFlat(8 * math.ceil(dim / 8))
     raise UserError(f"--type {kind}: expected one of {', '.join(KINDS)}")
+
+
+def search_gpus(kind: str, device: str, topk: int, *, hamming: bool, n_gpus: int) -> tuple[list[int] | None, str]:
+    """Which GPUs faiss searches a `kind` index on (None: the CPU) and, when auto stays on the CPU for a reason
+    worth saying, that reason. `device`: cpu; auto (faiss-gpu on every GPU it sees when present, else the CPU);
+    cuda (every GPU) or cuda:N (that one), a UserError when faiss-gpu cannot. flat, flat16 and ivfpq go to the
+    GPUs (sharded over several); binary only for --hamming (on one GPU: float queries are scored on the CPU);
+    top-k beyond faiss-gpu's MAX_K stays on the CPU."""
+    want = parse_device(device)
+    if want == "cpu":
+        return None, ""
+    auto, where = want == "auto", f"--search-device {device}"
+    if n_gpus == 0:
+        if auto:
+            return None, ""
+        raise UserError(f"{where}: faiss sees no GPU (needs faiss-gpu, the gpu extra); use --search-device cpu")
+    why = ""
+    if kind == "binary" and not hamming:
+        why = "a binary index is scored against float queries on the CPU (--hamming searches its codes on a GPU)"
+    elif topk > MAX_K:
+        why = f"top {topk} is beyond faiss-gpu's limit of {MAX_K}"
+    if why:
+        if auto:
+            return None, f"{why}: searching on the CPU"
+        raise UserError(f"{where}: {why}; use --search-device cpu")
+    if isinstance(want, int):
+        if want >= n_gpus:
+            raise UserError(f"{where}: faiss sees {n_gpus} GPU(s) (0..{n_gpus - 1}); pick one of them or cuda")
+        return [want], ""
+    return list(range(1 if kind == "binary" else n_gpus)), ""
+
+
+def _to_gpu(faiss: Any, kind: str, index: Any, gpus: list[int]) -> Any:
+    """The GPU copy of a CPU index of `kind`: flat exact (float32), flat16 decoded into a float16 flat index (one
+    GPU flat type for one or several GPUs), ivfpq with float16 lookup tables, binary on one GPU."""
+    if kind == "flat16":
+        flat = faiss.IndexFlatIP(index.d)
+        for s in range(0, index.ntotal, BLOCK):
+            flat.add(index.reconstruct_n(s, min(BLOCK, index.ntotal - s)))
+        index = flat
+    return to_gpu(faiss, index, gpus, float16=kind in ("flat16", "ivfpq"))
 
 
 def binary_codes(x: np.ndarray) -> np.ndarray:
@@ -103,6 +152,8 @@ class Index:
         self.meta = dict(meta)
         self.dir: Path | None = None
         self.generation = 0
+        self._gpu: tuple[tuple, Any] | None = None  # (key, the GPU copy) once searched on GPUs
+        self.searched_on, self.note = "cpu", ""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -122,26 +173,65 @@ class Index:
             block = vectors[s : s + BLOCK]
             self.faiss_index.add(binary_codes(block) if self.kind == "binary" else _f32(block))
         self.names += list(names)
+        self._gpu = None
 
     def search(
-        self, queries: np.ndarray, topk: int, *, nprobe: int | None = None, hamming: bool = False
+        self,
+        queries: np.ndarray,
+        topk: int,
+        *,
+        nprobe: int | None = None,
+        hamming: bool = False,
+        device: str = "auto",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), both (Q, topk), best first, ties by ascending id; id -1 where fewer hits exist."""
+        """(scores, ids), both (Q, topk), best first, ties by ascending id; id -1 where fewer hits exist.
+
+        `device` (auto | cpu | cuda | cuda:N, see `search_gpus`): where faiss searches; afterwards
+        `self.searched_on` says where it did and `self.note` why auto stayed on the CPU ('' otherwise)."""
         q = _f32(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise UserError(f"queries {q.shape}: the index holds {self.dim}-d vectors; use a compatible encoder")
         k = min(int(topk), len(self))
         if k < 1:
             raise UserError(f"topk {topk}: must be at least 1 (the index holds {len(self)} vectors)")
-        if self.kind == "binary":
-            if hamming:
-                h, i = self.faiss_index.search(binary_codes(q), k)
-                return _tie_sorted(1 - 2 * h.astype(np.float32) / self.dim, i.astype(np.int64))
-            return self._asymmetric_binary(q, k)
         if self.kind == "ivfpq":
             self.faiss_index.nprobe = int(nprobe or self.params.get("nprobe", 1))
-        s, i = self.faiss_index.search(q, k)
+        index = self._searcher(device, k, hamming)
+        if self.kind == "binary":
+            if hamming:
+                h, i = index.search(binary_codes(q), k)
+                return _tie_sorted(1 - 2 * h.astype(np.float32) / self.dim, i.astype(np.int64))
+            return self._asymmetric_binary(q, k)
+        s, i = index.search(q, k)
         return _tie_sorted(s, i.astype(np.int64))
+
+    def gpus_for(self, device: str, topk: int, *, hamming: bool = False) -> tuple[list[int] | None, str]:
+        """`search_gpus` for this index with the GPUs faiss sees (a UserError before any work when the
+        device asked for cannot search it)."""
+        k = min(int(topk), len(self))
+        return search_gpus(self.kind, device, k, hamming=hamming, n_gpus=gpu_count(_faiss()))
+
+    def _searcher(self, device: str, k: int, hamming: bool) -> Any:
+        """The faiss index to search: this one, or its copy on the GPUs `search_gpus` picks (made once per GPU
+        set, size and nprobe); with device auto, an index faiss-gpu refuses stays on the CPU (`self.note`)."""
+        faiss = _faiss()
+        gpus, self.note = self.gpus_for(device, k, hamming=hamming)
+        self.searched_on = "cpu"
+        if gpus is None:
+            return self.faiss_index
+        key = (tuple(gpus), len(self), getattr(self.faiss_index, "nprobe", None))
+        if self._gpu is None or self._gpu[0] != key:
+            self._gpu = None
+            try:
+                self._gpu = (key, _to_gpu(faiss, self.kind, self.faiss_index, gpus))
+            except RuntimeError as e:
+                why = f"faiss-gpu cannot hold this {self.kind} index ({_faiss_reason(e)})"
+                if device != "auto":
+                    raise UserError(f"--search-device {device}: {why}; use --search-device cpu") from None
+                self.note = f"{why}: searching on the CPU"
+                return self.faiss_index
+        self.searched_on = f"cuda:{','.join(map(str, gpus))}" + (" (sharded)" if len(gpus) > 1 else "")
+        return self._gpu[1]
 
     def _asymmetric_binary(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Float queries against +-1 reconstructed codes, exact, block by block."""
@@ -268,6 +358,12 @@ class Index:
             return Lw(z["m"], z["P"], str(self.dir / "whiten.npz"), str(z["key"]), str(z["variant"]))
 
 
+def _faiss_reason(e: Exception) -> str:
+    """The reason in a faiss C++ exception ("Error in FUNC at FILE:LINE: Error: 'COND' failed: REASON")."""
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
+    return re.sub(r"^Error: '.*?' failed: ", "", text)[:160]
+
+
 def _tie_sorted(s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Order candidates by score descending, ties by id ascending; missing hits (id -1) last."""
     s = np.where(i < 0, -np.inf, s).astype(np.float32)
@@ -315,6 +411,35 @@ def read_manifest(d: Path) -> dict[str, Any]:
     return man
 
 
+def train_sample(n: int, params: dict[str, int]) -> np.ndarray:
+    """The sorted rows (seeded) an ivfpq index of n vectors trains on: TRAIN_PER_LIST per inverted list (and per
+    PQ centroid), at most all n (the PQ codebooks take TRAIN_PER_LIST x 2^nbits of their residuals)."""
+    size = min(n, TRAIN_PER_LIST * max(params["nlist"], 2 ** params["nbits"]))
+    return np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+
+
+def trained_index(
+    vectors: np.ndarray,
+    kind: str = "flat",
+    *,
+    meta: dict[str, Any] | None = None,
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int | None = None,
+    nprobe: int | None = None,
+) -> Index:
+    """An empty `Index` of `kind` for (N, D) `vectors` (N sets the ivfpq defaults, `default_params`), an ivfpq
+    one trained on `train_sample` of them; `build_index` then adds them."""
+    if kind not in KINDS:
+        raise UserError(f"--type {kind}: expected one of {', '.join(KINDS)}")
+    n, dim = vectors.shape
+    params = default_params(kind, n, dim, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
+    faiss_index = _empty(kind, dim, params)
+    if kind == "ivfpq":
+        faiss_index.train(_f32(vectors[train_sample(n, params)]))
+    return Index(faiss_index, kind, dim, [], {**(meta or {}), "params": params})
+
+
 def build_index(
     vectors: np.ndarray,
     kind: str = "flat",
@@ -326,57 +451,17 @@ def build_index(
     nbits: int | None = None,
     nprobe: int | None = None,
 ) -> Index:
-    """An in-memory `Index` of (N, D) vectors (ids = row positions; names default to '0', '1', ...)."""
-    if kind not in KINDS:
-        raise UserError(f"--type {kind}: expected one of {', '.join(KINDS)}")
-    n, dim = vectors.shape
-    params = default_params(kind, n, dim, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
-    faiss_index = _empty(kind, dim, params)
-    if kind == "ivfpq":
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(n, min(n, max(100 * params["nlist"], 65536)), replace=False))
-        faiss_index.train(_f32(vectors[sample]))
-    out = Index(faiss_index, kind, dim, [], {**(meta or {}), "params": params})
-    out.add(vectors, [str(i) for i in range(n)] if names is None else list(names))
+    """An in-memory `Index` of (N, D) vectors (ids = row positions; names default to '0', '1', ...): the
+    `trained_index` of them, with them added."""
+    out = trained_index(vectors, kind, meta=meta, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
+    out.add(vectors, [str(i) for i in range(vectors.shape[0])] if names is None else list(names))
     return out
 
 
 # ---------------------------------------------------------------------------------------- compatibility
-def identity_mismatch(query: dict[str, Any], index: dict[str, Any]) -> list[str]:
-    """The identity fields (IDENTITY_FIELDS) on which a query encoder and an index differ (the one comparison;
-    a weights hash of None falls back to the weights label)."""
-    diff = []
-    for f in IDENTITY_FIELDS:
-        a, b = query.get(f), index.get(f)
-        if f == "sha256" and (a is None or b is None):
-            a, b = query.get("weights"), index.get("weights")
-        if a != b:
-            diff.append(f)
-    return diff
-
-
-def describe(identity: dict[str, Any]) -> str:
-    """One-line text of an identity: name, weights hash, dim, image size, whitening."""
-    sha = identity.get("sha256") or identity.get("weights")
-    w = identity.get("whitening") or "no whitening"
-    size = identity.get("image_size")
-    return f"{identity.get('name')} (weights {str(sha)[:12]}, {identity.get('dim')}-d, {size} px, {w})"
-
-
 def index_identity(man: dict[str, Any]) -> dict[str, Any]:
-    """The identity an index was built with (from its manifest / meta)."""
+    """The identity an index was built with (from its manifest / meta), for `aml.identity.check_compatible`."""
     return {**man["teacher"], "image_size": man.get("image_size"), "whitening": man.get("whitening")}
-
-
-def check_compatible(query: dict[str, Any], index: dict[str, Any], *, force: bool, what: str, where: str) -> str:
-    """'' when compatible; with `force` a warning line; else a UserError naming both identities."""
-    diff = identity_mismatch(query, index)
-    if not diff:
-        return ""
-    text = f"{what} is for {describe(query)}, but {where} holds {describe(index)} (differ: {', '.join(diff)})"
-    if not force:
-        raise UserError(f"{text}; use an encoder distilled from that teacher, or --force")
-    return f"warning: --force: searching anyway: {text}"
 
 
 # ---------------------------------------------------------------------------------------- from images
@@ -456,11 +541,13 @@ def add_images(
         random_init=bool(src.get("random_init")),
         dtype=meta.get("cache_dtype") or "float16",
     )
-    if identity_mismatch(t.identity, meta["teacher"]):
-        raise UserError(
-            f"{index.dir}: built with teacher {describe(meta['teacher'])}, but {src.get('teacher')} now is "
-            f"{describe(t.identity)}; pass --teacher-weights with the original weights"
-        )
+    check_compatible(
+        t.identity,
+        meta["teacher"],
+        what=f"teacher {src.get('teacher') or meta['teacher']['name']} now is",
+        where=f"index {index.dir} was built with",
+        fix="pass --teacher-weights with the original weights",
+    )
     x = t.get(paths)
     lw = index.lw()
     index.add(x if lw is None else lw.apply_np(x, dtype=x.dtype), [os.path.abspath(p) for p in paths])

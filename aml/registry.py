@@ -418,33 +418,6 @@ def create_model(
     return net
 
 
-IDENTITY_FIELDS = ("name", "sha256", "dim")  # what must match between a student's recorded teacher and a teacher
-
-
-def check_compatible(student_meta: Mapping[str, Any], teacher: Mapping[str, Any], *, where: str = "student") -> None:
-    """UserError unless the student (its `meta`) was distilled for this teacher (a `model_identity`): the
-    teacher recorded in meta['aml']['teacher'] must match in name, sha256 and dim. A student that records no
-    teacher (not distilled by aml) must at least match the teacher's dim. Used by `aml evaluate` and search."""
-    aml = student_meta.get("aml") if isinstance(student_meta, Mapping) else None
-    recorded = aml.get("teacher") if isinstance(aml, Mapping) else None
-
-    def show(ident: Mapping[str, Any]) -> str:
-        sha = ident.get("sha256")
-        return f"{ident.get('name')} (sha256 {sha[:12] if sha else None}, dim {ident.get('dim')})"
-
-    if not isinstance(recorded, Mapping):
-        dim = aml.get("dim") if isinstance(aml, Mapping) else None
-        if dim is not None and teacher.get("dim") is not None and int(dim) != int(teacher["dim"]):
-            raise UserError(f"{where}: {dim}-d vectors cannot search the {show(teacher)} teacher's database")
-        return
-    diff = [k for k in IDENTITY_FIELDS if recorded.get(k) != teacher.get(k)]
-    if diff:
-        raise UserError(
-            f"{where}: distilled for teacher {show(recorded)}, not for {show(teacher)} ({', '.join(diff)} differ); "
-            "pass the student's own teacher, or --force to evaluate anyway"
-        )
-
-
 def list_models() -> list[dict[str, Any]]:
     """One row per registered backbone: name, roles, output dim, where its weights come from."""
     rows = []

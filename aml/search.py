@@ -5,10 +5,11 @@ be given in parts (e.g. the revisitop images, then a memory-mapped R1M distracto
 one concatenated database without copying. Memory stays bounded: queries go in chunks of `chunk` rows and
 the database in blocks of `block` rows, each block's top-k merged into a running top-k.
 
-Backends, all exact: faiss-gpu (IndexFlatIP on the GPU, when faiss-gpu and a GPU are present and topk <=
-2048), torch-cuda, numpy (BLAS matmul + argpartition), faiss (CPU IndexFlatIP, on request: no faster than
-numpy on this project's 2-core machine, 100k x 2048-d full ranking 1.76 vs 1.63 s;
-benchmarks/eval_speed.py). The result is sorted by descending score, ties broken by ascending database index.
+Backends, all exact: faiss-gpu (IndexFlatIP on the first GPU through `aml.faiss_gpu.to_gpu`, when faiss-gpu
+and a GPU are present and topk <= 2048), torch-cuda, numpy (BLAS matmul + argpartition), faiss (CPU
+IndexFlatIP, on request: no faster than numpy on this project's 2-core machine, 100k x 2048-d full ranking
+1.76 vs 1.63 s; benchmarks/eval_speed.py). The result is sorted by descending score, ties broken by ascending
+database index.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from aml.errors import UserError
+from aml.faiss_gpu import MAX_K, gpu_count, to_gpu
 
-FAISS_GPU_MAX_K = 2048  # faiss GPU k-selection limit
 BLOCK_BYTES = 64 << 20  # database rows converted to float32 at a time
 
 
@@ -52,16 +53,15 @@ def pick_backend(backend: str = "auto", device: str = "auto", topk: int = 1) -> 
             raise UserError(f"search backend '{backend}': expected auto or one of {', '.join(BACKENDS)}")
         if backend.startswith("faiss") and faiss is None:
             raise UserError(f"search backend '{backend}': faiss is not installed; use backend numpy")
+        if backend == "faiss-gpu" and gpu_count(faiss) == 0:
+            raise UserError(f"search backend '{backend}': faiss sees no GPU (needs faiss-gpu); use backend numpy")
+        if backend == "faiss-gpu" and topk > MAX_K:
+            raise UserError(f"search backend '{backend}': topk {topk} > {MAX_K}, its limit; use numpy")
         if backend == "torch-cuda" and not _torch_cuda():
             raise UserError(f"search backend '{backend}': no CUDA device is available; use backend numpy")
         return backend
     if device == "auto":
-        if (
-            faiss is not None
-            and hasattr(faiss, "get_num_gpus")
-            and faiss.get_num_gpus() > 0
-            and topk <= FAISS_GPU_MAX_K
-        ):
+        if gpu_count(faiss) > 0 and topk <= MAX_K:
             return "faiss-gpu"
         return "torch-cuda" if _torch_cuda() else "numpy"
     if device == "cpu":
@@ -129,7 +129,7 @@ def _block_topk_faiss(q: np.ndarray, x: np.ndarray, k: int, gpu: bool) -> tuple[
     faiss = _faiss()
     index = faiss.IndexFlatIP(x.shape[1])
     if gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = to_gpu(faiss, index, [0])  # empty: the block goes straight to the GPU
     index.add(x)
     s, i = index.search(q, min(k, x.shape[0]))
     return s, i.astype(np.int64)

@@ -2,11 +2,15 @@
 
 The database is the real roxford5k ground truth (4993 images, positives leaning towards their 70 queries)
 padded with random distractors to the target size, as benchmarks/eval_speed.py makes it. For each index type:
-build time (train + add), bytes on disk, RSS growth while building and loaded, queries per second (70
-queries, top 100), recall@100 against exact search (flat), and roxford5k mAP (E/M/H, ranking = the top 100).
+train time (ivfpq: k-means of the coarse quantizer and the PQ codebooks on `aml.index.train_sample`) and add
+time (encoding every vector), bytes on disk, RSS growth while building and loaded, queries per second (70
+queries, top 100), recall@100 against exact search (flat, when it runs first), and roxford5k mAP (E/M/H,
+ranking = the top 100). ivfpq uses `aml index build`'s defaults (nlist ~4 sqrt(N): 1264 at 100k, 4000 at 1M;
+m = D/32; 8 bits; trained on 64 points a list) unless --nlist/--m/--nbits/--nprobe are given.
 
-    .venv/bin/python benchmarks/index_speed.py --sizes 100000
-    .venv/bin/python benchmarks/index_speed.py --sizes 1000000 --types flat16,ivfpq,binary   # ~8 GB for flat
+    .venv/bin/python benchmarks/index_speed.py --sizes 100000 --threads 1
+    .venv/bin/python benchmarks/index_speed.py --sizes 1000000 --threads 1 --tmp /big/disk
+    # 1M x 2048: the float16 database 4 GB in memory, flat 8 GB more (and 8 GB on disk under --tmp)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from eval_speed import GND, make_data  # noqa: E402
 
-from aml.index import KINDS, Index, build_index  # noqa: E402
+from aml.index import KINDS, Index, trained_index  # noqa: E402
 from aml.scoring import KAPPAS, score_rankings  # noqa: E402
 from aml.threads import HELP, benchmark_threads  # noqa: E402
 from aml.trust import load_pickle  # noqa: E402
@@ -40,14 +44,19 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run(kind: str, db: np.ndarray, q: np.ndarray, gnd: dict, exact: np.ndarray | None, topk: int, reps: int):
+def run(kind: str, db: np.ndarray, q: np.ndarray, gnd: dict, exact: np.ndarray | None, args: argparse.Namespace):
     """One index type: (row text, its ids)."""
+    topk, reps = args.topk, args.reps
+    params = {k: getattr(args, k) for k in ("nlist", "m", "nbits", "nprobe")}
     r0 = rss_mib()
     t = time.perf_counter()
-    idx = build_index(db, kind, meta={"teacher": {"name": "random-benchmark", "dim": db.shape[1]}})
-    t_build = time.perf_counter() - t
+    idx = trained_index(db, kind, meta={"teacher": {"name": "random-benchmark", "dim": db.shape[1]}}, **params)
+    t_train = time.perf_counter() - t
+    t = time.perf_counter()
+    idx.add(db, [str(i) for i in range(db.shape[0])])
+    t_add = time.perf_counter() - t
     r_built = rss_mib() - r0
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         idx.save(Path(tmp) / "db")
         disk = sum(f.stat().st_size for f in (Path(tmp) / "db").iterdir()) / 2**20
         del idx
@@ -57,16 +66,21 @@ def run(kind: str, db: np.ndarray, q: np.ndarray, gnd: dict, exact: np.ndarray |
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            _, ids = idx.search(q, topk)
+            _, ids = idx.search(q, topk, device=args.device)
             times.append(time.perf_counter() - t)
     qps = q.shape[0] / float(np.median(times))
-    recall = 1.0 if exact is None else np.mean([len(set(a) & set(b)) / topk for a, b in zip(ids, exact, strict=True)])
+    if kind == "flat":
+        recall = "1.000"
+    elif exact is None:
+        recall = "-"
+    else:
+        recall = f"{np.mean([len(set(a) & set(b)) / topk for a, b in zip(ids, exact, strict=True)]):.3f}"
     sc = score_rankings(ids, gnd["gnd"], db.shape[0], KAPPAS)
     m = "/".join(f"{100 * sc[p].map:.2f}" for p in "EMH")
     row = (
-        f"{db.shape[0]:>8} {kind:>7} {t_build:>8.2f} {disk:>9.0f} {r_built:>9.0f} {r_loaded:>9.0f} "
-        f"{qps:>9.1f} {recall:>8.3f}  {m}  {idx.params or ''}"
-    )
+        f"{db.shape[0]:>8} {kind:>7} {t_train:>8.2f} {t_add:>8.2f} {disk:>9.0f} {r_built:>9.0f} {r_loaded:>9.0f} "
+        f"{qps:>9.1f} {recall:>8}  {m}  {idx.params or ''} {idx.searched_on if idx.searched_on != 'cpu' else ''}"
+    ).rstrip()
     return row, ids
 
 
@@ -78,6 +92,12 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help=HELP)
+    ap.add_argument("--nlist", type=int, help="ivfpq inverted lists (default: aml's, ~4 sqrt(N))")
+    ap.add_argument("--m", type=int, help="ivfpq sub-quantizers (default D/32)")
+    ap.add_argument("--nbits", type=int, help="ivfpq bits per code (default 8)")
+    ap.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
+    ap.add_argument("--tmp", help="folder for the saved indexes (default: the system temp folder)")
+    ap.add_argument("--device", default="cpu", help="search device: cpu, auto, cuda, cuda:N (faiss-gpu)")
     args = ap.parse_args()
     import faiss
 
@@ -86,17 +106,17 @@ def main() -> None:
     gnd = load_pickle(GND)
     print(
         f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}, "
-        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}\n{setting}"
+        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}, search on {args.device}\n{setting}"
     )
     print(
-        f"{'N_db':>8} {'type':>7} {'build s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "
+        f"{'N_db':>8} {'type':>7} {'train s':>8} {'add s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "
         f"{'q/s':>9} {'R@100':>8}  mAP E/M/H (top-100 ranking)  params"
     )
     for n in (int(s) for s in args.sizes.split(",")):
         db, q = make_data(gnd, n, args.dim, np.random.default_rng(0), np.float16)
         exact = None
         for kind in args.types.split(","):
-            row, ids = run(kind, db, q, gnd, exact if kind != "flat" else None, args.topk, args.reps)
+            row, ids = run(kind, db, q, gnd, exact, args)
             exact = ids if kind == "flat" else exact
             print(row, flush=True)
     print(f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")

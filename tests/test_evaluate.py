@@ -356,8 +356,13 @@ def test_cli_from_models(tmp_path, run_cli, one_thread):
         "--device",
         "cpu",
     )
-    code, out, err = run_cli(*base, "--row", "teacher", "--row", "asymmetric", "--json", tmp_path / "r.json")
+    code, out, err = run_cli(
+        *base, "--row", "teacher", "--row", "asymmetric", "--json", tmp_path / "r.json", "--show", tmp_path / "r.html"
+    )
     assert code == 0, err
+    assert "r.html: 2 queries of the asymmetric row drawn" in out and "AP " in (tmp_path / "r.html").read_text()
+    code, _, err = run_cli(*base, "--row", "teacher", "--show", tmp_path / "t.png")
+    assert code == 2 and "--show-row asymmetric: not among the rows run (teacher); add --row asymmetric" in err
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"dataset", "settings", "teacher", "asymmetric"}
     for row in ("teacher", "asymmetric"):
@@ -366,6 +371,52 @@ def test_cli_from_models(tmp_path, run_cli, one_thread):
     (tmp_path / "imgs" / "jpg" / "im3.jpg").unlink()
     code, _, err = run_cli(*base)
     assert code == 2 and "1 of 10 images are missing (first: " in err and "im3.jpg" in err
+
+
+# ---- --show: the worst and best queries drawn --------------------------------------------------------------
+
+
+def test_worst_and_best():
+    from aml.show import worst_and_best
+
+    ap = np.array([0.5, np.nan, 0.1, 0.9, 0.3])
+    assert worst_and_best(ap, 2).tolist() == [2, 4, 3, 0]
+    assert worst_and_best(ap, 3).tolist() == [2, 4, 0, 3]  # 4 queries with positives: each drawn once
+    assert worst_and_best(ap, 5).tolist() == [2, 4, 0, 3]
+    assert worst_and_best(np.array([0.2, 0.2, 0.7]), 1).tolist() == [0, 2]  # ties by position
+
+
+def test_cli_show_draws_worst_and_best_from_features(tmp_path, run_cli):
+    from PIL import Image
+
+    ds = image_dataset(tmp_path)
+    _, db, q = tiny(tmp_path / "f")
+    q = unit(q + 0.9 * np.random.default_rng(4).standard_normal(q.shape))
+    np.save(tmp_path / "x.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    ap = evaluate_features(ds, db, q, return_ranking=True)[1].scores["M"].ap
+    base = ["evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--db-features", tmp_path / "x.npy",
+            "--query-features", tmp_path / "q.npy", "--show-n", 1, "--show-k", 4]  # fmt: skip
+    code, out, err = run_cli(*base, "--show", tmp_path / "s.html")
+    assert code == 0, err
+    assert "s.html: 2 queries of the features drawn" in out
+    page = (tmp_path / "s.html").read_text()
+    worst, best = np.argsort(ap)
+    first, second = (page.index(f"AP {100 * ap[i]:.1f} q{i}") for i in (worst, best))
+    assert first < second and page.count("<figure>") == 2 * (1 + 4)
+    assert run_cli(*base, "--show", tmp_path / "s.png")[0] == 0
+    img = np.asarray(Image.open(tmp_path / "s.png"))
+    for colour in ((0, 170, 0), (210, 0, 0)):  # positive and negative frames
+        assert (img == colour).all(-1).sum() > 0
+    for extra, msg in [
+        (("--show", tmp_path / "s.txt"), "expected a .png or .html file"),
+        (("--show", tmp_path / "s.png", "--show-row", "student"), "--show-row: only for --teacher/--student"),
+    ]:
+        code, _, err = run_cli(*base, *extra)
+        assert code == 2 and msg in err and err.count("\n") == 1, err
+    (tmp_path / "imgs" / "jpg" / "im3.jpg").unlink()
+    code, _, err = run_cli(*base, "--show", tmp_path / "s.png")
+    assert code == 2 and "im3.jpg" in err
 
 
 @pytest.mark.parametrize(

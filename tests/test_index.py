@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, shared_path
+from fake_faiss import gpu_faiss
 
 from aml import index as aml_index
 from aml.errors import UserError
@@ -92,12 +93,92 @@ def test_bad_index_dirs_are_one_line(tmp_path):
 
 
 def test_identity_mismatch_names_the_fields():
-    a = {"name": "rn101", "sha256": "aa", "dim": 2048, "image_size": 1024, "whitening": None}
-    assert aml_index.identity_mismatch(a, dict(a)) == []
-    assert aml_index.identity_mismatch({**a, "sha256": "bb", "image_size": 362}, a) == ["sha256", "image_size"]
-    with pytest.raises(UserError, match=r"\(differ: dim\); use an encoder distilled"):
-        aml_index.check_compatible({**a, "dim": 512}, a, force=False, what="encoder s", where="DB")
-    assert "--force" in aml_index.check_compatible({**a, "dim": 512}, a, force=True, what="s", where="DB")
+    from aml.identity import check_compatible, describe, mismatch
+
+    a = {"name": "rn101", "weights": "w.pth", "sha256": "aa", "dim": 2048, "image_size": 1024, "whitening": None}
+    assert mismatch(a, dict(a)) == []
+    assert mismatch({**a, "sha256": "bb", "image_size": 362}, a) == ["sha256", "image_size"]
+    random = {**a, "sha256": None, "weights": "random-init"}
+    assert mismatch(random, dict(random)) == [] and mismatch(random, a) == ["sha256"]
+    kw = dict(what="encoder s is for", where="index DB holds", fix="use another encoder")
+    with pytest.raises(UserError, match=r"holds rn101 \(sha256 aa, 2048-d, 1024 px, no whitening\) \(differ: dim\); u"):
+        check_compatible({**a, "dim": 512}, a, force=False, **kw)
+    assert "warning: --force" in check_compatible({**a, "dim": 512}, a, force=True, **kw)
+    assert check_compatible(a, dict(a), force=False, **kw) == ""
+    assert describe({"dim": 512}) == "512-d vectors"
+
+
+# ------------------------------------------------------------------------------------------------ faiss-gpu
+def test_search_gpus_picks_the_device():
+    from aml.index import search_gpus
+
+    def pick(kind="flat", device="auto", k=10, hamming=False, n=2):
+        return search_gpus(kind, device, k, hamming=hamming, n_gpus=n)
+
+    assert pick(n=0) == (None, "") and pick(device="cpu") == (None, "")
+    assert pick() == ([0, 1], "") and pick("flat16") == ([0, 1], "") and pick("ivfpq", n=1) == ([0], "")
+    assert pick(device="cuda") == ([0, 1], "") and pick(device="cuda:1") == ([1], "")
+    assert pick("binary", hamming=True) == ([0], "")  # binary codes: one GPU
+    gpus, note = pick("binary")
+    assert gpus is None and "scored against float queries on the CPU" in note
+    gpus, note = pick(k=3000)
+    assert gpus is None and "beyond faiss-gpu's limit of 2048" in note
+    for kw, match in [
+        (dict(device="cuda", n=0), "faiss sees no GPU"),
+        (dict(device="cuda:2"), "sees 2 GPU"),
+        (dict(device="cuda", k=3000), "limit of 2048"),
+        (dict(device="cuda", kind="binary"), "--hamming"),
+        (dict(device="gpu"), "expected auto, cpu, cuda"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            pick(**kw)
+
+
+def test_gpu_search_shards_and_equals_cpu(monkeypatch):
+    db, q = unit(500, 64, 20), unit(9, 64, 21)
+    indexes = {kind: build_index(db, kind, nlist=4, m=8, nbits=6) for kind in ("flat", "flat16", "ivfpq")}
+    cpu = {kind: idx.search(q, 20, device="cpu") for kind, idx in indexes.items()}
+    fake = gpu_faiss(monkeypatch, 2)
+    for kind, idx in indexes.items():
+        s, i = idx.search(q, 20)  # auto: faiss-gpu is present
+        assert idx.searched_on == "cuda:0,1 (sharded)" and idx.note == ""
+        assert np.array_equal(i, cpu[kind][1]) and np.allclose(s, cpu[kind][0], atol=1e-5), kind
+    flat16 = "IndexFlatIP"  # flat16 is decoded into a flat index: one GPU type, shardable
+    assert fake.calls == [
+        ("multi", (0, 1), True, False, "IndexFlatIP"),
+        ("multi", (0, 1), True, True, flat16),
+        ("multi", (0, 1), True, True, "IndexIVFPQ"),
+    ]
+    indexes["flat"].search(q, 5)
+    assert len(fake.calls) == 3  # the GPU copy is kept
+    indexes["flat"].add(unit(3, 64, 22), ["x", "y", "z"])
+    indexes["flat"].search(q, 5, device="cuda:1")
+    indexes["ivfpq"].search(q, 5, nprobe=2)  # another nprobe: a new copy with it
+    assert fake.calls[3:] == [("one", (1,), None, False, "IndexFlatIP"), ("multi", (0, 1), True, True, "IndexIVFPQ")]
+    binary = build_index(db, "binary")
+    want = binary.search(q, 10, hamming=True, device="cpu")
+    got = binary.search(q, 10, hamming=True)
+    assert fake.calls[-1] == ("binary", None, None, None, "IndexBinaryFlat") and binary.searched_on == "cuda:0"
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    binary.search(q, 10)
+    assert binary.searched_on == "cpu" and "float queries" in binary.note
+
+
+def test_gpu_refusal_falls_back_on_auto_only(monkeypatch):
+    db, q = unit(300, 64, 23), unit(4, 64, 24)
+    idx = build_index(db, "ivfpq", nlist=4, m=8, nbits=6)
+    want = idx.search(q, 10, device="cpu")
+    gpu_faiss(monkeypatch, 1, fail="Bits per code must be 8 (passed 6)")
+    got = idx.search(q, 10)
+    assert idx.searched_on == "cpu" and idx.note == (
+        "faiss-gpu cannot hold this ivfpq index (Bits per code must be 8 (passed 6)): searching on the CPU"
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(UserError, match=r"--search-device cuda: faiss-gpu cannot hold this ivfpq index \(Bits"):
+        idx.search(q, 10, device="cuda")
+    gpu_faiss(monkeypatch, 0)
+    idx.search(q, 10)
+    assert idx.searched_on == "cpu" and idx.note == ""  # no GPU: the CPU, nothing to say
 
 
 # ------------------------------------------------------------------------------------------------ UKBench, CLI
@@ -195,6 +276,9 @@ def test_compatibility_check_refuses_and_force_accepts(ukbench, tmp_path, home, 
     base = ["search", "--index", tmp_path / "db", "--images", ukbench / "q.txt", "--device", "cpu", "--topk", 3]
     code, out, err = run_cli(*base, "--encoder", good, "--out", tmp_path / "g.jsonl", env=env)
     assert code == 0, err
+    assert "top 3 of 40 (flat, cpu)" in out  # no faiss-gpu here: auto searches on the CPU
+    code, _, err = run_cli(*base, "--encoder", good, "--search-device", "cuda", "--out", tmp_path / "c.jsonl", env=env)
+    assert code == 2 and "--search-device cuda: faiss sees no GPU" in err and not (tmp_path / "c.jsonl").exists()
     code, out, err = run_cli(*base, "--encoder", bad, "--out", tmp_path / "b.jsonl", env=env)
     assert code == 2 and err.startswith("error: encoder") and "rn101" in err and "lite2" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b.jsonl").exists()

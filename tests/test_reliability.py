@@ -17,8 +17,8 @@ from aml import trust
 from aml.data.revisitop import write_revisitop
 from aml.data.synth import generate_synth
 from aml.errors import UserError
+from aml.identity import check_compatible, recorded_teacher
 from aml.io import TMP_TAG, atomic_write, host_tag, temp_dir
-from aml.registry import check_compatible
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill
@@ -295,13 +295,19 @@ def test_export_writes_the_sidecar_before_the_model(monkeypatch):
 # ------------------------------------------------------------------------------------------- teacher pairs
 def test_check_compatible_names_both_identities():
     t = {"name": "rn101", "weights": "w.pth", "sha256": "a" * 64, "dim": 2048}
-    check_compatible({"aml": {"teacher": dict(t)}}, t)
+
+    def check(meta):
+        have, fields = recorded_teacher(meta)
+        return check_compatible(have, t, what="s.pt was distilled for", where="--teacher is", fix="fix", fields=fields)
+
+    assert check({"aml": {"teacher": dict(t)}}) == ""
     for change in ({"sha256": "b" * 64}, {"name": "lite2"}, {"dim": 1280}):
-        with pytest.raises(UserError, match=r"distilled for teacher .* not for rn101 \(sha256 aaaaaaaaaaaa"):
-            check_compatible({"aml": {"teacher": {**t, **change}}}, t)
-    check_compatible({"aml": {"dim": 2048}}, t)  # records no teacher: the dim must fit
-    with pytest.raises(UserError, match="512-d vectors"):
-        check_compatible({"aml": {"dim": 512}}, t)
+        with pytest.raises(UserError, match=r"distilled for .*, but --teacher is rn101 \(sha256 aaaaaaaaaaaa, 2048-d"):
+            check({"aml": {"teacher": {**t, **change}}})
+    assert check({"aml": {"dim": 2048}}) == ""  # records no teacher: the dim must fit
+    with pytest.raises(UserError, match="for 512-d vectors, but"):
+        check({"aml": {"dim": 512}})
+    assert check({}) == ""  # nothing recorded: nothing to check
 
 
 def test_evaluate_refuses_a_student_of_another_teacher(tmp_path, run_cli):
@@ -311,9 +317,23 @@ def test_evaluate_refuses_a_student_of_another_teacher(tmp_path, run_cli):
     student = tmp_path / "student.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": meta}, student)
     args = ["evaluate", "--dataset", "tiny", "--data-root", tmp_path, "--teacher", "resnet18", "--random-init"]
-    one_line(run_cli(*args, "--student", student), "distilled for teacher lite2", "not for resnet18", "--force")
+    one_line(run_cli(*args, "--student", student), "distilled for teacher lite2", "--teacher is resnet18", "--force")
     code, _, err = run_cli(*args, "--student", student, "--force")
     assert "warning:" in err and "distilled for teacher lite2" in err and "Traceback" not in err
+
+
+def test_export_gate_refuses_a_teacher_other_than_the_recorded_one(tmp_path, monkeypatch):
+    """The retrieval gate's database is the teacher the student records; a changed weights file is refused."""
+    from aml.export.pipeline import default_verify_data
+    from aml.registry import model_identity
+
+    _tiny_dataset(tmp_path)
+    for name in ("a", "b", "c", "q"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "tiny" / "jpg" / f"{name}.jpg")
+    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
+    recorded = {**model_identity("lite2"), "sha256": "0" * 64}
+    with pytest.raises(UserError, match=r"s.pt: distilled for teacher lite2 \(sha256 000000000000.*found now is lite2"):
+        default_verify_data({}, str(tmp_path / "tiny"), recorded, 32, None, "s.pt")
 
 
 # ------------------------------------------------------------------------------------------- temp folders

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_faiss import gpu_faiss
 
 from aml.errors import UserError
 from aml.search import pick_backend, search
@@ -91,3 +92,19 @@ def test_unavailable_cuda_is_a_user_error(data, monkeypatch):
         search(db, q, 5, device="cuda")
     with pytest.raises(UserError, match="torch-cuda"):
         search(db, q, 5, backend="torch-cuda")
+
+
+def test_faiss_gpu_backend_through_the_one_gpu_helper(data, monkeypatch):
+    import aml.search
+
+    monkeypatch.setattr(aml.search, "_torch_cuda", lambda: False)
+    db, q = data
+    with pytest.raises(UserError, match="faiss-gpu.*sees no GPU"):
+        pick_backend("faiss-gpu")
+    fake = gpu_faiss(monkeypatch, 1)
+    assert pick_backend() == "faiss-gpu" and pick_backend(topk=2049) == "numpy"
+    with pytest.raises(UserError, match="topk 2049 > 2048"):
+        pick_backend("faiss-gpu", topk=2049)
+    got = search(db, q, 17, block=300)
+    np.testing.assert_array_equal(got, brute(db, q, 17))
+    assert fake.calls == [("one", (0,), None, False, "IndexFlatIP")] * 3  # one per database block, GPU 0

@@ -52,8 +52,9 @@ def _from_features(
     cache_dtype: str | None,
     topk: int | None,
     device: str,
-) -> tuple[dict[str, Any], int]:
-    """Scores of feature files (float16 storage of the database with --cache-dtype float16)."""
+) -> tuple[dict[str, Any], int, Any]:
+    """Scores of feature files (float16 storage of the database with --cache-dtype float16), the number of
+    distractors and the ranking (an aml.evaluate.Ranking)."""
     from aml.evaluate import evaluate_features, load_features
 
     db = load_features(db_features, "database features")
@@ -62,7 +63,7 @@ def _from_features(
     if cache_dtype == "float16":
         db = np.asarray(db, dtype=np.float16)
         dis = None if dis is None else np.asarray(dis, dtype=np.float16)
-    result = evaluate_features(
+    result, ranking = evaluate_features(
         ds,
         db,
         q,
@@ -71,31 +72,39 @@ def _from_features(
         device=device,
         check_unit=True,
         names=(db_features, query_features, distractor_features or ""),
+        return_ranking=True,
     )
-    return result, 0 if dis is None else dis.shape[0]
+    return result, 0 if dis is None else dis.shape[0], ranking
 
 
 def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_init: bool, force: bool) -> None:
     """Before any work: a student checkpoint distilled for another teacher is refused (`--force`: a warning)."""
-    from aml.registry import check_compatible, list_models, model_identity, read_torch_file
+    from aml.identity import check_compatible, recorded_teacher
+    from aml.registry import list_models, model_identity, read_torch_file
 
     if student in {m["name"] for m in list_models()} or not Path(student).is_file():
         return  # a registered backbone records no teacher; a missing file is reported when the student loads
     ident = model_identity(teacher, teacher_weights, random_init, weights_option="--teacher-weights")
     obj = read_torch_file(student)
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    try:
-        check_compatible(meta if isinstance(meta, dict) else {}, ident, where=f"--student {student}")
-    except UserError as e:
-        if not force:
-            raise
-        click.echo(f"warning: {e} (--force given: evaluating anyway)", err=True)
+    have, fields = recorded_teacher(obj.get("meta") if isinstance(obj, dict) else None)
+    warning = check_compatible(
+        have,
+        ident,
+        what=f"--student {student} was distilled for teacher",
+        where="--teacher is",
+        fix="pass the student's own teacher",
+        force=force,
+        fields=fields,
+    )
+    if warning:
+        click.echo(warning, err=True)
 
 
 def _from_models(
     ds: Any, teacher: str | None, student: str | None, distractors: str | None, force: bool = False, **kw: Any
 ):
-    """Teacher / student / asymmetric scores of two models (teacher vectors through the cache)."""
+    """Teacher / student / asymmetric scores of two models (teacher vectors through the cache), the distractor
+    paths, and the rankings of the rows when `return_rankings` (else {})."""
     from aml.data.images import read_image_list
     from aml.evaluate import evaluate_models
 
@@ -103,7 +112,27 @@ def _from_models(
         raise UserError("--teacher and --student go together (the asymmetric setting needs both)")
     _check_pair(teacher, kw["teacher_weights"], student, kw["random_init"], force)
     dis_paths = read_image_list(distractors, "distractor list") if distractors else []
-    return evaluate_models(ds, teacher, student, distractors=dis_paths, **kw), len(dis_paths)
+    out = evaluate_models(ds, teacher, student, distractors=dis_paths, **kw)
+    result, rankings = out if kw.get("return_rankings") else (out, {})
+    return result, rankings, dis_paths
+
+
+def _check_show(show: str | None, ds: Any, row: str | None, rows: tuple[str, ...], features: bool, dis: Any) -> str:
+    """Before any work: the --show file and what it draws (the row; every database item needs its image)."""
+    from aml.io import check_writable_file
+
+    if show is None:
+        return ""
+    if Path(show).suffix.lower() not in (".png", ".html", ".htm"):
+        raise UserError(f"--show {show}: expected a .png or .html file")
+    check_writable_file(show, "--show")
+    if features and dis:
+        raise UserError("--show: distractor features have no images to draw; drop --distractor-features or --show")
+    row = "" if features else row or "asymmetric"
+    if row and rows and row not in rows:
+        raise UserError(f"--show-row {row}: not among the rows run ({', '.join(rows)}); add --row {row}")
+    ds.check_images()
+    return row
 
 
 @click.command("evaluate")
@@ -144,6 +173,19 @@ def _from_models(
     "of the database held in memory with feature files (default: as stored; float16 halves the memory)."
 )
 @json_option
+@click.option(
+    "--show",
+    type=click.Path(dir_okay=False),
+    help="Also draw the worst and best queries (by AP, medium protocol) with their top hits framed positive / "
+    "junk / negative from the ground truth: a .png or .html file.",
+)
+@click.option("--show-n", type=click.IntRange(min=1), default=3, show_default=True, help="Worst and best drawn, each.")
+@click.option("--show-k", type=click.IntRange(min=1), default=8, show_default=True, help="Hits drawn per query.")
+@click.option(
+    "--show-row",
+    type=click.Choice(ROWS),
+    help="With models: the row --show draws (default asymmetric: student queries, teacher database).",
+)
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
 @quiet_option()
 @trust_pickle_option
@@ -170,6 +212,10 @@ def command(
     cache_dir: str | None,
     cache_dtype: str | None,
     json_out: str | None,
+    show: str | None,
+    show_n: int,
+    show_k: int,
+    show_row: str | None,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -202,12 +248,18 @@ def command(
             multiscale=scales != (1.0,),
             row=rows,
             random_init=random_init,
+            show_row=show_row,
         )
-        result, n_dis = _from_features(ds, db_features, query_features, distractor_features, cache_dtype, topk, device)
+    elif distractor_features:
+        raise UserError("--distractor-features is for feature files; with models: --distractors LIST.txt")
+    row = _check_show(show, ds, show_row, rows, features, distractor_features)
+    dis_paths: list[str] = []
+    if features:
+        result, n_dis, ranking = _from_features(
+            ds, db_features, query_features, distractor_features, cache_dtype, topk, device
+        )
     else:
-        if distractor_features:
-            raise UserError("--distractor-features is for feature files; with models: --distractors LIST.txt")
-        result, n_dis = _from_models(
+        result, rankings, dis_paths = _from_models(
             ds,
             teacher,
             student,
@@ -222,7 +274,9 @@ def command(
             cache_dtype=cache_dtype or DEFAULT_DTYPE,
             topk=topk,
             rows=rows or ROWS,
+            return_rankings=bool(show),
         )
+        n_dis, ranking = len(dis_paths), rankings.get(row)
     click.echo(
         f"{dataset}: {len(ds.qimlist)} queries, {len(ds.imlist)} database images"
         + (f" + {n_dis} distractors" if n_dis else "")
@@ -230,3 +284,10 @@ def command(
     click.echo(format_table(result))
     if json_out:
         write_json(json_out, _json_safe(result))
+    if show:
+        from aml.show import draw_extremes
+
+        ap = ranking.scores["M"].ap
+        _, drawn = draw_extremes(show, ds, ds.db_paths() + dis_paths, ranking.ids, ranking.sims, ap, n=show_n, k=show_k)
+        what = f"the {row} row" if row else "the features"
+        click.echo(f"{show}: {len(drawn)} queries of {what} drawn (worst and best by AP, medium protocol)")

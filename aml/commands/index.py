@@ -114,7 +114,8 @@ def info(db, as_json) -> None:
     """Describe an index: teacher identity, type, parameters, counts."""
     from pathlib import Path
 
-    from aml.index import describe, index_identity, read_manifest
+    from aml.identity import describe
+    from aml.index import index_identity, read_manifest
 
     man = read_manifest(Path(db))
     if as_json:

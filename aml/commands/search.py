@@ -18,6 +18,13 @@ from aml.commands._options import image_options, images_options, read_images, th
 @click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
 @click.option("--device", default="auto", show_default=True, help="Query extraction device (torch encoders).")
 @threads_option
+@click.option(
+    "--search-device",
+    default="auto",
+    show_default=True,
+    help="Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (every "
+    "GPU, the index sharded across them) or cuda:N.",
+)
 @click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
 @click.option("--show", type=click.Path(dir_okay=False), help="Also draw the results: a .png or .html file.")
@@ -25,8 +32,8 @@ from aml.commands._options import image_options, images_options, read_images, th
 @click.option("--dataset", help="revisitop dataset name: frame hits as positive / junk / negative.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding DATASET/gnd_DATASET.pkl.")
 def command(
-    db, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device, force, out,
-    show, show_k, dataset, data_root,
+    db, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device, search_device,
+    force, out, show, show_k, dataset, data_root,
 ) -> None:  # fmt: skip
     """Search the index for each query image; write one JSON line per query, best first."""
     import json
@@ -34,22 +41,29 @@ def command(
     import numpy as np
 
     from aml.errors import UserError
-    from aml.index import Index, check_compatible, index_identity, query_vectors
+    from aml.identity import check_compatible
+    from aml.index import Index, index_identity, query_vectors
     from aml.io import atomic_write
 
     if dataset and not data_root:
         raise UserError("--dataset: needs --data-root DIR (the folder holding DATASET/gnd_DATASET.pkl)")
     index = Index.open(db)
+    index.gpus_for(search_device, topk, hamming=hamming)  # a device that cannot search it: refused before the work
     paths, bbxs = read_images(images, bbx)
     given_scales = scales if scales != (1.0,) else None
     q, ident = query_vectors(
         encoder, paths, index, bbxs=bbxs, weights=encoder_weights, image_size=image_size, scales=given_scales,
         device=device,
     )  # fmt: skip
-    warning = check_compatible(ident, index_identity(index.meta), force=force, what=f"encoder {encoder}", where=db)
+    warning = check_compatible(
+        ident, index_identity(index.meta), what=f"encoder {encoder} is for", where=f"index {db} holds", force=force,
+        fix="use an encoder distilled from that teacher, at the index's image size and whitening",
+    )  # fmt: skip
     if warning:
         click.echo(warning, err=True)
-    s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming)
+    s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming, device=search_device)
+    if index.note:
+        click.echo(f"note: {index.note}", err=True)
     with atomic_write(out) as f:
         for name, row_s, row_i in zip(paths, s, ids, strict=True):
             hits = [
@@ -58,7 +72,9 @@ def command(
                 if i >= 0
             ]
             f.write(json.dumps({"query": name, "results": hits}) + "\n")
-    click.echo(f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind})")
+    click.echo(
+        f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind}, {index.searched_on})"
+    )
     if show:
         from aml.show import draw_results, gnd_labels, name_ids
 

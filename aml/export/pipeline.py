@@ -95,6 +95,7 @@ def default_verify_data(
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
     split) and the teacher's database vectors for it, from the teacher feature cache (extracted once)."""
     from aml.data.revisitop import load_revisitop
+    from aml.identity import check_compatible
     from aml.io import aml_home
     from aml.teacher_vectors import TeacherVectors
 
@@ -123,6 +124,10 @@ def default_verify_data(
         random_init=label == "random-init",
         dtype=config.get("cache_dtype", DEFAULT_DTYPE),
     )
+    check_compatible(  # the gate's database must be the teacher the student was distilled for
+        dict(identity), tv.identity, what=f"{where}: distilled for teacher", where="the teacher found now is",
+        fix="restore the teacher's weights file the student records",
+    )  # fmt: skip
     db = np.asarray(tv.get(ds.db_paths()), dtype=np.float32)
     db = l2n(db).astype(np.float32)  # float16 cache rows back to unit length
     return VerifyData(ds, lw.apply_np(db) if lw is not None else db)
