@@ -1,18 +1,21 @@
-"""The retrieval network: backbone maps -> (AML projection) -> GeM -> L2N -> (linear head -> L2N) -> (FC whitening
--> L2N).
+"""The retrieval network: backbone maps -> (GLAM) -> (AML projection) -> GeM -> L2N -> (linear head -> L2N) -> (FC
+whitening -> L2N).
 
 State-dict keys follow cirtorch (`features.N.*`, `pool.p`, `whiten.weight/bias`) so published cirtorch
-checkpoints load as they are; the AML student head adds `proj.0.weight`, the linear student head `fc.weight`.
+checkpoints load as they are; the AML student head adds `proj.0.weight`, the linear student head `fc.weight`,
+the global-local attention module (`aml.glam`) `glam.<part>.*` and `glam.fusion`.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from aml.glam import GLAM
 from aml.nn import GeM, l2n, projection
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -49,6 +52,7 @@ class RetrievalNet(nn.Module):
         dim: int | None = None,
         head: str = "aml",
         whiten: bool = False,
+        glam: Iterable[str] = (),
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -56,6 +60,8 @@ class RetrievalNet(nn.Module):
             raise ValueError(f"head {head!r}: expected one of {HEADS}")
         self.features = features
         self.out_channels = out_channels
+        parts = tuple(glam)
+        self.glam = GLAM(out_channels, parts) if parts else None
         self.proj = projection(out_channels, dim) if dim is not None and head == "aml" else None
         self.pool = GeM()
         self.fc = nn.Linear(out_channels, dim, bias=False) if dim is not None and head == "linear" else None
@@ -78,6 +84,11 @@ class RetrievalNet(nn.Module):
         return "aml" if self.proj is not None else "linear" if self.fc is not None else None
 
     @property
+    def glam_parts(self) -> tuple[str, ...]:
+        """The GLAM parts on the backbone's maps (`aml.glam.PARTS` order; () without GLAM)."""
+        return self.glam.parts if self.glam is not None else ()
+
+    @property
     def msp(self) -> float:
         """Multi-scale power: the GeM p when GeM gives the output directly, else 1 (as cirtorch with whitening:
         a linear map after pooling makes components negative, which have no real GeM power)."""
@@ -94,9 +105,14 @@ class RetrievalNet(nn.Module):
         """Per-channel RGB std the input must be normalised with."""
         return list(self.meta.get("std", IMAGENET_STD))
 
-    def maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature maps (B, C', h, w) that GeM pools: backbone maps, through the student head if any."""
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps (B, C, h, w) a head reads: the backbone's, through GLAM if any (what a closed-form start fits)."""
         o = self.features(x)
+        return self.glam(o) if self.glam is not None else o
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, C', h, w) that GeM pools: the trunk's maps, through the student head if any."""
+        o = self.trunk(x)
         return self.proj(o) if self.proj is not None else o
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

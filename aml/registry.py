@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from aml.errors import UserError
+from aml.glam import parse_parts, parts_in, spec_of
 from aml.io import sha256_file
 from aml.net import RetrievalNet, default_meta
 from aml.trust import torch_load
@@ -355,13 +356,22 @@ def _checkpoint_head(sd: Mapping[str, torch.Tensor]) -> tuple[str, int | None]:
     return "aml", None
 
 
-def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
+def _glam_parts(sd: Mapping[str, torch.Tensor], asked: tuple[str, ...], path: Path | None) -> tuple[str, bool]:
+    """The GLAM parts to build for a checkpoint and whether they are new: the checkpoint's own (its `glam.*` keys),
+    or `asked` freshly initialised when it holds none; asking for other parts than it holds is a UserError."""
+    held = parts_in(sd)
+    if asked and held and asked != held:
+        raise UserError(f"{path}: checkpoint has GLAM parts {spec_of(held)}, but --glam {spec_of(asked)} was asked for")
+    return (held or asked), bool(asked and not held)
+
+
+def _build(src: _Source, dim: int | None, head: str, glam: tuple[str, ...] = ()) -> RetrievalNet:
     entry, ckpt = src.entry, src.checkpoint
     channels = entry.feature_dim
     if ckpt is None:
         features = _features(entry, str(src.path) if src.path is not None else None)
         meta = default_meta(entry.architecture, dim or channels)
-        return RetrievalNet(features, channels, dim=dim, head=head, meta=meta)
+        return RetrievalNet(features, channels, dim=dim, head=head, glam=glam, meta=meta)
     sd = ckpt["state_dict"]
     ck_head, ck_dim = _checkpoint_head(sd)
     whiten = "whiten.weight" in sd
@@ -370,6 +380,7 @@ def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
         kind = "projection" if ck_head == "aml" else "linear"
         have = f"a {ck_dim}-d {kind} head" if ck_dim else "a whitening layer"
         raise UserError(f"{src.path}: checkpoint has {have}, but dim={dim} was asked for")
+    parts, new_glam = _glam_parts(sd, glam, src.path)
     features = _features(entry, None)
     meta = {**default_meta(entry.architecture, channels), **ckpt["meta"]}
     net = RetrievalNet(
@@ -378,9 +389,11 @@ def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
         dim=dim if new_head else ck_dim,
         head=head if new_head else ck_head,
         whiten=whiten,
+        glam=parts,
         meta=meta,
     )
-    load_into(net, sd, src.path, optional=("proj.", "fc.") if new_head else ())
+    optional = (("proj.", "fc.") if new_head else ()) + (("glam.",) if new_glam else ())
+    load_into(net, sd, src.path, optional=optional)
     return net
 
 
@@ -391,6 +404,7 @@ def create_model(
     weights: str | os.PathLike | None = None,
     dim: int | None = None,
     head: str = "aml",
+    glam: str | Sequence[str] | None = None,
     random_init: bool = False,
     weights_option: str = "--weights",
 ) -> RetrievalNet:
@@ -399,7 +413,9 @@ def create_model(
     `role="student"` with `dim` adds a student head to `dim` (`head="aml"`: the AML projection Conv1x1 -> ReLU
     before GeM; `head="linear"`: a Linear after GeM; a checkpoint keeps the head it was saved with);
     `role="teacher"` (the default, or the role recorded in an aml checkpoint) returns the net frozen, in
-    eval mode. Networks are built under a fixed seed, so `random_init=True` is reproducible.
+    eval mode. `glam` (either role: "all", a comma list of `aml.glam.PARTS`, or None) puts the global-local
+    attention module on the backbone's maps; a checkpoint is rebuilt with the GLAM parts it holds. Networks are
+    built under a fixed seed, so `random_init=True` is reproducible.
     """
     if role not in (None, "teacher", "student"):
         raise UserError(f"role '{role}': expected 'teacher' or 'student'")
@@ -407,7 +423,7 @@ def create_model(
         src = _resolve(name_or_path, weights, random_init, weights_option)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            net = _build(src, dim, head)
+            net = _build(src, dim, head, parse_parts(glam))
     finally:
         _memo.clear()
     saved = (src.checkpoint or {}).get("meta", {}).get("aml") or {}

@@ -57,19 +57,27 @@ METHODS = [
     "csd k64 t0.05",
     "contr+csd",
     "contr+10csd",
+    "contr+ glam",
+    "csd glam",
+    "csd k64 t0.05 glam",
 ]
 # Table names that are a registered loss with other constants or another budget: (loss, constants, config
 # changes). contr+ plus csd weighted 10x (the 1:1 mix is dominated by the contrastive term at this budget);
 # triplet with margin 0.1 and DarkRank with the denominator over all items (this project's defaults before
 # issue 12; the AML paper code's are margin 0.7 and the teacher's list only); csd with the demo's constants;
-# "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained.
+# "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
+# method with the global-local attention module (all four parts) between the student's backbone and its head.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "0 epochs": ("reg", {}, {"epochs": 0}),
     "triplet m0.1": ("triplet", {"margin": 0.1}, {}),
     "darkrank all": ("darkrank", {"denominator": "all"}, {}),
     "csd k64 t0.05": ("csd", {"k": 64, "tau_s": 0.05}, {}),
     "contr+10csd": ("contr+csd", {"weight_csd": 10.0}, {}),
+    "contr+ glam": ("contr+", {}, {"glam": "all"}),
+    "csd glam": ("csd", {}, {"glam": "all"}),
+    "csd k64 t0.05 glam": ("csd", {"k": 64, "tau_s": 0.05}, {"glam": "all"}),
 }
+GLAM_SUFFIX = " glam"  # "<method> glam": the same method with GLAM's four parts on the student's maps (issue 14)
 CSD_METHODS = ("csd", "csd k64 t0.05", "contr+csd", "contr+10csd")
 # The budget every method gets (the demo recipe, shortened): only the method changes between runs.
 BUDGET: dict[str, Any] = dict(
@@ -301,6 +309,26 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
                 f"`{cand}` {verdict} contr+ and reg: {asym[cand]:.2f} vs {best:.2f} "
                 f"({asym[cand] - best:+.2f} points; {spread})"
             )
+    return lines + glam_findings(rows)
+
+
+def glam_findings(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """With and without GLAM, method by method: asymmetric and symmetric mAP M (seed means) and the seed spread."""
+    lines = []
+    for with_glam in (m for m in rows if m.endswith(GLAM_SUFFIX)):
+        base = with_glam[: -len(GLAM_SUFFIX)]
+        if base not in rows:
+            continue
+        a, b = rows[base], rows[with_glam]
+        (a_asym, a_sd), (b_asym, b_sd) = _stats(a["asymmetric"]["M"]), _stats(b["asymmetric"]["M"])
+        a_sym, b_sym = _stats(a["symmetric"]["M"])[0], _stats(b["symmetric"]["M"])[0]
+        seeds = min(len(a["seeds"]), len(b["seeds"]))
+        spread = f"seed std {a_sd:.2f} / {b_sd:.2f}" if seeds > 1 else "one seed: no spread"
+        verdict = "helps" if b_asym > a_asym else "does not help"
+        lines.append(
+            f"GLAM {verdict} `{base}`: asymmetric {a_asym:.2f} -> {b_asym:.2f} ({b_asym - a_asym:+.2f} points; "
+            f"{spread}), symmetric {a_sym:.2f} -> {b_sym:.2f}"
+        )
     return lines
 
 

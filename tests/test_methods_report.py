@@ -66,6 +66,20 @@ def test_start_findings_compare_the_two_starts(results):
     assert methods.start_findings(methods.summarise(results)) == []  # one start only: nothing to compare
 
 
+def test_glam_findings_compare_each_method_with_and_without(results):
+    glam = [fake("contr+ glam", s, 25 + s - 1.5) for s in (0, 1, 2)] + [fake("csd glam", 0, 30.0)]
+    rows = methods.summarise(results + glam)["lite0"]
+    assert list(rows)[-2:] == ["contr+ glam", "csd glam"]
+    lines = methods.glam_findings(rows)
+    assert lines == [
+        "GLAM does not help `contr+`: asymmetric 26.00 -> 24.50 (-1.50 points; seed std 1.00 / 1.00), "
+        "symmetric 40.00 -> 40.00",
+        "GLAM helps `csd`: asymmetric 23.00 -> 30.00 (+7.00 points; one seed: no spread), symmetric 40.00 -> 40.00",
+    ]
+    assert methods.findings(rows, chance=3.0)[-2:] == lines
+    assert all(methods.VARIANTS[m][2] == {"glam": "all"} for m in methods.METHODS if m.endswith(" glam"))
+
+
 def test_findings_check_the_issue_claims(results):
     lines = methods.findings(methods.summarise(results)["lite0"], chance=3.0)
     assert lines[0].startswith(

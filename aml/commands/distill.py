@@ -42,6 +42,9 @@ _HELP: dict[str, str] = {
     "lr": "Learning rate of the backbone",
     "gem_lr_mult": "lr multiplier of GeM's p (no weight decay)",
     "head_lr_mult": "lr multiplier of the student's 1x1 projection",
+    "glam": "Global-local attention (GLAM) on the student's maps: none, all, or a comma list of local-channel, "
+    "local-spatial, global-channel, global-spatial",
+    "glam_lr_mult": "lr multiplier of GLAM",
     "weight_decay": "Weight decay",
     "lr_decay": "lr factor per epoch (exponential decay)",
     "margin": "Margin of contr/contr+/sym/triplet (unset: the loss's own default)",

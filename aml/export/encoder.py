@@ -3,8 +3,9 @@
     encoder(x) = l2n(P net(x) - P m)   with --whiten (x -> P (x - m), then L2N: cirtorch Lw as a Linear)
     encoder(x) = net(x)                otherwise
 
-fp16 keeps float32 inputs and outputs: the backbone and the projection run in float16, GeM, L2N and the
-whitening stay float32 (GeM's x^p overflows float16 for activations above ~40 with p = 3).
+fp16 keeps float32 inputs and outputs: the backbone and the projection run in float16, GLAM, GeM, L2N and the
+whitening stay float32 (GeM's x^p overflows float16 for activations above ~40 with p = 3; GLAM's unscaled
+attention logits can too).
 """
 
 from __future__ import annotations

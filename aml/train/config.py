@@ -9,6 +9,7 @@ from typing import Any
 
 from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
+from aml.glam import parse_parts
 from aml.losses import LOSSES
 from aml.settings import check_device
 from aml.train.head_init import HEAD_INITS
@@ -23,6 +24,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "lr": (0, False),
     "gem_lr_mult": (0, False),
     "head_lr_mult": (0, False),
+    "glam_lr_mult": (0, False),
     "weight_decay": (0, False),
     "lr_decay": (0, True),
     "margin": (0, False),
@@ -71,6 +73,8 @@ class TrainConfig:
     lr: float = 1e-6
     gem_lr_mult: float = 10.0  # GeM p learns 10x faster, without weight decay
     head_lr_mult: float = 1.0  # the student's 1x1 projection (random at the start) relative to the backbone
+    glam: str = "none"  # global-local attention on the student's maps (aml.glam): none | all | comma list of parts
+    glam_lr_mult: float = 10.0  # GLAM (new, near-identity at the start) relative to the backbone
     weight_decay: float = 1e-6
     lr_decay: float = math.exp(-0.01)  # per epoch
     margin: float | None = None  # None: the loss's own default (contrastive and triplet 0.7)
@@ -120,6 +124,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
         LOSSES[self.loss].constants(self.loss_args)
+        parse_parts(self.glam)
         check_device(self.device)
         return self
 

@@ -20,8 +20,9 @@ teacher's), and every location of the two networks' feature maps of one image is
 give N x h x w pairs instead of N (and horizontal flips double them) for the same backbone passes; the
 rotation fitted on local descriptors then aligns the GeM vectors pooled from them. Both networks see the same
 image at the same size; when their grids differ (other strides) the finer map is average-pooled to the
-coarser grid. Methods fitted on maps need the teacher network itself (one teacher forward per fitting image,
-flips included); pooled methods read the teacher's cached vectors only.
+coarser grid. With GLAM (`aml.glam`) the maps are read through it (`RetrievalNet.trunk`), so the fit is the
+closed form of the student as it starts, GLAM included. Methods fitted on maps need the teacher network itself
+(one teacher forward per fitting image, flips included); pooled methods read the teacher's cached vectors only.
 """
 
 from __future__ import annotations
@@ -174,12 +175,12 @@ def init_head(
     p = student.pool.p.detach().to(dev)
     for pos, x in _batches(paths, idx, image_size, student):
         x = x.to(dev)
-        fs = student.features(x)
+        fs = student.trunk(x)
         s_pooled[pos] = l2n(gem(fs, p)).cpu().numpy()
         if teacher is None:
             continue
         for view in (x, x.flip(-1)) if flip else (x,):
-            a, b = _common_grid(student.features(view) if view is not x else fs, teacher.features(view))
+            a, b = _common_grid(student.trunk(view) if view is not x else fs, teacher.trunk(view))
             a, b = _rows(a), _rows(b)
             if method == "local-procrustes":
                 a, b = l2n(a.clamp(min=1e-6)), l2n(b.clamp(min=1e-6))

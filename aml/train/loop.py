@@ -65,19 +65,31 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.teacher}-{cfg.student}-{cfg.loss}".replace("/", "_")
 
 
+def _group(name: str) -> str:
+    """The optimisation group of a parameter, by its name."""
+    if name.endswith("pool.p"):
+        return "gem"
+    if name.startswith(("proj.", "fc.")):
+        return "head"
+    return "glam" if name.startswith("glam.") else "backbone"
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AML/cirtorch optimisation groups: backbone at lr; the projection head at lr x head_lr_mult; GeM p at
-    lr x gem_lr_mult without weight decay."""
-    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "gem": []}
+    lr x gem_lr_mult without weight decay; GLAM, when the student has it, at lr x glam_lr_mult (a fourth group
+    only then, so the optimizer state of a run without GLAM keeps its three groups)."""
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "gem": [], "glam": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            group = "gem" if n.endswith("pool.p") else "head" if n.startswith(("proj.", "fc.")) else "backbone"
-            groups[group].append(p)
-    return [
+            groups[_group(n)].append(p)
+    out = [
         {"params": groups["backbone"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": groups["head"], "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
         {"params": groups["gem"], "lr": cfg.lr * cfg.gem_lr_mult, "weight_decay": 0.0},
     ]
+    if groups["glam"]:
+        out.append({"params": groups["glam"], "lr": cfg.lr * cfg.glam_lr_mult, "weight_decay": cfg.weight_decay})
+    return out
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -216,6 +228,7 @@ class Trainer:
             weights=cfg.student_weights,
             dim=self.identity["dim"],
             head=head_for(cfg.resolved_head_init()),
+            glam=cfg.glam,
             random_init=random_student,
             weights_option="--student-weights",
         )
@@ -234,11 +247,14 @@ class Trainer:
         student_identity = model_identity(
             cfg.student, weights=cfg.student_weights, random_init=cfg.random_init or cfg.student_random_init
         )
+        key = {"student": student_identity, "teacher": self.identity, "bn_images": cfg.bn_images}
+        if self.student.glam is not None:  # the fit reads the maps through GLAM's (seeded) start
+            key["glam"] = list(self.student.glam_parts)
         info = cached_init_head(
             self.student,
             cfg.resolved_head_init(),
             cache_dir=aml_home() / "cache",
-            key={"student": student_identity, "teacher": self.identity, "bn_images": cfg.bn_images},
+            key=key,
             paths=self.train.paths,
             teacher_vectors=self.train_teacher,
             teacher_net=self.teacher.net,
