@@ -352,6 +352,15 @@ def start_findings(summary: dict[str, dict[str, Any]], base: str = "lite0", init
             f"the closed form changes every trained method by {min(gains):+.2f} to {max(gains):+.2f} points; "
             f"best from it: {best} {asym[best][1]:.2f}"
         )
+    if "0 epochs" in b:
+        start = _stats(b["0 epochs"]["asymmetric"]["M"])[0]
+        trained = {m: _stats(b[m]["asymmetric"]["M"])[0] - start for m in b if m != "0 epochs"}
+        up = [f"{m} {d:+.2f}" for m, d in sorted(trained.items(), key=lambda kv: -kv[1]) if d > 0]
+        down = [f"{m} {d:+.2f}" for m, d in sorted(trained.items(), key=lambda kv: -kv[1]) if d <= 0]
+        lines.append(
+            f"fine-tuning from the closed form ({init}, '0 epochs' asymmetric M {start:.2f}): raises it for "
+            f"{', '.join(up) or 'no method'}; lowers it for {', '.join(down) or 'no method'}"
+        )
     return lines
 
 

@@ -63,6 +63,9 @@ def test_start_findings_compare_the_two_starts(results):
     assert lines[0].startswith("closed-form start vs the paper's random start")
     assert "csd 23.00 -> 52.00" in lines[0]
     assert "by +29.00 to +29.00 points" in lines[1] and "best from it: contr+csd 58.00" in lines[1]
+    # contr+csd (28 + 30 = 58) and contr+10csd rise above the 40.00 start; rkd (34) and darkrank (35) fall
+    assert lines[2].startswith("fine-tuning from the closed form (lite0-init, '0 epochs' asymmetric M 40.00)")
+    assert "raises it for contr+csd +18.00, contr+10csd +17.00" in lines[2] and "darkrank -5.00, rkd -6.00" in lines[2]
     assert methods.start_findings(methods.summarise(results)) == []  # one start only: nothing to compare
 
 
