@@ -117,7 +117,12 @@ class RetrievalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, H, W) batch -> (B, D) L2-normalised descriptors."""
-        v = l2n(self.pool(self.maps(x)))
+        return self.embed_maps(self.maps(x))
+
+    def embed_maps(self, m: torch.Tensor) -> torch.Tensor:
+        """Feature maps from `maps` (B, C', h, w) -> (B, D) descriptors: the rest of `forward` (Metrix's feature
+        mixup mixes the maps in between)."""
+        v = l2n(self.pool(m))
         if self.fc is not None:
             v = l2n(self.fc(v))
         if self.whiten is not None:

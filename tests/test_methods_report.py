@@ -95,6 +95,18 @@ def test_findings_check_the_issue_claims(results):
     assert lines[5].startswith("`contr+10csd` beats contr+ and reg: 28.00 vs 27.00")
 
 
+def test_findings_compare_each_metrix_row_with_its_method(results):
+    assert set(methods.METRIX) <= set(methods.METHODS) and set(methods.METRIX) <= set(methods.VARIANTS)
+    assert methods.VARIANTS["contr+ metrix-feat"] == ("contr+", {}, {"mixup": "feature"})
+    extra = [fake("contr+ metrix-emb", s, 27.5 + s) for s in (0, 1, 2)] + [fake("sym metrix-emb", 0, 3.0)]
+    lines = methods.findings(methods.summarise(results + extra)["lite0"], chance=3.0)
+    assert "teacher-aware methods above it: 11 of 11" in lines[1]  # `sym metrix-emb` is not teacher-aware
+    assert lines[-2].startswith("Metrix (embedding) on `sym`: asymmetric 3.00 vs 3.50 (-0.50)")
+    assert lines[-1] == (
+        "Metrix (embedding) on `contr+`: asymmetric 28.50 vs 26.00 (+2.50), symmetric 40.00 vs 40.00 (+0.00) mAP M"
+    )
+
+
 def test_report_files_and_readme_block(results, tmp_path, monkeypatch):
     monkeypatch.setattr(methods, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(methods, "REPO", tmp_path)

@@ -34,6 +34,11 @@ _HELP: dict[str, str] = {
     "init_flip": "Also fit the start on mirrored images",
     "loss": "The loss",
     "loss_args": "Loss constant NAME=VALUE (repeatable)",
+    "mixup": "Metrix mixup of the pair-based losses: mix inputs (pixels), the student's feature maps, or "
+    "embeddings (in the asymmetric case the teacher's cached vectors); none: off",
+    "mixup_pairs": "Which pairs Metrix mixes: positive-negative, anchor-negative, or both",
+    "mixup_weight": "Weight of the mixed loss (total = clean + weight x mixed)",
+    "mixup_alpha": "Metrix's lambda ~ Beta(alpha, alpha)",
     "data": "synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | images:DIR "
     "(label-free losses only); omit for the embedded demo",
     "mining": "Negative mining (auto: symmetric for sym, else asymmetric)",

@@ -23,6 +23,9 @@ Batch losses: `fn(student, teacher, *, [ref], <constants>, reduction="sum")`, bo
 |           |       |   denominator "list" (paper code's HardDarkRank) or "all" |                            |
 | csd       | batch | contextual similarity distillation (KL, teacher top-K)   | k 256, tau_s 1, tau_t 0.01 |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
+
+The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
+labels, `spec.pairs` (aml/losses/pairs.py, Metrix, SPEC §8), which `--mixup` trains with.
 """
 
 from __future__ import annotations
@@ -32,17 +35,18 @@ from aml.losses.contrastive import contr, contr_plus, sym
 from aml.losses.csd import csd
 from aml.losses.darkrank import darkrank
 from aml.losses.multisimilarity import ms
+from aml.losses.pairs import clean_refs, soft_contrastive, soft_ms, soft_triplet
 from aml.losses.regression import reg
 from aml.losses.rkd import rkd
 from aml.losses.spec import LossSpec, loss_spec, weight_name
 from aml.losses.triplet import triplet
 
 _SPECS = (
-    loss_spec("contr", contr, "tuple"),
-    loss_spec("contr+", contr_plus, "tuple", reads_anchor_teacher=True),
-    loss_spec("sym", sym, "tuple", student_refs=True),
-    loss_spec("triplet", triplet, "tuple"),
-    loss_spec("ms", ms, "tuple"),
+    loss_spec("contr", contr, "tuple", pairs=soft_contrastive),
+    loss_spec("contr+", contr_plus, "tuple", pairs=soft_contrastive, reads_anchor_teacher=True),
+    loss_spec("sym", sym, "tuple", pairs=soft_contrastive, student_refs=True),
+    loss_spec("triplet", triplet, "tuple", pairs=soft_triplet),
+    loss_spec("ms", ms, "tuple", pairs=soft_ms),
     loss_spec("reg", reg, "batch"),
     loss_spec("rkd", rkd, "batch", per_sample=False),
     loss_spec("darkrank", darkrank, "batch", per_sample=False),
@@ -53,10 +57,13 @@ LOSSES["contr+csd"] = combine("contr+csd", {"contr+": 1.0, "csd": 1.0}, LOSSES)
 
 # The losses that train without (query, positive) labels, e.g. on `--data images:DIR`.
 LABEL_FREE: tuple[str, ...] = tuple(n for n, s in LOSSES.items() if not s.needs_labels)
+# The pair-based losses, those with a generic pair form over soft labels (what `--mixup` mixes).
+PAIR_BASED: tuple[str, ...] = tuple(n for n, s in LOSSES.items() if s.pairs is not None)
 
 __all__ = [
     "LOSSES",
     "LABEL_FREE",
+    "PAIR_BASED",
     "LossSpec",
     "combine",
     "weight_name",
@@ -69,4 +76,8 @@ __all__ = [
     "rkd",
     "darkrank",
     "csd",
+    "clean_refs",
+    "soft_contrastive",
+    "soft_ms",
+    "soft_triplet",
 ]

@@ -35,6 +35,9 @@ class LossSpec:
     `needs_labels`: it trains on (query, positive) pairs. `per_sample`: `reduction="none"` gives one value per
     tuple or image; a loss defined over the whole batch (False) refuses it.
     `defaults`: its keyword constants and their defaults (`--loss-arg NAME=VALUE`, `--margin`).
+    `pairs`: a pair-based tuple loss in Metrix's generic form over soft labels, `pairs(anchor (B, D), refs
+    (B, M, D), labels (B, M), *, mixed=None, <constants>) -> (B,)` (aml/losses/pairs.py; the same constants);
+    None for the losses that are not pair-based (`--mixup` refuses them).
     """
 
     name: str
@@ -46,6 +49,7 @@ class LossSpec:
     needs_labels: bool = False
     per_sample: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    pairs: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -54,6 +58,8 @@ class LossSpec:
         if clash:
             raise ValueError(f"loss '{self.name}': '{clash[0]}' is an input, not a constant")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        if self.pairs is not None and keyword_constants(self.pairs, ("mixed",)) != dict(self.defaults):
+            raise ValueError(f"loss '{self.name}': its generic pair form takes other constants than the loss")
 
     def __call__(self, *inputs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Call the loss function itself."""
@@ -78,18 +84,28 @@ class LossSpec:
         return dict(given)
 
 
-def keyword_constants(fn: Callable) -> dict[str, Any]:
-    """A loss function's keyword-only constants and their defaults (its tensor inputs and `reduction` excluded)."""
+def keyword_constants(fn: Callable, inputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A loss function's keyword-only constants and their defaults (its tensor inputs, `inputs` and `reduction`
+    excluded)."""
+    skip = {*TENSOR_INPUTS, *inputs, "reduction"}
     return {
         n: p.default
         for n, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in TENSOR_INPUTS and n != "reduction"
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in skip
     }
 
 
-def loss_spec(name: str, fn: Callable[..., torch.Tensor], kind: str, **flags: bool) -> LossSpec:
-    """The spec of a loss function; its constants and defaults are read once from its own signature."""
-    return LossSpec(name, fn, kind, needs_labels=kind == "tuple", defaults=keyword_constants(fn), **flags)
+def loss_spec(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    kind: str,
+    *,
+    pairs: Callable[..., torch.Tensor] | None = None,
+    **flags: bool,
+) -> LossSpec:
+    """The spec of a loss function; its constants and defaults are read once from its own signature. `pairs`: its
+    generic pair form (pair-based tuple losses)."""
+    return LossSpec(name, fn, kind, needs_labels=kind == "tuple", defaults=keyword_constants(fn), pairs=pairs, **flags)
 
 
 def weight_name(loss: str) -> str:

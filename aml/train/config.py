@@ -10,9 +10,10 @@ from typing import Any
 from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
 from aml.glam import parse_parts
-from aml.losses import LOSSES
+from aml.losses import LOSSES, PAIR_BASED
 from aml.settings import check_device
 from aml.train.head_init import HEAD_INITS
+from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
 # The smallest value of each numeric field, and whether the minimum itself is excluded (the `aml distill`
 # option ranges are generated from this table, and `TrainConfig.validate` checks it for Python callers).
@@ -28,6 +29,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "weight_decay": (0, False),
     "lr_decay": (0, True),
     "margin": (0, False),
+    "mixup_weight": (0, False),
+    "mixup_alpha": (0, True),
     "neg_num": (1, False),
     "query_size": (1, False),
     "pool_size": (1, False),
@@ -43,6 +46,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "head_init": ("auto", *HEAD_INITS),
     "loss": tuple(LOSSES),
+    "mixup": MIXUP_MODES,
+    "mixup_pairs": MIXUP_PAIRS,
     "mining": ("auto", "asymmetric", "symmetric", "random"),
     "optimizer": ("adam", "sgd"),
     "amp": ("none", "bf16", "fp16"),
@@ -66,6 +71,10 @@ class TrainConfig:
     init_flip: bool = True  # also fit on the mirrored images (map-level methods)
     loss: str = "contr+"
     loss_args: dict[str, float] = field(default_factory=dict)  # keyword constants of the loss
+    mixup: str = "none"  # Metrix (SPEC §8, aml.train.mixup): none | input | feature | embedding
+    mixup_pairs: str = "pos-neg"  # the pairs mixed: pos-neg | anchor-neg | both
+    mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
+    mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
     data: str = "synth"
     mining: str = "auto"  # auto | asymmetric | symmetric | random
     epochs: int = 100
@@ -125,6 +134,11 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
         LOSSES[self.loss].constants(self.loss_args)
         parse_parts(self.glam)
+        if self.mixup != "none" and LOSSES[self.loss].pairs is None:
+            raise UserError(
+                f"--mixup {self.mixup}: loss '{self.loss}' is not pair-based; use --loss "
+                f"{' | '.join(PAIR_BASED)}, or --mixup none"
+            )
         check_device(self.device)
         return self
 

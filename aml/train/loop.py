@@ -31,6 +31,7 @@ from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
 from aml.train.epoch import EpochPlan, plan_images, plan_tuples
 from aml.train.head_init import cached_init_head, head_for
+from aml.train.mixup import Metrix
 from aml.train.quick_eval import QuickEval
 from aml.trust import first_line
 
@@ -157,6 +158,7 @@ class Trainer:
         self._set_device(cfg)
         self.cfg = cfg.replace(out=str(self.run_dir))
         self.loss, self.loss_constants = loss_function(cfg)
+        self.metrix = Metrix.from_config(cfg, self.loss, self.loss_constants)  # None without --mixup
         if cfg.amp != "none" and self.device.type != "cuda":
             raise UserError(f"--amp {cfg.amp}: mixed precision needs CUDA; use --amp none on the CPU")
         self._load_data()
@@ -352,11 +354,19 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=dtype)
 
     def _step_loss(
-        self, plan: EpochPlan, b: np.ndarray, images: list[torch.Tensor], ref: torch.Tensor | None
+        self,
+        plan: EpochPlan,
+        b: np.ndarray,
+        images: list[torch.Tensor],
+        ref: torch.Tensor | None,
+        lam: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """The loss of one step, called as its spec says: tuple or batch inputs, and only the tensors it reads."""
+        """The loss of one step, called as its spec says: tuple or batch inputs, and only the tensors it reads;
+        with `--mixup`, plus Metrix's weighted mixed loss (`lam`: the epoch's lambdas; the tail of `images` holds
+        the mixed examples' images)."""
+        mixed_images = images[len(images) - self.metrix.n_images(len(b)) :] if self.metrix else []
         with self._autocast():
-            s = forward_by_size(self.model, images, self.device)
+            s = forward_by_size(self.model, images[: len(images) - len(mixed_images)], self.device)
         B = len(b)
         tensors: dict[str, torch.Tensor | None] = {}
         if self.loss.reads_anchor_teacher:
@@ -370,13 +380,32 @@ class Trainer:
         else:
             positive = self._teacher_rows(plan.positives[b])
             negatives = self._teacher_rows(plan.negatives[b].reshape(-1)).reshape(B, -1, s.shape[1])
-        return self.loss.fn(s[:B], positive, negatives, **tensors, **self.loss_constants)
+        loss = self.loss.fn(s[:B], positive, negatives, **tensors, **self.loss_constants)
+        if self.metrix is None:
+            return loss
+        return loss + self.metrix.loss(
+            s[:B],
+            positive,
+            negatives,
+            anchor_ref=s[:B] if self.loss.student_refs else self._teacher_rows(plan.anchors[b]),
+            anchor_teacher=tensors.get("anchor_teacher"),
+            lam=lam[b],
+            images=mixed_images,
+            model=self.model,
+            net=self.student,
+            autocast=self._autocast,
+        )
 
     def _images_of(self, plan: EpochPlan, b: np.ndarray) -> np.ndarray:
-        """The training images the student embeds (with grad) in one step: anchors, or whole tuples."""
+        """The training images the student embeds (with grad) in one step: anchors, or whole tuples; then those of
+        Metrix's mixed examples."""
         if self.loss.student_refs:
-            return np.concatenate([plan.anchors[b], plan.positives[b], plan.negatives[b].reshape(-1)])
-        return plan.anchors[b]
+            idx = np.concatenate([plan.anchors[b], plan.positives[b], plan.negatives[b].reshape(-1)])
+        else:
+            idx = plan.anchors[b]
+        if self.metrix is None:
+            return idx
+        return np.concatenate([idx, self.metrix.images(plan.anchors[b], plan.positives[b], plan.negatives[b])])
 
     # ---------------------------------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -390,6 +419,7 @@ class Trainer:
         batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
         usable = len(batches) // self.dist.world * self.dist.world or len(batches)
         batches = batches[:usable][self.dist.rank :: self.dist.world]
+        lam = self.metrix.lambdas(rng, len(plan.anchors)) if self.metrix else None  # drawn last: same tuples
         ref = self._teacher_rows(plan.pool) if self.loss.reads_ref else None  # the teacher's pool: references
 
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
@@ -414,7 +444,7 @@ class Trainer:
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
             sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                loss = self._step_loss(plan, b, imgs, ref)
+                loss = self._step_loss(plan, b, imgs, ref, lam)
                 self.scaler.scale(loss / cfg.update_every).backward()
             if last:
                 self.scaler.step(self.optimizer)
