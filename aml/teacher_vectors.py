@@ -68,7 +68,7 @@ class TeacherVectors:
 
     def get(self, paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
         """(N, D) teacher vectors of `paths` (query crops `bbxs`), a read-only memmap in list order."""
-        from aml.extract import extract
+        from aml.extract import choose_backend, extract
 
         paths = list(paths)
         st = self.settings
@@ -76,11 +76,12 @@ class TeacherVectors:
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
         if main:  # returns at once when complete; waits when another process builds it; rebuilds a corrupt one
+            chunk = st.replace(progress=False, backend=choose_backend(st, len(paths)))  # one backend for the list
             cache.build(
                 lambda idx: extract(
                     self.net(),
                     [paths[i] for i in idx],
-                    st.replace(progress=False),
+                    chunk,
                     bbxs=None if bbxs is None else [bbxs[i] for i in idx],
                 ),
                 progress=st.progress,

@@ -1,7 +1,7 @@
 """Click options shared by the commands, with defaults taken from the library (never typed twice).
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
-`runtime_options` (--batch-size, --workers, --device), `extraction_options` (both), `whiten_option`,
+`runtime_options` (--batch-size, --workers, --device, --backend), `extraction_options` (both), `whiten_option`,
 `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`, `quiet_option`,
 `trust_pickle_option`; and the
 helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
@@ -19,7 +19,16 @@ import click
 
 from aml.data.images import read_image_list
 from aml.errors import UserError
-from aml.settings import BATCH_SIZE, CPU_BATCH, DEVICES, MULTISCALE, ExtractSettings, check_device
+from aml.settings import (
+    BACKENDS,
+    BATCH_SIZE,
+    CPU_BATCH,
+    DEVICES,
+    MULTISCALE,
+    ORT_MIN_IMAGES,
+    ExtractSettings,
+    check_device,
+)
 from aml.whiten import FIRST
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,12 +87,19 @@ def read_images(images: str, bbx: str | None) -> tuple[list[str], list | None]:
 
 
 def extract_settings(
-    image_size: int, scales: tuple[float, ...], batch_size: int, workers: int, device: str, quiet: bool
+    image_size: int,
+    scales: tuple[float, ...],
+    batch_size: int,
+    workers: int,
+    device: str,
+    quiet: bool,
+    backend: str = "auto",
 ) -> ExtractSettings:
     """The `ExtractSettings` of `extraction_options` (progress bars only on a terminal, unless --quiet)."""
     import sys
 
-    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet and sys.stderr.isatty())
+    progress = not quiet and sys.stderr.isatty()
+    return ExtractSettings(image_size, scales, batch_size, workers, device, progress, backend)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -152,7 +168,7 @@ def _checked(check: Callable[[str], Any], value: str) -> bool:
 
 
 def runtime_options(f: F) -> F:
-    """`--batch-size` (images per forward), `--workers`, `--device`."""
+    """`--batch-size` (images per forward), `--workers`, `--device`, `--backend` (what runs the network)."""
     return _stack(
         click.option(
             "--batch-size",
@@ -164,6 +180,14 @@ def runtime_options(f: F) -> F:
         click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
         click.option(
             "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS),
+            default="auto",
+            show_default=True,
+            help="What runs the network: onnxruntime runs a cached fp32 ONNX export on the CPU (same vectors "
+            f"within 1e-5); auto: onnxruntime on the CPU for {ORT_MIN_IMAGES}+ images, else torch.",
         ),
     )(f)
 
