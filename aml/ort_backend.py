@@ -32,7 +32,7 @@ from aml.errors import UserError
 from aml.io import aml_home, atomic_path
 
 PARITY = 1e-5  # largest |difference| to the torch backend's L2-normalised vectors on the probe
-EXPORT_VERSION = 2  # 2: TF "same" padding as one Pad (stride > 1) or in the Conv (stride 1); bump on graph changes
+EXPORT_VERSION = 3  # 3: TF "same" padding in the Conv node (static pads, or auto_pad SAME_UPPER); bump on graph changes
 KEEP = 8  # cached graphs kept on disk (least recently used removed first)
 PROBE = (65, 48)  # (H, W) of the probe batch: an odd and an even side, both parities of TF "same" padding
 _MEMO_SIZE = 4  # sessions kept in this process (a teacher and a student, at two thread counts)

@@ -9,10 +9,12 @@ ONNX graph) and are swapped in with the original weights: outputs are identical,
 TF same padding along one axis of length i, stride s, effective kernel k_eff = (k - 1) d + 1:
     total(i) = max((ceil(i / s) - 1) s + k_eff - i, 0) = max(r + k_eff - s, 0),  r = (-i) mod s,
     left = total // 2, right = total - left.
-Only r depends on i: with stride 1 the padding is a constant (an odd kernel's symmetric (k_eff - 1) / 2
-goes into the Conv node itself), with a larger stride it is computed from the input's shape into one Pad
-node (dynamic pads in ONNX, no Slice). Fewer Pad nodes matter on onnxruntime's CPU: each one sits outside
-its blocked (NCHWc) convolution layout, so the maps are reordered out of it and back around every Pad.
+Only r depends on i. With stride 1 the padding is a constant: an odd kernel's symmetric (k_eff - 1) / 2 goes
+into the Conv itself. With a larger stride the ONNX export writes one Conv with auto_pad=SAME_UPPER, whose
+definition (output ceil(i / s), the extra pixel at the end) is TF's, the runtime computing it at every size;
+eager and TorchScript compute it from the input's shape into one Pad. No Pad nodes matter on onnxruntime's CPU:
+each one sits outside its blocked (NCHWc) convolution layout, so the maps are reordered out of it and back in
+around every Pad (lite2 at 240x320, 1 thread: 1.8x faster than the earlier pad-and-slice graph).
 """
 
 from __future__ import annotations
@@ -72,14 +74,43 @@ class SameConv2d(nn.Conv2d):
         k_eff = self.same.k_eff
         if self.stride == (1, 1) and all(k % 2 for k in k_eff):
             # stride 1, odd kernel: TF "same" is the symmetric (k_eff - 1) / 2 at every size, so it stays in
-            # the Conv node (no Pad / Slice in the graph, which onnxruntime's NCHWc layout would reorder around)
+            # the Conv node (no Pad node, which onnxruntime's NCHWc layout would reorder around)
             self.padding = tuple((k - 1) // 2 for k in k_eff)
             self.same = None
+        # what ONNX auto_pad takes (onnxruntime: no dilation; k_eff >= s: the padding is never negative)
+        self._auto_pad = self.dilation == (1, 1) and all(k >= s for k, s in zip(k_eff, self.stride, strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same is None:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if torch.onnx.is_in_onnx_export() and self._auto_pad:
+            # TorchScript traces the Pad instead (it cannot save a Python function)
+            return _SameUpperConv.apply(x, self.weight, self.bias, self.stride, self.dilation, self.groups)
         return F.conv2d(self.same(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _SameUpperConv(torch.autograd.Function):
+    """A strided TF-"same" convolution traced as one ONNX Conv with auto_pad=SAME_UPPER: ONNX's definition of
+    that padding (output ceil(i / s), the odd pixel at the end) is TF's, computed by the runtime at every size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, dilation, groups):  # noqa: ANN001, ANN205 - autograd.Function API
+        same = TFSamePad(weight.shape[-2:], stride, dilation)
+        return F.conv2d(same(x), weight, bias, stride, 0, dilation, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, stride, dilation, groups):  # noqa: ANN001, ANN205 - ONNX symbolic API
+        k = weight.type().sizes()[-2:]
+        inputs = [x, weight] + ([bias] if bias is not None and not bias.node().mustBeNone() else [])
+        return g.op(
+            "Conv",
+            *inputs,
+            auto_pad_s="SAME_UPPER",
+            kernel_shape_i=list(k),
+            strides_i=list(stride),
+            dilations_i=list(dilation),
+            group_i=groups,
+        )
 
 
 class SameMaxPool2d(nn.Module):
