@@ -77,8 +77,7 @@ def auto_workers(n: int, batch_size: int, device: torch.device | None = None) ->
 
 def choose_backend(settings: ExtractSettings, n: int, device: torch.device | None = None) -> str:
     """The backend an extraction of `n` images runs on: `settings.backend`, with auto resolved to onnxruntime on
-    the CPU for at least ORT_MIN_IMAGES images when onnxruntime is installed, else torch. Callers that extract
-    one list in chunks (the teacher cache) resolve it once, for the whole list."""
+    the CPU for at least ORT_MIN_IMAGES images when onnxruntime is installed, else torch."""
     from aml import ort_backend
 
     dev = resolve_device(settings.device) if device is None else device
@@ -150,20 +149,22 @@ def extract(
     *,
     bbxs: Sequence[Bbx] | None = None,
     lw: Lw | None = None,
+    list_size: int | None = None,
 ) -> np.ndarray:
     """Embed images into an (N, D) float32 array of L2-normalised rows, in input order.
 
     Each image is loaded as `load_image(path, settings.image_size, bbx)`; images of equal size are batched
     together, which gives the vectors of a batch-size-1 loop. `lw` applies learned whitening after the
     multi-scale combination. The model is moved to `settings.device` and used in eval mode (its train/eval
-    mode is restored afterwards).
+    mode is restored afterwards). `list_size`: the length of the whole list when this call extracts a chunk
+    of it (the teacher cache), so that auto picks one backend for the list (default: len(paths)).
     """
     image_size, scales, batch_size = settings.image_size, settings.scales, settings.batch_size
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
     check_bbxs(bbxs, n)
     dev = resolve_device(settings.device)
-    backend = choose_backend(settings, n, dev)
+    backend = choose_backend(settings, n if list_size is None else list_size, dev)
     dim = int(model.dim)
     if lw is not None:
         lw.check(dim)

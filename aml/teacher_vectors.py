@@ -68,7 +68,7 @@ class TeacherVectors:
 
     def get(self, paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
         """(N, D) teacher vectors of `paths` (query crops `bbxs`), a read-only memmap in list order."""
-        from aml.extract import choose_backend, extract
+        from aml.extract import extract
 
         paths = list(paths)
         st = self.settings
@@ -76,13 +76,13 @@ class TeacherVectors:
         cache = FeatureCache(self.cache_dir, key, len(paths), self.dim, self.dtype)
         main = self.dist is None or self.dist.main
         if main:  # returns at once when complete; waits when another process builds it; rebuilds a corrupt one
-            chunk = st.replace(progress=False, backend=choose_backend(st, len(paths)))  # one backend for the list
             cache.build(
                 lambda idx: extract(
                     self.net(),
                     [paths[i] for i in idx],
-                    chunk,
+                    st.replace(progress=False),
                     bbxs=None if bbxs is None else [bbxs[i] for i in idx],
+                    list_size=len(paths),  # one backend for the whole list
                 ),
                 progress=st.progress,
             )

@@ -144,6 +144,14 @@ def test_backend_choice():
         choose_backend(auto.replace(backend="onnxruntime"), 1, torch.device("cuda"))
 
 
+def test_list_size_picks_the_backend_of_the_whole_list(net, images):
+    """A chunk of a long list (the teacher cache's) runs on the backend auto picks for the whole list."""
+    extract(net, images[:2], ExtractSettings(64, progress=False))
+    assert not ort_backend._memo  # 2 images: torch
+    extract(net, images[:2], ExtractSettings(64, progress=False), list_size=ORT_MIN_IMAGES)
+    assert len(ort_backend._memo) == 1
+
+
 def test_auto_without_onnxruntime_is_torch(monkeypatch):
     monkeypatch.setattr(ort_backend, "available", lambda: False)
     assert choose_backend(ExtractSettings(64), 10**6, torch.device("cpu")) == "torch"
