@@ -1,7 +1,10 @@
 """The one extraction path: image list -> (N, D) L2-normalised float32 descriptors, in input order.
 
-Images are decoded by DataLoader workers and batched only with images of the same size (so a batch gives
-exactly the vectors of batch-size-1 extraction); multi-scale and Lw whitening follow SPEC §3 / cirtorch.
+Images are batched only with images of the same size (so a batch gives exactly the vectors of batch-size-1
+extraction); multi-scale and Lw whitening follow SPEC §3 / cirtorch. Two backends run the network
+(`ExtractSettings.backend`, resolved by `choose_backend`): torch (images decoded by DataLoader workers), or
+onnxruntime on the CPU (`aml.ort_backend`: the model's cached fp32 ONNX graph; each of `ort_threads()` threads
+decodes a batch and runs it, so decoding overlaps inference without more threads than the budget).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,11 +23,25 @@ from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_siz
 from aml.errors import UserError
 from aml.nn import l2n, rescale
 from aml.progress import progress_bar
-from aml.settings import CPU_BATCH, MULTISCALE, ExtractSettings
+from aml.settings import CPU_BATCH, MULTISCALE, ORT_MIN_IMAGES, ExtractSettings
 from aml.threads import available_cores, intra_op_threads
 from aml.whiten import Lw
 
-__all__ = ["MULTISCALE", "ExtractSettings", "embed", "extract", "resolve_device", "to_tensor", "torch_groups"]
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from aml.ort_backend import OrtForward
+
+__all__ = [
+    "MULTISCALE",
+    "ExtractSettings",
+    "choose_backend",
+    "embed",
+    "extract",
+    "resolve_device",
+    "to_tensor",
+    "torch_groups",
+]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,6 +76,23 @@ def auto_workers(n: int, batch_size: int, device: torch.device | None = None) ->
     if n <= batch_size or (device is not None and device.type == "cpu" and cores <= 4):
         return 0
     return min(8, max(1, cores - 1))
+
+
+def choose_backend(settings: ExtractSettings, n: int, device: torch.device | None = None) -> str:
+    """The backend an extraction of `n` images runs on: `settings.backend`, with auto resolved to onnxruntime on
+    the CPU for at least ORT_MIN_IMAGES images when onnxruntime is installed, else torch."""
+    from aml import ort_backend
+
+    dev = resolve_device(settings.device) if device is None else device
+    if settings.backend == "onnxruntime":
+        if dev.type != "cpu":
+            raise UserError(f"--backend onnxruntime: runs on the CPU, not {dev}; use --device cpu or --backend auto")
+        if not ort_backend.available():
+            raise UserError("--backend onnxruntime: onnxruntime is not installed; pip install onnxruntime")
+    if settings.backend != "auto":
+        return settings.backend
+    use_ort = dev.type == "cpu" and n >= ORT_MIN_IMAGES and ort_backend.available()
+    return "onnxruntime" if use_ort else "torch"
 
 
 def embed(model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
@@ -117,23 +152,26 @@ def extract(
     *,
     bbxs: Sequence[Bbx] | None = None,
     lw: Lw | None = None,
+    list_size: int | None = None,
 ) -> np.ndarray:
     """Embed images into an (N, D) float32 array of L2-normalised rows, in input order.
 
     Each image is loaded as `load_image(path, settings.image_size, bbx)`; images of equal size are batched
     together, which gives the vectors of a batch-size-1 loop. `lw` applies learned whitening after the
     multi-scale combination. The model is moved to `settings.device` and used in eval mode (its train/eval
-    mode is restored afterwards).
+    mode is restored afterwards). `list_size`: the length of the whole list when this call extracts a chunk
+    of it (the teacher cache), so that auto picks one backend for the list (default: len(paths)).
     """
     image_size, scales, batch_size = settings.image_size, settings.scales, settings.batch_size
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
     check_bbxs(bbxs, n)
     dev = resolve_device(settings.device)
+    backend = choose_backend(settings, n if list_size is None else list_size, dev)
     dim = int(model.dim)
     if lw is not None:
         lw.check(dim)
-    out = np.empty((n, dim), dtype=np.float32)
+    out = np.empty((n, dim if lw is None else lw.dim), dtype=np.float32)  # an Lw may reduce the dimension
     if n == 0:
         return out
     with ThreadPoolExecutor(max_workers=min(8, intra_op_threads())) as pool:
@@ -143,28 +181,83 @@ def extract(
     if dev.type == "cpu":
         batch_size = min(batch_size, CPU_BATCH)
     batches = size_batches(np.asarray(sizes), batch_size)
-    workers = auto_workers(n, batch_size, dev) if settings.workers is None else settings.workers
-    loader = torch.utils.data.DataLoader(
-        _Images(paths, image_size, bbxs, model.mean, model.std),
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_keep,
-        pin_memory=dev.type == "cuda",
-    )
+    images = _Images(paths, image_size, bbxs, model.mean, model.std)
     fmt = torch.channels_last  # faster on both: CPU 2.9x at batch 1 for lite2 (8.8 -> 25.7 images/s)
     was_training = model.training
     model.eval().to(dev, memory_format=fmt)
     bar = progress_bar(n, "extract", "img", enabled=settings.progress)
     try:
-        with torch.inference_mode():
-            for items in loader:
-                for idx, x in torch_groups(items):
-                    v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
-                    if lw is not None:
-                        v = lw.apply_torch(v)
-                    out[idx] = v.float().cpu().numpy()
-                bar.update(len(items))
+        fwd, threads = _ort_forward(model, settings, len(batches)) if backend == "onnxruntime" else (None, 0)
+        if fwd is not None:
+            _run_ort(fwd, images, batches, scales, lw, out, bar, threads)
+        else:
+            workers = auto_workers(n, batch_size, dev) if settings.workers is None else settings.workers
+            _run_torch(model, images, batches, scales, lw, out, bar, workers, dev, fmt)
     finally:
         bar.close()
         model.train(was_training)
     return out
+
+
+def _ort_forward(model: nn.Module, settings: ExtractSettings, n_batches: int) -> tuple[OrtForward | None, int]:
+    """(onnxruntime forward or None: torch, calling threads): the thread budget goes to parallel batches first,
+    what is left to each run's intra-op threads."""
+    from aml.ort_backend import ort_forward, ort_threads
+
+    budget = ort_threads()
+    workers = max(1, min(budget, n_batches))
+    required = settings.backend == "onnxruntime"
+    return ort_forward(model, threads=budget // workers, required=required, log=settings.progress), workers
+
+
+def _run_torch(
+    model: nn.Module,
+    images: _Images,
+    batches: list[np.ndarray],
+    scales: Sequence[float],
+    lw: Lw | None,
+    out: np.ndarray,
+    bar: tqdm,
+    workers: int,
+    dev: torch.device,
+    fmt: torch.memory_format,
+) -> None:
+    """The torch backend: DataLoader workers decode, the model runs each same-size batch on `dev`."""
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=batches, num_workers=workers, collate_fn=_keep, pin_memory=dev.type == "cuda"
+    )
+    with torch.inference_mode():
+        for items in loader:
+            for idx, x in torch_groups(items):
+                v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
+                if lw is not None:
+                    v = lw.apply_torch(v)
+                out[idx] = v.float().cpu().numpy()
+            bar.update(len(items))
+
+
+def _run_ort(
+    fwd: OrtForward,
+    images: _Images,
+    batches: list[np.ndarray],
+    scales: Sequence[float],
+    lw: Lw | None,
+    out: np.ndarray,
+    bar: tqdm,
+    workers: int,
+) -> None:
+    """The onnxruntime backend: each of `workers` threads decodes a batch and runs it (both release the GIL)."""
+
+    def run(batch: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
+        with torch.inference_mode():  # thread-local: entered in the worker
+            done = []
+            for idx, x in torch_groups([images[int(i)] for i in batch]):
+                v = embed(fwd, x, scales)
+                done.append((idx, (lw.apply_torch(v) if lw is not None else v).float().numpy()))
+            return done
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in pool.map(run, batches):
+            for idx, v in done:
+                out[idx] = v
+                bar.update(len(idx))

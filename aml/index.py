@@ -524,6 +524,7 @@ def add_images(
     weights: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> int:
     """Append the teacher vectors of `paths` to an opened index with the settings of its manifest (the teacher
     identity is checked), then save its next generation; returns the number added."""
@@ -532,7 +533,9 @@ def add_images(
     from aml.teacher_vectors import TeacherVectors
 
     src, meta = index.meta.get("source") or {}, index.meta
-    settings = ExtractSettings(meta["image_size"], tuple(meta["scales"]), batch_size, workers, device, progress)
+    settings = ExtractSettings(
+        meta["image_size"], tuple(meta["scales"]), batch_size, workers, device, progress, backend
+    )
     t = TeacherVectors(
         src.get("teacher") or meta["teacher"]["name"],
         settings,

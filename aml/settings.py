@@ -1,8 +1,9 @@
 """Extraction settings, named once and torch-free (the CLI reads its defaults here without importing torch).
 
 `ExtractSettings` is what every extraction carries (`aml.extract.extract`, `TeacherVectors`, `QuickEval`,
-`evaluate_models`): image size, scales, batch size, workers, device, progress. The image size and the scales
-are also part of the teacher cache key.
+`evaluate_models`, the trainer's mining pass): image size, scales, batch size, workers, device, progress,
+backend. The image size and the scales are also part of the teacher cache key (the backend is not: both
+backends give the same vectors, within `aml.ort_backend.PARITY`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
 CPU_BATCH = 4
 DEVICES = "auto, cpu, cuda or cuda:N"  # what `--device` accepts (resolved by `aml.extract.resolve_device`)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# What runs the network in `aml.extract.extract`: torch, or onnxruntime on an fp32 ONNX export of the model
+# (CPU only). auto: onnxruntime on the CPU for lists of at least ORT_MIN_IMAGES images when onnxruntime is
+# installed and the model exports, torch otherwise (a GPU, a short list: the one-off export would not pay).
+BACKENDS = ("auto", "torch", "onnxruntime")
+ORT_MIN_IMAGES = 128
 
 
 def check_device(device: str, option: str = "--device") -> str:
@@ -30,10 +36,18 @@ def check_device(device: str, option: str = "--device") -> str:
     return str(device)
 
 
+def check_backend(backend: str, option: str = "--backend") -> str:
+    """`backend` if it is one of BACKENDS, else a one-line UserError (checked before any work)."""
+    if backend not in BACKENDS:
+        raise UserError(f"{option} {backend}: unknown extraction backend; use {', '.join(BACKENDS)}")
+    return backend
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """How images become vectors: longest side `image_size`, `scales`, images per forward (`batch_size`,
-    capped at CPU_BATCH on the CPU), decoding `workers` (None: automatic), `device` (auto | cpu | cuda[:N])."""
+    capped at CPU_BATCH on the CPU), decoding `workers` (None: automatic; the torch backend's), `device` (auto |
+    cpu | cuda[:N]), `backend` (BACKENDS: auto | torch | onnxruntime)."""
 
     image_size: int
     scales: tuple[float, ...] = (1.0,)
@@ -41,8 +55,10 @@ class ExtractSettings:
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        check_backend(self.backend)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "image_size", int(self.image_size))
         if self.workers is not None and self.workers < 0:

@@ -82,6 +82,7 @@ class TeacherVectors:
                     [paths[i] for i in idx],
                     st.replace(progress=False),
                     bbxs=None if bbxs is None else [bbxs[i] for i in idx],
+                    list_size=len(paths),  # one backend for the whole list
                 ),
                 progress=st.progress,
             )

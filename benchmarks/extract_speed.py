@@ -1,9 +1,13 @@
-"""Images/s of `aml.extract.extract` (size-bucketed batches, DataLoader workers) against the plain
-per-image batch-size-1 loop, same images and settings, side by side in one run; medians of repeats. The thread
-setting (`--threads`, through `aml.threads`) is printed; the torch threads each variant ran with are recorded and
-no ratio is printed between variants that ran with different counts.
+"""Images/s of `aml.extract.extract` on each backend (torch; onnxruntime on the model's cached fp32 ONNX graph)
+against the plain per-image batch-size-1 torch loop, same images and settings, interleaved in one run; medians
+of repeats; the vectors of each variant compared with the loop's (max |difference|, must be <= 1e-5). The thread
+setting (`--threads`, through `aml.threads`) is printed; the threads each variant ran with are recorded and no
+ratio is printed between variants that ran with different counts.
 
     .venv/bin/python benchmarks/extract_speed.py --model lite2 --image-size 362 --n 100
+
+The onnxruntime rows are timed with the graph already exported (the one-off export, printed on its own, is
+what a first run on a model pays; the ONNX cache in $AML_HOME/cache/onnx makes it once per model state).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aml import ort_backend
 from aml.allocator import keep_freed_memory
 from aml.data.images import load_image
 from aml.errors import UserError
@@ -26,6 +31,7 @@ from aml.registry import create_model
 from aml.threads import HELP, benchmark_threads, check_comparable
 
 UKBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ukbench" / "jpg"
+PARITY = 1e-5
 
 
 def image_paths(n: int, folder: Path) -> tuple[list[str], str]:
@@ -62,7 +68,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=-1, help="-1: extract's automatic choice")
+    ap.add_argument("--workers", type=int, default=-1, help="-1: extract's automatic choice (torch backend)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
@@ -76,42 +82,55 @@ def main() -> None:
             f"{args.model} at {args.image_size} px on {device}, {len(paths)} images ({source}), "
             f"batch {args.batch_size}, workers {args.workers}\n{setting}"
         )
-        # warm-up (first-call kernel selection)
-        extract(model, paths[:8], ExtractSettings(args.image_size, workers=0, device=str(device), progress=False))
-        rates: dict[str, list[float]] = {"per-image bs=1": [], "extract": []}
-        threads: dict[str, set[int]] = {k: set() for k in rates}  # torch threads each variant ran with
+
+        def settings(backend: str, workers: int = args.workers) -> ExtractSettings:
+            return ExtractSettings(
+                args.image_size, batch_size=args.batch_size, workers=workers, device=str(device), progress=False,
+                backend=backend,
+            )  # fmt: skip
+
+        backends = ["torch"] + (["onnxruntime"] if device.type == "cpu" and ort_backend.available() else [])
+        # warm-up (first-call kernel selection) and, for onnxruntime, the one-off export, timed on its own
+        extract(model, paths[:8], settings("torch", workers=0))
+        if "onnxruntime" in backends:
+            digest = ort_backend.model_digest(model)
+            (ort_backend.cache_dir() / f"{digest}.onnx").unlink(missing_ok=True)  # time a real export
+            ort_backend._memo.clear()
+            t = time.perf_counter()
+            fwd = ort_backend.ort_forward(model.eval().to(memory_format=torch.channels_last), required=True)
+            total = time.perf_counter() - t
+            print(f"  onnxruntime one-off: export {fwd.export_s:.1f} s, with session and probe check {total:.1f} s")
+            extract(model, paths[:8], settings("onnxruntime"))
+        rates: dict[str, list[float]] = {"per-image bs=1": [], **{f"extract {b}": [] for b in backends}}
+        diffs: dict[str, float] = {}
+        threads: dict[str, set[int]] = {k: set() for k in rates}  # the threads each variant ran with
         for _ in range(args.repeats):
             t = time.perf_counter()
             ref = per_image_loop(model, paths, args.image_size, device)
             rates["per-image bs=1"].append(len(paths) / (time.perf_counter() - t))
             threads["per-image bs=1"].add(torch.get_num_threads())
-            t = time.perf_counter()
-            got = extract(
-                model,
-                paths,
-                ExtractSettings(
-                    args.image_size,
-                    batch_size=args.batch_size,
-                    workers=args.workers,
-                    device=str(device),
-                    progress=False,
-                ),
-            )
-            rates["extract"].append(len(paths) / (time.perf_counter() - t))
-            threads["extract"].add(torch.get_num_threads())
+            for b in backends:
+                t = time.perf_counter()
+                got = extract(model, paths, settings(b))
+                rates[f"extract {b}"].append(len(paths) / (time.perf_counter() - t))
+                threads[f"extract {b}"].add(torch.get_num_threads() if b == "torch" else ort_backend.ort_threads())
+                diffs[b] = max(diffs.get(b, 0.0), float(np.abs(got - ref).max()))
         med = {k: statistics.median(v) for k, v in rates.items()}
+        base = med["per-image bs=1"]
         for k, v in rates.items():
-            print(f"  {k:16s} median {med[k]:8.1f} img/s   runs {', '.join(f'{r:.1f}' for r in v)}")
+            print(f"  {k:20s} median {med[k]:7.1f} img/s   runs {', '.join(f'{r:.1f}' for r in v)}")
         try:
             if any(len(v) > 1 for v in threads.values()):
-                raise UserError(f"the torch thread count changed between repeats ({threads}); no ratio is printed")
+                raise UserError(f"the thread count changed between repeats ({threads}); no ratio is printed")
             check_comparable({k: min(v) for k, v in threads.items()})
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
-        print(
-            f"  ratio extract / per-image: {med['extract'] / med['per-image bs=1']:.2f}x   "
-            f"max |difference| {np.abs(got - ref).max():.2e}"
-        )
+        for k in rates:
+            if k != "per-image bs=1":
+                print(f"  ratio {k} / per-image: {med[k] / base:.2f}x")
+        for b, d in diffs.items():
+            verdict = "ok" if d <= PARITY else "ABOVE"
+            print(f"  extract {b}: max |difference| to the loop {d:.2e} ({verdict}: <= {PARITY:g})")
 
 
 if __name__ == "__main__":

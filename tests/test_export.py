@@ -7,6 +7,7 @@ import math
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -69,13 +70,19 @@ def test_tf_same_pad_matches_definition_at_all_sizes(k, s, d):
         assert torch.equal(pad(x), tf_same_reference(x, k, s, d)), (k, s, d, h, w)
 
 
-def test_tf_same_pad_stays_dynamic_in_onnx(tmp_path):
-    conv = SameConv2d(3, 4, 5, stride=2).eval()
+@pytest.mark.parametrize(
+    "k,s,d,pads", [(5, 2, 1, 0), (3, 2, 1, 0), (2, 2, 1, 0), (3, 2, 2, 1), (3, 1, 1, 0), (1, 2, 1, 1)]
+)
+def test_tf_same_pad_stays_dynamic_in_onnx(tmp_path, k, s, d, pads):
+    """Strided: one Conv with auto_pad SAME_UPPER (a Pad where auto_pad does not apply: dilated, or k_eff < s);
+    stride 1: static pads in the Conv."""
+    conv = SameConv2d(3, 4, k, stride=s, dilation=d).eval()
     export_onnx(conv, tmp_path / "c.onnx", torch.randn(1, 3, 16, 16))
+    assert [n.op_type for n in onnx.load(str(tmp_path / "c.onnx")).graph.node].count("Pad") == pads
     sess = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
     for h, w in [(17, 16), (15, 21), (30, 9)]:
         x = torch.randn(2, 3, h, w)
-        want = F.conv2d(tf_same_reference(x, 5, 2, 1), conv.weight, conv.bias, stride=2)
+        want = F.conv2d(tf_same_reference(x, k, s, d), conv.weight, conv.bias, stride=s, dilation=d)
         got = sess.run(None, {"images": x.numpy()})[0]
         np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5)
 

@@ -1,9 +1,9 @@
 """Click options shared by the commands, with defaults taken from the library (never typed twice).
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
-`runtime_options` (--batch-size, --workers, --device, --threads), `extraction_options` (both), `threads_option`,
-`whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`, `json_option`,
-`quiet_option`, `trust_pickle_option`; and the
+`runtime_options` (--batch-size, --workers, --device, --backend, --threads), `extraction_options` (both),
+`threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`,
+`json_option`, `quiet_option`, `trust_pickle_option`; and the
 helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
 uses some of them, and the library constants are imported from torch-free modules only.
 """
@@ -19,7 +19,16 @@ import click
 
 from aml.data.images import read_image_list
 from aml.errors import UserError
-from aml.settings import BATCH_SIZE, CPU_BATCH, DEVICES, MULTISCALE, ExtractSettings, check_device
+from aml.settings import (
+    BACKENDS,
+    BATCH_SIZE,
+    CPU_BATCH,
+    DEVICES,
+    MULTISCALE,
+    ORT_MIN_IMAGES,
+    ExtractSettings,
+    check_device,
+)
 from aml.whiten import FIRST
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,10 +87,16 @@ def read_images(images: str, bbx: str | None) -> tuple[list[str], list | None]:
 
 
 def extract_settings(
-    image_size: int, scales: tuple[float, ...], batch_size: int, workers: int, device: str, quiet: bool
+    image_size: int,
+    scales: tuple[float, ...],
+    batch_size: int,
+    workers: int,
+    device: str,
+    quiet: bool,
+    backend: str = "auto",
 ) -> ExtractSettings:
     """The `ExtractSettings` of `extraction_options` (progress shown unless --quiet: `aml.progress`)."""
-    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet)
+    return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet, backend)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -164,7 +179,8 @@ def threads_option(f: F) -> F:
 
 
 def runtime_options(f: F) -> F:
-    """`--batch-size` (images per forward), `--workers`, `--device`, `--threads`."""
+    """`--batch-size` (images per forward), `--workers`, `--device`, `--backend` (what runs the network),
+    `--threads`."""
     return _stack(
         click.option(
             "--batch-size",
@@ -176,6 +192,14 @@ def runtime_options(f: F) -> F:
         click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
         click.option(
             "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS),
+            default="auto",
+            show_default=True,
+            help="What runs the network: onnxruntime runs a cached fp32 ONNX export on the CPU (same vectors "
+            f"within 1e-5); auto: onnxruntime on the CPU for {ORT_MIN_IMAGES}+ images, else torch.",
         ),
         threads_option,
     )(f)

@@ -38,6 +38,7 @@ def command(
     batch_size: int,
     workers: int,
     device: str,
+    backend: str,
     whiten: str | None,
     out: str,
     quiet: bool,
@@ -52,7 +53,7 @@ def command(
 
     check_writable_file(out, "--out")
     paths, bbxs = read_images(images, bbx)
-    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet)
+    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet, backend)
     model = create_model(model_name, weights=weights, random_init=random_init)
     lw = Lw.from_spec(whiten, settings.multiscale, lambda: model.meta) if whiten is not None else None
     vecs = extract(model, paths, settings, bbxs=bbxs, lw=lw)

@@ -63,7 +63,7 @@ def _check_images(paths: list[str], where: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
 @quiet_option()
 def build(
-    teacher, teacher_weights, random_init, images, image_size, scales, batch_size, workers, device, whiten,
+    teacher, teacher_weights, random_init, images, image_size, scales, batch_size, workers, device, backend, whiten,
     kind, nlist, m, nbits, nprobe, cache_dtype, cache_dir, out, overwrite, quiet,
 ) -> None:  # fmt: skip
     """Index the teacher's vectors of an image list (under torchrun: sharded across ranks, rank 0 writes)."""
@@ -78,7 +78,7 @@ def build(
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     paths = read_image_list(images)
     _check_images(paths, images)
-    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet)
+    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet, backend)
     t = _teacher(teacher, teacher_weights, random_init, settings, cache_dtype, cache_dir)
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
     params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
@@ -94,7 +94,7 @@ def build(
 @click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights file (when the index names one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
 @quiet_option()
-def add(db, images, batch_size, workers, device, teacher_weights, cache_dir, quiet) -> None:
+def add(db, images, batch_size, workers, device, backend, teacher_weights, cache_dir, quiet) -> None:
     """Append images to an index with the teacher settings its manifest records (atomically)."""
     from aml.data.images import read_image_list
     from aml.index import Index, add_images
@@ -103,7 +103,7 @@ def add(db, images, batch_size, workers, device, teacher_weights, cache_dir, qui
     paths = read_image_list(images)
     _check_images(paths, images)
     n = add_images(index, paths, batch_size=batch_size, workers=workers if workers >= 0 else None, device=device,
-                   weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
+                   backend=backend, weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
     click.echo(f"{db}: +{n} images, {len(index)} in all")
 
 

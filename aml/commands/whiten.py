@@ -46,6 +46,7 @@ def command(
     batch_size: int,
     workers: int,
     device: str,
+    backend: str,
     method: str,
     key: str | None,
     cache_dtype: str | None,
@@ -65,7 +66,7 @@ def command(
         variants["ms"] = scales
     lws = []
     for variant, s in variants.items():
-        settings = extract_settings(image_size, s, batch_size, workers, device, quiet)
+        settings = extract_settings(image_size, s, batch_size, workers, device, quiet, backend)
         vectors = TeacherVectors(
             teacher,
             settings,
