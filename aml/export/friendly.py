@@ -10,7 +10,10 @@ TF same padding along one axis of length i, stride s, effective kernel k_eff = (
     total(i) = max((ceil(i / s) - 1) s + k_eff - i, 0) = max(r + k_eff - s, 0),  r = (-i) mod s,
     left = total // 2, right = total - left.
 Only r depends on i, so we pad once by the largest left / right over r (constants) and slice the start
-and stop that the actual r asks for (a dynamic Slice in ONNX).
+and stop that the actual r asks for (a dynamic Slice in ONNX). With stride 1, r = 0 and total = k_eff - 1 at
+every size; for an odd k_eff that is symmetric, so `SameConv2d` passes it as the convolution's own padding
+(no Pad node: int8 QDQ graphs then keep the tensor quantised between convolutions, onnxruntime having no
+quantised Pad fusion).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class TFSamePad(nn.Module):
     def _max_left_right(k_eff: int, s: int) -> tuple[int, int]:
         totals = [max(r + k_eff - s, 0) for r in range(s)]
         return max(t // 2 for t in totals), max(t - t // 2 for t in totals)
+
+    @property
+    def static_padding(self) -> tuple[int, int] | None:
+        """(ph, pw) symmetric padding equal to this TF padding at every input size (stride 1, odd k_eff), else None."""
+        if self.s != (1, 1) or any(k % 2 == 0 for k in self.k_eff):
+            return None
+        return (self.k_eff[0] - 1) // 2, (self.k_eff[1] - 1) // 2
 
     def _window(self, i, axis: int):
         """(start, stop) of the TF-padded axis inside the generously padded one, for an axis of length i."""
@@ -83,6 +93,9 @@ class SameConv2d(nn.Conv2d):
         self.same = TFSamePad(self.kernel_size, self.stride, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        static = self.same.static_padding
+        if static is not None:
+            return F.conv2d(x, self.weight, self.bias, self.stride, static, self.dilation, self.groups)
         return F.conv2d(self.same(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
