@@ -1,7 +1,8 @@
 """The JSON sidecar beside an exported encoder: what the graph expects and what verification measured.
 
 Torch-free, bottom layer: written by `aml.export`, read by `aml.onnx_embed` (`aml embed`).
-`FILE.onnx` -> `FILE.onnx.json`. The export formats, precisions and the int8 calibration count are named here once.
+`FILE.onnx` -> `FILE.onnx.json`. The export formats, precisions, the int8 calibration count and latency check
+are named here once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from aml.io import write_json
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> file suffix
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list
+LATENCY_RUNS = 7  # paired fp32 / int8 runs an int8 export times (batch 1, its image size, 1 thread)
+MAX_INT8_RATIO = 0.6  # int8 is recommended when it runs in at most this share of the fp32 time
 SIDECAR_VERSION = 1
 REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher", "verification")
 

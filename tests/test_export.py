@@ -259,6 +259,7 @@ def test_low_precision_exports_report_cosine_and_map(tiny_set, precision):
         calib_images=ds.db_paths(),
         calib_count=4,
         map_tolerance=100.0,
+        latency_runs=1,
     )
     assert out.is_file() and sidecar_path(out).is_file()
     eq, rt = info["verification"]["equivalence"], info["verification"]["retrieval"]
@@ -272,11 +273,49 @@ def test_low_precision_exports_report_cosine_and_map(tiny_set, precision):
 
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        rep = read_sidecar(out)["int8"]
+        assert rep["convolutions"] == 50 and rep["kernels"]["int8_conv"] == 49  # lite0: all but the stem
+        assert rep["kernels"]["float_conv"] == 1 and rep["recipe"]["activations"] == "uint8"
+        lat = rep["latency"]
+        assert lat["size"] == SIZE and lat["runs"] == 1 and lat["fp32_ms"] > 0 and lat["int8_ms"] > 0
+        assert rep["recommend"] in ("int8", "fp32") and f"{lat['ratio']:.2f}x" in rep["message"]
     else:
         import onnx
 
         types = {i.data_type for i in onnx.load(str(out)).graph.initializer}
         assert onnx.TensorProto.FLOAT16 in types
+
+
+def test_int8_export_recommends_fp32_when_int8_does_not_pay(tiny_set, tmp_path, monkeypatch):
+    from aml.export import quant_report
+
+    _, ckpt, ds, db = tiny_set
+    seen = []
+
+    def slow_int8(fp32, int8, size, runs):
+        seen.append((size, runs))
+        lat = {"fp32_ms": 20.0, "int8_ms": 17.0, "ratio": 0.85, "size": size, "batch": 1, "runs": runs}
+        return lat | {"threads": 1, "cpu": quant_report.cpu_description()}
+
+    monkeypatch.setattr(quant_report, "paired_latency", slow_int8)
+    logs: list[str] = []
+    out = tmp_path / "slow.onnx"
+    info = pipeline.export_checkpoint(
+        ckpt,
+        precision="int8",
+        out=out,
+        verify_data_fn=_fixed(ds, db),
+        calib_images=ds.db_paths(),
+        calib_count=2,
+        map_tolerance=100.0,
+        latency_runs=3,
+        log=logs.append,
+    )
+    assert seen == [(SIZE, 3)] and out.is_file()  # written anyway: a recommendation, not a gate
+    rep = read_sidecar(out)["int8"]
+    assert rep["recommend"] == "fp32" and rep["latency"]["ratio"] == 0.85 and info["int8"] == rep
+    assert any("does not pay" in line and "0.85x" in line and "--precision fp32" in line for line in logs)
+    assert any(line.startswith("int8 kernels: 49 of 50") for line in logs)
 
 
 def test_retrieval_gate_fails_with_the_numbers(tiny_set):

@@ -6,7 +6,7 @@ import click
 
 from aml.commands._options import out_option, quiet_option, threads_option, trust_pickle_option, whiten_option
 from aml.errors import UserError
-from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
+from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PRECISIONS
 
 
 @click.command("export")
@@ -50,6 +50,14 @@ from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
     help="Calibration images drawn (seeded) from the list.",
 )
 @threads_option
+@click.option(
+    "--latency-runs",
+    type=click.IntRange(min=0),
+    default=LATENCY_RUNS,
+    show_default=True,
+    help="int8: paired batch-1 fp32 / int8 runs timed at the image size (1 thread); int8 slower than "
+    f"{MAX_INT8_RATIO:g}x fp32 is reported with a recommendation of fp32. 0 skips the timing.",
+)
 @quiet_option("Print only the result line.")
 @trust_pickle_option
 def command(
@@ -62,6 +70,7 @@ def command(
     verify_data: str | None,
     calib_images: str | None,
     calib_count: int,
+    latency_runs: int,
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
@@ -89,13 +98,19 @@ def command(
         verify_data=verify_data,
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
+        latency_runs=latency_runs,
         log=log,
     )
+    int8 = info.get("int8")
     if not quiet:
         for line in summary_lines(info["verification"]):
             click.echo(line)
+        if int8:
+            k = int8["kernels"]
+            click.echo(f"  int8 kernels: {k['int8_conv']} of {int8['convolutions']} convolutions; {int8['message']}")
     path = Path(checkpoint).with_name(info["file"]) if out is None else Path(out)
+    advice = f"; {int8['message']}" if int8 and int8["recommend"] == "fp32" else ""
     click.echo(
         f"{path}: {fmt} {precision}, {info['dim']}-d, image size {info['image_size']}, verified; "
-        f"sidecar {sidecar_path(path)}"
+        f"sidecar {sidecar_path(path)}{advice}"
     )

@@ -1,7 +1,8 @@
 """`export_checkpoint`: a student checkpoint -> a verified ONNX / TorchScript query encoder + JSON sidecar.
 
 Order: build the student from the checkpoint, swap export-friendly modules in, export into a temporary folder
-beside the output, verify (equivalence gate for fp32, retrieval gate for fp16 / int8), and only then move the
+beside the output, (int8) count its int8 kernels and time it against fp32 (`_int8_report`: a recommendation,
+not a gate), verify (equivalence gate for fp32, retrieval gate for fp16 / int8), and only then move the
 model and write the sidecar. A failed gate raises VerificationError with the numbers and leaves nothing.
 """
 
@@ -30,7 +31,7 @@ from aml.io import atomic_path, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.settings import ExtractSettings
-from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS, write_sidecar
+from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, write_sidecar
 from aml.whiten import Lw, teacher_lw
 
 
@@ -208,6 +209,34 @@ def _export_graph(
     return model, ort_runner(model)
 
 
+def _int8_report(fp32: Path, model: Path, size: int, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """What the int8 graph buys: its int8 / float kernels as onnxruntime runs them and, with `runs` > 0, the
+    paired fp32 / int8 latency at `size` and the precision recommended from it."""
+    from dataclasses import asdict
+
+    from aml.export import quant_report
+    from aml.export.quantize import Int8Recipe
+
+    kernels = quant_report.kernel_counts(model)
+    total = quant_report.kernel_counts(fp32)["float_conv"]
+    recipe = asdict(Int8Recipe())
+    report: dict[str, Any] = {
+        "recipe": recipe | {"ops": list(recipe["ops"])},
+        "kernels": kernels,
+        "convolutions": total,
+    }
+    log(
+        f"int8 kernels: {kernels['int8_conv']} of {total} convolutions run as int8 (float: "
+        f"{kernels['float_conv']}); {kernels['quantize']} Quantize / {kernels['dequantize']} Dequantize left"
+    )
+    if runs <= 0:
+        return report | {"latency": None, "recommend": None, "message": "int8 latency not measured"}
+    latency = quant_report.paired_latency(fp32, model, size, runs)
+    verdict = quant_report.int8_verdict(latency)
+    log(verdict["message"])
+    return report | {"latency": latency} | verdict
+
+
 def _sidecar_info(
     fmt: str,
     precision: str,
@@ -271,10 +300,16 @@ def export_checkpoint(
     calib_images: Sequence[str] | None = None,
     calib_count: int = CALIB_COUNT,
     map_tolerance: float = verify.MAP_TOLERANCE,
+    latency_runs: int = LATENCY_RUNS,
     verify_data_fn: Callable[..., VerifyData] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Export, verify and write `out` (+ `out.json` sidecar); returns the sidecar dict.
+
+    int8 also records (sidecar `int8`) how many convolutions onnxruntime runs as int8 kernels and, unless
+    `latency_runs` is 0, the paired batch-1 fp32 / int8 latency at the export's size: when int8 takes more
+    than `aml.sidecar.MAX_INT8_RATIO` of the fp32 time, it says so and recommends fp32 (the model is
+    still written).
 
     `whiten` (a `--whiten` value: `aml.whiten.FIRST`, a key of the teacher's meta['Lw'], or an Lw file) folds
     the teacher's single-scale Lw into the graph. The image size is `image_size`, else the checkpoint's test or
@@ -316,6 +351,9 @@ def export_checkpoint(
             f"export-friendly swaps: {swaps or 'none needed'}"
         )
         tmp_model, runner = _export_graph(fmt, precision, module, example, Path(tmp), calibration)
+        int8 = None
+        if precision == "int8":
+            int8 = _int8_report(Path(tmp) / "fp32.onnx", tmp_model, size, latency_runs, log)
         results["equivalence"] = verify.equivalence(
             torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
         )
@@ -330,6 +368,8 @@ def export_checkpoint(
         if failure:
             raise verify.VerificationError(failure)
         info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
+        if int8 is not None:
+            info["int8"] = int8
         # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
         # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
         info["sha256"] = sha256_file(tmp_model)

@@ -1,13 +1,34 @@
 """int8 static quantisation of an exported float32 ONNX encoder (onnxruntime.quantization, QDQ, per-channel).
 
-Only convolutions are quantised (their inputs and weights: the backbone and the 1x1 projection, nearly all
-of the compute); GeM, L2N and a folded Lw stay float32, so outputs stay unit vectors and the final
-whitening keeps full precision. The stem (the first convolution, which reads the normalised image: 3 input
-channels, a negligible share of the compute) also stays float32: quantising it cost most of the accuracy
-(measured, lite0 distilled on UKBench, asymmetric mAP vs fp32 23.92: stem int8 22.28, query cosine min
-0.927; stem float32 24.43, cosine 0.976; latency at 362 px 28.4 vs 27.7 ms; 128 calibration images,
-uint8 activations or percentile calibration did not help). Calibration runs the float32 graph on real,
-normalised images (MinMax ranges): calibrate on images like the ones the encoder will embed.
+What runs fast on onnxruntime's CPU provider decides the recipe (issue 16; counts with `aml.export.quant_report`):
+
+- uint8 activations, int8 weights. On x86 onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into an
+  int8 QLinearConv only for uint8 activations (`QDQIsInt8Allowed()` is true on ARM only); with int8
+  activations every convolution whose input tensor has several consumers (residual adds, Swish
+  `x * sigmoid(x)`, squeeze-excitation) stayed a float Conv between Q / DQ pairs and NHWC transposes, which
+  is why the first int8 export ran slower than float32.
+- The whole backbone is quantised, not only its convolutions: Clip / Relu (folded into the quantisation
+  range), the residual Add, Swish and SE (Sigmoid, Mul, GlobalAveragePool), and the Pad / Slice of TF
+  "same" padding (strided convolutions only: `aml.export.friendly` gives stride-1 ones no Pad), so tensors
+  stay uint8 from one convolution to the next (QLinearAdd, QLinearMul, QLinearSigmoid, ...). Without them
+  each float op costs a dequantise, a float pass and a quantise. Measured (UKBench, 224 px, int8 / fp32 at
+  batch 1): the same accuracy gate passes with a better query cosine than the first recipe.
+- The head stays float32: everything after the last convolution (GeM's x^p, L2N, a folded Lw), so outputs
+  stay unit vectors and the whitening keeps full precision. So does the stem (the first convolution, which
+  reads the normalised image, with its padding and activation up to the second convolution's input), but
+  for a stem that ends in a max-pool (ResNet; `STEM_POOLS`). With the first recipe (int8 activations)
+  quantising the stem cost 1.6 points (lite0 contr+ on UKBench, fp32 23.92: stem int8 22.28, float 24.43);
+  with this one it costs little, and float still tracks fp32 best (UKBench, 400 queries, asymmetric mAP M
+  int8 vs fp32 and query cosine min / mean: lite0 contr+ fp32 23.98: float stem 23.57, 0.9950 / 0.9991;
+  int8 stem 23.82, 0.9940 / 0.9988; lite0-init 0 epochs fp32 83.53: float stem 83.31, 0.9791 / 0.9954;
+  int8 stem 83.21, 0.9763 / 0.9938; the first recipe 83.93, 0.8801 / 0.9754). 7-bit weights
+  (`reduce_range`) lost accuracy on this VNNI machine (lite0 contr+ 23.30, cosine min 0.9731).
+- onnxruntime has no quantised Pad fusion: a `DequantizeLinear -> Pad -> QuantizeLinear` with one set of
+  quantisation parameters is rewritten as a Pad of the uint8 tensor with the zero point as its value
+  (`fold_qdq_pads`; exact), and a Shape that read a dequantised tensor reads the uint8 one.
+
+Calibration runs the float32 graph on real, normalised images (MinMax ranges): calibrate on images like the
+ones the encoder will embed.
 """
 
 from __future__ import annotations
@@ -15,10 +36,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -29,6 +52,26 @@ from onnxruntime.quantization import (
 )
 
 from aml.export.onnx_export import INPUT
+
+# The operator types quantised inside the backbone (onnxruntime fuses each with its Q / DQ neighbours).
+QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "Pad", "Slice")
+# A stem ending in one of these is quantised too: onnxruntime moves the first QuantizeLinear above a max-pool
+# (they commute) and then runs the pool on uint8 in NCHW, ~25x slower than the float one, unless the int8 stem
+# convolution before it puts the pool into the NHWC int8 chain (ResNet-18, 362 px, 1 thread: int8 / fp32
+# 0.56 with a float stem, 0.32 quantised).
+STEM_POOLS = ("MaxPool",)
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """The quantisation choices (the defaults are the export's; the others are for measuring alternatives)."""
+
+    activations: str = "uint8"  # "uint8" | "int8"
+    ops: tuple[str, ...] = QUANTIZED_OPS
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: for x86 without VNNI, where u8 x s8 products can saturate
+    float_stem: bool = True
+    fold_pads: bool = True
 
 
 class _Batches(CalibrationDataReader):
@@ -42,22 +85,152 @@ class _Batches(CalibrationDataReader):
         return None if x is None else {INPUT: np.ascontiguousarray(x, dtype=np.float32)}
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray]) -> None:
-    """Write a static int8 QDQ model (Conv but the stem, per-channel weights) calibrated on `batches`."""
+def _ancestors(graph: onnx.GraphProto, node: onnx.NodeProto) -> set[str]:
+    """Names of `node` and of every node it depends on."""
+    producer = {o: n for n in graph.node for o in n.output}
+    seen: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            stack += [producer[i] for i in n.input if i in producer]
+    return seen
+
+
+def float_nodes(graph: onnx.GraphProto, float_stem: bool = True) -> list[str]:
+    """Nodes the quantiser must leave float32: the head (after the last Conv) and, with `float_stem`, the stem
+    (the first Conv, what comes before it and what follows it up to the second Conv's input) unless the stem
+    ends in a MaxPool (see STEM_POOLS)."""
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if not convs:
+        return []
+    body = _ancestors(graph, convs[-1])
+    if float_stem and len(convs) > 1:
+        producer = {o: n for n in graph.node for o in n.output}
+        stem_out = producer.get(convs[1].input[0])
+        stem = _ancestors(graph, stem_out if stem_out is not None else convs[0])
+        if not any(n.op_type in STEM_POOLS for n in graph.node if n.name in stem):
+            body -= stem
+    return [n.name for n in graph.node if n.name not in body]
+
+
+def unshare_initializers(model: onnx.ModelProto) -> int:
+    """Give every consumer of a float initializer its own copy (the exporter merges equal constants, e.g. the
+    zero biases of a random-init net; quantising one consumer must not turn another's input into a
+    DequantizeLinear output, nor requantise a bias on another layer's scale); returns the copies made."""
+    g = model.graph
+    floats = {t.name: t for t in g.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    seen: set[str] = set()
+    made = 0
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name not in floats:
+                continue
+            if name in seen:
+                made += 1
+                copy = onnx.TensorProto()
+                copy.CopyFrom(floats[name])
+                copy.name = f"{name}_aml_copy{made}"
+                g.initializer.append(copy)
+                node.input[k] = copy.name
+            seen.add(name)
+    return made
+
+
+def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    found = next((t for t in graph.initializer if t.name == name), None)
+    return None if found is None else numpy_helper.to_array(found)
+
+
+def _same_params(graph: onnx.GraphProto, dq: onnx.NodeProto, q: onnx.NodeProto) -> bool:
+    """Whether a DequantizeLinear and a QuantizeLinear use one (per-tensor) scale and zero point."""
+    if len(dq.input) < 3 or len(q.input) < 3:
+        return False
+    a = [_initializer(graph, n) for n in dq.input[1:3]]
+    b = [_initializer(graph, n) for n in q.input[1:3]]
+    if any(v is None for v in a + b):
+        return False
+    return all(x.size == 1 and x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def fold_qdq_pads(model: onnx.ModelProto) -> int:
+    """Rewrite `DQ(x_q) -> Pad(constant 0) -> Q` with equal parameters as `Pad(x_q, value=zero point)` and point
+    Shape nodes at the quantised tensor instead of its dequantised copy; returns the number of rewrites."""
+    g = model.graph
+    nodes = list(g.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    gone: set[int] = set()  # ids of the nodes to remove
+    done = 0
+    for pad in [n for n in nodes if n.op_type == "Pad"]:
+        dq = producer.get(pad.input[0])
+        outs = consumers.get(pad.output[0], [])
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        value = _initializer(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or len(outs) != 1
+            or outs[0].op_type != "QuantizeLinear"
+            or mode != b"constant"
+            or value is None
+            or np.any(value != 0)
+            or not _same_params(g, dq, outs[0])
+        ):
+            continue
+        q = outs[0]
+        pad.input[:] = [dq.input[0], pad.input[1], dq.input[2], *pad.input[3:4]]  # [3]: axes (opset >= 18)
+        pad.output[0] = q.output[0]
+        gone.add(id(q))
+        done += 1
+    for shape in [n for n in nodes if n.op_type == "Shape"]:
+        dq = producer.get(shape.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            shape.input[0] = dq.input[0]
+            done += 1
+    used = {i for n in nodes if id(n) not in gone for i in n.input} | {o.name for o in g.output}
+    gone |= {id(n) for n in nodes if n.op_type == "DequantizeLinear" and n.output[0] not in used}
+    keep = [n for n in nodes if id(n) not in gone]
+    del g.node[:]
+    g.node.extend(keep)
+    return done
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    batches: Iterable[np.ndarray],
+    recipe: Int8Recipe = Int8Recipe(),
+) -> None:
+    """Write a static int8 QDQ model of the backbone (uint8 activations, per-channel int8 weights; stem and
+    head float32) calibrated on `batches`."""
+    if recipe.activations not in ("uint8", "int8"):
+        raise ValueError(f"activations {recipe.activations!r}; expected 'uint8' or 'int8'")
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
-        prepped = Path(tmp) / "prepped.onnx"
+        prepped, quantized = Path(tmp) / "prepped.onnx", Path(tmp) / "quantized.onnx"
         # shape inference + graph optimisation first, as onnxruntime recommends before static quantisation
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-        convs = [n.name for n in onnx.load(str(prepped)).graph.node if n.op_type == "Conv"]
+        model = onnx.load(str(prepped))
+        if unshare_initializers(model):
+            onnx.save(model, str(prepped))
         quantize_static(
             str(prepped),
-            str(out_path),
+            str(quantized),
             _Batches(batches),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv"],
-            nodes_to_exclude=convs[:1],
-            per_channel=True,
-            activation_type=QuantType.QInt8,
+            op_types_to_quantize=list(recipe.ops),
+            nodes_to_exclude=float_nodes(model.graph, recipe.float_stem),
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
+        model = onnx.load(str(quantized))
+        if recipe.fold_pads:
+            fold_qdq_pads(model)
+        onnx.save(model, str(out_path))
