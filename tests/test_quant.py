@@ -177,7 +177,9 @@ def test_stride_one_same_conv_exports_without_pad(tmp_path):
     for m, name in ((conv, "s1"), (strided, "s2")):
         export_onnx(m, tmp_path / f"{name}.onnx", torch.randn(1, 3, 16, 16))
     assert "Pad" not in {n.op_type for n in onnx.load(str(tmp_path / "s1.onnx")).graph.node}
-    assert "Pad" in {n.op_type for n in onnx.load(str(tmp_path / "s2.onnx")).graph.node}
+    s2 = onnx.load(str(tmp_path / "s2.onnx")).graph.node  # strided: one Conv with auto_pad SAME_UPPER, no Pad
+    assert "Pad" not in {n.op_type for n in s2}
+    assert [a.s for n in s2 if n.op_type == "Conv" for a in n.attribute if a.name == "auto_pad"] == [b"SAME_UPPER"]
     x = torch.randn(2, 3, 13, 18)
     with torch.no_grad():
         padded = torch.nn.functional.pad(x, [2, 2, 2, 2])  # TF "same" for k_eff 5, stride 1
