@@ -355,13 +355,13 @@ def _checkpoint_head(sd: Mapping[str, torch.Tensor]) -> tuple[str, int | None]:
     return "aml", None
 
 
-def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
+def _build(src: _Source, dim: int | None, head: str, layernorm: bool = False) -> RetrievalNet:
     entry, ckpt = src.entry, src.checkpoint
     channels = entry.feature_dim
     if ckpt is None:
         features = _features(entry, str(src.path) if src.path is not None else None)
         meta = default_meta(entry.architecture, dim or channels)
-        return RetrievalNet(features, channels, dim=dim, head=head, meta=meta)
+        return RetrievalNet(features, channels, dim=dim, head=head, layernorm=layernorm, meta=meta)
     sd = ckpt["state_dict"]
     ck_head, ck_dim = _checkpoint_head(sd)
     whiten = "whiten.weight" in sd
@@ -378,6 +378,7 @@ def _build(src: _Source, dim: int | None, head: str) -> RetrievalNet:
         dim=dim if new_head else ck_dim,
         head=head if new_head else ck_head,
         whiten=whiten,
+        layernorm=layernorm if new_head else None,  # a trained head keeps its checkpoint's (meta['layernorm'])
         meta=meta,
     )
     load_into(net, sd, src.path, optional=("proj.", "fc.") if new_head else ())
@@ -391,13 +392,15 @@ def create_model(
     weights: str | os.PathLike | None = None,
     dim: int | None = None,
     head: str = "aml",
+    layernorm: bool = False,
     random_init: bool = False,
     weights_option: str = "--weights",
 ) -> RetrievalNet:
     """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
 
     `role="student"` with `dim` adds a student head to `dim` (`head="aml"`: the AML projection Conv1x1 -> ReLU
-    before GeM; `head="linear"`: a Linear after GeM; a checkpoint keeps the head it was saved with);
+    before GeM; `head="linear"`: a Linear after GeM; `layernorm`: an affine-free LayerNorm before the last L2N;
+    a checkpoint keeps the head and the LayerNorm it was saved with);
     `role="teacher"` (the default, or the role recorded in an aml checkpoint) returns the net frozen, in
     eval mode. Networks are built under a fixed seed, so `random_init=True` is reproducible.
     """
@@ -407,7 +410,7 @@ def create_model(
         src = _resolve(name_or_path, weights, random_init, weights_option)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            net = _build(src, dim, head)
+            net = _build(src, dim, head, layernorm)
     finally:
         _memo.clear()
     saved = (src.checkpoint or {}).get("meta", {}).get("aml") or {}
