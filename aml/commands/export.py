@@ -43,6 +43,12 @@ from aml.sidecar import CALIB_COUNT, FORMATS, PRECISIONS
     help="int8 calibration image list, one path per line (default: the training images).",
 )
 @click.option(
+    "--binary",
+    is_flag=True,
+    help="Declare binary output in the sidecar: `aml embed` then writes packed sign bits (bit = value > 0); "
+    "the graph stays float (asymmetric search against a binary index keeps float queries).",
+)
+@click.option(
     "--calib-count",
     type=click.IntRange(min=1),
     default=CALIB_COUNT,
@@ -61,6 +67,7 @@ def command(
     verify_data: str | None,
     calib_images: str | None,
     calib_count: int,
+    binary: bool,
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
@@ -88,6 +95,7 @@ def command(
         verify_data=verify_data,
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
+        binary=binary,
         log=log,
     )
     if not quiet:
@@ -95,6 +103,7 @@ def command(
             click.echo(line)
     path = Path(checkpoint).with_name(info["file"]) if out is None else Path(out)
     click.echo(
-        f"{path}: {fmt} {precision}, {info['dim']}-d, image size {info['image_size']}, verified; "
+        f"{path}: {fmt} {precision}, {info['dim']}-d{', binary output' if binary else ''}, image size "
+        f"{info['image_size']}, verified; "
         f"sidecar {sidecar_path(path)}"
     )
