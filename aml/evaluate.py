@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from aml.binary import asymmetric_search, balance_warning, check_codes, code_bytes, hamming_search, pack_bits
 from aml.cache import DEFAULT_DTYPE
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
@@ -32,6 +33,12 @@ FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
 TRUNCATED_TOPK = 10_000  # ranking depth for larger databases (R1M)
 ROWS = ("teacher", "student", "asymmetric")
 ROW_TITLES = {"teacher": "teacher (sym)", "student": "student (sym)", "asymmetric": "asymmetric (s->t)"}
+# `--binary`: the teacher's database as sign bits (aml.binary), searched by float queries (asymmetric scoring)
+# and by binarised queries (Hamming); per float row that has a teacher database.
+BINARY_ROWS = {
+    "teacher": ("teacher float->bits", "teacher hamming"),
+    "asymmetric": ("asymmetric float->bits", "asymmetric hamming"),
+}
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -120,16 +127,58 @@ def evaluate_features(
         check_features(distractors, distractors.shape[0], names[2], dim=db.shape[1], **kw)
     parts = [db] if distractors is None else [db, distractors]
     n_db = sum(p.shape[0] for p in parts)
+    k = _depth(topk, n_db)
+    ranks, sims = search(parts, queries, k, device=device, return_scores=True)
+    out, scores = _scored(dataset, ranks, n_db, k)
+    return (out, Ranking(ranks, sims, scores)) if return_ranking else out
+
+
+def _depth(topk: int | None, n_db: int) -> int:
     k = default_topk(n_db) if topk is None else min(int(topk), n_db)
     if k < 1:
         raise UserError(f"topk={topk}: the ranking depth must be at least 1")
-    ranks, sims = search(parts, queries, k, device=device, return_scores=True)
+    return k
+
+
+def evaluate_binary(
+    dataset: Revisitop,
+    codes: np.ndarray,
+    queries: np.ndarray,
+    *,
+    hamming: bool = False,
+    topk: int | None = None,
+    distractors: np.ndarray | None = None,
+    names: tuple[str, str, str] = ("database codes", "query features", "distractor codes"),
+) -> dict[str, Any]:
+    """`evaluate_features` against a binary database: packed sign bits `codes` (N_db, ceil(D/8)) uint8 (+ distractor
+    codes), searched by the float `queries` (Q, D) (asymmetric scoring, `aml.binary`) or, with `hamming`, by
+    their own sign bits (Hamming distance)."""
+    dim = queries.shape[1] if queries.ndim == 2 else 0
+    check_features(queries, len(dataset.qimlist), f"{names[1]} ({dataset.name} qimlist order)", unit=False)
+    parts = [check_codes(np.asarray(codes), dim, f"{names[0]} ({dataset.name} imlist order)")]
+    if parts[0].shape[0] != len(dataset.imlist):
+        raise UserError(f"{names[0]}: {parts[0].shape[0]} rows, expected {len(dataset.imlist)}")
+    if distractors is not None:
+        parts.append(check_codes(np.asarray(distractors), dim, names[2]))
+    n_db = sum(p.shape[0] for p in parts)
+    k = _depth(topk, n_db)
+    if hamming:
+        ranks = hamming_search(pack_bits(queries), parts, dim, k)[1]
+    else:
+        ranks = asymmetric_search(queries, parts, dim, k)[1]
+    return _scored(dataset, ranks, n_db, k)[0]
+
+
+def _scored(
+    dataset: Revisitop, ranks: np.ndarray, n_db: int, k: int
+) -> tuple[dict[str, Any], dict[str, ProtocolScores]]:
+    """The result dict of rankings (Q, k) over a database of n_db vectors, and the per-protocol scores."""
     scores = score_rankings(ranks, dataset.gnd, n_db, KAPPAS)
     out: dict[str, Any] = {"dataset": dataset.name, **summary(scores, KAPPAS)}
     if k < n_db:
         out["topk"] = k
         out["mAP_max"] = {p: 100 * s.map_max for p, s in scores.items()}
-    return (out, Ranking(ranks, sims, scores)) if return_ranking else out
+    return out, scores
 
 
 def format_table(results: Mapping[str, Any], *, title: str | None = None, layout: str = "columns") -> str:
@@ -205,17 +254,17 @@ def _teacher_rows(
     distractors: list[str],
     rows: Sequence[str],
     score: Callable[..., dict[str, Any]],
-) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """(the teacher row if asked, the teacher database, its distractors), all whitened with `lw`."""
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(the teacher row if asked, the teacher database, its distractors, its queries), all whitened with `lw`."""
     if "teacher" not in rows and "asymmetric" not in rows:
-        return {}, None, None
+        return {}, None, None, None
     t_db = _whiten(t.get(dataset.db_paths()), lw)
     t_dis = _whiten(t.get(distractors), lw) if distractors else None
-    out = {}
+    out, t_q = {}, None
     if "teacher" in rows:
         t_q = _whiten(t.get(dataset.query_paths(), dataset.bbxs), lw)
         out["teacher"] = score("teacher", t_db, t_q, distractors=t_dis)
-    return out, t_db, t_dis
+    return out, t_db, t_dis, t_q
 
 
 def _student_rows(
@@ -228,10 +277,10 @@ def _student_rows(
     distractors: list[str],
     rows: Sequence[str],
     score: Callable[..., dict[str, Any]],
-) -> tuple[dict[str, Any], str | None]:
+) -> tuple[dict[str, Any], str | None, np.ndarray]:
     """The asymmetric row (student queries vs the teacher database, both whitened with the teacher's `lw`) and
     the student's symmetric row (with the student's own Lw of the same name when it has one). Returns
-    (rows, the student's own Lw name or None)."""
+    (rows, the student's own Lw name or None, the asymmetric row's queries)."""
     from aml.extract import extract
 
     out: dict[str, Any] = {}
@@ -246,7 +295,28 @@ def _student_rows(
         s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
         s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
         out["student"] = score("student", s_db, _whiten(s_q, lw_s), distractors=s_dis)
-    return out, None if own is None else own.name
+    return out, None if own is None else own.name, _whiten(s_q, lw)
+
+
+def _binary_rows(
+    dataset: Revisitop,
+    t_db: np.ndarray,
+    t_dis: np.ndarray | None,
+    queries: Mapping[str, np.ndarray],
+    topk: int | None,
+) -> tuple[dict[str, Any], str, str | None]:
+    """BINARY_ROWS of each float row's queries against the teacher database as sign bits; what the codes are; and
+    a warning when they carry little (the vectors were not zero-centred)."""
+    dim = t_db.shape[1]
+    codes = pack_bits(t_db)
+    dis = pack_bits(t_dis) if t_dis is not None else None
+    out: dict[str, Any] = {}
+    for row, q in queries.items():
+        asym, ham = BINARY_ROWS[row]
+        out[asym] = evaluate_binary(dataset, codes, q, topk=topk, distractors=dis)
+        out[ham] = evaluate_binary(dataset, codes, q, hamming=True, topk=topk, distractors=dis)
+    info = f"teacher database as {dim} sign bits, {code_bytes(dim)} bytes a vector (float32 {4 * dim})"
+    return out, info, balance_warning(codes, dim, "the teacher's database as sign bits")
 
 
 def evaluate_models(
@@ -265,6 +335,7 @@ def evaluate_models(
     distractors: Sequence[str] | None = None,
     rows: Sequence[str] = ROWS,
     return_rankings: bool = False,
+    binary: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Ranking]]:
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
@@ -275,8 +346,10 @@ def evaluate_models(
     $AML_HOME/cache) stored as `cache_dtype`, so a second student costs only its own extraction. `whiten` (a
     `--whiten` value: `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to
     the teacher and asymmetric rows (both sides) and to the student row unless the student carries its own Lw
-    of the same name. Returns {"dataset", "settings", row: evaluate_features(..)}; with `return_rankings`,
-    (that, {row: its Ranking}).
+    of the same name. `binary` adds BINARY_ROWS: the teacher database as sign bits (after the Lw), searched by
+    the teacher and asymmetric rows' float queries and by their sign bits. Returns {"dataset", "settings", row:
+    evaluate_features(..)}, with {"binary": {name: result}}, settings["binary"] and, when the codes carry little,
+    "warnings" for `binary`; with `return_rankings`, (that, {row: its Ranking}) (the float rows').
     """
     from aml.registry import create_model
 
@@ -305,8 +378,11 @@ def evaluate_models(
         return result
 
     out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
-    found, t_db, t_dis = _teacher_rows(dataset, t, lw, distractors, rows, score)
+    if binary and "teacher" not in rows and "asymmetric" not in rows:
+        raise UserError("--binary binarises the teacher's database: evaluate the teacher or asymmetric row too")
+    found, t_db, t_dis, t_q = _teacher_rows(dataset, t, lw, distractors, rows, score)
     out.update(found)
+    queries = {"teacher": t_q} if t_q is not None else {}
     if "student" in rows or "asymmetric" in rows:
         is_file = os.path.isfile(student)
         s_net = create_model(
@@ -316,9 +392,15 @@ def evaluate_models(
             random_init=random_init and not is_file,
             dim=None if is_file else t.identity["dim"],
         )
-        found, own = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
+        found, own, s_q = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
         out.update(found)
+        if "asymmetric" in rows:
+            queries["asymmetric"] = s_q
         if own is not None:
             info["Lw"] += f", student's own {own} on the student row"
-    out = {k: out[k] for k in ("dataset", "settings", *ROWS) if k in out}
+    if binary:
+        out["binary"], info["binary"], warning = _binary_rows(dataset, t_db, t_dis, queries, topk)
+        if warning:
+            out["warnings"] = [warning]
+    out = {k: out[k] for k in ("dataset", "settings", *ROWS, "binary", "warnings") if k in out}
     return (out, rankings) if return_rankings else out

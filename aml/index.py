@@ -13,9 +13,10 @@ removes generation G. A directory without a readable manifest whose files match 
 
 Types: `flat` (IndexFlatIP, float32), `flat16` (IndexScalarQuantizer QT_fp16, inner product), `ivfpq`
 (IndexIVFPQ, inner product, trained on a seeded sample of the vectors), `binary` (sign bits packed,
-IndexBinaryFlat). A binary index is searched **asymmetrically** by float queries: each code is reconstructed
-as +-1 and scored by inner product / sqrt(D) (exact, blockwise); `search(..., hamming=True)` binarises the
-queries and uses faiss's Hamming search instead (score = 1 - 2 * hamming / D).
+IndexBinaryFlat; the codes and both searches are `aml.binary`'s). A binary index is searched **asymmetrically** by
+float queries: each code is read as +-1 and scored by inner product / sqrt(D) (exact, blockwise);
+`search(..., hamming=True)` binarises the queries and uses faiss's Hamming search instead (score = 1 - 2 *
+hamming / D).
 
 Search runs on the CPU, or with faiss-gpu on the GPUs `search_gpus` picks for `device` (auto | cpu | cuda |
 cuda:N; several GPUs shard the index), the copy made by `aml.faiss_gpu.to_gpu`. The compatibility of a query
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from aml.binary import asymmetric_search, code_bytes, hamming_search, pack_bits, tie_sorted
 from aml.errors import UserError
 from aml.faiss_gpu import MAX_K, gpu_count, parse_device, to_gpu
 from aml.identity import check_compatible
@@ -93,7 +95,7 @@ def _empty(kind: str, dim: int, params: dict[str, int]) -> Any:
         index.cp.max_points_per_centroid = index.pq.cp.max_points_per_centroid = TRAIN_PER_LIST  # k-means samples
         return index
     if kind == "binary":
-        return faiss.IndexBinaryFlat(8 * math.ceil(dim / 8))
+        return faiss.IndexBinaryFlat(8 * code_bytes(dim))
     raise UserError(f"--type {kind}: expected one of {', '.join(KINDS)}")
 
 
@@ -138,11 +140,6 @@ def _to_gpu(faiss: Any, kind: str, index: Any, gpus: list[int]) -> Any:
     return to_gpu(faiss, index, gpus, float16=kind in ("flat16", "ivfpq"))
 
 
-def binary_codes(x: np.ndarray) -> np.ndarray:
-    """(N, ceil(D/8)) uint8 sign bits of (N, D) rows (bit set where the value is > 0; padding bits 0)."""
-    return np.packbits(np.asarray(x) > 0, axis=1)
-
-
 class Index:
     """A faiss index of (N, D) vectors with their names and build information (`meta`, the manifest fields)."""
 
@@ -171,7 +168,7 @@ class Index:
             raise ValueError(f"{len(names)} names for {vectors.shape[0]} vectors")
         for s in range(0, vectors.shape[0], BLOCK):
             block = vectors[s : s + BLOCK]
-            self.faiss_index.add(binary_codes(block) if self.kind == "binary" else _f32(block))
+            self.faiss_index.add(pack_bits(block) if self.kind == "binary" else _f32(block))
         self.names += list(names)
         self._gpu = None
 
@@ -199,11 +196,11 @@ class Index:
         index = self._searcher(device, k, hamming)
         if self.kind == "binary":
             if hamming:
-                h, i = index.search(binary_codes(q), k)
-                return _tie_sorted(1 - 2 * h.astype(np.float32) / self.dim, i.astype(np.int64))
-            return self._asymmetric_binary(q, k)
+                return hamming_search(pack_bits(q), index, self.dim, k)
+            codes = _faiss().vector_to_array(self.faiss_index.xb).reshape(len(self), -1)
+            return asymmetric_search(q, codes, self.dim, k)
         s, i = index.search(q, k)
-        return _tie_sorted(s, i.astype(np.int64))
+        return tie_sorted(s, i.astype(np.int64))
 
     def gpus_for(self, device: str, topk: int, *, hamming: bool = False) -> tuple[list[int] | None, str]:
         """`search_gpus` for this index with the GPUs faiss sees (a UserError before any work when the
@@ -232,21 +229,6 @@ class Index:
                 return self.faiss_index
         self.searched_on = f"cuda:{','.join(map(str, gpus))}" + (" (sharded)" if len(gpus) > 1 else "")
         return self._gpu[1]
-
-    def _asymmetric_binary(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Float queries against +-1 reconstructed codes, exact, block by block."""
-        faiss = _faiss()
-        codes = faiss.vector_to_array(self.faiss_index.xb).reshape(len(self), -1)
-        best_s, best_i = np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64)
-        for s in range(0, len(self), BLOCK):
-            b = np.unpackbits(codes[s : s + BLOCK], axis=1, count=self.dim).astype(np.float32) * 2 - 1
-            sc = q @ b.T / np.float32(math.sqrt(self.dim))
-            kk = min(k, sc.shape[1])
-            top = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-            best_s = np.concatenate([best_s, np.take_along_axis(sc, top, 1)], 1)
-            best_i = np.concatenate([best_i, top + s], 1)
-        s, i = _tie_sorted(best_s, best_i)
-        return s[:, :k], i[:, :k]
 
     # ------------------------------------------------------------------------------------------ files
     def manifest(self, files: dict[str, str], directory: Path) -> dict[str, Any]:
@@ -362,15 +344,6 @@ def _faiss_reason(e: Exception) -> str:
     """The reason in a faiss C++ exception ("Error in FUNC at FILE:LINE: Error: 'COND' failed: REASON")."""
     text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
     return re.sub(r"^Error: '.*?' failed: ", "", text)[:160]
-
-
-def _tie_sorted(s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order candidates by score descending, ties by id ascending; missing hits (id -1) last."""
-    s = np.where(i < 0, -np.inf, s).astype(np.float32)
-    by_id = np.argsort(np.where(i < 0, np.iinfo(np.int64).max, i), axis=1, kind="stable")
-    s, i = np.take_along_axis(s, by_id, 1), np.take_along_axis(i, by_id, 1)
-    order = np.argsort(-s, axis=1, kind="stable")
-    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
 def _remove_stale_dirs(out: Path) -> None:

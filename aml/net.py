@@ -1,5 +1,5 @@
-"""The retrieval network: backbone maps -> (GLAM) -> (AML projection) -> GeM -> L2N -> (linear head -> L2N) -> (FC
-whitening -> L2N).
+"""The retrieval network: backbone maps -> (GLAM) -> (AML projection) -> GeM -> L2N -> (linear head) -> (LayerNorm)
+-> L2N -> (FC whitening -> L2N).
 
 State-dict keys follow cirtorch (`features.N.*`, `pool.p`, `whiten.weight/bias`) so published cirtorch
 checkpoints load as they are; the AML student head adds `proj.0.weight`, the linear student head `fc.weight`,
@@ -39,6 +39,9 @@ def default_meta(architecture: str, outputdim: int, whitening: bool = False) -> 
 # Student heads: "aml" is the AML paper's Conv1x1 (no bias) -> ReLU before GeM; "linear" pools first, then maps
 # the L2-normalised GeM vector with a Linear D_s -> D_t (no bias) and L2-normalises again.
 HEADS = ("aml", "linear")
+# The embedding's optional normalisation before its last L2N (NormSoftmax, SPEC §8): a LayerNorm without affine
+# parameters (so no state-dict keys; `meta['layernorm']` records it), which centres every vector at zero: its
+# sign bits then split evenly and binarise it (aml.binary).
 
 
 class RetrievalNet(nn.Module):
@@ -53,8 +56,10 @@ class RetrievalNet(nn.Module):
         head: str = "aml",
         whiten: bool = False,
         glam: Iterable[str] = (),
+        layernorm: bool | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
+        """`layernorm` None: as `meta['layernorm']` says (a checkpoint's), else off."""
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head {head!r}: expected one of {HEADS}")
@@ -70,6 +75,11 @@ class RetrievalNet(nn.Module):
         self.meta = copy.deepcopy(meta) if meta is not None else default_meta("unknown", d, whiten)
         self.meta["outputdim"] = d
         self.meta["whitening"] = whiten
+        layernorm = bool(self.meta.get("layernorm", False)) if layernorm is None else bool(layernorm)
+        self.norm = nn.LayerNorm(d, elementwise_affine=False) if layernorm else None
+        self.meta.pop("layernorm", None)
+        if layernorm:
+            self.meta["layernorm"] = True
 
     @property
     def dim(self) -> int:
@@ -92,7 +102,7 @@ class RetrievalNet(nn.Module):
     def msp(self) -> float:
         """Multi-scale power: the GeM p when GeM gives the output directly, else 1 (as cirtorch with whitening:
         a linear map after pooling makes components negative, which have no real GeM power)."""
-        linear_after_pool = self.whiten is not None or self.fc is not None
+        linear_after_pool = self.whiten is not None or self.fc is not None or self.norm is not None
         return 1.0 if linear_after_pool else float(self.pool.p.detach().item())
 
     @property
@@ -122,9 +132,10 @@ class RetrievalNet(nn.Module):
     def embed_maps(self, m: torch.Tensor) -> torch.Tensor:
         """Feature maps from `maps` (B, C', h, w) -> (B, D) descriptors: the rest of `forward` (Metrix's feature
         mixup mixes the maps in between)."""
-        v = l2n(self.pool(m))
+        v = self.pool(m)
         if self.fc is not None:
-            v = l2n(self.fc(v))
+            v = self.fc(l2n(v))
+        v = l2n(self.norm(v) if self.norm is not None else v)
         if self.whiten is not None:
             v = l2n(self.whiten(v))
         return v

@@ -158,6 +158,11 @@ class OnnxEncoder:
             raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from e
         self.input = self.sess.get_inputs()[0].name
 
+    @property
+    def binary(self) -> bool:
+        """Exported with --binary: the vectors are to be binarised (`aml.binary.pack_bits`) by the consumer."""
+        return bool((self.info.get("output") or {}).get("binary"))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 

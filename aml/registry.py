@@ -365,13 +365,15 @@ def _glam_parts(sd: Mapping[str, torch.Tensor], asked: tuple[str, ...], path: Pa
     return (held or asked), bool(asked and not held)
 
 
-def _build(src: _Source, dim: int | None, head: str, glam: tuple[str, ...] = ()) -> RetrievalNet:
+def _build(
+    src: _Source, dim: int | None, head: str, glam: tuple[str, ...] = (), layernorm: bool = False
+) -> RetrievalNet:
     entry, ckpt = src.entry, src.checkpoint
     channels = entry.feature_dim
     if ckpt is None:
         features = _features(entry, str(src.path) if src.path is not None else None)
         meta = default_meta(entry.architecture, dim or channels)
-        return RetrievalNet(features, channels, dim=dim, head=head, glam=glam, meta=meta)
+        return RetrievalNet(features, channels, dim=dim, head=head, glam=glam, layernorm=layernorm, meta=meta)
     sd = ckpt["state_dict"]
     ck_head, ck_dim = _checkpoint_head(sd)
     whiten = "whiten.weight" in sd
@@ -390,6 +392,7 @@ def _build(src: _Source, dim: int | None, head: str, glam: tuple[str, ...] = ())
         head=head if new_head else ck_head,
         whiten=whiten,
         glam=parts,
+        layernorm=layernorm if new_head else None,  # a trained head keeps its checkpoint's (meta['layernorm'])
         meta=meta,
     )
     optional = (("proj.", "fc.") if new_head else ()) + (("glam.",) if new_glam else ())
@@ -405,13 +408,15 @@ def create_model(
     dim: int | None = None,
     head: str = "aml",
     glam: str | Sequence[str] | None = None,
+    layernorm: bool = False,
     random_init: bool = False,
     weights_option: str = "--weights",
 ) -> RetrievalNet:
     """Build a RetrievalNet from a registered name (+ weights file) or from a checkpoint path.
 
     `role="student"` with `dim` adds a student head to `dim` (`head="aml"`: the AML projection Conv1x1 -> ReLU
-    before GeM; `head="linear"`: a Linear after GeM; a checkpoint keeps the head it was saved with);
+    before GeM; `head="linear"`: a Linear after GeM; `layernorm`: an affine-free LayerNorm before the last L2N;
+    a checkpoint keeps the head and the LayerNorm it was saved with);
     `role="teacher"` (the default, or the role recorded in an aml checkpoint) returns the net frozen, in
     eval mode. `glam` (either role: "all", a comma list of `aml.glam.PARTS`, or None) puts the global-local
     attention module on the backbone's maps; a checkpoint is rebuilt with the GLAM parts it holds. Networks are
@@ -423,7 +428,7 @@ def create_model(
         src = _resolve(name_or_path, weights, random_init, weights_option)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            net = _build(src, dim, head, parse_parts(glam))
+            net = _build(src, dim, head, parse_parts(glam), layernorm)
     finally:
         _memo.clear()
     saved = (src.checkpoint or {}).get("meta", {}).get("aml") or {}

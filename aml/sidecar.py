@@ -21,6 +21,10 @@ CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration 
 LATENCY_RUNS = 7  # paired fp32 / int8 runs an int8 export times (batch 1, its image size, 1 thread)
 MAX_INT8_RATIO = 0.6  # int8 is recommended when it runs in at most this share of the fp32 time
 SIDECAR_VERSION = 1
+# `aml export --binary`: the sidecar's output.binary says the encoder's float vectors are to be binarised by the
+# consumer (`aml embed` writes the codes; `aml search` keeps the float queries, scored against a binary index
+# asymmetrically). The graph itself stays float: its equivalence gate, multi-scale and asymmetric use need that.
+BINARY_RULE = "bit = value > 0; numpy.packbits order: component 0 is the most significant bit of byte 0 (aml.binary)"
 REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher", "verification")
 
 
@@ -38,6 +42,11 @@ def write_sidecar(model_path: str | os.PathLike, info: dict[str, Any]) -> Path:
     path = sidecar_path(model_path)
     write_json(path, {"sidecar_version": SIDECAR_VERSION, **info})
     return path
+
+
+def binary_output(dim: int) -> dict[str, Any]:
+    """The sidecar's `output.binary` of a `dim`-d encoder exported with --binary."""
+    return {"bits": int(dim), "bytes": (int(dim) + 7) // 8, "dtype": "uint8", "rule": BINARY_RULE}
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from aml.errors import UserError
 from aml.losses import LABEL_FREE, LOSSES, combine, weight_name
+from aml.losses.normsoftmax import class_labels, class_proxies, normsoftmax
 
 B, K, D = 6, 5, 12
 # The oracles are float64 loops; float32 inputs are compared at float32 precision (as PML's TEST_DTYPES sweep).
@@ -43,9 +44,13 @@ def close(got: torch.Tensor, want, **kw) -> None:
 
 
 def tensor_inputs(name: str, anchor_teacher: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> dict:
-    """The keyword tensors loss `name` reads, as its spec says."""
+    """The keyword tensors loss `name` reads, as its spec says (proxies: the teacher's class means of `anchor_teacher`,
+    frozen, with the images in classes 0, 0, 1, 1, ...)."""
     spec = LOSSES[name]
     kw = {"anchor_teacher": anchor_teacher} if spec.reads_anchor_teacher else {}
+    if spec.reads_proxies:
+        labels = torch.arange(len(anchor_teacher)) // 2
+        kw.update(labels=labels, proxies=class_proxies(anchor_teacher, labels.numpy(), int(labels.max()) + 1))
     return {**kw, "ref": ref} if spec.reads_ref else kw
 
 
@@ -129,6 +134,15 @@ def ref_darkrank(s, t, alpha=3.0, beta=3.0, list_len=4, denominator="all"):
             logp += student_score[j] - math.log(sum(math.exp(student_score[c]) for c in pool))
         total += -logp
     return total / n
+
+
+def ref_normsoftmax(x, y, p, sigma=0.05):
+    out = []
+    for b in range(len(x)):
+        xb = x[b] / norm(x[b])
+        logits = [dot(xb, p[z] / norm(p[z])) / sigma for z in range(len(p))]
+        out.append(-(logits[int(y[b])] - math.log(sum(math.exp(v) for v in logits))))
+    return out
 
 
 def ref_csd(s, t, ref=None, k=256, tau_s=1.0, tau_t=0.01):
@@ -261,6 +275,43 @@ def test_csd_with_reference_set(dtype):
     assert not torch.isclose(got, LOSSES["csd"](s, t, k=9, tau_s=0.2, tau_t=0.05))
 
 
+@pytest.mark.parametrize("sigma", [0.05, 0.3])
+def test_normsoftmax_matches_formula(sigma, dtype):
+    g = torch.Generator().manual_seed(50)
+    x = (3 * torch.randn(B, D, generator=g, dtype=torch.float64)).to(dtype)  # not unit: the loss normalises
+    p = (2 * torch.randn(4, D, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.tensor([0, 3, 1, 1, 2, 0])
+    got = normsoftmax(x, y, p, temperature=sigma, reduction="none")
+    close(got, ref_normsoftmax(x, y, p, sigma))
+    torch.testing.assert_close(normsoftmax(x, y, p, temperature=sigma), got.sum())
+    torch.testing.assert_close(normsoftmax(x, y, p, temperature=sigma, reduction="mean"), got.mean())
+    t = unit(B, D, seed=51, dtype=dtype)
+    spec = LOSSES["normsoftmax"]  # the registered form: the student's vectors, the teacher's batch unread
+    assert spec.defaults["temperature"] == 0.05 and spec.needs_labels and spec.per_sample
+    torch.testing.assert_close(
+        spec(x, t, labels=y, proxies=p, reduction="none"), normsoftmax(x, y, p, reduction="none")
+    )
+
+
+def test_class_proxies_are_normalised_class_means_and_labels_are_dense():
+    labels, c = class_labels([7, 3, 7, 9, 3])
+    assert labels.tolist() == [1, 0, 1, 2, 0] and c == 3
+    v = unit(5, D, seed=52)
+    want = [sum(v[i] for i in range(5) if labels[i] == z) for z in range(c)]
+    got = class_proxies(v.numpy().astype("float16"), labels, c)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    close(got.double(), [[float(w) / norm(wz) for w in wz] for wz in want], rtol=1e-3, atol=1e-3)
+
+
+def test_normsoftmax_learned_proxies_get_gradients_and_combinations_refuse_it():
+    s = unit(B, D, seed=53).requires_grad_()
+    p = unit(3, D, seed=54).requires_grad_()  # the symmetric use: trainable proxies
+    LOSSES["normsoftmax"](s, unit(B, D, seed=55), labels=torch.arange(B) % 3, proxies=p).backward()
+    assert s.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="classifies by proxies"):
+        combine("x", {"reg": 1.0, "normsoftmax": 1.0}, LOSSES)
+
+
 def test_csd_is_zero_when_student_equals_teacher_at_equal_temperatures():
     t, ref = unit(B, D, seed=20), unit(30, D, seed=21)
     same = LOSSES["csd"](t.clone(), t, ref=ref, tau_s=0.1, tau_t=0.1)
@@ -344,7 +395,8 @@ def test_combined_refuses_an_unknown_constant(tuples):
 def test_spec_table_names_kinds_and_inputs():
     assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd", "contr+csd"} <= set(LOSSES)
     assert all(spec.name == name for name, spec in LOSSES.items())
-    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd"}
+    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd", "normsoftmax"}
+    assert {n for n, s in LOSSES.items() if s.reads_proxies} == {"normsoftmax"}
     assert {n for n, s in LOSSES.items() if s.reads_anchor_teacher} == {"contr+", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.reads_ref} == {"csd", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
@@ -362,10 +414,11 @@ def test_spec_matches_its_function(name):
     assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == first
     assert ("anchor_teacher" in params) == spec.reads_anchor_teacher
     assert ("ref" in params) == spec.reads_ref
+    assert ("labels" in params) == ("proxies" in params) == spec.reads_proxies
     assert dict(spec.defaults) == {
         n: p.default
         for n, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and n not in ("anchor_teacher", "ref", "reduction")
+        if p.kind is p.KEYWORD_ONLY and n not in ("anchor_teacher", "ref", "labels", "proxies", "reduction")
     }
 
 

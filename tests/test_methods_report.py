@@ -83,6 +83,19 @@ def test_glam_findings_compare_each_method_with_and_without(results):
     assert all(methods.VARIANTS[m][2] == {"glam": "all"} for m in methods.METHODS if m.endswith(" glam"))
 
 
+def test_every_method_is_a_valid_config_and_normsoftmax_rows_are_what_they_say(tmp_path):
+    for student in methods.STUDENTS:
+        for method in methods.METHODS:
+            methods.method_config("synth", student, method, 0, tmp_path).validate()
+    asym = methods.method_config("synth", "lite0-init", "normsoftmax", 0, tmp_path)
+    sym = methods.method_config("synth", "lite0", "normsoftmax learned", 0, tmp_path)
+    assert (asym.proxies, asym.resolved_head_norm()) == ("teacher-mean", "none")
+    assert asym.resolved_head_init() == "local-procrustes"
+    assert (sym.proxies, sym.resolved_head_norm(), sym.learns_alone()) == ("learned", "layernorm", True)
+    assert asym.resolved_warmup() == sym.resolved_warmup() == 1 and asym.batch_size // asym.per_class == 4
+    assert set(methods.NO_TEACHER) <= set(methods.SKIP["lite0-init"])
+
+
 def test_findings_check_the_issue_claims(results):
     lines = methods.findings(methods.summarise(results)["lite0"], chance=3.0)
     assert lines[0].startswith(

@@ -60,3 +60,24 @@ def test_mean_std_from_meta():
     net = RetrievalNet(_features(), 5, meta=meta)
     assert net.mean == [0.1, 0.2, 0.3] and net.std == [1.0, 1.0, 1.0]
     assert meta.get("outputdim") is None  # the caller's dict is not modified
+
+
+@pytest.mark.parametrize("head", ["aml", "linear", None])
+def test_layernorm_before_the_last_l2n_centres_the_embedding(head):
+    """No affine parameters (the state dict is unchanged), every vector zero-mean, msp 1, recorded in meta."""
+    dim = None if head is None else 7
+    plain = RetrievalNet(_features(), 5, dim=dim, head=head or "aml").eval()
+    net = RetrievalNet(_features(), 5, dim=dim, head=head or "aml", layernorm=True).eval()
+    net.load_state_dict(plain.state_dict())
+    assert set(net.state_dict()) == set(plain.state_dict()) and net.meta["layernorm"] is True
+    assert "layernorm" not in plain.meta and net.msp == 1.0
+    x = torch.randn(3, 3, 16, 12)
+    with torch.no_grad():
+        v = net(x)
+        pre = net.pool(net.maps(x))
+        if net.fc is not None:
+            pre = net.fc(pre / (pre.norm(dim=1, keepdim=True) + 1e-6))
+    c = (pre - pre.mean(1, keepdim=True)) / torch.sqrt(pre.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(v, c / (c.norm(dim=1, keepdim=True) + 1e-6))
+    assert v.mean(1).abs().max() < 1e-6 and v.shape == (3, net.dim)
+    assert RetrievalNet(_features(), 5, meta=dict(net.meta)).norm is not None  # a checkpoint's meta keeps it

@@ -171,6 +171,17 @@ def test_aml_checkpoint_round_trip(tmp_path):
         create_model(path, dim=64)
 
 
+def test_layernorm_student_round_trips_through_its_checkpoint(tmp_path):
+    student = create_model("resnet18", role="student", dim=16, head="linear", layernorm=True, random_init=True)
+    path = tmp_path / "last.pt"
+    torch.save({"state_dict": student.state_dict(), "meta": student.meta}, path)
+    back = create_model(path)
+    assert back.norm is not None and back.head == "linear" and back.msp == 1.0
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), student.eval()(x))
+
+
 def test_builders_take_only_their_weights():
     """The builder contract: `(weights) -> nn.Module`; dimension, architecture and role live in the entry."""
     import inspect

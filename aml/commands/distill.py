@@ -58,6 +58,13 @@ _HELP: dict[str, str] = {
     "pool_size": "Negative pool per epoch",
     "batch_size": "Tuples (or images, for batch losses) per forward",
     "update_every": "Forwards per optimizer step",
+    "proxies": "Class proxies of normsoftmax: the teacher's class means, frozen (asymmetric), or learned "
+    "(symmetric: the student never sees the teacher)",
+    "per_class": "Images per class in normsoftmax's class-balanced batches (batch-size // per-class classes)",
+    "warmup_epochs": "Epochs training only the new parameters: head and learned proxies, backbone and GeM p "
+    "frozen (-1: 1 for normsoftmax, else 0)",
+    "head_norm": "LayerNorm (no affine) before the embedding's last L2N, so that it binarises at zero "
+    "(auto: layernorm for normsoftmax with learned proxies)",
     "image_size": "Longest side of training images",
     "test_image_size": "Longest side for the per-epoch test (0: the image size)",
     "cache_dtype": "Teacher feature cache storage (shared with `aml evaluate`)",

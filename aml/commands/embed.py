@@ -18,7 +18,7 @@ from aml.commands._options import image_options, images_options, out_option, rea
 @images_options
 @image_options(size_help="Longest side in pixels (default: the sidecar's).")
 @threads_option
-@out_option("Output .npy, float32 (N, D).", required=True)
+@out_option("Output .npy, float32 (N, D); uint8 (N, D/8) packed sign bits for a --binary export.", required=True)
 def command(
     model_path: str,
     images: str,
@@ -27,7 +27,8 @@ def command(
     scales: tuple[float, ...],
     out: str,
 ) -> None:
-    """Embed the images of a list into OUT (rows in list order, L2-normalised), torch-free."""
+    """Embed the images of a list into OUT (rows in list order, L2-normalised), torch-free; an encoder exported
+    with --binary gives its packed sign bits instead."""
     from pathlib import Path
 
     import numpy as np
@@ -38,10 +39,13 @@ def command(
     paths, bbxs = read_images(images, bbx)
     enc = OnnxEncoder(model_path)
     vecs = enc.embed(paths, image_size=image_size, scales=scales, bbxs=bbxs)
+    what = f"{vecs.shape[0]} x {vecs.shape[1]} float32"
+    if enc.binary:
+        from aml.binary import pack_bits
+
+        dim, vecs = vecs.shape[1], pack_bits(vecs)
+        what = f"{vecs.shape[0]} x {vecs.shape[1]} uint8 ({dim} sign bits a row)"
     with atomic_write(out, "wb") as f:
         np.save(f, vecs)
     size = image_size or enc.info["image_size"]
-    click.echo(
-        f"{out}: {vecs.shape[0]} x {vecs.shape[1]} float32 ({Path(model_path).name}, size {size}, "
-        f"scales {','.join(f'{s:g}' for s in scales)})"
-    )
+    click.echo(f"{out}: {what} ({Path(model_path).name}, size {size}, scales {','.join(f'{s:g}' for s in scales)})")

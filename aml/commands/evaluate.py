@@ -21,7 +21,7 @@ from aml.commands._options import (
     whiten_option,
 )
 from aml.errors import UserError
-from aml.evaluate import ROWS, TEST_IMAGE_SIZE
+from aml.evaluate import BINARY_ROWS, ROWS, TEST_IMAGE_SIZE
 
 
 def _json_safe(x: Any) -> Any:
@@ -52,14 +52,23 @@ def _from_features(
     cache_dtype: str | None,
     topk: int | None,
     device: str,
+    binary: bool = False,
+    show: bool = False,
 ) -> tuple[dict[str, Any], int, Any]:
     """Scores of feature files (float16 storage of the database with --cache-dtype float16), the number of
-    distractors and the ranking (an aml.evaluate.Ranking)."""
+    distractors and the ranking (an aml.evaluate.Ranking; None for uint8 codes); with `binary`, also (or only,
+    for uint8 codes from `aml extract --binary`) the database as sign bits."""
     from aml.evaluate import evaluate_features, load_features
 
     db = load_features(db_features, "database features")
     q = load_features(query_features, "query features")
     dis = load_features(distractor_features, "distractor features") if distractor_features else None
+    if db.dtype == np.uint8 and not binary:
+        raise UserError(f"{db_features}: uint8 packed sign bits (aml extract --binary); evaluate them with --binary")
+    if show and db.dtype == np.uint8:
+        raise UserError(f"--show: {db_features}: uint8 sign bits have no float ranking to draw; drop --show")
+    if binary:
+        return _binary_features(ds, db, q, dis, topk, (db_features, query_features, distractor_features or ""))
     if cache_dtype == "float16":
         db = np.asarray(db, dtype=np.float16)
         dis = None if dis is None else np.asarray(dis, dtype=np.float16)
@@ -75,6 +84,33 @@ def _from_features(
         return_ranking=True,
     )
     return result, 0 if dis is None else dis.shape[0], ranking
+
+
+def _binary_features(
+    ds: Any, db: np.ndarray, q: np.ndarray, dis: np.ndarray | None, topk: int | None, names: tuple[str, str, str]
+) -> tuple[dict[str, Any], int, Any]:
+    """--binary with feature files: float databases are binarised (and scored as floats too, with their ranking),
+    uint8 ones are codes (no ranking)."""
+    from aml.binary import balance_warning, pack_bits
+    from aml.evaluate import evaluate_binary, evaluate_features
+
+    out: dict[str, Any] = {"dataset": ds.name}
+    ranking = None
+    if db.dtype != np.uint8:
+        found, ranking = evaluate_features(
+            ds, db, q, topk=topk, distractors=dis, check_unit=True, names=names, return_ranking=True
+        )
+        out.update(found)
+    codes = db if db.dtype == np.uint8 else pack_bits(db)
+    dis_codes = None if dis is None else dis if dis.dtype == np.uint8 else pack_bits(dis)
+    warning = balance_warning(codes, q.shape[1], f"{names[0]} as sign bits")
+    if warning:
+        click.echo(warning, err=True)
+    out["binary"] = {
+        name: evaluate_binary(ds, codes, q, hamming=hamming, topk=topk, distractors=dis_codes, names=names)
+        for name, hamming in (("float->bits", False), ("hamming", True))
+    }
+    return out, 0 if dis is None else dis.shape[0], ranking
 
 
 def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_init: bool, force: bool) -> None:
@@ -186,6 +222,13 @@ def _check_show(show: str | None, ds: Any, row: str | None, rows: tuple[str, ...
     type=click.Choice(ROWS),
     help="With models: the row --show draws (default asymmetric: student queries, teacher database).",
 )
+@click.option(
+    "--binary",
+    is_flag=True,
+    help="Also evaluate the (teacher's) database as sign bits: float queries against the bits (asymmetric) and "
+    f"binarised queries (Hamming); rows {', '.join(n for names in BINARY_ROWS.values() for n in names)}. Feature "
+    "files: a float database is binarised, a uint8 one (aml extract --binary) is taken as codes.",
+)
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
 @quiet_option()
 @trust_pickle_option
@@ -217,6 +260,7 @@ def command(
     show_n: int,
     show_k: int,
     show_row: str | None,
+    binary: bool,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -257,7 +301,7 @@ def command(
     dis_paths: list[str] = []
     if features:
         result, n_dis, ranking = _from_features(
-            ds, db_features, query_features, distractor_features, cache_dtype, topk, device
+            ds, db_features, query_features, distractor_features, cache_dtype, topk, device, binary, bool(show)
         )
     else:
         result, rankings, dis_paths = _from_models(
@@ -276,13 +320,19 @@ def command(
             topk=topk,
             rows=rows or ROWS,
             return_rankings=bool(show),
+            binary=binary,
         )
         n_dis, ranking = len(dis_paths), rankings.get(row)
+        for warning in result.get("warnings", []):
+            click.echo(warning, err=True)
     click.echo(
         f"{dataset}: {len(ds.qimlist)} queries, {len(ds.imlist)} database images"
         + (f" + {n_dis} distractors" if n_dis else "")
     )
-    click.echo(format_table(result))
+    if "mAP" in result or any(r in result for r in ROWS):
+        click.echo(format_table(result))
+    if "binary" in result:
+        click.echo(format_table(result["binary"], title="database as sign bits (aml.binary)", layout="rows"))
     if json_out:
         write_json(json_out, _json_safe(result))
     if show:

@@ -43,6 +43,12 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
     help="int8 calibration image list, one path per line (default: the training images).",
 )
 @click.option(
+    "--binary",
+    is_flag=True,
+    help="Declare binary output in the sidecar: `aml embed` then writes packed sign bits (bit = value > 0); "
+    "the graph stays float (asymmetric search against a binary index keeps float queries).",
+)
+@click.option(
     "--calib-count",
     type=click.IntRange(min=1),
     default=CALIB_COUNT,
@@ -71,6 +77,7 @@ def command(
     calib_images: str | None,
     calib_count: int,
     latency_runs: int,
+    binary: bool,
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
@@ -99,6 +106,7 @@ def command(
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
         latency_runs=latency_runs,
+        binary=binary,
         log=log,
     )
     int8 = info.get("int8")
@@ -111,6 +119,6 @@ def command(
     path = Path(checkpoint).with_name(info["file"]) if out is None else Path(out)
     advice = f"; {int8['message']}" if int8 and int8["recommend"] == "fp32" else ""
     click.echo(
-        f"{path}: {fmt} {precision}, {info['dim']}-d, image size {info['image_size']}, verified; "
-        f"sidecar {sidecar_path(path)}{advice}"
+        f"{path}: {fmt} {precision}, {info['dim']}-d{', binary output' if binary else ''}, image size "
+        f"{info['image_size']}, verified; sidecar {sidecar_path(path)}{advice}"
     )

@@ -24,7 +24,13 @@ from aml.commands._options import (
 @images_options
 @extraction_options(required=True)
 @whiten_option(" (the model's, after the scale combination)")
-@out_option("Output .npy, float32 (N, D).", required=True)
+@out_option("Output .npy, float32 (N, D); with --binary uint8 (N, D/8).", required=True)
+@click.option(
+    "--binary",
+    is_flag=True,
+    help="Write packed sign bits (bit = value > 0, numpy.packbits order; 2048-d = 256 bytes a row) instead of "
+    "floats (aml.binary).",
+)
 @quiet_option("No progress bar.")
 @trust_pickle_option
 def command(
@@ -41,6 +47,7 @@ def command(
     backend: str,
     whiten: str | None,
     out: str,
+    binary: bool,
     quiet: bool,
 ) -> None:
     """Embed the images of a list into OUT (rows in list order, L2-normalised)."""
@@ -57,9 +64,18 @@ def command(
     model = create_model(model_name, weights=weights, random_init=random_init)
     lw = Lw.from_spec(whiten, settings.multiscale, lambda: model.meta) if whiten is not None else None
     vecs = extract(model, paths, settings, bbxs=bbxs, lw=lw)
+    what = f"{vecs.shape[0]} x {vecs.shape[1]} float32"
+    if binary:
+        from aml.binary import balance_warning, bits_set, pack_bits
+
+        dim, vecs = vecs.shape[1], pack_bits(vecs)
+        what = f"{vecs.shape[0]} x {vecs.shape[1]} uint8 ({dim} sign bits a row, {100 * bits_set(vecs, dim):.1f}% set)"
+        warning = balance_warning(vecs, dim, out)
+        if warning:
+            click.echo(warning, err=True)
     with atomic_write(out, "wb") as f:
         np.save(f, vecs)
     click.echo(
-        f"{out}: {vecs.shape[0]} x {vecs.shape[1]} float32 ({model.meta['aml']['name']}, "
+        f"{out}: {what} ({model.meta['aml']['name']}, "
         f"size {image_size}, scales {','.join(f'{s:g}' for s in scales)}{f', Lw {lw.name}' if lw else ''})"
     )

@@ -31,7 +31,7 @@ from aml.io import atomic_path, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.settings import ExtractSettings
-from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, write_sidecar
+from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, binary_output, write_sidecar
 from aml.whiten import Lw, teacher_lw
 
 
@@ -302,6 +302,7 @@ def export_checkpoint(
     map_tolerance: float = verify.MAP_TOLERANCE,
     latency_runs: int = LATENCY_RUNS,
     verify_data_fn: Callable[..., VerifyData] | None = None,
+    binary: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Export, verify and write `out` (+ `out.json` sidecar); returns the sidecar dict.
@@ -315,6 +316,8 @@ def export_checkpoint(
     the teacher's single-scale Lw into the graph. The image size is `image_size`, else the checkpoint's test or
     training size, else TrainConfig's default. `verify_data_fn(config, verify_data, identity, image_size, lw,
     where)` overrides where the held-out set and the teacher database come from (tests pass tiny arrays).
+    `binary` records in the sidecar (`output.binary`, aml.sidecar.binary_output) that the float vectors are to be
+    binarised at zero by the consumer (`aml embed` writes packed codes); the graph is the float one.
     """
     from aml.registry import create_model, read_torch_file
     from aml.train.config import TrainConfig
@@ -328,7 +331,7 @@ def export_checkpoint(
     info_aml = net.meta.get("aml") or {}
     teacher = info_aml.get("teacher")
     size = int(image_size or config.get("test_image_size") or config.get("image_size") or TrainConfig.image_size)
-    suffix = f"-{precision}{'-w' if whiten is not None else ''}{FORMATS[fmt]}"
+    suffix = f"-{precision}{'-w' if whiten is not None else ''}{'-b' if binary else ''}{FORMATS[fmt]}"
     out = Path(out) if out is not None else ckpt_path.with_name(f"{ckpt_path.stem}{suffix}")
     label = (teacher or {}).get("weights")
     lw = teacher_lw(whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
@@ -370,6 +373,8 @@ def export_checkpoint(
         info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
         if int8 is not None:
             info["int8"] = int8
+        if binary:
+            info["output"]["binary"] = binary_output(info["dim"])
         # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
         # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
         info["sha256"] = sha256_file(tmp_model)

@@ -7,6 +7,8 @@ anchor (B, D) student vectors, positive (B, D), negatives (B, K, D) teacher vect
 `sym`, `student_refs`), anchor_teacher (B, D) the teacher's vectors of the anchor images (only `contr+` reads it).
 Batch losses: `fn(student, teacher, *, [ref], <constants>, reduction="sum")`, both (B, D), same images; `ref`
 (P, D) a reference set of teacher vectors (only `csd` reads it).
+Classification losses (`reads_proxies`): `fn(student, teacher, *, labels, proxies, <constants>, reduction)`,
+labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's vectors of the batch unread).
 `reduction`: "sum" | "mean" | "none" (per tuple, or per image for `reg`, shape (B,)); `rkd`, `darkrank` and
 `csd` are defined over the whole batch (`per_sample=False`): "sum" and "mean" give that scalar, "none" raises.
 
@@ -23,6 +25,7 @@ Batch losses: `fn(student, teacher, *, [ref], <constants>, reduction="sum")`, bo
 |           |       |   denominator "list" (paper code's HardDarkRank) or "all" |                            |
 | csd       | batch | contextual similarity distillation (KL, teacher top-K)   | k 256, tau_s 1, tau_t 0.01 |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
+| normsoftmax | batch | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 
 The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
 labels, `spec.pairs` (aml/losses/pairs.py, Metrix, SPEC §8), which `--mixup` trains with.
@@ -35,6 +38,7 @@ from aml.losses.contrastive import contr, contr_plus, sym
 from aml.losses.csd import csd
 from aml.losses.darkrank import darkrank
 from aml.losses.multisimilarity import ms
+from aml.losses.normsoftmax import normsoftmax, normsoftmax_loss
 from aml.losses.pairs import clean_refs, soft_contrastive, soft_ms, soft_triplet
 from aml.losses.regression import reg
 from aml.losses.rkd import rkd
@@ -51,6 +55,7 @@ _SPECS = (
     loss_spec("rkd", rkd, "batch", per_sample=False),
     loss_spec("darkrank", darkrank, "batch", per_sample=False),
     loss_spec("csd", csd, "batch", reads_ref=True, per_sample=False),
+    loss_spec("normsoftmax", normsoftmax_loss, "batch", reads_proxies=True),
 )
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSSES["contr+csd"] = combine("contr+csd", {"contr+": 1.0, "csd": 1.0}, LOSSES)
@@ -80,4 +85,5 @@ __all__ = [
     "soft_contrastive",
     "soft_ms",
     "soft_triplet",
+    "normsoftmax",
 ]

@@ -33,6 +33,9 @@ def combine(name: str, weights: Mapping[str, float], specs: Mapping[str, LossSpe
     if unknown:
         raise ValueError(f"combine(): unknown loss {unknown[0]!r}; choose from {', '.join(sorted(specs))}")
     members = [(specs[n], float(w), weight_name(n)) for n, w in weights.items()]
+    proxied = [m.name for m, *_ in members if m.reads_proxies]
+    if proxied:
+        raise ValueError(f"combine(): loss {proxied[0]!r} classifies by proxies; combinations pass no labels/proxies")
     kind = "tuple" if any(m.kind == "tuple" for m, *_ in members) else "batch"
     per_sample = all(m.per_sample for m, *_ in members)
     defaults: dict[str, Any] = {}

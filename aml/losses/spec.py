@@ -1,11 +1,13 @@
 """One spec per loss: its function, what kind of batch it takes, which inputs it reads, how it reduces.
 
 The trainer builds each call from the spec (`kind`, `reads_anchor_teacher`, `reads_ref`, `student_refs`), never
-from the loss's name or signature. Two tensor inputs are optional and passed by keyword, only to the losses
-that read them:
+from the loss's name or signature. The optional tensor inputs are passed by keyword, only to the losses that
+read them:
 - `anchor_teacher` (B, D): the teacher's vectors of the anchor images (`contr+`);
 - `ref` (P, D): a reference set the student queries are scored against (pytorch-metric-learning's `ref_emb`);
-  the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool).
+  the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool);
+- `labels` (B,) and `proxies` (C, D) (`reads_proxies`): class ids 0..C-1 of the batch images and the class
+  proxies they are classified by (`normsoftmax`; the trainer owns the proxies: learned, or the teacher's).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from aml.errors import UserError
 
 KINDS = ("tuple", "batch")
-TENSOR_INPUTS = ("anchor_teacher", "ref")  # keyword inputs that are tensors, never constants
+TENSOR_INPUTS = ("anchor_teacher", "ref", "labels", "proxies")  # keyword inputs that are tensors, never constants
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class LossSpec:
     `kind`: "tuple" (`fn(anchor, positive, negatives, *, ...)`, anchors (B, D), positives (B, D), negatives
     (B, K, D)) or "batch" (`fn(student, teacher, *, ...)`, both (B, D), the same images).
     `student_refs`: positives and negatives are student vectors too (the no-teacher `sym` baseline).
-    `needs_labels`: it trains on (query, positive) pairs. `per_sample`: `reduction="none"` gives one value per
+    `needs_labels`: it trains on labelled images ((query, positive) pairs; class ids for `reads_proxies`).
+    `reads_proxies`: a classification loss, `fn(student, teacher, *, labels, proxies, ...)`.
+    `per_sample`: `reduction="none"` gives one value per
     tuple or image; a loss defined over the whole batch (False) refuses it.
     `defaults`: its keyword constants and their defaults (`--loss-arg NAME=VALUE`, `--margin`).
     `pairs`: a pair-based tuple loss in Metrix's generic form over soft labels, `pairs(anchor (B, D), refs
@@ -47,6 +51,7 @@ class LossSpec:
     reads_ref: bool = False
     student_refs: bool = False
     needs_labels: bool = False
+    reads_proxies: bool = False
     per_sample: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
     pairs: Callable[..., torch.Tensor] | None = None
@@ -104,8 +109,10 @@ def loss_spec(
     **flags: bool,
 ) -> LossSpec:
     """The spec of a loss function; its constants and defaults are read once from its own signature. `pairs`: its
-    generic pair form (pair-based tuple losses)."""
-    return LossSpec(name, fn, kind, needs_labels=kind == "tuple", defaults=keyword_constants(fn), pairs=pairs, **flags)
+    generic pair form (pair-based tuple losses). Tuple losses and classification losses (`reads_proxies`) need
+    labels."""
+    flags.setdefault("needs_labels", kind == "tuple" or flags.get("reads_proxies", False))
+    return LossSpec(name, fn, kind, defaults=keyword_constants(fn), pairs=pairs, **flags)
 
 
 def weight_name(loss: str) -> str:

@@ -15,6 +15,12 @@ from aml.settings import check_device
 from aml.train.head_init import HEAD_INITS
 from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
+# NormSoftmax's class proxies (SPEC §8): `teacher-mean` the teacher's L2-normalised class means of its cached
+# vectors, frozen (asymmetric: the student is classified in the teacher's space); `learned` trained with the
+# student from a seeded random start (symmetric: the student never sees the teacher).
+PROXIES = ("teacher-mean", "learned")
+HEAD_NORMS = ("auto", "none", "layernorm")  # the embedding's normalisation before its last L2N (aml.net)
+
 # The smallest value of each numeric field, and whether the minimum itself is excluded (the `aml distill`
 # option ranges are generated from this table, and `TrainConfig.validate` checks it for Python callers).
 # epochs 0 is valid: the run writes the initialised student without training.
@@ -41,6 +47,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "eval_every": (0, False),
     "seed": (0, False),
     "workers": (-1, False),
+    "per_class": (1, False),
+    "warmup_epochs": (-1, False),
 }
 # The fields with a fixed set of values.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -52,6 +60,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "sgd"),
     "amp": ("none", "bf16", "fp16"),
     "cache_dtype": DTYPES,
+    "proxies": PROXIES,
+    "head_norm": HEAD_NORMS,
 }
 
 
@@ -92,6 +102,14 @@ class TrainConfig:
     pool_size: int = 20000
     batch_size: int = 5  # tuples (or images, for batch losses) per forward
     update_every: int = 1  # forwards per optimizer step
+    # Classification losses (`normsoftmax`): where the class proxies come from, class-balanced batches of
+    # batch_size // per_class classes x per_class images, warm-up epochs that train only the new parameters (the
+    # head, learned proxies; -1: 1 for a classification loss, else 0), and the LayerNorm that makes the embedding
+    # binarisable at zero (auto: layernorm with learned proxies, the paper's; none otherwise).
+    proxies: str = "teacher-mean"
+    per_class: int = 2
+    warmup_epochs: int = -1
+    head_norm: str = "auto"
     image_size: int = 362
     test_image_size: int = 0  # 0: same as image_size
     cache_dtype: str = DEFAULT_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
@@ -101,6 +119,27 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     workers: int = -1  # -1: automatic
     out: str | None = None
+
+    def learns_alone(self) -> bool:
+        """The student never sees the teacher: a loss on student references (the no-teacher baseline `sym`), or a
+        classification loss with learned proxies."""
+        spec = LOSSES.get(self.loss)
+        return spec is not None and (spec.student_refs or (spec.reads_proxies and self.proxies == "learned"))
+
+    def resolved_warmup(self) -> int:
+        """The warm-up epochs -1 stands for: 1 for a classification loss (NormSoftmax's recipe), else 0."""
+        if self.warmup_epochs >= 0:
+            return self.warmup_epochs
+        spec = LOSSES.get(self.loss)
+        return 1 if spec is not None and spec.reads_proxies else 0
+
+    def resolved_head_norm(self) -> str:
+        """The head norm `auto` stands for: layernorm for a classification loss with learned proxies (the paper's
+        symmetric recipe), else none (a LayerNorm'd student cannot reproduce a teacher that is not zero-centred)."""
+        if self.head_norm != "auto":
+            return self.head_norm
+        spec = LOSSES.get(self.loss)
+        return "layernorm" if spec is not None and spec.reads_proxies and self.proxies == "learned" else "none"
 
     def resolved_mining(self) -> str:
         """The mining mode `auto` stands for: symmetric for a loss on student references (the no-teacher
@@ -112,12 +151,11 @@ class TrainConfig:
 
     def resolved_head_init(self) -> str:
         """The head init `auto` stands for: the closed form `local-procrustes`, except for a loss on student
-        references (the no-teacher baseline `sym`), which starts as the AML paper does (`random`): it must not
-        see the teacher."""
+        references (the no-teacher baseline `sym`) or with learned proxies, which starts as the AML paper does
+        (`random`): it must not see the teacher."""
         if self.head_init != "auto":
             return self.head_init
-        spec = LOSSES.get(self.loss)
-        return "random" if spec is not None and spec.student_refs else "local-procrustes"
+        return "random" if self.learns_alone() else "local-procrustes"
 
     def eval_size(self) -> int:
         return self.test_image_size or self.image_size
@@ -138,6 +176,11 @@ class TrainConfig:
             raise UserError(
                 f"--mixup {self.mixup}: loss '{self.loss}' is not pair-based; use --loss "
                 f"{' | '.join(PAIR_BASED)}, or --mixup none"
+            )
+        if LOSSES[self.loss].reads_proxies and self.batch_size < self.per_class:
+            raise UserError(
+                f"--batch-size {self.batch_size}: a class-balanced batch holds batch_size // per_class classes of "
+                f"--per-class {self.per_class} images; use a batch size of at least {self.per_class}"
             )
         check_device(self.device)
         return self

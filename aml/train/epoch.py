@@ -1,4 +1,5 @@
-"""What one epoch trains on: tuples mined for tuple losses, image batches for batch losses."""
+"""What one epoch trains on: tuples mined for tuple losses, image batches for batch losses, class-balanced
+batches (C classes x K images) for classification losses."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ import numpy as np
 import torch
 
 from aml.data.trainset import TrainSet
+from aml.errors import UserError
 from aml.mining import mine_negatives, random_negatives, sample_epoch
 from aml.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """Image indices of the epoch: anchors (B,), positives (B,) and negatives (B, K); pool for context."""
+    """Image indices of the epoch: anchors (B,), positives (B,) and negatives (B, K); pool for context.
+
+    `batches`: the steps' positions into `anchors` when the plan fixes them (class-balanced batches), else
+    None (the trainer shuffles and groups by image size)."""
 
     anchors: np.ndarray
     positives: np.ndarray | None
     negatives: np.ndarray | None
     pool: np.ndarray
     dropped: int = 0  # tuples without enough negatives (too few clusters in the pool)
+    batches: list[np.ndarray] | None = None
 
 
 def plan_tuples(
@@ -59,3 +65,45 @@ def plan_images(cfg: TrainConfig, train: TrainSet, rng: np.random.Generator) -> 
     anchors = rng.choice(n, size=min(cfg.query_size, n), replace=False)
     pool = rng.choice(n, size=min(cfg.pool_size, n), replace=False)
     return EpochPlan(anchors, None, None, pool)
+
+
+def check_classes(labels: np.ndarray, classes: int, per_class: int) -> np.ndarray:
+    """The class ids (non-negative labels) with at least `per_class` images; a one-line UserError when fewer than
+    `classes` have."""
+    eligible = np.flatnonzero(np.bincount(labels) >= per_class)
+    if eligible.size < classes:
+        raise UserError(
+            f"class-balanced batches: {eligible.size} classes have at least --per-class {per_class} images, a "
+            f"batch needs {classes} (batch-size // per-class); lower --per-class or --batch-size"
+        )
+    return eligible
+
+
+def class_balanced_batches(
+    labels: np.ndarray, n_batches: int, classes: int, per_class: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """`n_batches` batches of image indices, each `classes` distinct classes x `per_class` distinct images of each
+    (classes drawn uniformly among those with at least `per_class` images, class by class in the batch).
+    `labels` are non-negative class ids."""
+    order = np.argsort(labels, kind="stable")  # images of class c: order[starts[c] : starts[c] + counts[c]]
+    counts = np.bincount(labels)
+    starts = np.cumsum(counts) - counts
+    eligible = check_classes(labels, classes, per_class)
+    out = []
+    for _ in range(n_batches):
+        chosen = rng.choice(eligible, size=classes, replace=False)
+        out.append(
+            np.concatenate([order[starts[c] + rng.choice(counts[c], size=per_class, replace=False)] for c in chosen])
+        )
+    return out
+
+
+def plan_classes(cfg: TrainConfig, train: TrainSet, labels: np.ndarray, rng: np.random.Generator) -> EpochPlan:
+    """Class-balanced batches for classification losses: `query_size // batch_size` batches (at least one) of
+    `batch_size // per_class` classes x `per_class` images; a random context pool as `plan_images`."""
+    classes = max(cfg.batch_size // cfg.per_class, 1)
+    batches = class_balanced_batches(labels, max(cfg.query_size // cfg.batch_size, 1), classes, cfg.per_class, rng)
+    pool = rng.choice(len(train.paths), size=min(cfg.pool_size, len(train.paths)), replace=False)
+    size = classes * cfg.per_class
+    steps = [np.arange(i * size, (i + 1) * size) for i in range(len(batches))]
+    return EpochPlan(np.concatenate(batches), None, None, pool, batches=steps)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -20,6 +21,7 @@ from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import TMP_TAG, aml_home, atomic_write, check_writable_dir, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
+from aml.losses.normsoftmax import class_labels, class_proxies
 from aml.progress import progress_bar, write_line
 from aml.registry import create_model, load_into, model_identity
 from aml.settings import ExtractSettings
@@ -29,7 +31,7 @@ from aml.train.batchnorm import estimate_batchnorm, set_train_mode
 from aml.train.checkpoint import load_checkpoint, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, gather_rows, init_distributed, shutdown
-from aml.train.epoch import EpochPlan, plan_images, plan_tuples
+from aml.train.epoch import EpochPlan, check_classes, plan_classes, plan_images, plan_tuples
 from aml.train.head_init import cached_init_head, head_for
 from aml.train.mixup import Metrix
 from aml.train.quick_eval import QuickEval
@@ -93,8 +95,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return out
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, proxies: nn.Parameter | None = None) -> torch.optim.Optimizer:
+    """The optimiser over `param_groups`, plus learned class proxies last (lr x head_lr_mult, no weight decay: they
+    are L2-normalised where used)."""
     groups = param_groups(model, cfg)
+    if proxies is not None:
+        groups.append({"params": [proxies], "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": 0.0})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.optimizer == "sgd":
@@ -164,7 +170,9 @@ class Trainer:
         self._load_data()
         self._build_student(fresh=checkpoint is None)
         self.init_info = self._init_head() if checkpoint is None else checkpoint.get("init")
-        self.optimizer = make_optimizer(self.student, cfg)
+        self._build_proxies()
+        learned = self.proxies if isinstance(self.proxies, nn.Parameter) else None
+        self.optimizer = make_optimizer(self.student, cfg, learned)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.start_epoch = self._resume_state(checkpoint)
         self._wrap_model()
@@ -210,6 +218,9 @@ class Trainer:
         self.teacher = teacher_at(cfg.image_size)
         self.identity = self.teacher.identity
         self.train_teacher = self.teacher.get(self.train.paths)  # (N, D) teacher vectors of the training images
+        if self.loss.reads_proxies:  # class ids of the training images, checked for class-balanced batches now
+            self.labels, self.num_classes = class_labels(self.train.cluster)
+            check_classes(self.labels, max(cfg.batch_size // cfg.per_class, 1), cfg.per_class)
         self.evaluator = None
         if bundle.test is not None and cfg.eval_every > 0:
             eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else teacher_at(cfg.eval_size())
@@ -231,6 +242,7 @@ class Trainer:
             dim=self.identity["dim"],
             head=head_for(cfg.resolved_head_init()),
             glam=cfg.glam,
+            layernorm=cfg.resolved_head_norm() == "layernorm",
             random_init=random_student,
             weights_option="--student-weights",
         )
@@ -270,6 +282,21 @@ class Trainer:
         self.student.to(memory_format=torch.channels_last)
         return info
 
+    def _build_proxies(self) -> None:
+        """The class proxies of a classification loss (`cfg.proxies`): the teacher's L2-normalised class means of
+        its cached training vectors, frozen; or learned, a trainable (C, D) parameter from a seeded random start
+        (in the optimiser and the checkpoint). None for the other losses."""
+        cfg = self.cfg
+        self.proxies: torch.Tensor | None = None
+        if not self.loss.reads_proxies:
+            return
+        if cfg.proxies == "teacher-mean":
+            self.proxies = class_proxies(self.train_teacher, self.labels, self.num_classes).to(self.device)
+            return
+        g = torch.Generator().manual_seed(cfg.seed)
+        start = torch.randn(self.num_classes, self.identity["dim"], generator=g)
+        self.proxies = nn.Parameter(nn.functional.normalize(start, dim=1).to(self.device))
+
     def _resume_state(self, checkpoint: dict[str, Any] | None) -> int:
         """Student, optimizer and scheduler state from a checkpoint; returns the epoch to start from."""
         if checkpoint is None:
@@ -279,6 +306,15 @@ class Trainer:
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise UserError(f"{path}: state_dict: not a dict of tensors; the checkpoint is damaged, start a new run")
         load_into(self.student, sd, path)
+        if isinstance(self.proxies, nn.Parameter):
+            saved = checkpoint.get("proxies")
+            if not torch.is_tensor(saved) or saved.shape != self.proxies.shape:
+                raise UserError(
+                    f"{path}: proxies: missing or not ({self.num_classes}, {self.proxies.shape[1]}) learned class "
+                    "proxies; the checkpoint is damaged or from another run, start a new run"
+                )
+            with torch.no_grad():
+                self.proxies.copy_(saved)
         for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             try:
                 target.load_state_dict(checkpoint[key])
@@ -293,14 +329,44 @@ class Trainer:
             raise UserError(f"{path}: epoch: {checkpoint['epoch']!r} is not a number; start a new run") from None
 
     def _wrap_model(self) -> None:
-        """The module the steps run (DDP across ranks), the AMP scaler and the loader workers."""
+        """The module the steps run (DDP across ranks), the AMP scaler and the loader workers; the parameters that
+        a warm-up freezes (all the student's but its head's and GLAM's)."""
         cfg = self.cfg
+        new = ("proj.", "fc.", "glam.")
+        self._old_params = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(new)]
+        self._frozen = False
         self.model: nn.Module = self.student
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.student, device_ids=ids)
+            # BatchNorm stays in eval mode, so buffers never change: no per-forward broadcast, which would deadlock
+            # when ranks run different numbers of forwards in a step (one per image size, `forward_by_size`).
+            self.model = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.workers = cfg.workers if cfg.workers >= 0 else auto_workers(1 << 30, cfg.batch_size, self.device)
+
+    def _apply_warmup(self, epoch: int) -> bool:
+        """During the warm-up epochs (`cfg.resolved_warmup()`) only the new parameters train (the head, GLAM,
+        learned proxies): the backbone and GeM p get no gradient, so Adam leaves them and their state alone. On one
+        process they stop requiring grad (no backward through the backbone); under DDP, which expects a gradient
+        for every parameter it was built with, their gradients are dropped before each step
+        (`_drop_frozen_grads`). Returns whether `epoch` is a warm-up epoch."""
+        on = epoch < self.cfg.resolved_warmup()
+        if on != self._frozen and self.dist.world == 1:
+            for p in self._old_params:
+                p.requires_grad_(not on)
+        self._frozen = on
+        return on
+
+    def _drop_frozen_grads(self) -> None:
+        if self._frozen and self.dist.world > 1:
+            for p in self._old_params:
+                p.grad = None
+
+    def _sync_proxies(self) -> None:
+        """Average learned proxies' gradients across ranks (DDP averages the student's; the proxies are not in it)."""
+        if isinstance(self.proxies, nn.Parameter) and self.dist.world > 1 and self.proxies.grad is not None:
+            tdist.all_reduce(self.proxies.grad)
+            self.proxies.grad /= self.dist.world
 
     @staticmethod
     def _merge_resumed(given: TrainConfig, saved: TrainConfig, names: frozenset[str] | None = None) -> TrainConfig:
@@ -339,6 +405,8 @@ class Trainer:
         estimate_batchnorm(self.student, ([images[i] for i in idx[b]] for b in batches), self.device)
 
     def _plan(self, epoch: int, rng: np.random.Generator) -> EpochPlan:
+        if self.loss.reads_proxies:
+            return plan_classes(self.cfg, self.train, self.labels, rng)
         if self.loss.kind == "tuple":
             return plan_tuples(self.cfg, self.train, rng, self.train_teacher, self._student_vectors)
         return plan_images(self.cfg, self.train, rng)
@@ -373,6 +441,9 @@ class Trainer:
             tensors["anchor_teacher"] = self._teacher_rows(plan.anchors[b])
         if self.loss.reads_ref:
             tensors["ref"] = ref
+        if self.loss.reads_proxies:
+            tensors["labels"] = torch.from_numpy(self.labels[plan.anchors[b]]).to(self.device)
+            tensors["proxies"] = self.proxies
         if self.loss.kind == "batch":
             return self.loss.fn(s, self._teacher_rows(plan.anchors[b]), **tensors, **self.loss_constants)
         if self.loss.student_refs:  # every tuple image went through the student (the no-teacher baseline)
@@ -412,11 +483,15 @@ class Trainer:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 100_003 + epoch)
+        warmup = self._apply_warmup(epoch)
         t0 = time.perf_counter()
         plan = self._plan(epoch, rng)
         t_mine = time.perf_counter() - t0
-        order = rng.permutation(len(plan.anchors))
-        batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
+        if plan.batches is not None:
+            batches = list(plan.batches)
+        else:
+            order = rng.permutation(len(plan.anchors))
+            batches = size_buckets(order, _raw_sizes(self.train.paths, plan.anchors), cfg.batch_size)
         usable = len(batches) // self.dist.world * self.dist.world or len(batches)
         batches = batches[:usable][self.dist.rank :: self.dist.world]
         lam = self.metrix.lambdas(rng, len(plan.anchors)) if self.metrix else None  # drawn last: same tuples
@@ -447,6 +522,8 @@ class Trainer:
                 loss = self._step_loss(plan, b, imgs, ref, lam)
                 self.scaler.scale(loss / cfg.update_every).backward()
             if last:
+                self._drop_frozen_grads()
+                self._sync_proxies()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -473,10 +550,13 @@ class Trainer:
             "mining_s": t_mine,
             "train_s": dt,
             "gem_p": float(self.student.pool.p.detach().cpu()),
+            "warmup": warmup,
         }
 
     def checkpoint_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        extra = {"proxies": self.proxies.detach().cpu()} if isinstance(self.proxies, nn.Parameter) else {}
         return {
+            **extra,
             "state_dict": self.student.state_dict(),
             "meta": self.student.meta,
             "optimizer": self.optimizer.state_dict(),

@@ -1,0 +1,80 @@
+"""NormSoftmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019; SPEC §8).
+
+Softmax cross-entropy over class proxies, with L2-normalised embeddings x and proxies p, temperature sigma
+(0.05), no bias:
+
+    loss(x, y) = -log( exp(<x, p_y> / sigma) / sum_z exp(<x, p_z> / sigma) )
+
+The proxies are an input, not a parameter of the loss: who owns them decides how it is used (aml.train.loop).
+- symmetric: trainable proxies (C, D), fitted with the network on class-labelled images (the paper);
+- asymmetric: the *teacher's* proxies, frozen: `class_proxies` of the teacher's cached vectors (its L2-normalised
+  class means), so the student's vectors are classified in the teacher's space, without tuples.
+Labels are class ids 0..C-1 (the trainer maps a training set's `cluster` ids onto them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aml.losses.common import check_pair, reduce
+
+TEMPERATURE = 0.05
+
+
+def normsoftmax(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    temperature: float = TEMPERATURE,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """NormSoftmax of embeddings (B, D) with class ids (B,) over proxies (C, D); both sides L2-normalised here."""
+    if embeddings.dim() != 2 or proxies.dim() != 2 or proxies.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"embeddings {tuple(embeddings.shape)} and proxies {tuple(proxies.shape)}: expected (B, D), (C, D)"
+        )
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)}: expected one class id per embedding ({embeddings.shape[0]},)")
+    logits = F.normalize(embeddings, dim=1) @ F.normalize(proxies.to(embeddings), dim=1).t() / temperature
+    return reduce(F.cross_entropy(logits, labels.long(), reduction="none"), reduction)
+
+
+def normsoftmax_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    temperature: float = TEMPERATURE,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The registered batch form: the student's vectors (B, D) of labelled images classified by `proxies` (C, D).
+
+    The teacher's vectors of the batch (B, D) are not read (the teacher enters through its proxies)."""
+    check_pair(student, teacher)
+    return normsoftmax(student, labels, proxies, temperature=temperature, reduction=reduction)
+
+
+def class_labels(cluster: np.ndarray) -> tuple[np.ndarray, int]:
+    """A training set's cluster ids -> class ids 0..C-1 (in sorted cluster order) and C."""
+    classes, labels = np.unique(np.asarray(cluster), return_inverse=True)
+    return labels.astype(np.int64), int(classes.size)
+
+
+@torch.no_grad()
+def class_proxies(vectors: np.ndarray | torch.Tensor, labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """The frozen proxies of a vector set: each class's mean vector, L2-normalised, (C, D) float32 (no grad).
+
+    `vectors` (N, D) may be a float16 memmap (the teacher cache); rows are summed in float32 blocks."""
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    dim = vectors.shape[1]
+    sums = torch.zeros(num_classes, dim, dtype=torch.float32)
+    block = 65536
+    for s in range(0, len(labels_t), block):
+        rows = vectors[s : s + block]
+        rows = rows.detach().float().cpu() if torch.is_tensor(rows) else torch.from_numpy(np.asarray(rows, np.float32))
+        sums.index_add_(0, labels_t[s : s + block], rows)
+    return F.normalize(sums, dim=1)
