@@ -227,4 +227,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The no-teacher baseline of the demo: the same student and recipe with the symmetric loss, on a smaller
 # budget (each sym tuple embeds 2 + neg_num images with the student, and symmetric mining embeds the whole
 # pool): its asymmetric mAP is near zero whatever the budget, which is what the baseline is there to show.
-DEMO_BASELINE: dict[str, Any] = dict(loss="sym", epochs=2, query_size=100, pool_size=500, loss_args={})
+DEMO_BASELINE: dict[str, Any] = dict(loss="sym", epochs=1, query_size=100, pool_size=500, loss_args={})
