@@ -449,10 +449,11 @@ def teacher_vectors(t: Any, paths: list[str], rank: int = 0, world: int = 1) -> 
     entry; rank 0 then reads every shard (waiting on a shard another rank is building) and returns all rows."""
     if world == 1:
         return t.get(paths)
-    t.get(paths[shard(len(paths), rank, world)])
+    n = len(paths)  # each shard extracts with the backend chosen for the whole list
+    t.get(paths[shard(n, rank, world)], list_size=n)
     if rank != 0:
         return None
-    return np.concatenate([t.get(paths[shard(len(paths), r, world)]) for r in range(world)])
+    return np.concatenate([t.get(paths[shard(n, r, world)], list_size=n) for r in range(world)])
 
 
 def build_from_images(

@@ -66,8 +66,11 @@ class TeacherVectors:
             self.built = True
         return self._net
 
-    def get(self, paths: Sequence[str], bbxs: Sequence[Bbx] | None = None) -> np.ndarray:
-        """(N, D) teacher vectors of `paths` (query crops `bbxs`), a read-only memmap in list order."""
+    def get(
+        self, paths: Sequence[str], bbxs: Sequence[Bbx] | None = None, *, list_size: int | None = None
+    ) -> np.ndarray:
+        """(N, D) teacher vectors of `paths` (query crops `bbxs`), a read-only memmap in list order; `list_size`:
+        the whole list's length when `paths` is one shard of it (the backend is chosen for the whole list)."""
         from aml.extract import extract
 
         paths = list(paths)
@@ -82,7 +85,7 @@ class TeacherVectors:
                     [paths[i] for i in idx],
                     st.replace(progress=False),
                     bbxs=None if bbxs is None else [bbxs[i] for i in idx],
-                    list_size=len(paths),  # one backend for the whole list
+                    list_size=len(paths) if list_size is None else list_size,  # one backend for the list
                 ),
                 progress=st.progress,
             )
