@@ -167,7 +167,7 @@ def torch_load(path: str | os.PathLike) -> Any:
         try:
             # Safe by consent only: reached solely when the user opted in (--trust-pickle / AML_TRUST_PICKLE=1)
             # for a file the weights-only reader refused, after the one-line warning above names the file.
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False)  # safe: user opt-in, warned above
         except Exception as e:  # noqa: BLE001 - reported as a bad file below
             last, refused = e, None
     if refused is not None and refused[0] is not None:
