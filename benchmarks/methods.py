@@ -61,6 +61,7 @@ METHODS = [
     "csd glam",
     "csd k64 t0.05 glam",
     "normsoftmax",
+    "normsoftmax trained",
     "normsoftmax learned",
 ]
 # Metrix (issue 14, SPEC §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
@@ -80,6 +81,7 @@ METHODS += list(METRIX)
 # "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
 # method with the global-local attention module (all four parts) between the student's backbone and its head.
 # NormSoftmax (SPEC §8): "normsoftmax" classifies the student's vectors by the teacher's class means (frozen;
+# asymmetric), "normsoftmax trained" by proxies NormSoftmax fitted to the teacher's cached vectors (frozen;
 # asymmetric), "normsoftmax learned" is the paper's symmetric recipe (learned proxies, LayerNorm head, never the
 # teacher); both with class-balanced batches of 4 classes x 2 images (batch 8) and one warm-up epoch that trains
 # only the new parameters (the defaults).
@@ -93,6 +95,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "csd glam": ("csd", {}, {"glam": "all"}),
     "csd k64 t0.05 glam": ("csd", {"k": 64, "tau_s": 0.05}, {"glam": "all"}),
     **{name: (base, {}, {"mixup": mode}) for name, (base, mode) in METRIX.items()},
+    "normsoftmax trained": ("normsoftmax", {}, {"proxies": "teacher-trained"}),
     "normsoftmax learned": ("normsoftmax", {}, {"proxies": "learned"}),
 }
 GLAM_SUFFIX = " glam"  # "<method> glam": the same method with GLAM's four parts on the student's maps (issue 14)

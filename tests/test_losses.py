@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from aml.errors import UserError
 from aml.losses import LABEL_FREE, LOSSES, combine, weight_name
-from aml.losses.normsoftmax import class_labels, class_proxies, normsoftmax
+from aml.losses.normsoftmax import class_labels, class_proxies, fit_proxies, normsoftmax
 
 B, K, D = 6, 5, 12
 # The oracles are float64 loops; float32 inputs are compared at float32 precision (as PML's TEST_DTYPES sweep).
@@ -301,6 +301,26 @@ def test_class_proxies_are_normalised_class_means_and_labels_are_dense():
     got = class_proxies(v.numpy().astype("float16"), labels, c)
     assert got.dtype == torch.float32 and not got.requires_grad
     close(got.double(), [[float(w) / norm(wz) for w in wz] for wz in want], rtol=1e-3, atol=1e-3)
+
+
+def test_fit_proxies_lowers_the_loss_of_fixed_vectors_from_the_class_means_deterministically():
+    # overlapping classes, so the class means misclassify some vectors and the fit has room to improve them
+    g = torch.Generator().manual_seed(56)
+    labels = torch.arange(60) % 4
+    v = torch.randn(4, D, generator=g)[labels] + 1.5 * torch.randn(60, D, generator=g)
+    v = torch.nn.functional.normalize(v, dim=1).half().float()  # L2N rows in float16, as the teacher cache holds
+    proxies, fit = fit_proxies(v.numpy().astype("float16"), labels.numpy(), 4, steps=50)  # as the cache stores them
+    means = class_proxies(v, labels.numpy(), 4)
+    assert proxies.shape == (4, D) and not proxies.requires_grad
+    torch.testing.assert_close(proxies.norm(dim=1), torch.ones(4))
+    start = float(normsoftmax(v, labels, means, reduction="mean"))
+    end = float(normsoftmax(v, labels, proxies, reduction="mean"))
+    assert fit["loss_before"] == pytest.approx(start, rel=1e-3) and fit["loss_after"] == pytest.approx(end, rel=1e-3)
+    assert end < 0.9 * start and fit["accuracy_after"] >= fit["accuracy_before"]
+    again, _ = fit_proxies(v.numpy().astype("float16"), labels.numpy(), 4, steps=50)
+    assert torch.equal(proxies, again)
+    none, _ = fit_proxies(v, labels.numpy(), 4, steps=0)  # no steps: the class means
+    torch.testing.assert_close(none, means, rtol=1e-3, atol=1e-4)  # up to re-normalising float16 rows
 
 
 def test_normsoftmax_learned_proxies_get_gradients_and_combinations_refuse_it():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 from conftest import REPO
@@ -90,6 +91,8 @@ def test_every_method_is_a_valid_config_and_normsoftmax_rows_are_what_they_say(t
     asym = methods.method_config("synth", "lite0-init", "normsoftmax", 0, tmp_path)
     sym = methods.method_config("synth", "lite0", "normsoftmax learned", 0, tmp_path)
     assert (asym.proxies, asym.resolved_head_norm()) == ("teacher-mean", "none")
+    trained = methods.method_config("synth", "lite0-init", "normsoftmax trained", 0, tmp_path)
+    assert (trained.proxies, trained.resolved_head_norm(), trained.learns_alone()) == ("teacher-trained", "none", False)
     assert asym.resolved_head_init() == "local-procrustes"
     assert (sym.proxies, sym.resolved_head_norm(), sym.learns_alone()) == ("learned", "layernorm", True)
     assert asym.resolved_warmup() == sym.resolved_warmup() == 1 and asym.batch_size // asym.per_class == 4
@@ -181,3 +184,12 @@ def test_readme_demo_table_comes_from_the_results_file():
     demo_spec.loader.exec_module(demo)
     readme = (REPO / "README.md").read_text()
     assert demo.readme_block(demo.RESULT.read_text()) in readme, "run benchmarks/demo_table.py after make demo"
+
+
+def test_readme_quotes_of_results_files_are_verbatim():
+    readme = (REPO / "README.md").read_text()
+    quoted = re.findall(r"copied from\s+`(benchmarks/results/[^`]+\.txt)`", readme)
+    assert {"benchmarks/results/export_latency.txt", "benchmarks/results/index_speed.txt"} <= set(quoted)
+    for name in quoted:
+        text = (REPO / name).read_text().strip()
+        assert f"```\n{text}\n```" in readme, f"README's copy of {name} differs: paste the file again"

@@ -14,7 +14,7 @@ from conftest import REPO
 from test_train import tiny_cfg
 
 from aml.errors import UserError
-from aml.losses.normsoftmax import class_labels, class_proxies
+from aml.losses.normsoftmax import class_labels, class_proxies, fit_proxies
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.epoch import class_balanced_batches, plan_classes
@@ -106,6 +106,25 @@ def test_learned_proxies_resume_bit_for_bit(tiny_data, tmp_path, home):
     assert torch.equal(a["proxies"], b["proxies"]) and not torch.equal(a["proxies"], first["proxies"])
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_teacher_trained_proxies_are_fitted_frozen_checkpointed_and_reused_on_resume(tiny_data, tmp_path, home):
+    cfg = ns_cfg(tiny_data, tmp_path / "run", proxies="teacher-trained", epochs=2)
+    trainer = Trainer(cfg, progress=False)
+    want, fit = fit_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes, seed=cfg.seed)
+    torch.testing.assert_close(trainer.proxies, want, rtol=0, atol=0)
+    assert trainer.proxy_fit == fit and fit["loss_after"] < fit["loss_before"]
+    assert not trainer.proxies.requires_grad and len(trainer.optimizer.param_groups) == 3  # not optimised
+    assert not torch.allclose(want, class_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes))
+    distill(cfg.replace(epochs=1), progress=False)
+    first = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert torch.equal(first["proxies"], want) and first["proxy_fit"] == fit
+    log0 = (tmp_path / "run" / "log.jsonl").read_text().splitlines()[0]
+    assert '"proxy_fit"' in log0
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert torch.equal(resumed.proxies, want)
+    resumed.fit()
+    assert torch.equal(load_checkpoint(tmp_path / "run" / "last.pt")["proxies"], want)  # frozen throughout
 
 
 def test_too_few_classes_for_a_batch_is_refused_before_training(tiny_data, tmp_path, home):

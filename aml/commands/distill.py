@@ -58,8 +58,9 @@ _HELP: dict[str, str] = {
     "pool_size": "Negative pool per epoch",
     "batch_size": "Tuples (or images, for batch losses) per forward",
     "update_every": "Forwards per optimizer step",
-    "proxies": "Class proxies of normsoftmax: the teacher's class means, frozen (asymmetric), or learned "
-    "(symmetric: the student never sees the teacher)",
+    "proxies": "Class proxies of normsoftmax: the teacher's class means, frozen (asymmetric); proxies fitted by "
+    "normsoftmax to the teacher's cached vectors, frozen (asymmetric); or learned (symmetric: the student never "
+    "sees the teacher)",
     "per_class": "Images per class in normsoftmax's class-balanced batches (batch-size // per-class classes)",
     "warmup_epochs": "Epochs training only the new parameters: head and learned proxies, backbone and GeM p "
     "frozen (-1: 1 for normsoftmax, else 0)",

@@ -8,6 +8,7 @@ Softmax cross-entropy over class proxies, with L2-normalised embeddings x and pr
 The proxies are an input, not a parameter of the loss: who owns them decides how it is used (aml.train.loop).
 - symmetric: trainable proxies (C, D), fitted with the network on class-labelled images (the paper);
 - asymmetric: the *teacher's* proxies, frozen: `class_proxies` of the teacher's cached vectors (its L2-normalised
+  class means), or `fit_proxies`, the proxies NormSoftmax itself fits to the teacher's vectors (started from the
   class means), so the student's vectors are classified in the teacher's space, without tuples.
 Labels are class ids 0..C-1 (the trainer maps a training set's `cluster` ids onto them).
 """
@@ -78,3 +79,47 @@ def class_proxies(vectors: np.ndarray | torch.Tensor, labels: np.ndarray, num_cl
         rows = rows.detach().float().cpu() if torch.is_tensor(rows) else torch.from_numpy(np.asarray(rows, np.float32))
         sums.index_add_(0, labels_t[s : s + block], rows)
     return F.normalize(sums, dim=1)
+
+
+FIT_STEPS = 200  # full-batch Adam steps of `fit_proxies`
+FIT_LR = 0.01
+FIT_BATCH = 65536  # rows per step beyond which a step draws a seeded random batch
+
+
+def fit_proxies(
+    vectors: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    temperature: float = TEMPERATURE,
+    steps: int = FIT_STEPS,
+    lr: float = FIT_LR,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Proxies trained by NormSoftmax on fixed vectors (the teacher's cache), then frozen: (C, D) L2N, no grad.
+
+    Starts from `class_proxies` (the class means) and takes `steps` Adam steps on the mean loss over every row
+    (a seeded random batch of FIT_BATCH rows per step beyond that), so the proxies are the teacher's own
+    classifier rather than its centroids. Deterministic for a given seed. Returns the proxies and the mean loss
+    and accuracy of the vectors before and after the fit (what the fit bought)."""
+    x = vectors if torch.is_tensor(vectors) else torch.from_numpy(np.asarray(vectors, np.float32))
+    x = F.normalize(x.detach().float().cpu(), dim=1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    proxies = class_proxies(x, labels, num_classes).clone().requires_grad_()
+    opt = torch.optim.Adam([proxies], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def scores(p: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            logits = x @ F.normalize(p, dim=1).t() / temperature
+            return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+    before = scores(proxies)
+    for _ in range(steps):
+        rows = torch.randperm(len(y), generator=g)[:FIT_BATCH] if len(y) > FIT_BATCH else slice(None)
+        opt.zero_grad(set_to_none=True)
+        normsoftmax(x[rows], y[rows], proxies, temperature=temperature, reduction="mean").backward()
+        opt.step()
+    after = scores(proxies)
+    fit = {"loss_before": before[0], "accuracy_before": before[1], "loss_after": after[0], "accuracy_after": after[1]}
+    return F.normalize(proxies.detach(), dim=1), fit

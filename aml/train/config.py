@@ -16,9 +16,10 @@ from aml.train.head_init import HEAD_INITS
 from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
 # NormSoftmax's class proxies (SPEC §8): `teacher-mean` the teacher's L2-normalised class means of its cached
-# vectors, frozen (asymmetric: the student is classified in the teacher's space); `learned` trained with the
+# vectors, frozen (asymmetric: the student is classified in the teacher's space); `teacher-trained` the proxies
+# NormSoftmax fits to those vectors from the class means, then frozen (asymmetric); `learned` trained with the
 # student from a seeded random start (symmetric: the student never sees the teacher).
-PROXIES = ("teacher-mean", "learned")
+PROXIES = ("teacher-mean", "teacher-trained", "learned")
 HEAD_NORMS = ("auto", "none", "layernorm")  # the embedding's normalisation before its last L2N (aml.net)
 
 # The smallest value of each numeric field, and whether the minimum itself is excluded (the `aml distill`

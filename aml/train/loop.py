@@ -21,7 +21,7 @@ from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import TMP_TAG, aml_home, atomic_write, check_writable_dir, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
-from aml.losses.normsoftmax import class_labels, class_proxies
+from aml.losses.normsoftmax import TEMPERATURE, class_labels, class_proxies, fit_proxies
 from aml.progress import progress_bar, write_line
 from aml.registry import create_model, load_into, model_identity
 from aml.settings import ExtractSettings
@@ -284,14 +284,23 @@ class Trainer:
 
     def _build_proxies(self) -> None:
         """The class proxies of a classification loss (`cfg.proxies`): the teacher's L2-normalised class means of
-        its cached training vectors, frozen; or learned, a trainable (C, D) parameter from a seeded random start
-        (in the optimiser and the checkpoint). None for the other losses."""
+        its cached training vectors, frozen; the proxies NormSoftmax fits to those vectors, frozen (`proxy_fit`
+        records the fit, checkpointed, so resume reuses them); or learned, a trainable (C, D) parameter from a
+        seeded random start (in the optimiser and the checkpoint). None for the other losses."""
         cfg = self.cfg
         self.proxies: torch.Tensor | None = None
+        self.proxy_fit: dict[str, float] | None = None
         if not self.loss.reads_proxies:
             return
         if cfg.proxies == "teacher-mean":
             self.proxies = class_proxies(self.train_teacher, self.labels, self.num_classes).to(self.device)
+            return
+        if cfg.proxies == "teacher-trained":
+            temperature = self.loss_constants.get("temperature", TEMPERATURE)
+            proxies, self.proxy_fit = fit_proxies(
+                self.train_teacher, self.labels, self.num_classes, temperature=temperature, seed=cfg.seed
+            )
+            self.proxies = proxies.to(self.device)
             return
         g = torch.Generator().manual_seed(cfg.seed)
         start = torch.randn(self.num_classes, self.identity["dim"], generator=g)
@@ -306,15 +315,16 @@ class Trainer:
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise UserError(f"{path}: state_dict: not a dict of tensors; the checkpoint is damaged, start a new run")
         load_into(self.student, sd, path)
-        if isinstance(self.proxies, nn.Parameter):
+        if self.saves_proxies():
             saved = checkpoint.get("proxies")
             if not torch.is_tensor(saved) or saved.shape != self.proxies.shape:
                 raise UserError(
-                    f"{path}: proxies: missing or not ({self.num_classes}, {self.proxies.shape[1]}) learned class "
-                    "proxies; the checkpoint is damaged or from another run, start a new run"
+                    f"{path}: proxies: missing or not ({self.num_classes}, {self.proxies.shape[1]}) {self.cfg.proxies} "
+                    "class proxies; the checkpoint is damaged or from another run, start a new run"
                 )
             with torch.no_grad():
                 self.proxies.copy_(saved)
+            self.proxy_fit = checkpoint.get("proxy_fit")
         for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             try:
                 target.load_state_dict(checkpoint[key])
@@ -553,8 +563,12 @@ class Trainer:
             "warmup": warmup,
         }
 
+    def saves_proxies(self) -> bool:
+        """Whether the checkpoint holds the proxies: learned ones, and fitted ones (so that resume reuses them)."""
+        return self.proxies is not None and self.cfg.proxies != "teacher-mean"
+
     def checkpoint_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        extra = {"proxies": self.proxies.detach().cpu()} if isinstance(self.proxies, nn.Parameter) else {}
+        extra = {"proxies": self.proxies.detach().cpu(), "proxy_fit": self.proxy_fit} if self.saves_proxies() else {}
         return {
             **extra,
             "state_dict": self.student.state_dict(),
@@ -604,6 +618,8 @@ class Trainer:
         """Epoch 0: the closed-form start, its residual and (unless random) its test-set scores; a zero-epoch run
         saves this student as its checkpoint."""
         stats: dict[str, Any] = {"epoch": 0, "init": self.init_info}
+        if self.proxy_fit is not None:
+            stats["proxy_fit"] = self.proxy_fit
         if self.evaluator is not None and (self.cfg.resolved_head_init() != "random" or self.cfg.epochs == 0):
             stats["eval"] = self.evaluator.run(self.student)
         if self.cfg.epochs == 0:
