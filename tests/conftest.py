@@ -1,16 +1,21 @@
 """Shared fixtures: the real data beside the repo (../shared/data), skipped cleanly when absent; the thread count
-through `aml.threads` (its default, at most 2); the `aml` command line run in this process."""
+through `aml.threads` (its default, at most 2); the `aml` command line run in this process; a private $AML_HOME;
+the trainer tests' tiny synthetic set and their tiny `TrainConfig`."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from aml import threads
+from aml.data.synth import SynthConfig, generate_synth
+from aml.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -81,3 +86,84 @@ def run_cli(capsys, monkeypatch):
         return code, out, err
 
     return _run
+
+
+TINY = SynthConfig(
+    landmarks=6,
+    views=3,
+    val_landmarks=1,
+    test_landmarks=2,
+    queries=2,
+    db_views=4,
+    distractors=1,
+    distractor_views=2,
+    size=48,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "synth"
+    generate_synth(out, TINY)
+    return out
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private $AML_HOME, so feature caches start empty in every test."""
+    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def tiny_cfg(data, out, **changes) -> TrainConfig:
+    base = TrainConfig(
+        teacher="resnet18",
+        student="resnet18",
+        random_init=True,
+        data=f"synth:{data}",
+        epochs=2,
+        lr=1e-3,
+        query_size=8,
+        pool_size=12,
+        neg_num=2,
+        batch_size=3,
+        image_size=40,
+        eval_every=1,
+        workers=0,
+        device="cpu",
+        out=str(out),
+    )
+    return base.replace(**changes)
+
+
+# `aml distill` options of a tiny CPU run on the tiny synthetic set (tiny_cfg's settings, one epoch)
+TINY_DISTILL: dict[str, object] = dict(teacher="resnet18", student="resnet18", random_init=True, epochs=1,
+                                       query_size=8, pool_size=12, neg_num=2, batch_size=3, image_size=40,
+                                       workers=0, device="cpu", quiet=True)  # fmt: skip
+
+
+def distill_args(data: Path, out: Path, **options: object) -> list[str]:
+    """`aml distill` arguments of a tiny run on `data` into `out`: TINY_DISTILL with `options` changed or added
+    (underscores for dashes; True: a flag, False or None: left out)."""
+    merged = {**TINY_DISTILL, "data": f"synth:{data}", **options, "out": out}
+    args = []
+    for name, value in merged.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+def torchrun(*args: object, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Two gloo processes on this machine (`torchrun --standalone --nproc_per_node 2 ARGS`), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **{k: str(v) for k, v in (env or {}).items()})
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def aml_torchrun(*args: object, **kw) -> subprocess.CompletedProcess:
+    """`aml ARGS` under two gloo processes (the repository's cli.py as torchrun's script)."""
+    return torchrun(REPO / "cli.py", *args, **kw)

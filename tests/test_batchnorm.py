@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from test_train import home, tiny_cfg, tiny_data  # noqa: F401  (fixtures)
+from conftest import distill_args, tiny_cfg
 
 from aml.registry import create_model
 from aml.train.batchnorm import batchnorms, estimate_batchnorm, set_train_mode
@@ -37,7 +37,7 @@ def test_set_train_mode_freezes_batchnorm_only():
     assert net.training and not any(m.training for m in batchnorms(net))
 
 
-def test_student_random_init_keeps_the_teacher_and_estimates_statistics(tiny_data, tmp_path, home):  # noqa: F811
+def test_student_random_init_keeps_the_teacher_and_estimates_statistics(tiny_data, tmp_path, home):
     cfg = tiny_cfg(
         tiny_data,
         tmp_path / "run",
@@ -58,7 +58,7 @@ def test_student_random_init_keeps_the_teacher_and_estimates_statistics(tiny_dat
     assert all(torch.equal(conv[n], p) for n, p in fresh.named_parameters())  # only statistics changed
 
 
-def test_pretrained_student_statistics_stay_imagenet(tiny_data, tmp_path, home):  # noqa: F811
+def test_pretrained_student_statistics_stay_imagenet(tiny_data, tmp_path, home):
     cfg = tiny_cfg(tiny_data, tmp_path / "run", random_init=False, teacher="lite0", student="lite0", epochs=1)
     trainer = Trainer(cfg, progress=False)
     fresh = create_model("lite0", role="student", dim=trainer.identity["dim"])
@@ -66,38 +66,10 @@ def test_pretrained_student_statistics_stay_imagenet(tiny_data, tmp_path, home):
         assert torch.equal(a.running_mean, b.running_mean)
 
 
-def test_cli_accepts_student_random_init(tiny_data, tmp_path, home, run_cli):  # noqa: F811
-    code, out, err = run_cli(
-        "distill",
-        "--teacher",
-        "lite0",
-        "--student",
-        "resnet18",
-        "--student-random-init",
-        "--data",
-        f"synth:{tiny_data}",
-        "--epochs",
-        "1",
-        "--query-size",
-        "4",
-        "--pool-size",
-        "8",
-        "--neg-num",
-        "2",
-        "--batch-size",
-        "2",
-        "--image-size",
-        "40",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--head-lr-mult",
-        "5",
-        "--out",
-        str(tmp_path / "cli"),
-        "--quiet",
-    )
+def test_cli_accepts_student_random_init(tiny_data, tmp_path, home, run_cli):
+    options = dict(teacher="lite0", random_init=False, student_random_init=True, query_size=4, pool_size=8)
+    args = distill_args(tiny_data, tmp_path / "cli", **options, batch_size=2, head_lr_mult=5)
+    code, out, err = run_cli("distill", *args)
     assert code == 0, err
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["student_random_init"] is True and cfg["random_init"] is False and cfg["head_lr_mult"] == 5

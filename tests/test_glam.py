@@ -4,32 +4,24 @@ checkpoints, ONNX parity at the gate's sizes, gradients, and tiny distillations 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import aml_torchrun, distill_args, tiny_cfg
 from test_export import TEACHER, lively
-from test_train import tiny_cfg, tiny_data  # noqa: F401 - the shared tiny synthetic set (module fixture)
 
 from aml import glam as G
 from aml.errors import UserError
 from aml.export import pipeline
+from aml.extract import extract
 from aml.registry import create_model
+from aml.settings import ExtractSettings
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill, param_groups
 
 C, H, W = 16, 5, 7
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -226,7 +218,7 @@ def test_cli_distill_glam_option_is_checked_first(tmp_path, home, run_cli):
     assert code == 2 and stderr.strip().startswith("error: --glam local: unknown GLAM part; use all, none")
 
 
-def test_distill_with_glam_fits_through_it_trains_it_and_resumes(tiny_data, tmp_path, home):  # noqa: F811
+def test_distill_with_glam_fits_through_it_trains_it_and_resumes(tiny_data, tmp_path, home):
     cfg = tiny_cfg(tiny_data, tmp_path / "full", glam="all", eval_every=0)
     full = distill(cfg, progress=False)
     ck = load_checkpoint(full / "last.pt")
@@ -247,7 +239,24 @@ def test_distill_with_glam_fits_through_it_trains_it_and_resumes(tiny_data, tmp_
         Trainer(half.replace(glam="none", epochs=3), resume=True, progress=False, given=frozenset({"glam"}))
 
 
-def test_the_closed_form_start_is_fitted_on_the_maps_through_glam(tiny_data, tmp_path, home):  # noqa: F811
+def test_a_glam_teacher_fine_tuned_without_a_teacher_serves_as_the_teacher_of_a_distillation(tiny_data, tmp_path, home):
+    # the teacher side: `sym` trains a GLAM net on its own references (no teacher); its checkpoint is then --teacher
+    tuned = distill(tiny_cfg(tiny_data, tmp_path / "t", loss="sym", glam="all", epochs=1, eval_every=0), progress=False)
+    teacher = create_model(tuned / "last.pt", role="teacher")
+    assert teacher.glam_parts == G.PARTS and not any(p.requires_grad for p in teacher.parameters())
+    cfg = tiny_cfg(tiny_data, tmp_path / "s", teacher=str(tuned / "last.pt"), random_init=False, epochs=1)
+    cfg = cfg.replace(student_random_init=True)  # the teacher checkpoint carries its weights
+    trainer = Trainer(cfg, progress=False)
+    want = extract(teacher, trainer.train.paths[:3], ExtractSettings(cfg.image_size, device="cpu", backend="torch"))
+    torch.testing.assert_close(  # the cached teacher vectors are the fine-tuned GLAM net's (float16 cache)
+        torch.as_tensor(np.asarray(trainer.train_teacher[:3], np.float32)), torch.as_tensor(want), atol=2e-3, rtol=0
+    )
+    trainer.fit()
+    ev = load_checkpoint(tmp_path / "s" / "last.pt")["metrics"]["eval"]
+    assert np.isfinite(ev["asymmetric"]["mAP"]["M"])
+
+
+def test_the_closed_form_start_is_fitted_on_the_maps_through_glam(tiny_data, tmp_path, home):
     """GLAM moved far from its start: the residual the fit reports is that of the GLAM student's own vectors."""
     from aml.extract import extract
     from aml.nn import gem, l2n
@@ -270,16 +279,10 @@ def test_the_closed_form_start_is_fitted_on_the_maps_through_glam(tiny_data, tmp
     assert info["residual"] == pytest.approx(residual, abs=1e-4)
 
 
-def test_ddp_two_cpu_processes_with_glam(tiny_data, tmp_path, home):  # noqa: F811
+def test_ddp_two_cpu_processes_with_glam(tiny_data, tmp_path, home):
     """Every GLAM parameter is in the graph, so DistributedDataParallel needs no find_unused_parameters."""
     out = tmp_path / "ddp"
-    args = dict(teacher="resnet18", student="resnet18", data=f"synth:{tiny_data}", epochs=1, query_size=8,
-                pool_size=12, neg_num=2, batch_size=2, image_size=40, eval_every=0, workers=0, device="cpu",
-                out=out, glam="all")  # fmt: skip
-    flags = [s for k, v in args.items() for s in (f"--{k.replace('_', '-')}", str(v))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(REPO / "cli.py"), "distill", "--random-init", "--quiet", *flags]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    p = aml_torchrun("distill", *distill_args(tiny_data, out, batch_size=2, eval_every=0, glam="all"))
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and any(k.startswith("glam.") for k in ckpt["state_dict"])

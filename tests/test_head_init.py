@@ -8,18 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_cfg, tiny_data  # noqa: F401 - the shared tiny synthetic set (module fixture)
+from conftest import tiny_cfg
 
 from aml.registry import create_model
 from aml.train.checkpoint import load_checkpoint
 from aml.train.head_init import HEAD_INITS, fit_images, head_for, init_head
 from aml.train.loop import Trainer, distill
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def _teacher_vectors(net, paths, size):
@@ -54,7 +48,7 @@ def test_same_backbone_on_both_sides_is_recovered_exactly(method, tmp_path):
     assert cos.min() > 0.99, (method, cos.min())
 
 
-def test_init_is_deterministic_and_a_zero_epoch_run_writes_it(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+def test_init_is_deterministic_and_a_zero_epoch_run_writes_it(tiny_data, tmp_path, monkeypatch):
     runs = []
     for i in range(2):  # two homes: the second run fits again instead of reading the first one's cached start
         monkeypatch.setenv("AML_HOME", str(tmp_path / f"home{i}"))
@@ -69,7 +63,7 @@ def test_init_is_deterministic_and_a_zero_epoch_run_writes_it(tiny_data, tmp_pat
     assert a["metrics"]["eval"] == first["eval"]  # the closed form alone is a row of every table
 
 
-def test_random_keeps_the_aml_papers_head_and_start(tiny_data, tmp_path, home):  # noqa: F811
+def test_random_keeps_the_aml_papers_head_and_start(tiny_data, tmp_path, home):
     run = distill(tiny_cfg(tiny_data, tmp_path / "r", epochs=1, head_init="random"), progress=False)
     ck = load_checkpoint(run / "last.pt")
     assert "proj.0.weight" in ck["state_dict"] and "fc.weight" not in ck["state_dict"]
@@ -78,7 +72,7 @@ def test_random_keeps_the_aml_papers_head_and_start(tiny_data, tmp_path, home): 
     assert "eval" not in log[0]  # nothing fitted: no extra evaluation before epoch 1
 
 
-def test_resume_keeps_the_init_record_and_does_not_refit(tiny_data, tmp_path, home):  # noqa: F811
+def test_resume_keeps_the_init_record_and_does_not_refit(tiny_data, tmp_path, home):
     cfg = tiny_cfg(tiny_data, tmp_path / "run", epochs=1, eval_every=0)
     distill(cfg, progress=False)
     first = load_checkpoint(tmp_path / "run" / "last.pt")["init"]
@@ -88,7 +82,7 @@ def test_resume_keeps_the_init_record_and_does_not_refit(tiny_data, tmp_path, ho
     assert load_checkpoint(tmp_path / "run" / "last.pt")["init"] == first
 
 
-def test_checkpoint_with_a_linear_head_loads_and_exports(tiny_data, tmp_path, home):  # noqa: F811
+def test_checkpoint_with_a_linear_head_loads_and_exports(tiny_data, tmp_path, home):
     from aml.export import pipeline
 
     run = distill(tiny_cfg(tiny_data, tmp_path / "run", epochs=0, eval_every=0), progress=False)
@@ -112,7 +106,7 @@ def test_head_and_method_must_match():
         head_for("pca")
 
 
-def test_a_rerun_reads_the_fitted_start_from_the_cache(tiny_data, tmp_path, home):  # noqa: F811
+def test_a_rerun_reads_the_fitted_start_from_the_cache(tiny_data, tmp_path, home):
     first = Trainer(tiny_cfg(tiny_data, tmp_path / "a", epochs=0), progress=False)
     assert first.teacher.built and "cached" not in first.init_info
     again = Trainer(tiny_cfg(tiny_data, tmp_path / "b", epochs=0, loss="reg"), progress=False)  # another method

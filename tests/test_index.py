@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, shared_path
+from conftest import REPO, aml_torchrun, shared_path
 from fake_faiss import gpu_faiss
 
 from aml import index as aml_index
@@ -303,10 +303,7 @@ def test_torchrun_two_processes_equal_one(ukbench, tmp_path, home, run_cli, one_
     env = {"AML_HOME": home}
     same = ("--backend", "torch", "--threads", "1")  # one backend and thread count on both sides
     assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "one", *same), env=env)[0] == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"),
-           *map(str, build_args(ukbench / "all.txt", tmp_path / "two", *same))]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", AML_HOME=str(home)))  # fmt: skip
+    p = aml_torchrun(*build_args(ukbench / "all.txt", tmp_path / "two", *same), env={"AML_HOME": home})
     assert p.returncode == 0, p.stderr[-2000:]
     one, two = Index.open(tmp_path / "one"), Index.open(tmp_path / "two")
     assert one.names == two.names

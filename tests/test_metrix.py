@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
-from test_train import TINY, tiny_cfg
+from conftest import REPO, distill_args, tiny_cfg, torchrun
 
-from aml.data.synth import generate_synth
 from aml.errors import UserError
 from aml.losses import LOSSES, PAIR_BASED, clean_refs
 from aml.registry import create_model
@@ -302,19 +297,6 @@ def test_gradient_of_image_mixup_reaches_the_student_network_only(mode, tiny_net
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("metrix") / "synth"
-    generate_synth(out, TINY)
-    return out
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def state(run_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "last.pt")["state_dict"]
 
@@ -378,11 +360,9 @@ def test_mixup_run_resumes_bit_for_bit(tiny_data, tmp_path, home, one_thread):
 
 def test_cli_distill_with_mixup_then_export(tiny_data, tmp_path, home, run_cli):
     out = tmp_path / "run"
-    args = ["--teacher", "resnet18", "--student", "resnet18", "--random-init", "--data", f"synth:{tiny_data}"]
-    args += ["--epochs", "1", "--query-size", "8", "--pool-size", "12", "--neg-num", "2", "--batch-size", "3"]
-    args += ["--image-size", "40", "--eval-every", "0", "--workers", "0", "--device", "cpu", "--quiet"]
-    args += ["--loss", "ms", "--mixup", "embedding", "--mixup-pairs", "anchor-neg", "--mixup-weight", "0.3"]
-    code, _, stderr = run_cli("distill", *args, "--out", out, env={"AML_HOME": str(home)})
+    mixup = dict(loss="ms", mixup="embedding", mixup_pairs="anchor-neg", mixup_weight=0.3, eval_every=0)
+    args = distill_args(tiny_data, out, **mixup)
+    code, _, stderr = run_cli("distill", *args, env={"AML_HOME": str(home)})
     assert code == 0, stderr
     saved = load_checkpoint(out / "last.pt")["config"]
     assert (saved["mixup"], saved["mixup_pairs"], saved["mixup_weight"], saved["mixup_alpha"]) == (
@@ -393,7 +373,7 @@ def test_cli_distill_with_mixup_then_export(tiny_data, tmp_path, home, run_cli):
     )
     code, _, stderr = run_cli("export", "--checkpoint", out / "last.pt", "--out", tmp_path / "q.onnx", "--quiet")
     assert code == 0, stderr
-    code, _, stderr = run_cli("distill", *args, "--loss", "reg", "--out", tmp_path / "bad")
+    code, _, stderr = run_cli("distill", *distill_args(tiny_data, tmp_path / "bad", **{**mixup, "loss": "reg"}))
     assert code == 2 and "--mixup embedding: loss 'reg' is not pair-based" in stderr
 
 
@@ -420,8 +400,6 @@ def test_ddp_ranks_stay_equal_with_feature_mixup(tiny_data, tmp_path, home):
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
     cfg = tiny_cfg(tiny_data, tmp_path / "ddp", loss="contr+", mixup="feature", epochs=1, eval_every=0, batch_size=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    p = subprocess.run([*cmd, json.dumps(cfg.to_dict())], capture_output=True, text=True, env=env, timeout=300)
+    p = torchrun(script, json.dumps(cfg.to_dict()), env={"PYTHONPATH": REPO})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("differs 0.0") == 2, p.stdout

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-import test_train
 import torch
-from conftest import REPO
-from test_train import tiny_cfg
+from conftest import aml_torchrun, distill_args, tiny_cfg
 
 from aml.errors import UserError
 from aml.losses.normsoftmax import class_labels, class_proxies, fit_proxies
@@ -19,8 +13,6 @@ from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.epoch import class_balanced_batches, plan_classes
 from aml.train.loop import Trainer, distill
-
-home, tiny_data = test_train.home, test_train.tiny_data  # the trainer tests' fixtures
 
 
 def ns_cfg(data, out, **changes) -> TrainConfig:
@@ -137,18 +129,8 @@ def test_too_few_classes_for_a_batch_is_refused_before_training(tiny_data, tmp_p
 def test_ddp_two_cpu_processes_learned_proxies_and_warmup(tiny_data, tmp_path, home):
     """torchrun, two gloo ranks: warm-up rebuilds DDP over the head alone, then over everything; proxies averaged."""
     out = tmp_path / "ddp"
-    args = ["--teacher", "resnet18", "--student", "resnet18", "--random-init", "--data", f"synth:{tiny_data}"]
-    args += ["--loss", "normsoftmax", "--proxies", "learned", "--epochs", "2", "--query-size", "8"]
-    args += ["--batch-size", "4", "--per-class", "2", "--image-size", "40", "--eval-every", "0"]
-    args += ["--workers", "0", "--device", "cpu", "--out", str(out), "--quiet"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    p = subprocess.run(
-        [*cmd, str(REPO / "cli.py"), "distill", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=240,
-    )
+    ns = dict(loss="normsoftmax", proxies="learned", epochs=2, batch_size=4, per_class=2, eval_every=0)
+    p = aml_torchrun("distill", *distill_args(tiny_data, out, **ns, pool_size=None, neg_num=None), timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2 and torch.isfinite(ckpt["proxies"]).all()

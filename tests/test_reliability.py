@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, tiny_cfg
 from PIL import Image
 
 from aml import trust
@@ -22,7 +23,6 @@ from aml.io import TMP_TAG, atomic_write, host_tag, temp_dir
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill
-from tests.test_train import TINY, tiny_cfg
 from tests.test_trust import _evil_torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,12 +34,6 @@ def _untrusted(monkeypatch):
     trust.set_trust_pickle(False)
     yield
     trust.set_trust_pickle(False)
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 @pytest.fixture(scope="module")

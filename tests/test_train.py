@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import aml_torchrun, distill_args, tiny_cfg
 
-from aml.data.synth import SynthConfig, generate_synth
 from aml.errors import UserError
 from aml.registry import create_model
 from aml.train.batches import forward_by_size, size_buckets
@@ -21,54 +17,6 @@ from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill, loss_function
-
-TINY = SynthConfig(
-    landmarks=6,
-    views=3,
-    val_landmarks=1,
-    test_landmarks=2,
-    queries=2,
-    db_views=4,
-    distractors=1,
-    distractor_views=2,
-    size=48,
-    seed=3,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "synth"
-    generate_synth(out, TINY)
-    return out
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A private $AML_HOME, so feature caches start empty in every test."""
-    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-def tiny_cfg(data, out, **changes) -> TrainConfig:
-    base = TrainConfig(
-        teacher="resnet18",
-        student="resnet18",
-        random_init=True,
-        data=f"synth:{data}",
-        epochs=2,
-        lr=1e-3,
-        query_size=8,
-        pool_size=12,
-        neg_num=2,
-        batch_size=3,
-        image_size=40,
-        eval_every=1,
-        workers=0,
-        device="cpu",
-        out=str(out),
-    )
-    return base.replace(**changes)
 
 
 def test_forward_by_size_equals_per_image_values_and_grads():
@@ -164,46 +112,7 @@ def test_amp_on_cpu_is_a_clear_error(tiny_data, tmp_path, home):
 def test_ddp_two_cpu_processes(tiny_data, tmp_path, home):
     """torchrun with two gloo processes: both ranks train, rank 0 alone writes the run."""
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "cli.py"),
-        "distill",
-        "--teacher",
-        "resnet18",
-        "--student",
-        "resnet18",
-        "--random-init",
-        "--data",
-        f"synth:{tiny_data}",
-        "--epochs",
-        "1",
-        "--query-size",
-        "8",
-        "--pool-size",
-        "12",
-        "--neg-num",
-        "2",
-        "--batch-size",
-        "2",
-        "--image-size",
-        "40",
-        "--eval-every",
-        "0",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    p = aml_torchrun("distill", *distill_args(tiny_data, out, batch_size=2, eval_every=0), timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["state_dict"])
@@ -213,36 +122,7 @@ def test_ddp_two_cpu_processes(tiny_data, tmp_path, home):
 def test_cli_distill_then_evaluate_and_export(tiny_data, tmp_path, home, run_cli):
     out = tmp_path / "run"
     env = {"AML_HOME": str(home)}
-    code, stdout, stderr = run_cli(
-        "distill",
-        "--teacher",
-        "resnet18",
-        "--student",
-        "resnet18",
-        "--random-init",
-        "--data",
-        f"synth:{tiny_data}",
-        "--epochs",
-        "1",
-        "--query-size",
-        "8",
-        "--pool-size",
-        "12",
-        "--neg-num",
-        "2",
-        "--batch-size",
-        "3",
-        "--image-size",
-        "40",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--quiet",
-        env=env,
-    )
+    code, stdout, stderr = run_cli("distill", *distill_args(tiny_data, out), env=env)
     assert code == 0, stderr
     assert f"run: {out}" in stdout
     saved = json.loads((out / "config.json").read_text())
