@@ -341,9 +341,12 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
     sym_m = {m: _stats(r["symmetric"]["M"])[0] for m, r in rows.items()}
     for name, (base, mode) in METRIX.items():
         if name in asym and base in asym:
+            with_sd, base_sd = (_stats(rows[m]["asymmetric"]["M"])[1] for m in (name, base))
+            seeds = min(len(rows[name]["seeds"]), len(rows[base]["seeds"]))
+            spread = f"; seed std {with_sd:.2f} / {base_sd:.2f}" if seeds > 1 else ""
             lines.append(
                 f"Metrix ({mode}) on `{base}`: asymmetric {asym[name]:.2f} vs {asym[base]:.2f} "
-                f"({asym[name] - asym[base]:+.2f}), symmetric {sym_m[name]:.2f} vs {sym_m[base]:.2f} "
+                f"({asym[name] - asym[base]:+.2f}{spread}), symmetric {sym_m[name]:.2f} vs {sym_m[base]:.2f} "
                 f"({sym_m[name] - sym_m[base]:+.2f}) mAP M"
             )
     return lines + glam_findings(rows)

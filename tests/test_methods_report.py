@@ -119,7 +119,8 @@ def test_findings_compare_each_metrix_row_with_its_method(results):
     assert "teacher-aware methods above it: 11 of 11" in lines[1]  # `sym metrix-emb` is not teacher-aware
     assert lines[-2].startswith("Metrix (embedding) on `sym`: asymmetric 3.00 vs 3.50 (-0.50)")
     assert lines[-1] == (
-        "Metrix (embedding) on `contr+`: asymmetric 28.50 vs 26.00 (+2.50), symmetric 40.00 vs 40.00 (+0.00) mAP M"
+        "Metrix (embedding) on `contr+`: asymmetric 28.50 vs 26.00 (+2.50; seed std 1.00 / 1.00), symmetric 40.00 vs "
+        "40.00 (+0.00) mAP M"
     )
 
 
