@@ -33,10 +33,12 @@ FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
 TRUNCATED_TOPK = 10_000  # ranking depth for larger databases (R1M)
 ROWS = ("teacher", "student", "asymmetric")
 ROW_TITLES = {"teacher": "teacher (sym)", "student": "student (sym)", "asymmetric": "asymmetric (s->t)"}
-# `--binary`: the teacher's database as sign bits (aml.binary), searched by float queries (asymmetric scoring)
-# and by binarised queries (Hamming); per float row that has a teacher database.
+# `--binary`: each float row's database as sign bits (aml.binary), searched by that row's float queries
+# (asymmetric scoring) and by its binarised queries (Hamming): the teacher's database for the teacher and
+# asymmetric rows, the student's own for the student row (a LayerNorm'd NormSoftmax student's binary codes).
 BINARY_ROWS = {
     "teacher": ("teacher float->bits", "teacher hamming"),
+    "student": ("student float->bits", "student hamming"),
     "asymmetric": ("asymmetric float->bits", "asymmetric hamming"),
 }
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
@@ -277,46 +279,52 @@ def _student_rows(
     distractors: list[str],
     rows: Sequence[str],
     score: Callable[..., dict[str, Any]],
-) -> tuple[dict[str, Any], str | None, np.ndarray]:
+) -> tuple[dict[str, Any], str | None, np.ndarray, tuple[np.ndarray, np.ndarray | None, np.ndarray] | None]:
     """The asymmetric row (student queries vs the teacher database, both whitened with the teacher's `lw`) and
     the student's symmetric row (with the student's own Lw of the same name when it has one). Returns
-    (rows, the student's own Lw name or None, the asymmetric row's queries)."""
+    (rows, the student's own Lw name or None, the asymmetric row's queries, the student row's (database,
+    distractors, queries) or None)."""
     from aml.extract import extract
 
     out: dict[str, Any] = {}
     s_q = extract(s_net, dataset.query_paths(), settings, bbxs=dataset.bbxs)
     if "asymmetric" in rows:
         out["asymmetric"] = score("asymmetric", t_db, _whiten(s_q, lw), distractors=t_dis)
-    own = None
+    own, own_side = None, None
     if "student" in rows:
         lw_s = lw
         if lw is not None and lw.key in (s_net.meta.get("Lw") or {}):
             lw_s = own = Lw.from_meta(s_net.meta, settings.multiscale, lw.key)
         s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
         s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
-        out["student"] = score("student", s_db, _whiten(s_q, lw_s), distractors=s_dis)
-    return out, None if own is None else own.name, _whiten(s_q, lw)
+        own_side = (s_db, s_dis, _whiten(s_q, lw_s))
+        out["student"] = score("student", s_db, own_side[2], distractors=s_dis)
+    return out, None if own is None else own.name, _whiten(s_q, lw), own_side
 
 
 def _binary_rows(
     dataset: Revisitop,
-    t_db: np.ndarray,
-    t_dis: np.ndarray | None,
-    queries: Mapping[str, np.ndarray],
+    sides: Mapping[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]],
     topk: int | None,
-) -> tuple[dict[str, Any], str, str | None]:
-    """BINARY_ROWS of each float row's queries against the teacher database as sign bits; what the codes are; and
-    a warning when they carry little (the vectors were not zero-centred)."""
-    dim = t_db.shape[1]
-    codes = pack_bits(t_db)
-    dis = pack_bits(t_dis) if t_dis is not None else None
+) -> tuple[dict[str, Any], str, list[str]]:
+    """BINARY_ROWS of each float row's (database, distractors, queries) in `sides`: the database as sign bits,
+    searched by the float queries and by their bits; what the codes are; and a warning per database whose codes
+    carry little (vectors not zero-centred)."""
     out: dict[str, Any] = {}
-    for row, q in queries.items():
+    warnings, dims = [], set()
+    for row, (db, dis, q) in sides.items():
+        codes = pack_bits(db)
+        dis_codes = pack_bits(dis) if dis is not None else None
         asym, ham = BINARY_ROWS[row]
-        out[asym] = evaluate_binary(dataset, codes, q, topk=topk, distractors=dis)
-        out[ham] = evaluate_binary(dataset, codes, q, hamming=True, topk=topk, distractors=dis)
-    info = f"teacher database as {dim} sign bits, {code_bytes(dim)} bytes a vector (float32 {4 * dim})"
-    return out, info, balance_warning(codes, dim, "the teacher's database as sign bits")
+        out[asym] = evaluate_binary(dataset, codes, q, topk=topk, distractors=dis_codes)
+        out[ham] = evaluate_binary(dataset, codes, q, hamming=True, topk=topk, distractors=dis_codes)
+        dims.add(db.shape[1])
+        owner = "student's" if row == "student" else "teacher's"
+        warning = balance_warning(codes, db.shape[1], f"the {owner} database as sign bits")
+        if warning and warning not in warnings:
+            warnings.append(warning)
+    info = ", ".join(f"{d} sign bits, {code_bytes(d)} bytes a vector (float32 {4 * d})" for d in sorted(dims))
+    return out, f"databases as {info}", warnings
 
 
 def evaluate_models(
@@ -346,8 +354,9 @@ def evaluate_models(
     $AML_HOME/cache) stored as `cache_dtype`, so a second student costs only its own extraction. `whiten` (a
     `--whiten` value: `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to
     the teacher and asymmetric rows (both sides) and to the student row unless the student carries its own Lw
-    of the same name. `binary` adds BINARY_ROWS: the teacher database as sign bits (after the Lw), searched by
-    the teacher and asymmetric rows' float queries and by their sign bits. Returns {"dataset", "settings", row:
+    of the same name. `binary` adds BINARY_ROWS: each row's database as sign bits (after the Lw; the teacher's
+    for the teacher and asymmetric rows, the student's own for the student row), searched by that row's float
+    queries and by their sign bits. Returns {"dataset", "settings", row:
     evaluate_features(..)}, with {"binary": {name: result}}, settings["binary"] and, when the codes carry little,
     "warnings" for `binary`; with `return_rankings`, (that, {row: its Ranking}) (the float rows').
     """
@@ -378,11 +387,9 @@ def evaluate_models(
         return result
 
     out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
-    if binary and "teacher" not in rows and "asymmetric" not in rows:
-        raise UserError("--binary binarises the teacher's database: evaluate the teacher or asymmetric row too")
     found, t_db, t_dis, t_q = _teacher_rows(dataset, t, lw, distractors, rows, score)
     out.update(found)
-    queries = {"teacher": t_q} if t_q is not None else {}
+    sides = {"teacher": (t_db, t_dis, t_q)} if t_q is not None else {}
     if "student" in rows or "asymmetric" in rows:
         is_file = os.path.isfile(student)
         s_net = create_model(
@@ -392,15 +399,17 @@ def evaluate_models(
             random_init=random_init and not is_file,
             dim=None if is_file else t.identity["dim"],
         )
-        found, own, s_q = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
+        found, own, s_q, own_side = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
         out.update(found)
+        if own_side is not None:
+            sides["student"] = own_side
         if "asymmetric" in rows:
-            queries["asymmetric"] = s_q
+            sides["asymmetric"] = (t_db, t_dis, s_q)
         if own is not None:
             info["Lw"] += f", student's own {own} on the student row"
     if binary:
-        out["binary"], info["binary"], warning = _binary_rows(dataset, t_db, t_dis, queries, topk)
-        if warning:
-            out["warnings"] = [warning]
+        out["binary"], info["binary"], warnings = _binary_rows(dataset, sides, topk)
+        if warnings:
+            out["warnings"] = warnings
     out = {k: out[k] for k in ("dataset", "settings", *ROWS, "binary", "warnings") if k in out}
     return (out, rankings) if return_rankings else out

@@ -87,6 +87,11 @@ def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
     signs = unpack_signs(pack_bits(t_db), 32)
     want = evaluate_features(ds, signs / np.sqrt(32), q)["mAP"]
     assert r["binary"]["asymmetric float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
+    own = pack_bits(floats)  # the student row: the student's own float32 database as bits, its own queries
+    want = evaluate_features(ds, unpack_signs(own, 32) / np.sqrt(32), q)["mAP"]
+    assert r["binary"]["student float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
+    hamming = evaluate_features(ds, unpack_signs(own, 32), unpack_signs(pack_bits(q), 32))["mAP"]
+    assert r["binary"]["student hamming"]["mAP"] == pytest.approx(hamming, abs=1e-6)
 
 
 def test_evaluate_binary_with_show_draws_the_float_ranking_and_refuses_bare_codes(tmp_path, run_cli):

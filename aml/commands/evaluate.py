@@ -225,8 +225,9 @@ def _check_show(show: str | None, ds: Any, row: str | None, rows: tuple[str, ...
 @click.option(
     "--binary",
     is_flag=True,
-    help="Also evaluate the (teacher's) database as sign bits: float queries against the bits (asymmetric) and "
-    f"binarised queries (Hamming); rows {', '.join(n for names in BINARY_ROWS.values() for n in names)}. Feature "
+    help="Also evaluate each row's database as sign bits (the teacher's; the student's own for the student row): "
+    "float queries against the bits (asymmetric) and binarised queries (Hamming); rows "
+    f"{', '.join(n for names in BINARY_ROWS.values() for n in names)}. Feature "
     "files: a float database is binarised, a uint8 one (aml extract --binary) is taken as codes.",
 )
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
