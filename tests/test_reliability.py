@@ -36,11 +36,10 @@ def _untrusted(monkeypatch):
     trust.set_trust_pickle(False)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rel") / "synth"
-    generate_synth(out, TINY)
-    return out
+@pytest.fixture
+def data(tiny_data):
+    """The trainer tests' tiny synthetic set (conftest), under the name these tests use."""
+    return tiny_data
 
 
 @pytest.fixture
