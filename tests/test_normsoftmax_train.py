@@ -100,7 +100,9 @@ def test_learned_proxies_resume_bit_for_bit(tiny_data, tmp_path, home):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
-def test_teacher_trained_proxies_are_fitted_frozen_checkpointed_and_reused_on_resume(tiny_data, tmp_path, home):
+def test_teacher_trained_proxies_are_fitted_frozen_checkpointed_and_reused_on_resume(
+    tiny_data, tmp_path, home, monkeypatch
+):
     cfg = ns_cfg(tiny_data, tmp_path / "run", proxies="teacher-trained", epochs=2)
     trainer = Trainer(cfg, progress=False)
     want, fit = fit_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes, seed=cfg.seed)
@@ -113,8 +115,10 @@ def test_teacher_trained_proxies_are_fitted_frozen_checkpointed_and_reused_on_re
     assert torch.equal(first["proxies"], want) and first["proxy_fit"] == fit
     log0 = (tmp_path / "run" / "log.jsonl").read_text().splitlines()[0]
     assert '"proxy_fit"' in log0
-    resumed = Trainer(cfg, resume=True, progress=False)
-    assert torch.equal(resumed.proxies, want)
+    with monkeypatch.context() as m:  # a resumed run takes the fitted proxies from the checkpoint, never refits
+        m.setattr("aml.train.loop.fit_proxies", lambda *a, **k: pytest.fail("refitted on resume"))
+        resumed = Trainer(cfg, resume=True, progress=False)
+    assert torch.equal(resumed.proxies, want) and resumed.proxy_fit == fit
     resumed.fit()
     assert torch.equal(load_checkpoint(tmp_path / "run" / "last.pt")["proxies"], want)  # frozen throughout
 

@@ -81,9 +81,9 @@ def class_proxies(vectors: np.ndarray | torch.Tensor, labels: np.ndarray, num_cl
     return F.normalize(sums, dim=1)
 
 
-FIT_STEPS = 200  # full-batch Adam steps of `fit_proxies`
+FIT_STEPS = 200  # Adam steps of `fit_proxies`
 FIT_LR = 0.01
-FIT_BATCH = 65536  # rows per step beyond which a step draws a seeded random batch
+FIT_BATCH = 8192  # rows per step: all of them up to this, else a seeded random batch of this many
 
 
 def fit_proxies(
@@ -95,17 +95,19 @@ def fit_proxies(
     steps: int = FIT_STEPS,
     lr: float = FIT_LR,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Proxies trained by NormSoftmax on fixed vectors (the teacher's cache), then frozen: (C, D) L2N, no grad.
 
     Starts from `class_proxies` (the class means) and takes `steps` Adam steps on the mean loss over every row
-    (a seeded random batch of FIT_BATCH rows per step beyond that), so the proxies are the teacher's own
-    classifier rather than its centroids. Deterministic for a given seed. Returns the proxies and the mean loss
-    and accuracy of the vectors before and after the fit (what the fit bought)."""
+    (a seeded random batch of FIT_BATCH rows per step beyond that, so a step costs at most FIT_BATCH x C x D
+    multiply-adds whatever the training set's size), so the proxies are the teacher's own classifier rather than
+    its centroids. Runs on `device`; deterministic for a given seed and device. Returns the proxies (on `device`)
+    and the mean loss and accuracy of the vectors before and after the fit (what the fit bought)."""
     x = vectors if torch.is_tensor(vectors) else torch.from_numpy(np.asarray(vectors, np.float32))
-    x = F.normalize(x.detach().float().cpu(), dim=1)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    proxies = class_proxies(x, labels, num_classes).clone().requires_grad_()
+    x = F.normalize(x.detach().float().to(device), dim=1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=x.device)
+    proxies = class_proxies(x, labels, num_classes).to(x.device).requires_grad_()
     opt = torch.optim.Adam([proxies], lr=lr)
     g = torch.Generator().manual_seed(seed)
 
@@ -116,7 +118,7 @@ def fit_proxies(
 
     before = scores(proxies)
     for _ in range(steps):
-        rows = torch.randperm(len(y), generator=g)[:FIT_BATCH] if len(y) > FIT_BATCH else slice(None)
+        rows = torch.randperm(len(y), generator=g)[:FIT_BATCH].to(x.device) if len(y) > FIT_BATCH else slice(None)
         opt.zero_grad(set_to_none=True)
         normsoftmax(x[rows], y[rows], proxies, temperature=temperature, reduction="mean").backward()
         opt.step()

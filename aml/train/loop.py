@@ -170,7 +170,7 @@ class Trainer:
         self._load_data()
         self._build_student(fresh=checkpoint is None)
         self.init_info = self._init_head() if checkpoint is None else checkpoint.get("init")
-        self._build_proxies()
+        self._build_proxies(fresh=checkpoint is None)
         learned = self.proxies if isinstance(self.proxies, nn.Parameter) else None
         self.optimizer = make_optimizer(self.student, cfg, learned)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
@@ -282,11 +282,12 @@ class Trainer:
         self.student.to(memory_format=torch.channels_last)
         return info
 
-    def _build_proxies(self) -> None:
+    def _build_proxies(self, *, fresh: bool) -> None:
         """The class proxies of a classification loss (`cfg.proxies`): the teacher's L2-normalised class means of
         its cached training vectors, frozen; the proxies NormSoftmax fits to those vectors, frozen (`proxy_fit`
-        records the fit, checkpointed, so resume reuses them); or learned, a trainable (C, D) parameter from a
-        seeded random start (in the optimiser and the checkpoint). None for the other losses."""
+        records the fit; both are checkpointed, and a resumed run takes them from the checkpoint instead of
+        fitting again); or learned, a trainable (C, D) parameter from a seeded random start (in the optimiser and
+        the checkpoint). None for the other losses."""
         cfg = self.cfg
         self.proxies: torch.Tensor | None = None
         self.proxy_fit: dict[str, float] | None = None
@@ -296,11 +297,18 @@ class Trainer:
             self.proxies = class_proxies(self.train_teacher, self.labels, self.num_classes).to(self.device)
             return
         if cfg.proxies == "teacher-trained":
+            if not fresh:  # filled from the checkpoint by _resume_state
+                self.proxies = torch.zeros(self.num_classes, self.identity["dim"], device=self.device)
+                return
             temperature = self.loss_constants.get("temperature", TEMPERATURE)
-            proxies, self.proxy_fit = fit_proxies(
-                self.train_teacher, self.labels, self.num_classes, temperature=temperature, seed=cfg.seed
+            self.proxies, self.proxy_fit = fit_proxies(
+                self.train_teacher,
+                self.labels,
+                self.num_classes,
+                temperature=temperature,
+                seed=cfg.seed,
+                device=self.device,
             )
-            self.proxies = proxies.to(self.device)
             return
         g = torch.Generator().manual_seed(cfg.seed)
         start = torch.randn(self.num_classes, self.identity["dim"], generator=g)
