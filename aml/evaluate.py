@@ -312,9 +312,16 @@ def _binary_rows(
     carry little (vectors not zero-centred)."""
     out: dict[str, Any] = {}
     warnings, dims = [], set()
+    packed: dict[int, np.ndarray] = {}  # the teacher and asymmetric rows share the teacher's database: pack it once
+
+    def bits(v: np.ndarray) -> np.ndarray:
+        if id(v) not in packed:
+            packed[id(v)] = pack_bits(v)
+        return packed[id(v)]
+
     for row, (db, dis, q) in sides.items():
-        codes = pack_bits(db)
-        dis_codes = pack_bits(dis) if dis is not None else None
+        codes = bits(db)
+        dis_codes = bits(dis) if dis is not None else None
         asym, ham = BINARY_ROWS[row]
         out[asym] = evaluate_binary(dataset, codes, q, topk=topk, distractors=dis_codes)
         out[ham] = evaluate_binary(dataset, codes, q, hamming=True, topk=topk, distractors=dis_codes)
