@@ -28,12 +28,17 @@ def ln_student(path, dim: int = 32):
     return path
 
 
+def save_features(folder, db: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """db.npy, its packed sign bits codes.npy and q.npy in `folder`; returns (db, q)."""
+    np.save(folder / "db.npy", db)
+    np.save(folder / "codes.npy", pack_bits(db))
+    np.save(folder / "q.npy", q)
+    return db, q
+
+
 def test_evaluate_binary_from_features_matches_float_search_on_the_signs(tmp_path, run_cli):
     ds = real_dataset(tmp_path)
-    db, q = structured_features(ds, np.random.default_rng(0), d=64, noise=0.8)
-    np.save(tmp_path / "db.npy", db)
-    np.save(tmp_path / "codes.npy", pack_bits(db))
-    np.save(tmp_path / "q.npy", q)
+    db, q = save_features(tmp_path, *structured_features(ds, np.random.default_rng(0), d=64, noise=0.8))
     base = ("evaluate", "--dataset", "roxford5k", "--data-root", tmp_path, "--query-features", tmp_path / "q.npy")
     code, out, err = run_cli(*base, "--db-features", tmp_path / "db.npy", "--binary", "--json", tmp_path / "a.json")
     assert code == 0, err
@@ -96,10 +101,7 @@ def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
 
 def test_evaluate_binary_with_show_draws_the_float_ranking_and_refuses_bare_codes(tmp_path, run_cli):
     ds = image_dataset(tmp_path)
-    db, q = structured_features(ds, np.random.default_rng(1), d=16, noise=0.8)
-    np.save(tmp_path / "db.npy", db)
-    np.save(tmp_path / "codes.npy", pack_bits(db))
-    np.save(tmp_path / "q.npy", q)
+    save_features(tmp_path, *structured_features(ds, np.random.default_rng(1), d=16, noise=0.8))
     base = ("evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--query-features", tmp_path / "q.npy",
             "--binary", "--show-n", 1, "--show-k", 2)  # fmt: skip
     code, out, err = run_cli(*base, "--db-features", tmp_path / "db.npy", "--show", tmp_path / "s.html")
