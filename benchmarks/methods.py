@@ -55,6 +55,8 @@ METHODS = [
     "darkrank all",
     "csd",
     "csd k64 t0.05",
+    "csd t0.03",
+    "csd labels",
     "contr+csd",
     "contr+10csd",
     "contr+ glam",
@@ -77,7 +79,9 @@ METHODS += list(METRIX)
 # Table names that are a registered loss with other constants or another budget: (loss, constants, config
 # changes). contr+ plus csd weighted 10x (the 1:1 mix is dominated by the contrastive term at this budget);
 # triplet with margin 0.1 and DarkRank with the denominator over all items (this project's defaults before
-# issue 12; the AML paper code's are margin 0.7 and the teacher's list only); csd with the demo's constants;
+# issue 12; the AML paper code's are margin 0.7 and the teacher's list only); csd with the former demo's
+# constants (k 64, tau_s 0.05); "csd labels": the demo's loss (the label-refined target, label_weight 0.5, tau_s
+# 0.03, k 256), and "csd t0.03" the same without the label term;
 # "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
 # method with the global-local attention module (all four parts) between the student's backbone and its head.
 # NormSoftmax (SPEC §8): "normsoftmax" classifies the student's vectors by the teacher's class means (frozen;
@@ -90,6 +94,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "triplet m0.1": ("triplet", {"margin": 0.1}, {}),
     "darkrank all": ("darkrank", {"denominator": "all"}, {}),
     "csd k64 t0.05": ("csd", {"k": 64, "tau_s": 0.05}, {}),
+    "csd t0.03": ("csd", {"tau_s": 0.03}, {}),
+    "csd labels": ("csd", {"tau_s": 0.03, "label_weight": 0.5}, {}),
     "contr+10csd": ("contr+csd", {"weight_csd": 10.0}, {}),
     "contr+ glam": ("contr+", {}, {"glam": "all"}),
     "csd glam": ("csd", {}, {"glam": "all"}),
@@ -99,7 +105,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "normsoftmax learned": ("normsoftmax", {}, {"proxies": "learned"}),
 }
 GLAM_SUFFIX = " glam"  # "<method> glam": the same method with GLAM's four parts on the student's maps (issue 14)
-CSD_METHODS = ("csd", "csd k64 t0.05", "contr+csd", "contr+10csd")
+CSD_METHODS = ("csd", "csd k64 t0.05", "csd t0.03", "csd labels", "contr+csd", "contr+10csd")
+# The label-refined CSD target (issue 12's demo recipe) against the same CSD without it: (with, without).
+LABEL_TARGET = ("csd labels", "csd t0.03")
 # The budget every method gets (the demo recipe, shortened): only the method changes between runs.
 BUDGET: dict[str, Any] = dict(
     teacher="lite2",
@@ -127,7 +135,7 @@ SEEDS = {"lite0": (0, 1, 2), "mobilenetv2": (0,), "lite0-init": (0,)}
 # the random head anyway (and so does `sym` with Metrix).
 NO_TEACHER = ("sym", "normsoftmax learned")
 SKIP = {"lite0-init": (*NO_TEACHER, "sym metrix-emb")}
-EXPORTED = {"lite0": ("contr+", "csd", "contr+csd"), "lite0-init": ("csd k64 t0.05",)}  # seed 0, int8 ONNX
+EXPORTED = {"lite0": ("contr+", "csd", "contr+csd"), "lite0-init": ("csd k64 t0.05", "csd labels")}  # seed 0, int8 ONNX
 PROTOCOLS = tuple(SCORING_PROTOCOLS)  # E, M, H
 # Per dataset: its test set in words and the protocols its table shows.
 TEST_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -341,15 +349,27 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
     sym_m = {m: _stats(r["symmetric"]["M"])[0] for m, r in rows.items()}
     for name, (base, mode) in METRIX.items():
         if name in asym and base in asym:
-            with_sd, base_sd = (_stats(rows[m]["asymmetric"]["M"])[1] for m in (name, base))
-            seeds = min(len(rows[name]["seeds"]), len(rows[base]["seeds"]))
-            spread = f"; seed std {with_sd:.2f} / {base_sd:.2f}" if seeds > 1 else ""
+            mixed, clean, spread = versus(rows, name, base)
             lines.append(
-                f"Metrix ({mode}) on `{base}`: asymmetric {asym[name]:.2f} vs {asym[base]:.2f} "
-                f"({asym[name] - asym[base]:+.2f}{spread}), symmetric {sym_m[name]:.2f} vs {sym_m[base]:.2f} "
-                f"({sym_m[name] - sym_m[base]:+.2f}) mAP M"
+                f"Metrix ({mode}) on `{base}`: asymmetric {mixed:.2f} vs {clean:.2f} ({mixed - clean:+.2f}; "
+                f"{spread}), symmetric {sym_m[name]:.2f} vs {sym_m[base]:.2f} ({sym_m[name] - sym_m[base]:+.2f}) mAP M"
             )
+    with_labels, without = LABEL_TARGET
+    if with_labels in rows and without in rows:
+        a, b, spread = versus(rows, without, with_labels)
+        lines.append(
+            f"the label-refined CSD target (`{with_labels}`, label_weight 0.5) vs the same CSD without it "
+            f"(`{without}`): asymmetric {a:.2f} -> {b:.2f} ({b - a:+.2f} points; {spread}), symmetric "
+            f"{sym_m[without]:.2f} -> {sym_m[with_labels]:.2f}"
+        )
     return lines + glam_findings(rows)
+
+
+def versus(rows: dict[str, dict[str, Any]], first: str, second: str) -> tuple[float, float, str]:
+    """Two methods' asymmetric mAP M (seed means) and their seed spread in words (`seed std first / second`)."""
+    (a, a_sd), (b, b_sd) = (_stats(rows[m]["asymmetric"]["M"]) for m in (first, second))
+    seeds = min(len(rows[first]["seeds"]), len(rows[second]["seeds"]))
+    return a, b, f"seed std {a_sd:.2f} / {b_sd:.2f}" if seeds > 1 else "one seed: no spread"
 
 
 def glam_findings(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -359,11 +379,8 @@ def glam_findings(rows: dict[str, dict[str, Any]]) -> list[str]:
         base = with_glam[: -len(GLAM_SUFFIX)]
         if base not in rows:
             continue
-        a, b = rows[base], rows[with_glam]
-        (a_asym, a_sd), (b_asym, b_sd) = _stats(a["asymmetric"]["M"]), _stats(b["asymmetric"]["M"])
-        a_sym, b_sym = _stats(a["symmetric"]["M"])[0], _stats(b["symmetric"]["M"])[0]
-        seeds = min(len(a["seeds"]), len(b["seeds"]))
-        spread = f"seed std {a_sd:.2f} / {b_sd:.2f}" if seeds > 1 else "one seed: no spread"
+        a_asym, b_asym, spread = versus(rows, base, with_glam)
+        a_sym, b_sym = (_stats(rows[m]["symmetric"]["M"])[0] for m in (base, with_glam))
         verdict = "helps" if b_asym > a_asym else "does not help"
         lines.append(
             f"GLAM {verdict} `{base}`: asymmetric {a_asym:.2f} -> {b_asym:.2f} ({b_asym - a_asym:+.2f} points; "

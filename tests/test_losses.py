@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from aml.errors import UserError
 from aml.losses import LABEL_FREE, LOSSES, combine, weight_name
 from aml.losses.normsoftmax import class_labels, class_proxies, fit_proxies, normsoftmax
+from aml.losses.spec import TENSOR_INPUTS
 
 B, K, D = 6, 5, 12
 # The oracles are float64 loops; float32 inputs are compared at float32 precision (as PML's TEST_DTYPES sweep).
@@ -275,6 +276,55 @@ def test_csd_with_reference_set(dtype):
     assert not torch.isclose(got, LOSSES["csd"](s, t, k=9, tau_s=0.2, tau_t=0.05))
 
 
+def ref_csd_labels(s, t, ref, clusters, ref_clusters, k, tau_s, tau_t, w):
+    """The label-refined target, transcribed: same-cluster references first, then the teacher's nearest others."""
+    refs = list(t) + list(ref)
+    ids = list(clusters) + list(ref_clusters)
+    total = 0.0
+    for q in range(len(s)):
+        same = [j == q or (ids[j] == clusters[q] and clusters[q] >= 0) for j in range(len(refs))]
+        sims = [(dot(t[q], r), j) for j, r in enumerate(refs)]
+        top = sorted(sims, key=lambda x: (not same[x[1]], -x[0]))[:k]
+        zt = sum(math.exp(v / tau_t) for v, _ in top)
+        zs = sum(math.exp(dot(s[q], refs[j]) / tau_s) for _, j in top)
+        n_same = sum(same[j] for _, j in top)
+        for v, j in top:
+            target = (1 - w) * math.exp(v / tau_t) / zt + w * same[j] / n_same
+            ps = math.exp(dot(s[q], refs[j]) / tau_s) / zs
+            total += target * math.log(target / ps) if target > 0 else 0.0
+    return total / len(s)
+
+
+@pytest.mark.parametrize("w", [0.3, 1.0])
+def test_csd_label_refined_target_matches_formula(w, dtype):
+    s, t = unit(B, D, seed=23, dtype=dtype), unit(B, D, seed=24, dtype=dtype)
+    ref = unit(12, D, seed=25, dtype=dtype)
+    clusters = torch.tensor([0, 1, 1, 2, -1, 3])  # -1: no cluster (matches only itself); 3: alone in the batch
+    ref_clusters = torch.tensor([1, 0, 5, 1, -1, 2, 2, 4, 0, 1, 6, 7])
+    for k in (5, 9, 18):  # fewer than, about and all the references: same-cluster ones are always kept first
+        got = LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=k, label_weight=w,
+                            tau_s=0.2, tau_t=0.05)  # fmt: skip
+        close(got, ref_csd_labels(s, t, ref, clusters.tolist(), ref_clusters.tolist(), k, 0.2, 0.05, w))
+
+
+def test_csd_label_weight_zero_is_csd_and_a_positive_weight_needs_clusters():
+    s, t, ref = unit(B, D, seed=26), unit(B, D, seed=27), unit(10, D, seed=28)
+    clusters, ref_clusters = torch.arange(B) % 2, torch.arange(10) % 2
+    plain = LOSSES["csd"](s, t, ref=ref, k=7)
+    assert torch.equal(LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7), plain)
+    labelled = LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7, label_weight=0.5)
+    assert not torch.isclose(labelled, plain)
+    with pytest.raises(ValueError, match="needs the cluster ids"):
+        LOSSES["csd"](s, t, ref=ref, clusters=clusters, k=7, label_weight=0.5)
+    with pytest.raises(ValueError, match=r"label_weight 1.5 must be in \[0, 1\]"):
+        LOSSES["csd"](s, t, label_weight=1.5)
+    # a combination passes the cluster ids to its csd member
+    combo = combine("x", {"reg": 1.0, "csd": 1.0}, LOSSES)
+    assert combo.reads_clusters
+    got = combo(s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7, label_weight=0.5)
+    torch.testing.assert_close(got, LOSSES["reg"](s, t) + labelled)
+
+
 @pytest.mark.parametrize("sigma", [0.05, 0.3])
 def test_normsoftmax_matches_formula(sigma, dtype):
     g = torch.Generator().manual_seed(50)
@@ -420,6 +470,7 @@ def test_spec_table_names_kinds_and_inputs():
     assert {n for n, s in LOSSES.items() if s.reads_anchor_teacher} == {"contr+", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.reads_ref} == {"csd", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
+    assert {n for n, s in LOSSES.items() if s.reads_clusters} == {"csd", "contr+csd"}
     assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd"}
     assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd")
 
@@ -434,11 +485,10 @@ def test_spec_matches_its_function(name):
     assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == first
     assert ("anchor_teacher" in params) == spec.reads_anchor_teacher
     assert ("ref" in params) == spec.reads_ref
+    assert ("clusters" in params) == ("ref_clusters" in params) == spec.reads_clusters
     assert ("labels" in params) == ("proxies" in params) == spec.reads_proxies
     assert dict(spec.defaults) == {
-        n: p.default
-        for n, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and n not in ("anchor_teacher", "ref", "labels", "proxies", "reduction")
+        n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in (*TENSOR_INPUTS, "reduction")
     }
 
 
@@ -446,7 +496,7 @@ def test_spec_checks_constants():
     assert LOSSES["contr"].constants({"margin": 0.5}) == {"margin": 0.5}
     with pytest.raises(UserError, match=r"^--loss-arg alpha: loss 'reg' takes no constants$"):
         LOSSES["reg"].constants({"alpha": 1.0})
-    with pytest.raises(UserError, match=r"^--margin 0.5: loss 'csd' takes k, tau_s, tau_t$"):
+    with pytest.raises(UserError, match=r"^--margin 0.5: loss 'csd' takes k, label_weight, tau_s, tau_t$"):
         LOSSES["csd"].constants({"margin": 0.5}, where="--margin 0.5")
 
 

@@ -117,7 +117,7 @@ def test_findings_compare_each_metrix_row_with_its_method(results):
     extra = [fake("contr+ metrix-emb", s, 27.5 + s) for s in (0, 1, 2)] + [fake("sym metrix-emb", 0, 3.0)]
     lines = methods.findings(methods.summarise(results + extra)["lite0"], chance=3.0)
     assert "teacher-aware methods above it: 11 of 11" in lines[1]  # `sym metrix-emb` is not teacher-aware
-    assert lines[-2].startswith("Metrix (embedding) on `sym`: asymmetric 3.00 vs 3.50 (-0.50)")
+    assert lines[-2].startswith("Metrix (embedding) on `sym`: asymmetric 3.00 vs 3.50 (-0.50; one seed: no spread)")
     assert lines[-1] == (
         "Metrix (embedding) on `contr+`: asymmetric 28.50 vs 26.00 (+2.50; seed std 1.00 / 1.00), symmetric 40.00 vs "
         "40.00 (+0.00) mAP M"
@@ -194,3 +194,16 @@ def test_readme_quotes_of_results_files_are_verbatim():
     for name in quoted:
         text = (REPO / name).read_text().strip()
         assert f"```\n{text}\n```" in readme, f"README's copy of {name} differs: paste the file again"
+
+
+def test_findings_compare_the_label_refined_csd_target_with_the_same_csd(results):
+    extra = [fake("csd labels", s, 30.0 + s) for s in (0, 1, 2)] + [
+        fake("csd t0.03", s, 25.0 + 2 * s) for s in (0, 1, 2)
+    ]
+    lines = methods.findings(methods.summarise(results + extra)["lite0"], chance=3.0)
+    assert methods.VARIANTS["csd labels"] == ("csd", {"tau_s": 0.03, "label_weight": 0.5}, {})
+    assert methods.VARIANTS["csd t0.03"] == ("csd", {"tau_s": 0.03}, {})
+    assert (
+        "the label-refined CSD target (`csd labels`, label_weight 0.5) vs the same CSD without it (`csd t0.03`): "
+        "asymmetric 27.00 -> 31.00 (+4.00 points; seed std 2.00 / 1.00), symmetric 40.00 -> 40.00"
+    ) in lines

@@ -90,16 +90,46 @@ def test_every_loss_trains_one_epoch(loss, tiny_data, tmp_path, home):
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("loss", ["csd", "contr+csd"])
+def test_csd_gets_the_cluster_ids_of_its_batch_and_references(loss, tiny_data, tmp_path, home):
+    """The label-refined csd target is only as right as the ids the trainer passes: the clusters of the very
+    images whose teacher vectors are the batch and the references."""
+    cfg = tiny_cfg(tiny_data, tmp_path, loss=loss, epochs=1, eval_every=0, loss_args={"k": 4, "label_weight": 0.5})
+    trainer = Trainer(cfg, progress=False)
+    cached = torch.from_numpy(np.asarray(trainer.train_teacher, dtype=np.float32))
+    cluster = np.asarray(trainer.train.cluster)
+    calls = []
+
+    def image_clusters(vectors: torch.Tensor) -> list[int]:
+        rows = (vectors[:, None, :] - cached[None]).abs().amax(2).argmin(1)  # the cached image of each vector
+        return cluster[rows.numpy()].tolist()
+
+    def spy(*inputs, **kw):
+        teacher = kw["anchor_teacher"] if trainer.loss.kind == "tuple" else inputs[1]
+        calls.append(
+            (image_clusters(teacher), kw["clusters"].tolist(), image_clusters(kw["ref"]), kw["ref_clusters"].tolist())
+        )
+        return real(*inputs, **kw)
+
+    real = trainer.loss.fn
+    trainer.loss = dataclasses.replace(trainer.loss, fn=spy)
+    trainer.train_epoch(0)
+    assert calls and all(got == want and ref_got == ref_want for want, got, ref_want, ref_got in calls)
+    assert len(set(calls[0][3])) > 1  # references of several clusters: the check can fail
+
+
 def test_loss_constants_are_checked_and_margin_defaults_per_loss(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path)
     assert "margin" not in loss_function(cfg.replace(loss="triplet"))[1]  # triplet keeps its own 0.7
     assert loss_function(cfg.replace(loss="contr", margin=0.5))[1] == {"margin": 0.5}
     with pytest.raises(UserError, match="--loss-arg alpha"):
         loss_function(cfg.replace(loss="reg", loss_args={"alpha": 1.0}))
-    with pytest.raises(UserError, match="^--margin 0.5: loss 'csd' takes k, tau_s, tau_t$"):
+    with pytest.raises(UserError, match="^--margin 0.5: loss 'csd' takes k, label_weight, tau_s, tau_t$"):
         loss_function(cfg.replace(loss="csd", margin=0.5))
     with pytest.raises(UserError, match="^--loss-arg ref: 'ref' is an input of loss 'csd'"):
         loss_function(cfg.replace(loss="csd", loss_args={"ref": 1.0}))
+    with pytest.raises(UserError, match=r"^--loss-arg label_weight=1.5: must be in \[0, 1\]"):
+        loss_function(cfg.replace(loss="csd", loss_args={"label_weight": 1.5}))
     with pytest.raises(UserError, match="--loss nope"):
         loss_function(cfg.replace(loss="nope"))
 

@@ -6,7 +6,8 @@ Tuple losses: `fn(anchor, positive, negatives, *, [anchor_teacher], <constants>,
 anchor (B, D) student vectors, positive (B, D), negatives (B, K, D) teacher vectors (student vectors for
 `sym`, `student_refs`), anchor_teacher (B, D) the teacher's vectors of the anchor images (only `contr+` reads it).
 Batch losses: `fn(student, teacher, *, [ref], <constants>, reduction="sum")`, both (B, D), same images; `ref`
-(P, D) a reference set of teacher vectors (only `csd` reads it).
+(P, D) a reference set of teacher vectors, `clusters` (B,) / `ref_clusters` (P,) the images' cluster ids
+(only `csd` reads them).
 Classification losses (`reads_proxies`): `fn(student, teacher, *, labels, proxies, <constants>, reduction)`,
 labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's vectors of the batch unread).
 `reduction`: "sum" | "mean" | "none" (per tuple, or per image for `reg`, shape (B,)); `rkd`, `darkrank` and
@@ -24,6 +25,7 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 | darkrank  | batch | hard DarkRank (Plackett-Luce of the teacher's top-4)     | alpha 3, beta 3, list_len 4|
 |           |       |   denominator "list" (paper code's HardDarkRank) or "all" |                            |
 | csd       | batch | contextual similarity distillation (KL, teacher top-K)   | k 256, tau_s 1, tau_t 0.01 |
+|           |       |   label_weight w > 0: target mixed with the query's cluster | label_weight 0          |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
 | normsoftmax | batch | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 
@@ -54,7 +56,7 @@ _SPECS = (
     loss_spec("reg", reg, "batch"),
     loss_spec("rkd", rkd, "batch", per_sample=False),
     loss_spec("darkrank", darkrank, "batch", per_sample=False),
-    loss_spec("csd", csd, "batch", reads_ref=True, per_sample=False),
+    loss_spec("csd", csd, "batch", reads_ref=True, reads_clusters=True, per_sample=False),
     loss_spec("normsoftmax", normsoftmax_loss, "batch", reads_proxies=True),
 )
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}

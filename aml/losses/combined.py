@@ -4,7 +4,8 @@ The combination is a tuple loss when any member is one, else a batch loss.
 - tuple combination `(anchor, positive, negatives, *, anchor_teacher, ref, ..., reduction="sum")`: tuple
   members get the tuple; batch members get `(anchor, anchor_teacher)`, i.e. the student and teacher vectors
   of the anchor images (so the combination reads `anchor_teacher`).
-- batch combination `(student, teacher, *, ref, ..., reduction="sum")`: every member gets the pair.
+- batch combination `(student, teacher, *, ref, clusters, ref_clusters, ..., reduction="sum")`: every member
+  gets the pair.
 Each member gets only the tensor inputs its own spec reads.
 
 Keyword constants: the union of the members' constants, each passed to every member that takes it (e.g.
@@ -48,6 +49,8 @@ def combine(name: str, weights: Mapping[str, float], specs: Mapping[str, LossSpe
         *inputs: torch.Tensor,
         anchor_teacher: torch.Tensor | None = None,
         ref: torch.Tensor | None = None,
+        clusters: torch.Tensor | None = None,
+        ref_clusters: torch.Tensor | None = None,
         reduction: str = "sum",
         **constants: Any,
     ) -> torch.Tensor:
@@ -63,6 +66,8 @@ def combine(name: str, weights: Mapping[str, float], specs: Mapping[str, LossSpe
             own = {k: v for k, v in constants.items() if k in m.defaults}
             if m.reads_ref:
                 own["ref"] = ref
+            if m.reads_clusters:
+                own.update(clusters=clusters, ref_clusters=ref_clusters)
             if m.kind == kind:
                 if m.reads_anchor_teacher:
                     own["anchor_teacher"] = anchor_teacher
@@ -85,6 +90,7 @@ def combine(name: str, weights: Mapping[str, float], specs: Mapping[str, LossSpe
         kind,
         reads_anchor_teacher=any(m.reads_anchor_teacher or m.kind != kind for m, *_ in members),
         reads_ref=any(m.reads_ref for m, *_ in members),
+        reads_clusters=any(m.reads_clusters for m, *_ in members),
         student_refs=any(m.student_refs for m, *_ in members),
         needs_labels=any(m.needs_labels for m, *_ in members),
         per_sample=per_sample,

@@ -6,6 +6,8 @@ read them:
 - `anchor_teacher` (B, D): the teacher's vectors of the anchor images (`contr+`);
 - `ref` (P, D): a reference set the student queries are scored against (pytorch-metric-learning's `ref_emb`);
   the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool);
+- `clusters` (B,) and `ref_clusters` (P,) (`reads_clusters`): the training set's cluster ids of the batch images
+  and of `ref`'s images, compared for equality only (`csd`'s label-refined target);
 - `labels` (B,) and `proxies` (C, D) (`reads_proxies`): class ids 0..C-1 of the batch images and the class
   proxies they are classified by (`normsoftmax`; the trainer owns the proxies: learned, or the teacher's).
 """
@@ -24,7 +26,8 @@ import torch
 from aml.errors import UserError
 
 KINDS = ("tuple", "batch")
-TENSOR_INPUTS = ("anchor_teacher", "ref", "labels", "proxies")  # keyword inputs that are tensors, never constants
+# keyword inputs that are tensors, never constants
+TENSOR_INPUTS = ("anchor_teacher", "ref", "clusters", "ref_clusters", "labels", "proxies")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class LossSpec:
 
     `kind`: "tuple" (`fn(anchor, positive, negatives, *, ...)`, anchors (B, D), positives (B, D), negatives
     (B, K, D)) or "batch" (`fn(student, teacher, *, ...)`, both (B, D), the same images).
+    `reads_clusters`: it takes the cluster ids of the batch and of `ref` (`clusters`, `ref_clusters`).
     `student_refs`: positives and negatives are student vectors too (the no-teacher `sym` baseline).
     `needs_labels`: it trains on labelled images ((query, positive) pairs; class ids for `reads_proxies`).
     `reads_proxies`: a classification loss, `fn(student, teacher, *, labels, proxies, ...)`.
@@ -49,6 +53,7 @@ class LossSpec:
     kind: str
     reads_anchor_teacher: bool = False
     reads_ref: bool = False
+    reads_clusters: bool = False
     student_refs: bool = False
     needs_labels: bool = False
     reads_proxies: bool = False

@@ -116,6 +116,9 @@ def loss_function(cfg: TrainConfig) -> tuple[LossSpec, dict[str, Any]]:
     constants = spec.constants(cfg.loss_args)
     if cfg.margin is not None and "margin" not in constants:
         constants.update(spec.constants({"margin": cfg.margin}, where=f"--margin {cfg.margin}"))
+    w = constants.get("label_weight", 0.0)
+    if not 0.0 <= w <= 1.0:
+        raise UserError(f"--loss-arg label_weight={w:g}: must be in [0, 1] (0: CSD itself, 1: the label target alone)")
     return spec, constants
 
 
@@ -433,6 +436,10 @@ class Trainer:
         """The teacher's cached vectors of training images `idx`, as float32 on the device."""
         return torch.from_numpy(np.asarray(self.train_teacher[idx], dtype=np.float32)).to(self.device)
 
+    def _clusters(self, idx: np.ndarray) -> torch.Tensor:
+        """The training set's cluster ids of images `idx`, on the device."""
+        return torch.from_numpy(np.asarray(self.train.cluster[idx], dtype=np.int64)).to(self.device)
+
     def _autocast(self):
         if self.cfg.amp == "none":
             return contextlib.nullcontext()
@@ -459,6 +466,9 @@ class Trainer:
             tensors["anchor_teacher"] = self._teacher_rows(plan.anchors[b])
         if self.loss.reads_ref:
             tensors["ref"] = ref
+        if self.loss.reads_clusters:
+            tensors["clusters"] = self._clusters(plan.anchors[b])
+            tensors["ref_clusters"] = self._clusters(plan.pool)
         if self.loss.reads_proxies:
             tensors["labels"] = torch.from_numpy(self.labels[plan.anchors[b]]).to(self.device)
             tensors["proxies"] = self.proxies

@@ -1,0 +1,113 @@
+"""The demo's recipe at its own budget, over seeds, next to the recipes it is compared with (issue 12's target:
+asymmetric mAP M >= 45 on the synthetic test set at the demo's budget).
+
+Each variant is the demo preset (`aml distill` with no --data: lite2 -> lite0, closed-form start, 3 epochs x 400
+images, 224 px), without the no-teacher baseline, with some fields changed; the run's `log.jsonl` gives the
+asymmetric and symmetric mAP after every epoch. Writes `benchmarks/results/demo_recipe.txt`. Runs are resumable:
+a finished run folder is read, not trained again.
+
+    .venv/bin/python benchmarks/demo_recipe.py                   # 3 variants x 3 seeds, about 25 min on 2 cores
+    .venv/bin/python benchmarks/demo_recipe.py --seeds 0 --variants demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aml.allocator import keep_freed_memory  # noqa: E402
+from aml.io import atomic_write  # noqa: E402
+from aml.threads import HELP, benchmark_threads  # noqa: E402
+
+RESULT = REPO / "benchmarks" / "results" / "demo_recipe.txt"
+# Variant name -> (what it is, in words; TrainConfig fields changed from the demo preset).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": ("the demo: csd label_weight 0.5, tau_s 0.03, k 256, lr 2e-5", {}),
+    "no-labels": ("the same without the label term (label_weight 0)", {"loss_args": {"tau_s": 0.03}}),
+    "former": ("the former demo: csd k 64, tau_s 0.05, lr 1e-5", {"loss_args": {"k": 64, "tau_s": 0.05}, "lr": 1e-5}),
+}
+
+
+def run_one(work: Path, variant: str, seed: int) -> list[dict[str, Any]]:
+    """Train one (variant, seed) unless its run folder holds a finished run; its log.jsonl lines with scores."""
+    from aml.train.config import PRESETS, TrainConfig
+    from aml.train.loop import Trainer
+
+    run_dir = work / variant / f"seed{seed}"
+    cfg = TrainConfig().replace(**PRESETS["demo"]).replace(**VARIANTS[variant][1], seed=seed, out=str(run_dir))
+    log = run_dir / "log.jsonl"
+    done = log.is_file() and any(json.loads(x).get("epoch") == cfg.epochs for x in log.read_text().splitlines())
+    if not done:
+        Trainer(cfg, resume=(run_dir / "last.pt").is_file(), progress=False).fit()
+    return [r for r in map(json.loads, log.read_text().splitlines()) if "eval" in r]
+
+
+def table(results: dict[str, dict[int, list[dict[str, Any]]]], epochs: int) -> list[str]:
+    """One line per (variant, seed): asymmetric mAP M after each epoch, symmetric M at the end; then the means."""
+    head = f"{'variant':<10} {'seed':>4} " + " ".join(f"{f'asym M ep {e}':>11}" for e in range(epochs + 1))
+    lines = [head + f" {'sym M':>7}", "-" * (len(head) + 8)]
+    for variant, by_seed in results.items():
+        finals = []
+        for seed, rows in sorted(by_seed.items()):
+            asym = [r["eval"]["asymmetric"]["mAP"]["M"] for r in rows]
+            finals.append((asym[-1], rows[-1]["eval"]["student"]["mAP"]["M"]))
+            lines.append(
+                f"{variant:<10} {seed:>4} "
+                + " ".join(f"{a:>11.2f}" for a in asym)
+                + f" {rows[-1]['eval']['student']['mAP']['M']:>7.2f}"
+            )
+        a, s = [f[0] for f in finals], [f[1] for f in finals]
+        sd = f" ± {statistics.stdev(a):.2f}" if len(a) > 1 else ""
+        lines.append(f"{variant:<10} mean of {len(a)} seeds: asymmetric M {statistics.mean(a):.2f}{sd}, symmetric M "
+                     f"{statistics.mean(s):.2f}")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--work", default=str(REPO / "runs" / "demo-recipe"), help="Run folders (resumable).")
+    ap.add_argument("--threads", type=int, help=HELP)
+    args = ap.parse_args()
+    keep_freed_memory()
+    import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
+
+    from aml.train.config import PRESETS
+
+    setting = benchmark_threads(args.threads)
+    print(setting, flush=True)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    results = {v: {s: run_one(Path(args.work), v, s) for s in seeds} for v in variants}
+    demo = PRESETS["demo"]
+    lines = [
+        f"demo budget: {demo['teacher']} -> {demo['student']}, closed-form start, {demo['epochs']} epochs x "
+        f"{demo['query_size']} images, {demo['image_size']} px; synthetic test set (72 queries, 320 database images);",
+        "the teacher's row: benchmarks/results/demo.txt; mAP M x100 after each epoch (ep 0: the closed form alone)",
+        *(f"{v}: {VARIANTS[v][0]}" for v in variants),
+        "",
+        *table(results, demo["epochs"]),
+        "",
+        f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed). Command: "
+        f"`{' '.join(['python benchmarks/demo_recipe.py', *sys.argv[1:]])}`",
+    ]
+    with atomic_write(RESULT) as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
