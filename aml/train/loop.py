@@ -451,24 +451,22 @@ class Trainer:
         plan: EpochPlan,
         b: np.ndarray,
         images: list[torch.Tensor],
-        ref: torch.Tensor | None,
+        pool: dict[str, torch.Tensor],
         lam: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """The loss of one step, called as its spec says: tuple or batch inputs, and only the tensors it reads;
-        with `--mixup`, plus Metrix's weighted mixed loss (`lam`: the epoch's lambdas; the tail of `images` holds
-        the mixed examples' images)."""
+        """The loss of one step, called as its spec says: tuple or batch inputs, and only the tensors it reads
+        (`pool`: the epoch's pool inputs, `ref` and `ref_clusters`, made once per epoch); with `--mixup`, plus
+        Metrix's weighted mixed loss (`lam`: the epoch's lambdas; the tail of `images` holds the mixed examples'
+        images)."""
         mixed_images = images[len(images) - self.metrix.n_images(len(b)) :] if self.metrix else []
         with self._autocast():
             s = forward_by_size(self.model, images[: len(images) - len(mixed_images)], self.device)
         B = len(b)
-        tensors: dict[str, torch.Tensor | None] = {}
+        tensors: dict[str, torch.Tensor | None] = dict(pool)
         if self.loss.reads_anchor_teacher:
             tensors["anchor_teacher"] = self._teacher_rows(plan.anchors[b])
-        if self.loss.reads_ref:
-            tensors["ref"] = ref
         if self.loss.reads_clusters:
             tensors["clusters"] = self._clusters(plan.anchors[b])
-            tensors["ref_clusters"] = self._clusters(plan.pool)
         if self.loss.reads_proxies:
             tensors["labels"] = torch.from_numpy(self.labels[plan.anchors[b]]).to(self.device)
             tensors["proxies"] = self.proxies
@@ -523,7 +521,11 @@ class Trainer:
         usable = len(batches) // self.dist.world * self.dist.world or len(batches)
         batches = batches[:usable][self.dist.rank :: self.dist.world]
         lam = self.metrix.lambdas(rng, len(plan.anchors)) if self.metrix else None  # drawn last: same tuples
-        ref = self._teacher_rows(plan.pool) if self.loss.reads_ref else None  # the teacher's pool: references
+        pool: dict[str, torch.Tensor] = {}  # the epoch's pool, once: the teacher's references and their clusters
+        if self.loss.reads_ref:
+            pool["ref"] = self._teacher_rows(plan.pool)
+        if self.loss.reads_clusters:
+            pool["ref_clusters"] = self._clusters(plan.pool)
 
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
         loader = torch.utils.data.DataLoader(
@@ -547,7 +549,7 @@ class Trainer:
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
             sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                loss = self._step_loss(plan, b, imgs, ref, lam)
+                loss = self._step_loss(plan, b, imgs, pool, lam)
                 self.scaler.scale(loss / cfg.update_every).backward()
             if last:
                 self._drop_frozen_grads()
