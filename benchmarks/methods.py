@@ -357,8 +357,9 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
     with_labels, without = LABEL_TARGET
     if with_labels in rows and without in rows:
         a, b, spread = versus(rows, without, with_labels)
+        weight = VARIANTS[with_labels][1]["label_weight"]
         lines.append(
-            f"the label-refined CSD target (`{with_labels}`, label_weight 0.5) vs the same CSD without it "
+            f"the label-refined CSD target (`{with_labels}`, label_weight {weight:g}) vs the same CSD without it "
             f"(`{without}`): asymmetric {a:.2f} -> {b:.2f} ({b - a:+.2f} points; {spread}), symmetric "
             f"{sym_m[without]:.2f} -> {sym_m[with_labels]:.2f}"
         )
