@@ -166,7 +166,9 @@ def torch_load(path: str | os.PathLike) -> Any:
         _warn(path, _needs(refused[0]) if refused[0] else f"the weights-only reader said: {refused[1]}")
         try:
             # Safe by consent only: reached solely when the user opted in (--trust-pickle / AML_TRUST_PICKLE=1)
-            # for a file the weights-only reader refused, after the one-line warning above names the file.
+            # for a file the weights-only reader refused, after the one-line warning above names the file. Such a
+            # file is a pickle that needs globals beyond tensors and numpy arrays: the format forbids a safe load,
+            # and a restricted unpickler allowing the globals it names would still run them (issue 13's opt-in).
             return torch.load(path, map_location="cpu", weights_only=False)  # safe: user opt-in, warned above
         except Exception as e:  # noqa: BLE001 - reported as a bad file below
             last, refused = e, None
