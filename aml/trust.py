@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 
 ENV = "AML_TRUST_PICKLE"
 _trusted = False
@@ -62,15 +62,6 @@ def _needs(name: str) -> str:
 
 def _refusal(path: Path, why: str) -> UserError:
     return UserError(f"{path}: refused to load: {why}; {opt_in_hint()}")
-
-
-def first_line(e: BaseException) -> str:
-    """A short one-line description of an exception (torch's long messages cut at their first sentence)."""
-    text = str(e).strip().split("  (Could this error message be improved")[0]
-    line = text.splitlines()[0][:160] if text else ""
-    if not line and isinstance(e, EOFError):
-        line = "the file is empty or truncated"
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------ plain pickles

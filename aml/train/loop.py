@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aml.data.images import header_size, size_key
 from aml.data.spec import parse_data_spec
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import TMP_TAG, aml_home, atomic_write, check_writable_dir, write_json
 from aml.losses import LABEL_FREE, LOSSES, LossSpec
@@ -35,7 +35,6 @@ from aml.train.epoch import EpochPlan, check_classes, plan_classes, plan_images,
 from aml.train.head_init import cached_init_head, head_for
 from aml.train.mixup import Metrix
 from aml.train.quick_eval import QuickEval
-from aml.trust import first_line
 
 # Fields a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
