@@ -12,7 +12,8 @@ with the database's bytes in memory (float32, float16 or packed bits), the searc
 
     .venv/bin/python benchmarks/binary_codes.py --sizes 100000
     .venv/bin/python benchmarks/binary_codes.py --sizes 1000000 --reps 1     # the 1M case (~4 GB float16)
-    .venv/bin/python benchmarks/binary_codes.py --sizes 5000 --dim 64 --reps 1   # smoke run
+    .venv/bin/python benchmarks/binary_codes.py --sizes 5000 --dim 64 --reps 1   # a quick run
+    .venv/bin/python benchmarks/binary_codes.py --smoke     # a tiny ground truth, 1000 x 64-d: a check that it runs
 """
 
 from __future__ import annotations
@@ -20,34 +21,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
+from common import header, parse, parser, smoke_gnd, timed
+from eval_speed import GND, make_data
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from aml.binary import asymmetric_search, binary_index, bits_set, code_bytes, hamming_search, pack_bits
+from aml.evaluate import default_topk
+from aml.scoring import KAPPAS, score_rankings
+from aml.search import pick_backend, search
+from aml.trust import load_pickle
 
-from eval_speed import GND, make_data  # noqa: E402
-
-from aml.binary import asymmetric_search, binary_index, bits_set, code_bytes, hamming_search, pack_bits  # noqa: E402
-from aml.evaluate import default_topk  # noqa: E402
-from aml.scoring import KAPPAS, score_rankings  # noqa: E402
-from aml.search import pick_backend, search  # noqa: E402
-from aml.trust import load_pickle  # noqa: E402
-
-
-def timed(fn, reps: int):
-    """(median seconds, last result)."""
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+SMOKE = dict(sizes="1000", dim=64, reps=1)
 
 
 def maps(ids: np.ndarray, gnd: dict, n: int) -> str:
@@ -78,19 +63,20 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100000", help="Database sizes (at least 4993, the roxford5k images).")
+    ap = parser(__doc__)
+    ap.add_argument("--sizes", default="100000", help="Database sizes (at least the roxford5k images, 4993).")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--topk", type=int, help="Ranking depth (default: as aml evaluate).")
     ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
+    args = parse(ap, SMOKE)
     import faiss
 
-    gnd = load_pickle(GND)
+    setting = header(args)
+    gnd = smoke_gnd() if args.smoke else load_pickle(GND)
     print(
         f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__} "
-        f"(omp threads {faiss.omp_get_max_threads()}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-        f"dim {args.dim} ({code_bytes(args.dim)} bytes of bits), 70 queries, median of {args.reps}"
+        f"(omp threads {faiss.omp_get_max_threads()}), dim {args.dim} ({code_bytes(args.dim)} bytes of bits), "
+        f"{len(gnd['qimlist'])} queries, median of {args.reps}\n{setting}"
     )
     print(f"{'N_db':>8} {'method':>12} {'database MiB':>20} {'search s':>9} mAP E / M / H")
     for n in (int(s) for s in args.sizes.split(",")):

@@ -9,6 +9,7 @@ MAX_INT8_RATIO of fp32). int8 is the export's recipe, calibrated on 4 probe imag
 machine:
 
     .venv/bin/python benchmarks/export_latency.py --students effnet-b3 mobilenetv2 lite0 --sizes 362 512
+    .venv/bin/python benchmarks/export_latency.py --smoke      # resnet18 at 64 px, D = 32: a check that it runs
 
 The thread setting (`--threads`, through `aml.threads`) is printed in the header; the count each backend ran
 with is recorded, and the table is refused when two differ.
@@ -16,11 +17,8 @@ with is recorded, and the table is refused when two differ.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,35 +27,28 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import header, parse, parser, timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from aml.errors import UserError  # noqa: E402
-from aml.export.encoder import export_encoder  # noqa: E402
-from aml.export.onnx_export import export_onnx  # noqa: E402
-from aml.export.quant_report import cpu_description, int8_verdict, kernel_counts, paired_latency  # noqa: E402
-from aml.export.quantize import quantize_int8  # noqa: E402
-from aml.export.torchscript_export import export_torchscript, load_torchscript  # noqa: E402
-from aml.export.verify import probe_batch  # noqa: E402
-from aml.onnx_embed import session  # noqa: E402
-from aml.registry import create_model  # noqa: E402
-from aml.sidecar import MAX_INT8_RATIO  # noqa: E402
-from aml.threads import HELP, benchmark_threads, check_comparable, intra_op_threads  # noqa: E402
+from aml.errors import UserError
+from aml.export.encoder import export_encoder
+from aml.export.onnx_export import export_onnx
+from aml.export.quant_report import cpu_description, int8_verdict, kernel_counts, paired_latency
+from aml.export.quantize import quantize_int8
+from aml.export.torchscript_export import export_torchscript, load_torchscript
+from aml.export.verify import probe_batch
+from aml.onnx_embed import session
+from aml.registry import create_model
+from aml.sidecar import MAX_INT8_RATIO
+from aml.threads import check_comparable, intra_op_threads
 
 STUDENTS = ("effnet-b3", "mobilenetv2", "lite0", "resnet18")
 BACKENDS = ("eager", "torchscript", "ort-fp32", "ort-fp16", "ort-int8")
+SMOKE = dict(students=["resnet18"], sizes=[64], dim=32, runs=2, warmup=1)
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
     """Median wall time of `fn()` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * timed(fn, runs, warmup)[0]
 
 
 def bench_student(
@@ -95,15 +86,14 @@ def bench_student(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--students", nargs="+", default=list(STUDENTS))
     ap.add_argument("--sizes", nargs="+", type=int, default=[362, 512])
     ap.add_argument("--dim", type=int, default=2048, help="projection dimension (the teacher's; AML: 2048)")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, help=HELP)
-    args = ap.parse_args()
-    setting = benchmark_threads(args.threads)
+    args = parse(ap, SMOKE)
+    setting = header(args)
     threads = intra_op_threads()
     ran = {"eager": torch.get_num_threads(), "torchscript": torch.get_num_threads(), "onnxruntime": threads}
     try:

@@ -5,6 +5,7 @@ setting (`--threads`, through `aml.threads`) is printed; the threads each varian
 ratio is printed between variants that ran with different counts.
 
     .venv/bin/python benchmarks/extract_speed.py --model lite2 --image-size 362 --n 100
+    .venv/bin/python benchmarks/extract_speed.py --smoke   # random resnet18, 6 synthetic images: a check that it runs
 
 The onnxruntime rows are timed with the graph already exported (the one-off export, printed on its own, is
 what a first run on a model pays; the ONNX cache in $AML_HOME/cache/onnx makes it once per model state).
@@ -12,7 +13,6 @@ what a first run on a model pays; the ONNX cache in $AML_HOME/cache/onnx makes i
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, header, parse, parser
 from PIL import Image
 
 from aml import ort_backend
@@ -28,15 +29,16 @@ from aml.data.images import load_image
 from aml.errors import UserError
 from aml.extract import ExtractSettings, extract, resolve_device, to_tensor
 from aml.registry import create_model
-from aml.threads import HELP, benchmark_threads, check_comparable
+from aml.threads import check_comparable
 
-UKBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ukbench" / "jpg"
+UKBENCH = REPO.parent / "shared" / "data" / "ukbench" / "jpg"
 PARITY = 1e-5
+SMOKE = dict(model="resnet18", random_init=True, image_size=48, n=6, repeats=1, batch_size=4, workers=0, device="cpu")
 
 
-def image_paths(n: int, folder: Path) -> tuple[list[str], str]:
-    """The first n UKBench jpgs, or n synthetic 320x240 / 240x320 jpgs when the real data is absent."""
-    real = sorted(UKBENCH.glob("*.jpg"))[:n] if UKBENCH.is_dir() else []
+def image_paths(n: int, folder: Path, real: bool = True) -> tuple[list[str], str]:
+    """The first n UKBench jpgs (`real` and present), or n synthetic 320x240 / 240x320 jpgs."""
+    real = sorted(UKBENCH.glob("*.jpg"))[:n] if real and UKBENCH.is_dir() else []
     if len(real) == n:
         return [str(p) for p in real], f"UKBench {UKBENCH}"
     rng = np.random.default_rng(0)
@@ -60,7 +62,7 @@ def per_image_loop(model, paths: list[str], size: int, device: torch.device) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="lite2")
     ap.add_argument("--weights")
     ap.add_argument("--random-init", action="store_true")
@@ -70,14 +72,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=-1, help="-1: extract's automatic choice (torch backend)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, help=HELP)
-    args = ap.parse_args()
+    args = parse(ap, SMOKE)
     keep_freed_memory()  # as the `aml` CLI does; both variants run under it
-    setting = benchmark_threads(args.threads)
+    setting = header(args)
     device = resolve_device(args.device)
     model = create_model(args.model, weights=args.weights, random_init=args.random_init).to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        paths, source = image_paths(args.n, Path(tmp))
+        paths, source = image_paths(args.n, Path(tmp), real=not args.smoke)
         print(
             f"{args.model} at {args.image_size} px on {device}, {len(paths)} images ({source}), "
             f"batch {args.batch_size}, workers {args.workers}\n{setting}"

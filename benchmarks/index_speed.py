@@ -11,6 +11,7 @@ m = D/32; 8 bits; trained on 64 points a list) unless --nlist/--m/--nbits/--npro
     .venv/bin/python benchmarks/index_speed.py --sizes 100000 --threads 1
     .venv/bin/python benchmarks/index_speed.py --sizes 1000000 --threads 1 --tmp /big/disk
     # 1M x 2048: the float16 database 4 GB in memory, flat 8 GB more (and 8 GB on disk under --tmp)
+    .venv/bin/python benchmarks/index_speed.py --smoke    # a tiny ground truth, 2000 x 64-d: a check that it runs
 """
 
 from __future__ import annotations
@@ -19,23 +20,20 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import header, parse, parser, smoke_gnd
+from eval_speed import GND, make_data
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from aml.index import KINDS, Index, trained_index
+from aml.scoring import KAPPAS, score_rankings
+from aml.trust import load_pickle
 
-from eval_speed import GND, make_data  # noqa: E402
-
-from aml.index import KINDS, Index, trained_index  # noqa: E402
-from aml.scoring import KAPPAS, score_rankings  # noqa: E402
-from aml.threads import HELP, benchmark_threads  # noqa: E402
-from aml.trust import load_pickle  # noqa: E402
+# ivfpq: 16 lists of 8 sub-quantizers x 6 bits (faiss wants 39 training points a centroid: 2496 for 2^6)
+SMOKE = dict(sizes="2500", dim=64, topk=10, reps=1, nlist=16, m=8, nbits=6, nprobe=4)
 
 
 def rss_mib() -> float:
@@ -85,32 +83,30 @@ def run(kind: str, db: np.ndarray, q: np.ndarray, gnd: dict, exact: np.ndarray |
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--sizes", default="100000")
     ap.add_argument("--types", default=",".join(KINDS))
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, help=HELP)
     ap.add_argument("--nlist", type=int, help="ivfpq inverted lists (default: aml's, ~4 sqrt(N))")
     ap.add_argument("--m", type=int, help="ivfpq sub-quantizers (default D/32)")
     ap.add_argument("--nbits", type=int, help="ivfpq bits per code (default 8)")
     ap.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
     ap.add_argument("--tmp", help="folder for the saved indexes (default: the system temp folder)")
     ap.add_argument("--device", default="cpu", help="search device: cpu, auto, cuda, cuda:N (faiss-gpu)")
-    args = ap.parse_args()
+    args = parse(ap, SMOKE)
     import faiss
 
-    setting = benchmark_threads(args.threads)
-
-    gnd = load_pickle(GND)
+    setting = header(args)
+    gnd = smoke_gnd() if args.smoke else load_pickle(GND)
     print(
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}, "
-        f"dim {args.dim}, 70 queries, top {args.topk}, median of {args.reps}, search on {args.device}\n{setting}"
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}, dim {args.dim}, "
+        f"{len(gnd['qimlist'])} queries, top {args.topk}, median of {args.reps}, search on {args.device}\n{setting}"
     )
     print(
         f"{'N_db':>8} {'type':>7} {'train s':>8} {'add s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "
-        f"{'q/s':>9} {'R@100':>8}  mAP E/M/H (top-100 ranking)  params"
+        f"{'q/s':>9} {f'R@{args.topk}':>8}  mAP E/M/H (top-{args.topk} ranking)  params"
     )
     for n in (int(s) for s in args.sizes.split(",")):
         db, q = make_data(gnd, n, args.dim, np.random.default_rng(0), np.float16)

@@ -6,20 +6,19 @@ identical outputs checked, medians of --repeats runs and their ratio printed. Tw
 query's top ranks are full of its own and repeated clusters, which exercises the longer-list fallback).
 
     .venv/bin/python benchmarks/mining_speed.py [--queries 2000 --pool 20000 --dim 2048 --repeats 3]
+    .venv/bin/python benchmarks/mining_speed.py --smoke      # 50 queries x 400, 32-d: a check that it runs
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import header, parse, parser, timed
 
 from aml.mining import mine_negatives
-from aml.threads import HELP, benchmark_threads
+
+SMOKE = dict(queries=50, pool=400, dim=32, clusters=20, repeats=1)
 
 
 def per_query_walk(q: torch.Tensor, pool: torch.Tensor, qc: np.ndarray, pc: np.ndarray, neg_num: int) -> np.ndarray:
@@ -52,26 +51,16 @@ def make(kind: str, Q: int, P: int, D: int, clusters: int, seed: int):
     return F.normalize(q, dim=1), F.normalize(pool, dim=1).half().float(), qc.numpy(), pc.numpy()
 
 
-def timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--pool", type=int, default=20000)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--clusters", type=int, default=700)
     ap.add_argument("--neg-num", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, help=HELP)
-    args = ap.parse_args()
-    setting = benchmark_threads(args.threads)
+    args = parse(ap, SMOKE)
+    setting = header(args)
     print(
         f"{args.queries} queries x {args.pool} pool, {args.dim}-d (pool rounded to float16, as cached), "
         f"{args.clusters} clusters, neg_num {args.neg_num}, median of {args.repeats}\n{setting}"
