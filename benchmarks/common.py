@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
+import io
 import os
 import shutil
 import statistics
@@ -32,6 +34,7 @@ if str(REPO) not in sys.path:
 from aml.data.synth import SynthConfig, generate_synth  # noqa: E402
 from aml.io import atomic_write  # noqa: E402
 from aml.threads import HELP, benchmark_threads  # noqa: E402
+from cli import main as cli_main  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SMOKE_HELP = (
@@ -114,12 +117,39 @@ def timed(fn: Callable[[], T], reps: int, warmup: int = 0) -> tuple[float, T]:
     return statistics.median(times), out
 
 
+def aml(*args: str) -> None:
+    """Run one `aml` command of this checkout in this process, its output kept back (`--quiet`); its own one-line
+    error ends the benchmark."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            cli_main([*args, "--quiet"])
+    except SystemExit as e:
+        if e.code:
+            raise SystemExit(f"aml {' '.join(args)}: {out.getvalue().strip()}") from None
+
+
+def smoke_distill() -> list[str]:
+    """`aml distill` options of a smoke run's training (SMOKE_TRAIN on the tiny synthetic set)."""
+    args = ["--data", smoke_data()]
+    for name, value in SMOKE_TRAIN.items():
+        args += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
+    return args
+
+
 @functools.cache
 def smoke_data() -> str:
     """The `--data` spec of the tiny synthetic set, generated once into the scratch folder."""
     root = scratch() / "synth"
     generate_synth(root, SMOKE_SYNTH)
     return f"synth:{root}"
+
+
+def synth_test_set(cfg: SynthConfig) -> str:
+    """A synthetic set's test split in words: its queries and database images."""
+    queries = cfg.test_landmarks * cfg.queries
+    database = cfg.test_landmarks * cfg.db_views + cfg.distractors * cfg.distractor_views
+    return f"synthetic test set ({queries} queries, {database} database images)"
 
 
 def smoke_gnd(images: int = 200, queries: int = 5, seed: int = 0) -> dict[str, Any]:

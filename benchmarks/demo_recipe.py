@@ -8,11 +8,11 @@ a finished run folder is read, not trained again.
 
     .venv/bin/python benchmarks/demo_recipe.py                   # 3 variants x 3 seeds, about 25 min on 2 cores
     .venv/bin/python benchmarks/demo_recipe.py --seeds 0 --variants demo
+    .venv/bin/python benchmarks/demo_recipe.py --smoke   # the demo variant x 2 seeds, tiny random networks
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,14 +20,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import (
+    REPO,
+    RESULTS,
+    SMOKE_SYNTH,
+    SMOKE_TRAIN,
+    header,
+    parse,
+    parser,
+    results_path,
+    scratch,
+    smoke_data,
+    synth_test_set,
+    write_results,
+)
 
-from aml.allocator import keep_freed_memory  # noqa: E402
-from aml.io import atomic_write  # noqa: E402
-from aml.threads import HELP, benchmark_threads  # noqa: E402
+from aml.allocator import keep_freed_memory
+from aml.data.synth import SynthConfig
 
-RESULT = REPO / "benchmarks" / "results" / "demo_recipe.txt"
+RESULT = RESULTS / "demo_recipe.txt"
 # Variant name -> (what it is, in words; TrainConfig fields changed from the demo preset).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("the demo: csd label_weight 0.5, tau_s 0.03, k 256, lr 2e-5", {}),
@@ -36,13 +47,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_one(work: Path, variant: str, seed: int) -> list[dict[str, Any]]:
-    """Train one (variant, seed) unless its run folder holds a finished run; its log.jsonl lines with scores."""
-    from aml.train.config import PRESETS, TrainConfig
+def run_one(work: Path, budget: dict[str, Any], variant: str, seed: int) -> list[dict[str, Any]]:
+    """Train one (variant, seed) at `budget` (TrainConfig fields) unless its run folder holds a finished run; its
+    log.jsonl lines with scores."""
+    from aml.train.config import TrainConfig
     from aml.train.loop import Trainer
 
     run_dir = work / variant / f"seed{seed}"
-    cfg = TrainConfig().replace(**PRESETS["demo"]).replace(**VARIANTS[variant][1], seed=seed, out=str(run_dir))
+    cfg = TrainConfig().replace(**budget).replace(**VARIANTS[variant][1], seed=seed, out=str(run_dir))
     log = run_dir / "log.jsonl"
     done = log.is_file() and any(json.loads(x).get("epoch") == cfg.epochs for x in log.read_text().splitlines())
     if not done:
@@ -72,41 +84,42 @@ def table(results: dict[str, dict[int, list[dict[str, Any]]]], epochs: int) -> l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, results=RESULT)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--work", default=str(REPO / "runs" / "demo-recipe"), help="Run folders (resumable).")
-    ap.add_argument("--threads", type=int, help=HELP)
-    args = ap.parse_args()
+    ap.add_argument("--work", type=Path, help="Run folders, resumable (default: runs/demo-recipe; smoke: scratch).")
+    args = parse(ap, dict(variants="demo", seeds="0,1"))
     keep_freed_memory()
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
 
     from aml.train.config import PRESETS
 
-    setting = benchmark_threads(args.threads)
+    setting = header(args)
     print(setting, flush=True)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    # a smoke run: the demo preset at the tiny budget, on the tiny synthetic set
+    budget = {**PRESETS["demo"], **SMOKE_TRAIN, "data": smoke_data()} if args.smoke else PRESETS["demo"]
+    work = args.work or (scratch() / "runs" if args.smoke else REPO / "runs" / "demo-recipe")
     t0 = time.perf_counter()
-    results = {v: {s: run_one(Path(args.work), v, s) for s in seeds} for v in variants}
-    demo = PRESETS["demo"]
+    results = {v: {s: run_one(work, budget, v, s) for s in seeds} for v in variants}
+    start = "random weights" if budget.get("random_init") else "ImageNet weights"
     lines = [
-        f"demo budget: {demo['teacher']} -> {demo['student']}, closed-form start, {demo['epochs']} epochs x "
-        f"{demo['query_size']} images, {demo['image_size']} px; synthetic test set (72 queries, 320 database images);",
+        f"demo budget: {budget['teacher']} -> {budget['student']} ({start}), closed-form start, {budget['epochs']} "
+        f"epochs x {budget['query_size']} images, {budget['image_size']} px; "
+        f"{synth_test_set(SMOKE_SYNTH if args.smoke else SynthConfig())};",
         "the teacher's row: benchmarks/results/demo.txt; mAP M x100 after each epoch (ep 0: the closed form alone)",
         *(f"{v}: {VARIANTS[v][0]}" for v in variants),
         "",
-        *table(results, demo["epochs"]),
+        *table(results, budget["epochs"]),
         "",
         f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed). Command: "
         f"`{' '.join(['python benchmarks/demo_recipe.py', *sys.argv[1:]])}`",
     ]
-    with atomic_write(RESULT) as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(results_path(args, RESULT), lines)
 
 
 if __name__ == "__main__":

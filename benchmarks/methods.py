@@ -14,15 +14,16 @@ interrupted run continues from its last checkpoint.
     .venv/bin/python benchmarks/methods.py                      # everything (about 1.3 h on 2 CPU cores)
     .venv/bin/python benchmarks/methods.py --datasets ukbench --students lite0 --seeds 0
     .venv/bin/python benchmarks/methods.py --report-only --readme   # rewrite results files and README
+    .venv/bin/python benchmarks/methods.py --smoke    # 2 methods, tiny random networks, one int8 export, scratch files
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -30,16 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import (
+    REPO,
+    RESULTS,
+    SMOKE_SYNTH,
+    SMOKE_TRAIN,
+    header,
+    parse,
+    parser,
+    results_path,
+    scratch,
+    smoke_data,
+    synth_test_set,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from aml.allocator import keep_freed_memory
+from aml.io import atomic_write, write_json
+from aml.scoring import PROTOCOLS as SCORING_PROTOCOLS
+from aml.threads import intra_op_threads
 
-from aml.allocator import keep_freed_memory  # noqa: E402
-from aml.io import atomic_write, write_json  # noqa: E402
-from aml.scoring import PROTOCOLS as SCORING_PROTOCOLS  # noqa: E402
-from aml.threads import HELP, benchmark_threads, intra_op_threads  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results"
 UKBENCH_CSV = REPO.parent / "shared" / "data" / "ukbench" / "groups.csv"
 METHODS = [
     "0 epochs",
@@ -148,43 +158,51 @@ TEST_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def start(student: str) -> str:
-    """Where a student profile's weights come from and how its head starts, in words."""
+def start(student: str, smoke: bool = False) -> str:
+    """Where a student profile's weights come from and how its head starts, in words (a smoke run: random
+    weights)."""
     st = STUDENTS[student]
-    weights = "random weights, no ImageNet" if st["student_random_init"] else "ImageNet weights, bundled"
+    weights = "random weights, no ImageNet" if st["student_random_init"] or smoke else "ImageNet weights, bundled"
     head = (
         "random 1x1 projection (the AML paper's)" if st["head_init"] == "random" else "closed form (local-procrustes)"
     )
     return f"{weights}; head: {head}"
 
 
-def data_spec(dataset: str) -> str | None:
-    """The `--data` spec of a benchmark dataset, or None when its files are absent."""
+def budget(smoke: bool = False) -> dict[str, Any]:
+    """The TrainConfig fields every method gets (a smoke run: tiny random networks, SMOKE_TRAIN's sizes)."""
+    return {**BUDGET, **SMOKE_TRAIN} if smoke else BUDGET
+
+
+def test_set(dataset: str, smoke: bool = False) -> str:
+    """A dataset's test set in words (a smoke run: the tiny synthetic set)."""
+    return f"tiny {synth_test_set(SMOKE_SYNTH)}; mAP Easy / Medium / Hard" if smoke else TEST_SETS[dataset][0]
+
+
+def data_spec(dataset: str, smoke: bool = False) -> str | None:
+    """The `--data` spec of a benchmark dataset (a smoke run: the tiny synthetic set), or None when its files are
+    absent."""
     if dataset == "synth":
-        return "synth"
+        return smoke_data() if smoke else "synth"
     if dataset == "ukbench":
         return f"groups:{UKBENCH_CSV}" if UKBENCH_CSV.is_file() else None
     raise SystemExit(f"--datasets: unknown dataset {dataset!r}; use synth, ukbench")
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def method_config(dataset: str, student: str, method: str, seed: int, run_dir: Path):
-    """The TrainConfig of one (dataset, student, method, seed): the budget, the student profile, the method."""
+def method_config(dataset: str, student: str, method: str, seed: int, run_dir: Path, smoke: bool = False):
+    """The TrainConfig of one (dataset, student, method, seed): the budget, the student profile, the method (a
+    smoke run: its tiny networks in place of the profile's)."""
     from aml.train.config import TrainConfig
 
     loss, loss_args, changes = VARIANTS.get(method, (method, {}, {}))
+    fields = {**STUDENTS[student], **budget(smoke), **changes}
     return TrainConfig(
-        **{**BUDGET, **changes},
-        **STUDENTS[student],
-        loss=loss,
-        loss_args=loss_args,
-        data=data_spec(dataset),
-        seed=seed,
-        out=str(run_dir),
+        **fields, loss=loss, loss_args=loss_args, data=data_spec(dataset, smoke), seed=seed, out=str(run_dir)
     )
 
 
-def train_one(work: Path, dataset: str, student: str, method: str, seed: int) -> dict[str, Any]:
+def train_one(work: Path, dataset: str, student: str, method: str, seed: int, smoke: bool = False) -> dict[str, Any]:
     """Train and evaluate one (dataset, student, method, seed); cached in `result.json` of its run folder."""
     from aml.train.checkpoint import load_checkpoint
     from aml.train.loop import Trainer
@@ -193,7 +211,7 @@ def train_one(work: Path, dataset: str, student: str, method: str, seed: int) ->
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = method_config(dataset, student, method, seed, run_dir)
+    cfg = method_config(dataset, student, method, seed, run_dir, smoke)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=(run_dir / "last.pt").is_file(), progress=False)
     trainer.fit()
@@ -437,29 +455,40 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, {dev}, torch {torch.__version__}"
 
 
-def write_report(dataset: str, results: list[dict[str, Any]], exports: list[dict[str, Any]], command: str) -> Path:
-    """methods-<dataset>.md / .json / .png from the finished runs."""
+def write_report(
+    dataset: str,
+    results: list[dict[str, Any]],
+    exports: list[dict[str, Any]],
+    command: str,
+    out: Path | None = None,
+    smoke: bool = False,
+) -> Path:
+    """methods-<dataset>.md / .json / .png from the finished runs, in `out` (default RESULTS)."""
+    out = out or RESULTS
     summary = summarise(results)
     teacher = results[0]["teacher"]
     chance = results[0]["chance"]
     total = sum(r["seconds"] for r in results) + sum(e["seconds"] for e in exports)
-    budget = (
-        f"teacher lite2 (ImageNet), {BUDGET['epochs']} epochs x {BUDGET['query_size']} tuples (or images, "
-        f"for batch losses), {BUDGET['neg_num']} negatives, batch {BUDGET['batch_size']}, "
-        f"{BUDGET['image_size']} px"
+    b = budget(smoke)
+    weights = "random weights" if b.get("random_init") else "ImageNet"
+    budget_text = (
+        f"teacher {b['teacher']} ({weights}), {b['epochs']} epochs x {b['query_size']} tuples (or images, "
+        f"for batch losses), {b['neg_num']} negatives, batch {b['batch_size']}, {b['image_size']} px"
     )
-    test, cols = TEST_SETS[dataset]
+    test, cols = test_set(dataset, smoke), TEST_SETS[dataset][1]
     md = [
         f"### {dataset}",
         "",
-        f"Budget (every method): {budget}. Test: {test}; x100, mean ± sample std over seeds. Teacher lite2 "
-        f"on itself: {_triple(teacher, cols)}; random ranking (chance): {_triple(chance, cols)}.",
+        f"Budget (every method): {budget_text}. Test: {test}; x100, mean ± sample std over seeds. Teacher "
+        f"{b['teacher']} on itself: {_triple(teacher, cols)}; random ranking (chance): {_triple(chance, cols)}.",
         "",
     ]
     for student, rows in summary.items():
         st = STUDENTS[student]
+        shown = f"{student} profile, {b['student']}" if smoke else student
         md += [
-            f"**student {student}** (start: {start(student)}; lr {st['lr']:g}, projection lr x{st['head_lr_mult']:g})",
+            f"**student {shown}** (start: {start(student, smoke)}; lr {st['lr']:g}, projection lr "
+            f"x{st['head_lr_mult']:g})",
             "",
             "| method | seeds | "
             + " | ".join(f"{side} {p}" for side in ("asymmetric", "symmetric") for p in cols)
@@ -498,15 +527,15 @@ def write_report(dataset: str, results: list[dict[str, Any]], exports: list[dict
         f"Command: `{command}`. Chart: `benchmarks/results/methods-{dataset}.png`.",
         "",
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"methods-{dataset}.md"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"methods-{dataset}.md"
     with atomic_write(path) as f:
         f.write("\n".join(md))
     write_json(
-        RESULTS / f"methods-{dataset}.json",
-        {"budget": BUDGET, "students": STUDENTS, "runs": results, "exports": exports, "seconds": total},
+        out / f"methods-{dataset}.json",
+        {"budget": b, "students": STUDENTS, "runs": results, "exports": exports, "seconds": total},
     )
-    chart(dataset, summary, teacher["M"], chance["M"], RESULTS / f"methods-{dataset}.png")
+    chart(dataset, summary, teacher["M"], chance["M"], out / f"methods-{dataset}.png", smoke)
     return path
 
 
@@ -514,7 +543,9 @@ def _triple(m: dict[str, float], cols: tuple[str, ...]) -> str:
     return " / ".join(f"{m[p]:.2f}" for p in cols)
 
 
-def chart(dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, chance_m: float, path: Path) -> None:
+def chart(
+    dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, chance_m: float, path: Path, smoke: bool = False
+) -> None:
     """Bars of asymmetric and symmetric mAP M per method (seed std as error bars), teacher and chance lines."""
     import matplotlib
 
@@ -531,7 +562,7 @@ def chart(dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, ch
         ax.axhline(chance_m, color="k", ls=":", lw=1, label="chance")
         ax.set_xticks(x, list(rows), rotation=40, ha="right")
         ax.set_ylabel("mAP Medium")
-        ax.set_title(f"{dataset}: student {student} ({start(student).split(',')[0]})")
+        ax.set_title(f"{dataset}: student {student} ({start(student, smoke).split(',')[0]})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -543,15 +574,16 @@ def chart(dataset: str, summary: dict[str, dict[str, Any]], teacher_m: float, ch
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(datasets: list[str]) -> None:
-    """Replace README.md's generated Results block with the results files' tables (no hand-typed numbers)."""
-    readme = REPO / "README.md"
+def update_readme(datasets: list[str], results: Path | None = None, readme: Path | None = None) -> None:
+    """Replace the generated Results block of `readme` (default README.md) with the tables of the results files in
+    `results` (default RESULTS): no hand-typed numbers."""
+    readme = readme or REPO / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme}: no '{README_START}' ... '{README_END}' block to fill")
     parts = []
     for d in datasets:
-        md = RESULTS / f"methods-{d}.md"
+        md = (results or RESULTS) / f"methods-{d}.md"
         if md.is_file():
             parts.append(md.read_text().strip() + f"\n\n![{d} methods chart](benchmarks/results/methods-{d}.png)")
     head, rest = text.split(README_START, 1)
@@ -562,21 +594,21 @@ def update_readme(datasets: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, results=RESULTS)
     ap.add_argument("--datasets", default="synth,ukbench")
     ap.add_argument("--students", default="lite0,mobilenetv2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", help="Comma-separated seeds for every student (default: lite0 0,1,2; mobilenetv2 0).")
-    ap.add_argument("--work", default=str(REPO / "runs" / "methods"), help="Run folders (resumable).")
+    ap.add_argument("--work", type=Path, help="Run folders, resumable (default: runs/methods; smoke: scratch).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
-    ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md.")
-    ap.add_argument("--threads", type=int, help=HELP)
-    args = ap.parse_args()
+    ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md (smoke: a copy).")
+    args = parse(ap, dict(datasets="synth", students="lite0", methods="0 epochs,contr+", seeds="0", readme=True))
     keep_freed_memory()
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
 
-    print(benchmark_threads(args.threads), flush=True)
-    work = Path(args.work)
+    print(header(args), flush=True)
+    work = args.work or (scratch() / "runs" if args.smoke else REPO / "runs" / "methods")
+    out = results_path(args, RESULTS)
     datasets = args.datasets.split(",")
     given = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     shown = [a for a in sys.argv[1:] if a not in ("--report-only", "--readme")]
@@ -588,25 +620,31 @@ def main() -> None:
         for student in [] if args.report_only else args.students.split(","):
             if student not in STUDENTS:
                 raise SystemExit(f"--students: unknown student {student!r}; use {', '.join(STUDENTS)}")
-            seeds = given or SEEDS[student]
-            for method in args.methods.split(","):
-                if method in SKIP.get(student, ()):
-                    continue
-                for seed in seeds:
-                    r = train_one(work, dataset, student, method, seed)
-                    print(
-                        f"{dataset} {student} {method} seed {seed}: asym M {r['asymmetric']['M']:.2f} "
-                        f"sym M {r['symmetric']['M']:.2f} ({r['seconds']:.0f} s)",
-                        flush=True,
-                    )
-                    if seed == seeds[0] and method in EXPORTED.get(student, ()):
-                        e = export_one(r)
-                        print(f"  int8: asym M {e['int8']['M']:.2f} vs fp32 {e['fp32']['M']:.2f}", flush=True)
+            run_student(work, dataset, student, args.methods.split(","), given or SEEDS[student], args.smoke)
         results, exports = finished(work / dataset)
         if results:
-            print(f"wrote {write_report(dataset, results, exports, command)}")
+            print(f"wrote {write_report(dataset, results, exports, command, out, args.smoke)}")
     if args.readme:
-        update_readme(datasets)
+        readme = Path(shutil.copy(REPO / "README.md", scratch() / "README.md")) if args.smoke else None
+        update_readme(datasets, out, readme)
+        print(f"wrote the results block of {readme or REPO / 'README.md'}")
+
+
+def run_student(work: Path, dataset: str, student: str, methods: list[str], seeds: list[int], smoke: bool) -> None:
+    """Train (or read) every method and seed of one student profile, and the int8 exports it makes; one line each."""
+    for method in methods:
+        if method in SKIP.get(student, ()):
+            continue
+        for seed in seeds:
+            r = train_one(work, dataset, student, method, seed, smoke)
+            print(
+                f"{dataset} {student} {method} seed {seed}: asym M {r['asymmetric']['M']:.2f} "
+                f"sym M {r['symmetric']['M']:.2f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+            if seed == seeds[0] and method in EXPORTED.get(student, ()):
+                e = export_one(r)
+                print(f"  int8: asym M {e['int8']['M']:.2f} vs fp32 {e['fp32']['M']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,43 +2,74 @@
 the teacher's learned / PCA whitening on both sides (the AML protocol), each by `aml evaluate` (issue 12).
 
 The whitening files are learned first by `aml whiten --teacher lite2 --data synth --image-size 224 [--method pca]`
-on the teacher's cached training vectors. Writes `benchmarks/results/synth_test_protocols.txt`.
+on the teacher's cached training vectors. Writes `benchmarks/results/synth_test_protocols.txt`. Each `aml` command
+runs in this process (its output kept back; its one-line error ends the benchmark).
 
     .venv/bin/python benchmarks/test_protocols.py RUN_DIR       # a `make demo` run folder (RUN_DIR/last.pt)
+    .venv/bin/python benchmarks/test_protocols.py --smoke       # a tiny random student trained first, 40 px
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import (
+    RESULTS,
+    SMOKE_SYNTH,
+    SMOKE_TRAIN,
+    aml,
+    header,
+    parse,
+    parser,
+    results_path,
+    scratch,
+    smoke_data,
+    smoke_distill,
+    write_results,
+)
 
-from aml.io import atomic_write  # noqa: E402
+from aml.data.spec import parse_data_spec
 
-RESULT = REPO / "benchmarks" / "results" / "synth_test_protocols.txt"
-TEACHER, SIZE = "lite2", "224"
-WHITEN = f"aml whiten --teacher {TEACHER} --data synth --image-size {SIZE} [--method pca]"
-# Protocol in words -> `aml evaluate` options (LW / PCA: the whitening files learned first).
-PROTOCOLS: dict[str, list[str]] = {
-    f"{SIZE} px, one scale (the demo's test)": ["--image-size", SIZE],
-    "256 px (the images' size), one scale": ["--image-size", "256"],
-    f"{SIZE} px, scales 1.4142,1,0.7071": ["--image-size", SIZE, "--multiscale", "1.4142,1,0.7071"],
-    f"{SIZE} px, teacher's learned whitening (lw)": ["--image-size", SIZE, "--whiten", "LW"],
-    f"{SIZE} px, teacher's PCA whitening (pca)": ["--image-size", SIZE, "--whiten", "PCA"],
-}
+RESULT = RESULTS / "synth_test_protocols.txt"
 
 
-def aml(*args: str) -> None:
-    """Run one `aml` command of this checkout; its own one-line error ends the benchmark."""
-    done = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--quiet"], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"aml {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+class Setup(NamedTuple):
+    """The teacher and its student, the whitening's --data, the test image size and the images' own size (px), and
+    the teacher's weights option."""
+
+    teacher: str
+    student: str
+    data: str
+    size: str
+    full: str
+    init: tuple[str, ...]
+
+
+DEMO = Setup("lite2", "lite0", "synth", "224", "256", ())
+
+
+def smoke_setup() -> tuple[Path, Setup]:
+    """A smoke run's student (a tiny random-weight distill run on the tiny synthetic set) and its setup."""
+    run = scratch() / "student"
+    aml("distill", *smoke_distill(), "--out", str(run))
+    t = SMOKE_TRAIN
+    return run, Setup(t["teacher"], t["student"], smoke_data(), str(t["image_size"]), str(SMOKE_SYNTH.size),
+                      ("--random-init",))  # fmt: skip
+
+
+def protocols(size: str, full: str) -> dict[str, list[str]]:
+    """Protocol in words -> `aml evaluate` options at image size `size` (`full`: the images' own size; LW / PCA:
+    the whitening files learned first)."""
+    return {
+        f"{size} px, one scale (the demo's test)": ["--image-size", size],
+        f"{full} px (the images' size), one scale": ["--image-size", full],
+        f"{size} px, scales 1.4142,1,0.7071": ["--image-size", size, "--multiscale", "1.4142,1,0.7071"],
+        f"{size} px, teacher's learned whitening (lw)": ["--image-size", size, "--whiten", "LW"],
+        f"{size} px, teacher's PCA whitening (pca)": ["--image-size", size, "--whiten", "PCA"],
+    }
 
 
 def triple(m: dict[str, float]) -> str:
@@ -46,40 +77,47 @@ def triple(m: dict[str, float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path, help="A distill run folder holding last.pt (lite2 -> lite0 on synth).")
-    args = ap.parse_args()
+    ap = parser(__doc__, results=RESULT)
+    ap.add_argument("run_dir", type=Path, nargs="?", help="A distill run folder holding last.pt (lite2 -> lite0).")
+    args = parse(ap, {})
+    import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
+
+    setting = header(args)
+    print(setting, flush=True)
+    if args.smoke and args.run_dir is None:
+        args.run_dir, setup = smoke_setup()
+    elif args.run_dir is None:
+        ap.error("the following arguments are required: run_dir (or --smoke)")
+    else:
+        setup = DEMO
     student = args.run_dir / "last.pt"
     if not student.is_file():
         raise SystemExit(f"{student}: not found; give a finished `aml distill` run folder (e.g. runs/<demo run>)")
-    from aml.data.spec import parse_data_spec
-
-    root, name = parse_data_spec("synth").test
+    root, name = parse_data_spec(setup.data).test
+    learn = ["whiten", "--teacher", setup.teacher, *setup.init, "--data", setup.data, "--image-size", setup.size]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {"LW": f"{tmp}/lw.pt", "PCA": f"{tmp}/pca.pt"}
-        aml("whiten", "--teacher", TEACHER, "--data", "synth", "--image-size", SIZE, "--out", files["LW"])
-        aml("whiten", "--teacher", TEACHER, "--data", "synth", "--image-size", SIZE, "--method", "pca",
-            "--out", files["PCA"])  # fmt: skip
-        for protocol, opts in PROTOCOLS.items():
+        aml(*learn, "--out", files["LW"])
+        aml(*learn, "--method", "pca", "--out", files["PCA"])
+        for protocol, opts in protocols(setup.size, setup.full).items():
             out = f"{tmp}/scores.json"
             opts = [files.get(o, o) for o in opts]
-            aml("evaluate", "--dataset", name, "--data-root", str(root), "--teacher", TEACHER, "--student",
-                str(student), *opts, "--json", out)  # fmt: skip
+            aml("evaluate", "--dataset", name, "--data-root", str(root), "--teacher", setup.teacher, *setup.init,
+                "--student", str(student), *opts, "--json", out)  # fmt: skip
             s = json.loads(Path(out).read_text())
             rows.append(
                 f"{protocol:<44} {triple(s['teacher']['mAP']):>22} {triple(s['student']['mAP']):>22} "
                 f"{triple(s['asymmetric']['mAP']):>22}"
             )
     lines = [
-        f"synthetic test set, student {args.run_dir} ({TEACHER} -> lite0) evaluated by `aml evaluate`;",
-        f"mAP E / M / H x100; whitening files from `{WHITEN}`",
+        f"synthetic test set, student {args.run_dir} ({setup.teacher} -> {setup.student}) evaluated by `aml evaluate`;",
+        f"mAP E / M / H x100; whitening files from `aml {' '.join(learn)} [--method pca]`",
         f"{'protocol':<44} {'teacher':>22} {'student (symmetric)':>22} {'asymmetric':>22}",
         *rows,
+        setting,
     ]
-    with atomic_write(RESULT) as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(results_path(args, RESULT), lines)
 
 
 if __name__ == "__main__":

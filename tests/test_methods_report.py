@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 
 import pytest
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts' shared helpers (benchmarks/common.py)
 spec = importlib.util.spec_from_file_location("methods_bench", REPO / "benchmarks" / "methods.py")
 methods = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(methods)
