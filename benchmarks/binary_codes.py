@@ -19,18 +19,15 @@ with the database's bytes in memory (float32, float16 or packed bits), the searc
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import numpy as np
-from common import header, parse, parser, smoke_gnd, timed
+from common import padded_gnd, parse, parser, timed
 from eval_speed import GND, make_data
 
 from aml.binary import asymmetric_search, binary_index, bits_set, code_bytes, hamming_search, pack_bits
 from aml.evaluate import default_topk
 from aml.scoring import KAPPAS, score_rankings
 from aml.search import pick_backend, search
-from aml.trust import load_pickle
 
 SMOKE = dict(sizes="1000", dim=64, reps=1)
 
@@ -69,14 +66,10 @@ def main() -> None:
     ap.add_argument("--topk", type=int, help="Ranking depth (default: as aml evaluate).")
     ap.add_argument("--reps", type=int, default=3)
     args = parse(ap, SMOKE)
-    import faiss
-
-    setting = header(args)
-    gnd = smoke_gnd() if args.smoke else load_pickle(GND)
+    gnd, machine, setting = padded_gnd(args, GND)
     print(
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__} "
-        f"(omp threads {faiss.omp_get_max_threads()}), dim {args.dim} ({code_bytes(args.dim)} bytes of bits), "
-        f"{len(gnd['qimlist'])} queries, median of {args.reps}\n{setting}"
+        f"{machine}, dim {args.dim} ({code_bytes(args.dim)} bytes of bits), {len(gnd['qimlist'])} queries, "
+        f"median of {args.reps}\n{setting}"
     )
     print(f"{'N_db':>8} {'method':>12} {'database MiB':>20} {'search s':>9} mAP E / M / H")
     for n in (int(s) for s in args.sizes.split(",")):

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import io
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -34,6 +35,7 @@ if str(REPO) not in sys.path:
 from aml.data.synth import SynthConfig, generate_synth  # noqa: E402
 from aml.io import atomic_write  # noqa: E402
 from aml.threads import HELP, benchmark_threads  # noqa: E402
+from aml.trust import load_pickle  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -92,17 +94,27 @@ def header(args: argparse.Namespace) -> str:
 
 
 def results_path(args: argparse.Namespace, default: Path) -> Path:
-    """Where the results file goes: --out, else the scratch folder on a smoke run, else `default`."""
+    """Where the results go: --out, else the scratch folder on a smoke run, else `default`."""
     if args.out is not None:
         return Path(args.out)
     return scratch() / default.name if args.smoke else default
 
 
-def write_results(path: Path, lines: Sequence[str]) -> None:
-    """Write the report's lines to `path` atomically, then print them."""
-    with atomic_write(path) as f:
+def write_results(args: argparse.Namespace, default: Path, lines: Sequence[str]) -> None:
+    """Write the report's lines atomically to the results file (`results_path`), then print them."""
+    with atomic_write(results_path(args, default)) as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def work_dir(args: argparse.Namespace, default: Path) -> Path:
+    """The run folders: --work, else the scratch folder's on a smoke run, else `default`."""
+    return args.work or (scratch() / "runs" if args.smoke else default)
+
+
+def smoke_readme() -> Path:
+    """A smoke run's README.md: a scratch copy of the checkout's, for the scripts that fill a block of it."""
+    return Path(shutil.copy(REPO / "README.md", scratch() / "README.md"))
 
 
 def timed(fn: Callable[[], T], reps: int, warmup: int = 0) -> tuple[float, T]:
@@ -129,6 +141,11 @@ def aml(*args: str) -> None:
             raise SystemExit(f"aml {' '.join(args)}: {out.getvalue().strip()}") from None
 
 
+def smoke_budget(base: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields `base` at a smoke run's budget: SMOKE_TRAIN's networks and sizes, the tiny synthetic set."""
+    return {**base, **SMOKE_TRAIN, "data": smoke_data()}
+
+
 def smoke_distill() -> list[str]:
     """`aml distill` options of a smoke run's training (SMOKE_TRAIN on the tiny synthetic set)."""
     args = ["--data", smoke_data()]
@@ -145,11 +162,23 @@ def smoke_data() -> str:
     return f"synth:{root}"
 
 
-def synth_test_set(cfg: SynthConfig) -> str:
-    """A synthetic set's test split in words: its queries and database images."""
+def synth_test_set(smoke: bool = False) -> str:
+    """The synthetic set's test split in words, its queries and database images (a smoke run: the tiny set's)."""
+    cfg = SMOKE_SYNTH if smoke else SynthConfig()
     queries = cfg.test_landmarks * cfg.queries
     database = cfg.test_landmarks * cfg.db_views + cfg.distractors * cfg.distractor_views
     return f"synthetic test set ({queries} queries, {database} database images)"
+
+
+def padded_gnd(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any], str, str]:
+    """For the scripts that pad a revisitop ground truth with random vectors: faiss loaded and --threads applied;
+    the ground truth at `path` (a smoke run: `smoke_gnd`), the header's first words (this machine, faiss's
+    version) and the thread-setting line."""
+    import faiss  # loaded before the thread setting, so that it is set on faiss itself
+
+    setting = header(args)
+    machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}"
+    return (smoke_gnd() if args.smoke else load_pickle(path)), machine, setting
 
 
 def smoke_gnd(images: int = 200, queries: int = 5, seed: int = 0) -> dict[str, Any]:

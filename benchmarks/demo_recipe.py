@@ -20,23 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO,
-    RESULTS,
-    SMOKE_SYNTH,
-    SMOKE_TRAIN,
-    header,
-    parse,
-    parser,
-    results_path,
-    scratch,
-    smoke_data,
-    synth_test_set,
-    write_results,
-)
+from common import REPO, RESULTS, header, parse, parser, smoke_budget, synth_test_set, work_dir, write_results
 
 from aml.allocator import keep_freed_memory
-from aml.data.synth import SynthConfig
 
 RESULT = RESULTS / "demo_recipe.txt"
 # Variant name -> (what it is, in words; TrainConfig fields changed from the demo preset).
@@ -102,15 +88,15 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     # a smoke run: the demo preset at the tiny budget, on the tiny synthetic set
-    budget = {**PRESETS["demo"], **SMOKE_TRAIN, "data": smoke_data()} if args.smoke else PRESETS["demo"]
-    work = args.work or (scratch() / "runs" if args.smoke else REPO / "runs" / "demo-recipe")
+    budget = smoke_budget(PRESETS["demo"]) if args.smoke else PRESETS["demo"]
+    work = work_dir(args, REPO / "runs" / "demo-recipe")
     t0 = time.perf_counter()
     results = {v: {s: run_one(work, budget, v, s) for s in seeds} for v in variants}
     start = "random weights" if budget.get("random_init") else "ImageNet weights"
     lines = [
         f"demo budget: {budget['teacher']} -> {budget['student']} ({start}), closed-form start, {budget['epochs']} "
         f"epochs x {budget['query_size']} images, {budget['image_size']} px; "
-        f"{synth_test_set(SMOKE_SYNTH if args.smoke else SynthConfig())};",
+        f"{synth_test_set(args.smoke)};",
         "the teacher's row: benchmarks/results/demo.txt; mAP M x100 after each epoch (ep 0: the closed form alone)",
         *(f"{v}: {VARIANTS[v][0]}" for v in variants),
         "",
@@ -119,7 +105,7 @@ def main() -> None:
         f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed). Command: "
         f"`{' '.join(['python benchmarks/demo_recipe.py', *sys.argv[1:]])}`",
     ]
-    write_results(results_path(args, RESULT), lines)
+    write_results(args, RESULT, lines)
 
 
 if __name__ == "__main__":

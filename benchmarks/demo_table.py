@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from common import REPO, RESULTS, aml, header, parse, parser, results_path, scratch, smoke_distill, write_results
+from common import REPO, RESULTS, aml, header, parse, parser, results_path, scratch, smoke_distill, smoke_readme
 
 from aml.io import atomic_write
 
@@ -42,7 +41,7 @@ def main() -> None:
     if args.smoke and args.run_dir is None:
         args.run_dir = smoke_run()
     if args.smoke and args.readme is None:
-        args.readme = Path(shutil.copy(REPO / "README.md", scratch() / "README.md"))
+        args.readme = smoke_readme()
     runs = sorted((REPO / "runs").glob("*-lite2-lite0-*/table.txt"), key=lambda p: p.stat().st_mtime)
     src = args.run_dir / "table.txt" if args.run_dir else (runs[-1] if runs else None)
     if src is None or not src.is_file():
@@ -53,7 +52,9 @@ def main() -> None:
     if START not in body or END not in body:
         raise SystemExit(f"{readme}: no '{START}' ... '{END}' block to fill")
     result = results_path(args, RESULT)
-    write_results(result, text.rstrip("\n").splitlines())
+    with atomic_write(result) as f:
+        f.write(text)
+    print(text.rstrip("\n"))
     head, rest = body.split(START, 1)
     _, tail = rest.split(END, 1)
     with atomic_write(readme) as f:

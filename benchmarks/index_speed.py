@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import header, parse, parser, smoke_gnd
+from common import padded_gnd, parse, parser
 from eval_speed import GND, make_data
 
 from aml.index import KINDS, Index, trained_index
 from aml.scoring import KAPPAS, score_rankings
-from aml.trust import load_pickle
 
 # ivfpq: 16 lists of 8 sub-quantizers x 6 bits (faiss wants 39 training points a centroid: 2496 for 2^6)
 SMOKE = dict(sizes="2500", dim=64, topk=10, reps=1, nlist=16, m=8, nbits=6, nprobe=4)
@@ -96,13 +94,10 @@ def main() -> None:
     ap.add_argument("--tmp", help="folder for the saved indexes (default: the system temp folder)")
     ap.add_argument("--device", default="cpu", help="search device: cpu, auto, cuda, cuda:N (faiss-gpu)")
     args = parse(ap, SMOKE)
-    import faiss
-
-    setting = header(args)
-    gnd = smoke_gnd() if args.smoke else load_pickle(GND)
+    gnd, machine, setting = padded_gnd(args, GND)
     print(
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, faiss {faiss.__version__}, dim {args.dim}, "
-        f"{len(gnd['qimlist'])} queries, top {args.topk}, median of {args.reps}, search on {args.device}\n{setting}"
+        f"{machine}, dim {args.dim}, {len(gnd['qimlist'])} queries, top {args.topk}, median of {args.reps}, "
+        f"search on {args.device}\n{setting}"
     )
     print(
         f"{'N_db':>8} {'type':>7} {'train s':>8} {'add s':>8} {'disk MiB':>9} {'RSS build':>9} {'RSS load':>9} "

@@ -23,33 +23,21 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
-from common import (
-    REPO,
-    RESULTS,
-    SMOKE_SYNTH,
-    SMOKE_TRAIN,
-    header,
-    parse,
-    parser,
-    results_path,
-    scratch,
-    smoke_data,
-    synth_test_set,
-)
 
 from aml.allocator import keep_freed_memory
 from aml.io import atomic_write, write_json
 from aml.scoring import PROTOCOLS as SCORING_PROTOCOLS
 from aml.threads import intra_op_threads
 
+REPO, RESULTS = common.REPO, common.RESULTS
 UKBENCH_CSV = REPO.parent / "shared" / "data" / "ukbench" / "groups.csv"
 METHODS = [
     "0 epochs",
@@ -170,20 +158,20 @@ def start(student: str, smoke: bool = False) -> str:
 
 
 def budget(smoke: bool = False) -> dict[str, Any]:
-    """The TrainConfig fields every method gets (a smoke run: tiny random networks, SMOKE_TRAIN's sizes)."""
-    return {**BUDGET, **SMOKE_TRAIN} if smoke else BUDGET
+    """The TrainConfig fields every method gets (a smoke run: tiny random networks on the tiny synthetic set)."""
+    return common.smoke_budget(BUDGET) if smoke else BUDGET
 
 
 def test_set(dataset: str, smoke: bool = False) -> str:
     """A dataset's test set in words (a smoke run: the tiny synthetic set)."""
-    return f"tiny {synth_test_set(SMOKE_SYNTH)}; mAP Easy / Medium / Hard" if smoke else TEST_SETS[dataset][0]
+    return f"tiny {common.synth_test_set(smoke=True)}; mAP Easy / Medium / Hard" if smoke else TEST_SETS[dataset][0]
 
 
 def data_spec(dataset: str, smoke: bool = False) -> str | None:
     """The `--data` spec of a benchmark dataset (a smoke run: the tiny synthetic set), or None when its files are
     absent."""
     if dataset == "synth":
-        return smoke_data() if smoke else "synth"
+        return common.smoke_budget({})["data"] if smoke else "synth"
     if dataset == "ukbench":
         return f"groups:{UKBENCH_CSV}" if UKBENCH_CSV.is_file() else None
     raise SystemExit(f"--datasets: unknown dataset {dataset!r}; use synth, ukbench")
@@ -196,10 +184,8 @@ def method_config(dataset: str, student: str, method: str, seed: int, run_dir: P
     from aml.train.config import TrainConfig
 
     loss, loss_args, changes = VARIANTS.get(method, (method, {}, {}))
-    fields = {**STUDENTS[student], **budget(smoke), **changes}
-    return TrainConfig(
-        **fields, loss=loss, loss_args=loss_args, data=data_spec(dataset, smoke), seed=seed, out=str(run_dir)
-    )
+    fields = {**STUDENTS[student], **budget(smoke), **changes, "data": data_spec(dataset, smoke)}
+    return TrainConfig(**fields, loss=loss, loss_args=loss_args, seed=seed, out=str(run_dir))
 
 
 def train_one(work: Path, dataset: str, student: str, method: str, seed: int, smoke: bool = False) -> dict[str, Any]:
@@ -594,7 +580,7 @@ def update_readme(datasets: list[str], results: Path | None = None, readme: Path
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
-    ap = parser(__doc__, results=RESULTS)
+    ap = common.parser(__doc__, results=RESULTS)
     ap.add_argument("--datasets", default="synth,ukbench")
     ap.add_argument("--students", default="lite0,mobilenetv2")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -602,13 +588,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="Run folders, resumable (default: runs/methods; smoke: scratch).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
     ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md (smoke: a copy).")
-    args = parse(ap, dict(datasets="synth", students="lite0", methods="0 epochs,contr+", seeds="0", readme=True))
+    args = common.parse(ap, dict(datasets="synth", students="lite0", methods="0 epochs,contr+", seeds="0", readme=True))
     keep_freed_memory()
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
 
-    print(header(args), flush=True)
-    work = args.work or (scratch() / "runs" if args.smoke else REPO / "runs" / "methods")
-    out = results_path(args, RESULTS)
+    print(common.header(args), flush=True)
+    work = common.work_dir(args, REPO / "runs" / "methods")
+    out = common.results_path(args, RESULTS)
     datasets = args.datasets.split(",")
     given = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     shown = [a for a in sys.argv[1:] if a not in ("--report-only", "--readme")]
@@ -625,7 +611,7 @@ def main() -> None:
         if results:
             print(f"wrote {write_report(dataset, results, exports, command, out, args.smoke)}")
     if args.readme:
-        readme = Path(shutil.copy(REPO / "README.md", scratch() / "README.md")) if args.smoke else None
+        readme = common.smoke_readme() if args.smoke else None
         update_readme(datasets, out, readme)
         print(f"wrote the results block of {readme or REPO / 'README.md'}")
 

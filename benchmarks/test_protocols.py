@@ -16,20 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from common import (
-    RESULTS,
-    SMOKE_SYNTH,
-    SMOKE_TRAIN,
-    aml,
-    header,
-    parse,
-    parser,
-    results_path,
-    scratch,
-    smoke_data,
-    smoke_distill,
-    write_results,
-)
+from common import RESULTS, SMOKE_SYNTH, aml, header, parse, parser, scratch, smoke_budget, smoke_distill, write_results
 
 from aml.data.spec import parse_data_spec
 
@@ -55,8 +42,8 @@ def smoke_setup() -> tuple[Path, Setup]:
     """A smoke run's student (a tiny random-weight distill run on the tiny synthetic set) and its setup."""
     run = scratch() / "student"
     aml("distill", *smoke_distill(), "--out", str(run))
-    t = SMOKE_TRAIN
-    return run, Setup(t["teacher"], t["student"], smoke_data(), str(t["image_size"]), str(SMOKE_SYNTH.size),
+    t = smoke_budget({})
+    return run, Setup(t["teacher"], t["student"], t["data"], str(t["image_size"]), str(SMOKE_SYNTH.size),
                       ("--random-init",))  # fmt: skip
 
 
@@ -117,7 +104,7 @@ def main() -> None:
         *rows,
         setting,
     ]
-    write_results(results_path(args, RESULT), lines)
+    write_results(args, RESULT, lines)
 
 
 if __name__ == "__main__":
