@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from aml.threads import available_cores
+
 BENCH = REPO / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "__main__" in p.read_text())
 NUM = r"\d+\.\d+"
@@ -101,7 +103,7 @@ REPORTS: dict[str, list[str]] = {
     "train_speed.py": [
         rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"
     ],
-}  # fmt: skip
+}
 
 
 def _snapshot() -> dict[str, object]:
@@ -127,10 +129,11 @@ def runs(request, tmp_path_factory) -> dict[str, tuple[Path, Future]]:
     (one per core, at most two); "before": the _snapshot taken first."""
     picked = {i.callspec.params.get("script") for i in request.session.items if hasattr(i, "callspec")} - {None}
     before = _snapshot()
-    workers = max(1, min(2, len(os.sched_getaffinity(0))))
+    workers = min(2, available_cores())
     with ThreadPoolExecutor(workers) as pool:
         outs = {s: tmp_path_factory.mktemp(Path(s).stem) for s in SCRIPTS if s in picked or not picked}
         yield {**{s: (out, pool.submit(_smoke, s, out)) for s, out in outs.items()}, "before": before}
+        pool.shutdown(cancel_futures=True)  # after a stop at the first failure (-x), start no more
 
 
 def test_every_script_is_found_and_has_a_report():
