@@ -100,9 +100,7 @@ REPORTS: dict[str, list[str]] = {
         *(rf"{p}.*\s{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$" for p in ("40 px, one", "48 px", "40 px, scales", "40 px, t.*lw")),
         rf"40 px, teacher's PCA whitening \(pca\)\s+{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$",
     ],
-    "train_speed.py": [
-        rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"
-    ],
+    "train_speed.py": [rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"],
 }
 
 
