@@ -18,6 +18,9 @@ from conftest import REPO
 
 from aml.threads import available_cores
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py, the scripts' shared helpers)
+
 BENCH = REPO / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if "__main__" in p.read_text())
 NUM = r"\d+\.\d+"
@@ -161,3 +164,23 @@ def test_smoke_runs_write_nothing_into_the_checkout(runs):
     for script in set(SCRIPTS) & set(runs):
         runs[script][1].result()
     assert _snapshot() == runs["before"], "a smoke run wrote into benchmarks/results, README.md or the checkout"
+
+
+def test_smoke_sizes_yield_to_the_options_given(monkeypatch):
+    monkeypatch.setenv("AML_HOME", "unchanged")
+    ap = common.parser("x", results=common.RESULTS / "x.txt")
+    ap.add_argument("--n", type=int, default=100)
+    assert common.parse(ap, {"n": 3}, []).n == 100 and os.environ["AML_HOME"] == "unchanged"
+    assert common.parse(ap, {"n": 3}, ["--smoke", "--n", "7"]).n == 7
+    args = common.parse(ap, {"n": 3}, ["--smoke"])
+    assert args.n == 3 and os.environ["AML_HOME"] == str(common.scratch() / "home")
+    assert common.results_path(args, common.RESULTS / "x.txt") == common.scratch() / "x.txt"
+
+
+def test_smoke_ground_truth_is_disjoint_per_query():
+    gnd = common.smoke_gnd(images=50, queries=3)
+    assert (len(gnd["imlist"]), len(gnd["qimlist"]), len(gnd["gnd"])) == (50, 3, 3)
+    for g in gnd["gnd"]:
+        ids = g["easy"] + g["hard"] + g["junk"]
+        assert (len(g["easy"]), len(g["hard"]), len(g["junk"])) == (4, 2, 2) and len(set(ids)) == 8
+        assert all(0 <= i < 50 for i in ids)
