@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from aml.data.folders import (
+    TRAIN_FRACTION,
     image_names,
     read_groups_csv,
     read_label_folder,
@@ -102,11 +103,19 @@ def _split(
         train.check_images(source)
     if not test_paths:
         return DataBundle(train, None, None)
+    held = held_out_text(train.cluster, test_keys, splits is not None)
     if beside is not None and gnd_file(beside.parent, beside.name).is_file():
         ds = load_revisitop(beside.parent, beside.name)
         if ds.imlist == image_names(test_paths) and ds.qimlist == ds.imlist:
-            return DataBundle(train, None, RevisitopRef(str(beside.parent), beside.name))
-    return DataBundle(train, None, cached_test_split(name, test_paths, test_keys))
+            return DataBundle(train, None, RevisitopRef(str(beside.parent), beside.name), held_out=held)
+    return DataBundle(train, None, cached_test_split(name, test_paths, test_keys), held_out=held)
+
+
+def held_out_text(train_keys: np.ndarray, test_keys: np.ndarray, by_column: bool) -> str:
+    """What an object-wise split kept out of training, in words (`aml distill` prints it before training)."""
+    n_tr, n_te = np.unique(train_keys).size, np.unique(test_keys).size
+    rule = "the CSV's split column" if by_column else f"the last {100 - round(100 * TRAIN_FRACTION)}% of objects"
+    return f"{test_keys.size} images of {n_te} of {n_tr + n_te} labels ({rule})"
 
 
 def cached_test_split(name: str, paths: list[str], keys: np.ndarray) -> RevisitopRef:
