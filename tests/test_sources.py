@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aml.data.revisitop import load_revisitop
 from aml.data.sources import describe, parse_data_specs, source_shares
+from aml.data.spec import parse_test_spec
 from aml.data.validation import validation_split
 from aml.errors import UserError
 
@@ -111,3 +113,60 @@ def test_validation_split_refuses_a_set_with_nothing_to_hold_out(sources):
         validation_split(b.train)
     with pytest.raises(UserError, match="must be in"):
         validation_split(b.train, fraction=1.5)
+
+
+def test_test_data_is_the_runs_test_set_and_sources_hold_nothing_out(sources, tmp_path):
+    for lab in "ab":  # the test folder shares labels a, b with the training folder (class-level data)
+        for i in range(3):
+            _img(tmp_path / "test" / lab / f"t{lab}{i}.png", (ord(lab), 255 - i * 40, 70))
+    b = parse_data_specs([f"folder:{sources / 'lab'}", f"images:{sources / 'free'}"], f"folder:{tmp_path / 'test'}")
+    assert len(b.train) == 20 + 6 and b.held_out == "" and not any(s.held_out for s in b.sources)
+    ds = load_revisitop(b.test.data_root, b.test.dataset_name)
+    assert len(ds.imlist) == 6 and ds.qimlist == ds.imlist
+    assert sorted(ds.gnd[0]["easy"]) == [1, 2] and ds.gnd[0]["junk"] == [0]
+    assert "(the run's test set)" in "\n".join(describe(b))
+    again = parse_test_spec(f"revisitop:{b.test.data_root}/{b.test.dataset_name}")
+    assert again == b.test
+    with pytest.raises(UserError, match="accepted forms"):
+        parse_test_spec(f"images:{tmp_path / 'test'}")
+    with pytest.raises(UserError, match="gnd_nope.pkl: not found"):
+        parse_test_spec(f"revisitop:{tmp_path}/nope")
+
+
+def test_groups_split_column_may_share_labels_across_train_and_test(tmp_path, home):
+    rows = ["image,object,split"]
+    for lab in "pq":
+        for i in range(4):
+            _img(tmp_path / f"{lab}{i}.png", (ord(lab), i * 50, 5))
+            rows.append(f"{lab}{i}.png,{lab},{'test' if i == 3 else 'train'}")
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    b = parse_data_specs(f"groups:{tmp_path / 'groups.csv'}")
+    assert len(b.train) == 6
+    ds = load_revisitop(b.test.data_root, b.test.dataset_name)
+    assert len(ds.imlist) == 2
+    ref = parse_test_spec(f"groups:{tmp_path / 'groups.csv'}")
+    assert ref == b.test
+
+
+def test_data_split_with_a_test_folder_and_objects_by_name(sources, tmp_path, run_cli):
+    for lab in "ab":
+        for i in range(3):
+            _img(tmp_path / "test" / lab / f"t{lab}{i}.png", (ord(lab), 255 - i * 40, 70))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        "data", "split", "--folder", sources / "lab", "--test-folder", tmp_path / "test", "--out", out, "--name", "lm"
+    )
+    assert code == 0, err
+    assert "test: 6 images of lm" in stdout and "train: 20 images, 5 objects" in stdout
+    b = parse_data_specs(f"groups:{out / 'lm' / 'groups.csv'}")
+    assert len(b.train) == 20 and b.test.dataset_name == "lm"
+    code, stdout, err = run_cli(
+        "data", "split", "--folder", sources / "lab", "--test-objects", "b,d", "--out", out, "--name", "byname"
+    )
+    assert code == 0, err
+    assert "test: 8 images of byname" in stdout
+    code, _, err = run_cli("data", "split", "--folder", sources / "lab", "--test-objects", "zz", "--out", out)
+    assert code == 2 and "cannot read 'zz'" in err and "label names (a, b, c, d, e" in err
+    code, stdout, err = run_cli("data", "info", f"folder:{sources / 'lab'}", f"images:{sources / 'free'}")
+    assert code == 0, err
+    assert "held out as its test set: 8 images of 2 of 5 labels" in stdout and "unlabelled" in stdout

@@ -9,7 +9,8 @@ image range in the combined set, how many labelled pairs and classes it brings a
 test set; `describe(bundle)` is the text a command prints before it trains, and `source_shares(bundle, idx)`
 the share of each source among the images an epoch used.
 
-The run's test set is the first source's that has one (the others' are named by `describe`)."""
+The run's test set is `--test-data`'s when given (the sources then hold nothing out), else the first
+source's that has one (the others' are named by `describe`)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,20 @@ from dataclasses import replace
 
 import numpy as np
 
-from aml.data.spec import parse_data_spec
+from aml.data.spec import parse_data_spec, parse_test_spec
 from aml.data.trainset import DataBundle, SourceInfo, TrainSet
 
 
-def parse_data_specs(specs: Sequence[str], *, check_images: bool = True) -> DataBundle:
-    """Resolve one or several `--data` specs to one DataBundle (several: combined, see the module docstring)."""
-    specs = list(specs) or ["synth"]
-    bundles = [parse_data_spec(s, check_images=check_images) for s in specs]
+def parse_data_specs(specs: str | Sequence[str], test: str | None = None, *, check_images: bool = True) -> DataBundle:
+    """Resolve one or several `--data` specs to one DataBundle (several: combined, see the module docstring).
+    `test` (`--test-data SPEC`, `aml.data.spec.parse_test_spec`) is the run's own test set: the sources then
+    train on all their images, holding nothing out."""
+    specs = [specs] if isinstance(specs, str) else list(specs) or ["synth"]
+    bundles = [parse_data_spec(s, check_images=check_images, hold_out=test is None) for s in specs]
+    if test is not None:
+        ref = parse_test_spec(test)
+        bundles = [replace(b, test=None, held_out="") for b in bundles]
+        bundles[0] = replace(bundles[0], test=ref)
     if len(bundles) == 1:
         return replace(bundles[0], sources=(source_info(specs[0], bundles[0], 0),))
     return combine(specs, bundles)
