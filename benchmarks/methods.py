@@ -66,7 +66,7 @@ METHODS = [
     "normsoftmax trained",
     "normsoftmax learned",
 ]
-# Metrix (issue 14, SPEC §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
+# Metrix (issue 14, docs/REFERENCE.md §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
 # positive-negative pairs. `metrix-emb` mixes embeddings (asymmetric: the teacher's cached vectors, no extra
 # forward; sym: the student's); contr+ also mixes inputs and feature maps (aml/train/mixup.py says what the
 # asymmetric case mixes). Table name -> (method it modifies, --mixup mode).
@@ -84,7 +84,7 @@ METHODS += list(METRIX)
 # 0.03, k 256), and "csd t0.03" the same without the label term;
 # "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
 # method with the global-local attention module (all four parts) between the student's backbone and its head.
-# NormSoftmax (SPEC §8): "normsoftmax" classifies the student's vectors by the teacher's class means (frozen;
+# NormSoftmax (docs/REFERENCE.md §8): "normsoftmax" classifies the student by the teacher's class means (frozen;
 # asymmetric), "normsoftmax trained" by proxies NormSoftmax fitted to the teacher's cached vectors (frozen;
 # asymmetric), "normsoftmax learned" is the paper's symmetric recipe (learned proxies, LayerNorm head, never the
 # teacher); both with class-balanced batches of 4 classes x 2 images (batch 8) and one warm-up epoch that trains
