@@ -206,7 +206,7 @@ class TrainConfig:
 # fitted by local Procrustes; without mirrored images, which add nothing on the synthetic set), then CSD with
 # the label-refined target (half the target's mass on the query's landmark, the rest the teacher's distribution
 # over its 256 nearest training images) and a sharp student temperature, 3 epochs of 400 images (the
-# measurements behind this recipe: README, "The student's start" and "The demo's recipe").
+# measurements behind this recipe: docs/TRAINING.md, "The student's start", docs/RESULTS.md, "The demo's recipe").
 PRESETS: dict[str, dict[str, Any]] = {
     "aml": {},
     "demo": dict(
