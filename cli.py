@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aml.cli import main
+from aml.cli import cli, main  # noqa: F401  (the click group too, for whoever loads this file)
 
 if __name__ == "__main__":
     main()
