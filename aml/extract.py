@@ -1,7 +1,7 @@
 """The one extraction path: image list -> (N, D) L2-normalised float32 descriptors, in input order.
 
 Images are batched only with images of the same size (so a batch gives exactly the vectors of batch-size-1
-extraction); multi-scale and Lw whitening follow SPEC §3 / cirtorch. Two backends run the network
+extraction); multi-scale and Lw whitening follow docs/REFERENCE.md §3 / cirtorch. Two backends run the network
 (`ExtractSettings.backend`, resolved by `choose_backend`): torch (images decoded by DataLoader workers), or
 onnxruntime on the CPU (`aml.ort_backend`: the model's cached fp32 ONNX graph; each of `ort_threads()` threads
 decodes a batch and runs it, so decoding overlaps inference without more threads than the budget).

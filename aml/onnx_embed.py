@@ -1,7 +1,7 @@
 """Embedding with an exported ONNX encoder on onnxruntime alone: no torch anywhere on this path.
 
 Images load through `aml.data.images` (torch-free: PIL RGB, crop to bbx, Lanczos thumbnail to the longest
-side, never upscaling), the loader the torch path uses too. Multi-scale (SPEC §3) rescales the normalised
+side, never upscaling), the loader the torch path uses too. Multi-scale (docs/REFERENCE.md §3) rescales the normalised
 batch with a one-node ONNX `Resize` graph (linear, half_pixel, no antialias, scale given) — the ONNX
 spelling of torch's
 `interpolate(scale_factor=s, mode="bilinear", align_corners=False)` — and combines the per-scale vectors as

@@ -1,4 +1,4 @@
-"""Learned whitening (cirtorch's Lw, SPEC §3) in one place: x -> l2n(P (x - m)), as cirtorch `whitenapply`.
+"""Learned whitening (cirtorch's Lw, docs/REFERENCE.md §2) in one place: x -> l2n(P (x - m)), as cirtorch `whitenapply`.
 
 An `Lw` is a frozen value: the mean `m` (D,), the projection `P` (d, D), where it came from (`source`), its
 dataset key and its variant ('ss' single-scale, 'ms' multi-scale). It is found in a network's `meta['Lw']`
@@ -198,7 +198,7 @@ def _by_eigenvalue(y: np.ndarray) -> np.ndarray:
 def learn_lw(
     x: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, *, source: str, key: str = "custom", variant: str = "ss"
 ) -> Lw:
-    """cirtorch `whitenlearn` (Radenović et al., SPEC §2) on (N, D) rows `x` and matching pairs (qidxs, pidxs):
+    """cirtorch `whitenlearn` (docs/REFERENCE.md §2) on (N, D) rows `x` and matching pairs (qidxs, pidxs):
 
         m = mean_i x[q_i];  S = 1/n sum_i (x[q_i] - x[p_i])(x[q_i] - x[p_i])^T;  P1 = chol(S)^-1
         E = eigenvectors of P1 (X - m)(X - m)^T P1^T, by decreasing eigenvalue;  P = E^T P1

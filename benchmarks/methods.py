@@ -6,14 +6,14 @@ offline), every method trains with the same data, epochs, tuples per epoch, imag
 (bundled ImageNet weights). Each run is evaluated at the end: the student's queries against the teacher's
 database (asymmetric) and against its own (symmetric). The int8 ONNX export of chosen lite0 students is
 evaluated next to its fp32 student. Writes, per dataset, `benchmarks/results/methods-<dataset>.md`, `.json`
-and `.png`; `--readme` copies the tables into README.md's Results section.
+and `.png`; `--readme` copies the tables into docs/RESULTS.md.
 
 Runs are resumable: each finished run leaves `result.json` in its run folder and is skipped next time; an
 interrupted run continues from its last checkpoint.
 
     .venv/bin/python benchmarks/methods.py                      # everything (about 1.3 h on 2 CPU cores)
     .venv/bin/python benchmarks/methods.py --datasets ukbench --students lite0 --seeds 0
-    .venv/bin/python benchmarks/methods.py --report-only --readme   # rewrite results files and README
+    .venv/bin/python benchmarks/methods.py --report-only --readme   # rewrite results files and docs/RESULTS.md
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ METHODS = [
     "normsoftmax trained",
     "normsoftmax learned",
 ]
-# Metrix (issue 14, SPEC §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
+# Metrix (issue 14, docs/REFERENCE.md §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
 # positive-negative pairs. `metrix-emb` mixes embeddings (asymmetric: the teacher's cached vectors, no extra
 # forward; sym: the student's); contr+ also mixes inputs and feature maps (aml/train/mixup.py says what the
 # asymmetric case mixes). Table name -> (method it modifies, --mixup mode).
@@ -84,7 +84,7 @@ METHODS += list(METRIX)
 # 0.03, k 256), and "csd t0.03" the same without the label term;
 # "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
 # method with the global-local attention module (all four parts) between the student's backbone and its head.
-# NormSoftmax (SPEC §8): "normsoftmax" classifies the student's vectors by the teacher's class means (frozen;
+# NormSoftmax (docs/REFERENCE.md §8): "normsoftmax" classifies the student by the teacher's class means (frozen;
 # asymmetric), "normsoftmax trained" by proxies NormSoftmax fitted to the teacher's cached vectors (frozen;
 # asymmetric), "normsoftmax learned" is the paper's symmetric recipe (learned proxies, LayerNorm head, never the
 # teacher); both with class-balanced batches of 4 classes x 2 images (batch 8) and one warm-up epoch that trains
@@ -544,8 +544,8 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(datasets: list[str]) -> None:
-    """Replace README.md's generated Results block with the results files' tables (no hand-typed numbers)."""
-    readme = REPO / "README.md"
+    """Replace docs/RESULTS.md's generated block with the results files' tables (no hand-typed numbers)."""
+    readme = REPO / "docs" / "RESULTS.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme}: no '{README_START}' ... '{README_END}' block to fill")
@@ -553,7 +553,7 @@ def update_readme(datasets: list[str]) -> None:
     for d in datasets:
         md = RESULTS / f"methods-{d}.md"
         if md.is_file():
-            parts.append(md.read_text().strip() + f"\n\n![{d} methods chart](benchmarks/results/methods-{d}.png)")
+            parts.append(md.read_text().strip() + f"\n\n![{d} methods chart](../benchmarks/results/methods-{d}.png)")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     with atomic_write(readme) as f:
@@ -569,7 +569,7 @@ def main() -> None:
     ap.add_argument("--seeds", help="Comma-separated seeds for every student (default: lite0 0,1,2; mobilenetv2 0).")
     ap.add_argument("--work", default=str(REPO / "runs" / "methods"), help="Run folders (resumable).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
-    ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md.")
+    ap.add_argument("--readme", action="store_true", help="Copy the results tables into docs/RESULTS.md.")
     ap.add_argument("--threads", type=int, help=HELP)
     args = ap.parse_args()
     keep_freed_memory()

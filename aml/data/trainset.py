@@ -28,7 +28,7 @@ def _int64_vector(x: object) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class TrainSet:
     """Training images (`paths`), one cluster id per image (images of one landmark / object share it) and
-    parallel `qidxs` / `pidxs`: query / positive image indices (SPEC §4). Images are indexed by position."""
+    parallel `qidxs` / `pidxs`: query / positive indices (docs/REFERENCE.md §4). Images are indexed by position."""
 
     paths: list[str]
     cluster: np.ndarray
