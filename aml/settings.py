@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aml.errors import UserError
 
+IMAGE_SIZE = 362  # longest image side of training and export when neither the user nor the checkpoint names one
 MULTISCALE = (1.0, 2**-0.5, 0.5)  # cirtorch's multi-scale setting (`--multiscale` given alone)
 BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
 # Images per forward on the CPU. Measured (2 cores, 362 px, channels_last, aml.allocator on), images/s at
