@@ -47,8 +47,9 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
 @click.option(
     "--binary",
     is_flag=True,
-    help="Declare binary output in the sidecar: `aml embed` then writes packed sign bits (bit = value > 0); "
-    "the graph stays float (asymmetric search against a binary index keeps float queries).",
+    help="Mark the encoder's output as binary codes: only the sidecar changes (output.binary; default name gets "
+    "-b); the graph still outputs float vectors, and `aml embed` with this model writes packed sign bits "
+    "(bit = value > 0, uint8 (N, D/8)) instead of float32 rows.",
 )
 @click.option(
     "--calib-count",
