@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aml.errors import UserError
+from aml.io import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -120,8 +121,6 @@ class Lw:
     def save(self, path: str | os.PathLike, *more: Lw) -> Path:
         """Atomically write this Lw (and `more`) as a whitening file: {'Lw': {key: {variant: {'m', 'P'}}}}."""
         import torch
-
-        from aml.io import atomic_path
 
         tree: dict[str, dict[str, dict[str, Any]]] = {}
         for lw in (self, *more):

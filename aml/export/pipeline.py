@@ -12,7 +12,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,23 @@ import torch
 import aml
 from aml.cache import DEFAULT_DTYPE
 from aml.data.images import load_image, to_array
+from aml.data.revisitop import load_revisitop
+from aml.data.spec import parse_data_spec
 from aml.errors import UserError
-from aml.export import verify
+from aml.export import quant_report, verify
 from aml.export.encoder import export_encoder, reference_encoder
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
+from aml.export.quantize import Int8Recipe, quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
-from aml.io import atomic_path, sha256_file
+from aml.identity import check_compatible
+from aml.io import aml_home, atomic_path, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.probe import probe_batch
+from aml.registry import create_model, read_torch_file
 from aml.settings import IMAGE_SIZE, ExtractSettings
 from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, binary_output, write_sidecar
+from aml.teacher_vectors import TeacherVectors
 from aml.whiten import Lw, teacher_lw
 
 
@@ -67,8 +73,6 @@ def _teacher_meta(identity: Mapping[str, Any] | None, where: str) -> Callable[[]
     label = (identity or {}).get("weights")
 
     def meta() -> Mapping[str, Any]:
-        from aml.registry import read_torch_file
-
         if not label or not os.path.isfile(str(label)):
             raise UserError(
                 f"{where}: --whiten needs the teacher's learned whitening, but "
@@ -97,17 +101,11 @@ def default_verify_data(
 ) -> VerifyData:
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
     split) and the teacher's database vectors for it, from the teacher feature cache (extracted once)."""
-    from aml.data.revisitop import load_revisitop
-    from aml.identity import check_compatible
-    from aml.io import aml_home
-    from aml.teacher_vectors import TeacherVectors
 
     if verify_data is not None:
         root = Path(verify_data)
         ds = load_revisitop(root.parent, root.name)
     else:
-        from aml.data.spec import parse_data_spec
-
         if "data" not in config:
             raise UserError(
                 f"{where}: no training config to find a test set in; pass --verify-data DIR/NAME "
@@ -182,8 +180,6 @@ def _calibration_images(config: Mapping[str, Any], calib_images: Sequence[str] |
         return calib_images
     if "data" not in config:
         raise UserError(f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt")
-    from aml.data.spec import parse_data_spec
-
     return parse_data_spec(config["data"]).train.paths
 
 
@@ -204,8 +200,6 @@ def _export_graph(
     fp32_path = tmp / "fp32.onnx" if precision == "int8" else model
     export_onnx(module, fp32_path, example)
     if precision == "int8":
-        from aml.export.quantize import quantize_int8
-
         quantize_int8(fp32_path, model, calibration())
     check_onnx(model)
     return model, ort_runner(model)
@@ -214,11 +208,6 @@ def _export_graph(
 def _int8_report(fp32: Path, model: Path, size: int, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     """What the int8 graph buys: its int8 / float kernels as onnxruntime runs them and, with `runs` > 0, the
     paired fp32 / int8 latency at `size` and the precision recommended from it."""
-    from dataclasses import asdict
-
-    from aml.export import quant_report
-    from aml.export.quantize import Int8Recipe
-
     kernels = quant_report.kernel_counts(model)
     total = quant_report.kernel_counts(fp32)["float_conv"]
     recipe = asdict(Int8Recipe())
@@ -331,8 +320,6 @@ class _Student:
 
     @classmethod
     def read(cls, checkpoint: str | os.PathLike) -> _Student:
-        from aml.registry import create_model, read_torch_file
-
         path = Path(checkpoint)
         ckpt = read_torch_file(path)
         ckpt = ckpt if isinstance(ckpt, Mapping) else {}
