@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -32,7 +31,7 @@ from aml.export.onnx_export import OPSET, check_onnx, export_onnx
 from aml.export.quantize import Int8Recipe, quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
 from aml.identity import check_compatible
-from aml.io import aml_home, atomic_path, sha256_file
+from aml.io import aml_home, atomic_path, scratch_dir, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.probe import probe_batch
@@ -363,17 +362,17 @@ def export_checkpoint(
     reference = reference_encoder(net, lw)
     module, swaps = export_encoder(net, lw, "fp32" if st.precision == "int8" else st.precision)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with scratch_dir(out) as tmp:
         log(
             f"exporting {student.info.get('name')} ({st.fmt}, {st.precision}) traced at {size}x{size}; "
             f"export-friendly swaps: {swaps or 'none needed'}"
         )
         example = torch.from_numpy(probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
         calibration = partial(_calibration, st, student, size, log)
-        tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, Path(tmp), calibration)
+        tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
         int8 = None
         if st.precision == "int8":
-            int8 = _int8_report(Path(tmp) / "fp32.onnx", tmp_model, size, st.latency_runs, log)
+            int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log)
         results = _verification(st, student, reference, runner, size, lw, verify_data_fn or default_verify_data, log)
         info = _sidecar_info(st, student, out, reference, lw, size, swaps, results)
         if int8 is not None:

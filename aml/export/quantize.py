@@ -29,10 +29,8 @@ ones the encoder will embed.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -47,6 +45,7 @@ from onnxruntime.quantization import (
 )
 
 from aml.export.onnx_export import INPUT
+from aml.io import scratch_dir
 
 # The operator types quantised inside the backbone (onnxruntime fuses each with its Q / DQ neighbours).
 QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "Pad", "Slice")
@@ -204,8 +203,8 @@ def quantize_int8(
     head float32) calibrated on `batches`."""
     if recipe.activations not in ("uint8", "int8"):
         raise ValueError(f"activations {recipe.activations!r}; expected 'uint8' or 'int8'")
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
-        prepped, quantized = Path(tmp) / "prepped.onnx", Path(tmp) / "quantized.onnx"
+    with scratch_dir(out_path) as tmp:
+        prepped, quantized = tmp / "prepped.onnx", tmp / "quantized.onnx"
         # shape inference + graph optimisation first, as onnxruntime recommends before static quantisation
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         model = onnx.load(str(prepped))
