@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -176,16 +177,16 @@ def extract(
     images = _Images(paths, settings.image_size, bbxs, model.mean, model.std)
     was_training = model.training
     model.eval().to(dev, memory_format=MEMORY_FORMAT)
-    bar = progress_bar(n, "extract", "img", enabled=settings.progress)
+    job = _Job(images, batches, settings.scales, lw, out, progress_bar(n, "extract", "img", enabled=settings.progress))
     try:
         fwd, threads = _ort_forward(model, settings, len(batches)) if backend == "onnxruntime" else (None, 0)
         if fwd is not None:
-            _run_ort(fwd, images, batches, settings.scales, lw, out, bar, threads)
+            _run_ort(fwd, job, threads)
         else:
             workers = auto_workers(n, batch_size, dev) if settings.workers is None else settings.workers
-            _run_torch(model, images, batches, settings.scales, lw, out, bar, workers, dev)
+            _run_torch(model, job, workers, dev)
     finally:
-        bar.close()
+        job.bar.close()
         model.train(was_training)
     return out
 
@@ -209,53 +210,46 @@ def _ort_forward(
     return ort_backend.ort_forward(model, threads=budget // workers, required=required, log=settings.progress), workers
 
 
-def _run_torch(
-    model: nn.Module,
-    images: _Images,
-    batches: list[np.ndarray],
-    scales: Sequence[float],
-    lw: Lw | None,
-    out: np.ndarray,
-    bar: tqdm,
-    workers: int,
-    dev: torch.device,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """One extraction for a backend to run: the images, their same-size batches, the scales, the Lw, the output
+    rows and the progress bar."""
+
+    images: _Images
+    batches: list[np.ndarray]
+    scales: tuple[float, ...]
+    lw: Lw | None
+    out: np.ndarray
+    bar: tqdm
+
+    def vectors(self, v: torch.Tensor) -> np.ndarray:
+        """A batch's combined vectors as float32 numpy rows, whitened by the Lw if any."""
+        return (self.lw.apply_torch(v) if self.lw is not None else v).float().cpu().numpy()
+
+
+def _run_torch(model: nn.Module, job: _Job, workers: int, dev: torch.device) -> None:
     """The torch backend: DataLoader workers decode, the model runs each same-size batch on `dev`."""
     loader = torch.utils.data.DataLoader(
-        images, batch_sampler=batches, num_workers=workers, collate_fn=_keep, pin_memory=dev.type == "cuda"
+        job.images, batch_sampler=job.batches, num_workers=workers, collate_fn=_keep, pin_memory=dev.type == "cuda"
     )
     with torch.inference_mode():
         for items in loader:
             for idx, x in torch_groups(items):
-                v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT), scales)
-                if lw is not None:
-                    v = lw.apply_torch(v)
-                out[idx] = v.float().cpu().numpy()
-            bar.update(len(items))
+                v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT), job.scales)
+                job.out[idx] = job.vectors(v)
+            job.bar.update(len(items))
 
 
-def _run_ort(
-    fwd: ort_backend.OrtForward,
-    images: _Images,
-    batches: list[np.ndarray],
-    scales: Sequence[float],
-    lw: Lw | None,
-    out: np.ndarray,
-    bar: tqdm,
-    workers: int,
-) -> None:
+def _run_ort(fwd: ort_backend.OrtForward, job: _Job, workers: int) -> None:
     """The onnxruntime backend: each of `workers` threads decodes a batch and runs it (both release the GIL)."""
 
     def run(batch: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
         with torch.inference_mode():  # thread-local: entered in the worker
-            done = []
-            for idx, x in torch_groups([images[int(i)] for i in batch]):
-                v = embed(fwd, x, scales)
-                done.append((idx, (lw.apply_torch(v) if lw is not None else v).float().numpy()))
-            return done
+            groups = torch_groups([job.images[int(i)] for i in batch])
+            return [(idx, job.vectors(embed(fwd, x, job.scales))) for idx, x in groups]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done in pool.map(run, batches):
+        for done in pool.map(run, job.batches):
             for idx, v in done:
-                out[idx] = v
-                bar.update(len(idx))
+                job.out[idx] = v
+                job.bar.update(len(idx))

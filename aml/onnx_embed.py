@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_array
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 from aml.io import sha256_file
 from aml.ort_session import session
 from aml.sidecar import read_sidecar, sidecar_path
@@ -146,7 +146,7 @@ class OnnxEncoder:
         try:
             self.sess = session(path, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from e
+            raise UserError(f"{path}: onnxruntime cannot load it ({first_line(e)}); re-export the model") from e
         self.input = self.sess.get_inputs()[0].name
 
     @property
