@@ -9,9 +9,10 @@ Every session is checked against the torch model on a probe batch before use (ma
 L2-normalised vectors): a cached file that does not load or does not match is exported again.
 
 Imports: the bottom layer (`aml.net`, `aml.probe`, `aml.threads`, `aml.io`, `aml.errors`) at the top; the
-exporter (`aml.export.encoder`, `aml.export.onnx_export`, which import only the bottom layer) and
-`aml.ort_session` where a graph is written or loaded, because onnx and onnxruntime are the optional `export`
-extra (`available` checks for onnxruntime without importing it). There is one exporter, not two.
+graph writers (`aml.export.encoder`, `aml.export.onnx_export`: the middle-layer part of the export package, which
+imports only the bottom layer) and `aml.ort_session` where a graph is named, written or loaded, because onnx and
+onnxruntime are the optional `export` extra (`available` checks for onnxruntime without importing it). There is
+one exporter, not two.
 """
 
 from __future__ import annotations
