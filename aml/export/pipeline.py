@@ -37,7 +37,7 @@ from aml.onnx_embed import embed_images, l2n, session
 from aml.probe import probe_batch
 from aml.registry import create_model, read_torch_file
 from aml.settings import IMAGE_SIZE, ExtractSettings
-from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, binary_output, write_sidecar
+from aml.sidecar import CALIB_COUNT, FORMATS, INPUT, LATENCY_RUNS, OUTPUT, PRECISIONS, binary_output, write_sidecar
 from aml.teacher_vectors import TeacherVectors
 from aml.whiten import Lw, teacher_lw
 
@@ -246,12 +246,12 @@ def _sidecar_info(
         "mean": net.mean,
         "std": net.std,
         "input": {
-            "name": "images",
+            "name": INPUT,
             "layout": "NCHW RGB",
             "dtype": "float32",
             "dynamic": ["batch", "height", "width"],
         },
-        "output": {"name": "vectors", "dtype": "float32", "l2_normalised": True},
+        "output": {"name": OUTPUT, "dtype": "float32", "l2_normalised": True},
         "image_size": size,
         "dim": int(reference.lw.out_features if lw is not None else net.dim),
         "msp": 1.0 if lw is not None else float(net.msp),

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from aml.export.onnx_export import INPUT
 from aml.ort_session import session
-from aml.sidecar import LATENCY_RUNS, MAX_INT8_RATIO
+from aml.sidecar import INPUT, LATENCY_RUNS, MAX_INT8_RATIO
 
 INT8_CONVS = ("QLinearConv", "ConvInteger")  # onnxruntime's int8 convolution kernels (any domain)
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # float ones (incl. com.microsoft.nchwc.Conv)

@@ -44,8 +44,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from aml.export.onnx_export import INPUT
 from aml.io import scratch_dir
+from aml.sidecar import INPUT
 
 # The operator types quantised inside the backbone (onnxruntime fuses each with its Q / DQ neighbours).
 QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "Pad", "Slice")
