@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
+from aml.io import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +104,7 @@ class Lw:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise UserError(f"{p}: not a readable whitening file ({type(e).__name__}); rewrite it with Lw.save") from e
+            raise UserError(f"{p}: not a readable whitening file ({first_line(e)}); rewrite it with Lw.save") from e
         return cls.from_meta(obj if isinstance(obj, Mapping) else {}, multiscale, dataset, where=str(p))
 
     @classmethod
@@ -120,8 +121,6 @@ class Lw:
     def save(self, path: str | os.PathLike, *more: Lw) -> Path:
         """Atomically write this Lw (and `more`) as a whitening file: {'Lw': {key: {variant: {'m', 'P'}}}}."""
         import torch
-
-        from aml.io import atomic_path
 
         tree: dict[str, dict[str, dict[str, Any]]] = {}
         for lw in (self, *more):

@@ -238,7 +238,7 @@ def chance_map(ds) -> dict[str, float]:
 
 def export_one(result: dict[str, Any]) -> dict[str, Any]:
     """fp32 student vs its int8 ONNX export: asymmetric mAP on the test set (gate recorded, not enforced)."""
-    from aml.export.pipeline import export_checkpoint
+    from aml.export.pipeline import ExportSettings, export_checkpoint
     from aml.export.verify import MAP_TOLERANCE
 
     run_dir = Path(result["checkpoint"]).parent
@@ -246,9 +246,8 @@ def export_one(result: dict[str, Any]) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    info = export_checkpoint(
-        result["checkpoint"], precision="int8", out=run_dir / "student-int8.onnx", map_tolerance=float("inf")
-    )
+    settings = ExportSettings(precision="int8", map_tolerance=float("inf"))
+    info = export_checkpoint(result["checkpoint"], settings, out=run_dir / "student-int8.onnx")
     rt = info["verification"]["retrieval"]
     out = {
         "method": result["method"],

@@ -11,7 +11,7 @@ from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
 from aml.glam import parse_parts
 from aml.losses import LOSSES, PAIR_BASED
-from aml.settings import check_device
+from aml.settings import IMAGE_SIZE, check_device
 from aml.train.head_init import HEAD_INITS
 from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
@@ -111,7 +111,7 @@ class TrainConfig:
     per_class: int = 2
     warmup_epochs: int = -1
     head_norm: str = "auto"
-    image_size: int = 362
+    image_size: int = IMAGE_SIZE
     test_image_size: int = 0  # 0: same as image_size
     cache_dtype: str = DEFAULT_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
     eval_every: int = 1  # epochs between quick test-set evaluations (0: never)
