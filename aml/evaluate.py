@@ -1,5 +1,5 @@
 """Revisited Oxford / Paris evaluation: features -> search -> mAP / mP@k, and the teacher / student /
-asymmetric protocol of AML (SPEC §6) on top of extraction and the teacher feature cache.
+asymmetric protocol of AML (docs/REFERENCE.md §6) on top of extraction and the teacher feature cache.
 
 Ranking depth (`topk`): by default the whole database when it has at most 100,000 images (exact mAP), else the
 top 10,000. A truncated ranking drops the positives ranked below it: they still count in each query's number

@@ -1,7 +1,7 @@
 """The one extraction path: image list -> (N, D) L2-normalised float32 descriptors, in input order.
 
 Images are batched only with images of the same size (so a batch gives exactly the vectors of batch-size-1
-extraction); multi-scale and Lw whitening follow SPEC §3 / cirtorch. Two backends run the network
+extraction); multi-scale and Lw whitening follow docs/REFERENCE.md §3 / cirtorch. Two backends run the network
 (`ExtractSettings.backend`, resolved by `choose_backend`): torch (images decoded by DataLoader workers), or
 onnxruntime on the CPU (`aml.ort_backend`: the model's cached fp32 ONNX graph; each of `ort_threads()` threads
 decodes a batch and runs it, so decoding overlaps inference without more threads than the budget).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from aml import ort_backend
 from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_size, same_shape_groups, to_array
 from aml.errors import UserError
 from aml.nn import l2n, rescale
@@ -30,7 +32,7 @@ from aml.whiten import Lw
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from aml.ort_backend import OrtForward
+MEMORY_FORMAT = torch.channels_last  # the faster layout for these networks' convolutions, on the CPU and on a GPU
 
 __all__ = [
     "MULTISCALE",
@@ -69,9 +71,9 @@ def torch_groups(items: Iterable[tuple[int, torch.Tensor]]) -> list[tuple[list[i
 
 
 def auto_workers(n: int, batch_size: int, device: torch.device | None = None) -> int:
-    """Decoding processes: none for a handful of images, none on a CPU of up to 4 cores (the network
-    already uses every core: lite2 on 2 cores, 100 UKBench images, 1 worker 29.0 vs none 44.2 images/s),
-    else up to 8 leaving one core to the main process."""
+    """Decoding processes: none for a handful of images, none on a CPU of up to 4 cores (the network already
+    uses every core there, and a decoding process only takes cores from it), else up to 8 leaving one core to
+    the main process."""
     cores = available_cores()
     if n <= batch_size or (device is not None and device.type == "cpu" and cores <= 4):
         return 0
@@ -81,8 +83,6 @@ def auto_workers(n: int, batch_size: int, device: torch.device | None = None) ->
 def choose_backend(settings: ExtractSettings, n: int, device: torch.device | None = None) -> str:
     """The backend an extraction of `n` images runs on: `settings.backend`, with auto resolved to onnxruntime on
     the CPU for at least ORT_MIN_IMAGES images when onnxruntime is installed, else torch."""
-    from aml import ort_backend
-
     dev = resolve_device(settings.device) if device is None else device
     if settings.backend == "onnxruntime":
         if dev.type != "cpu":
@@ -162,102 +162,94 @@ def extract(
     mode is restored afterwards). `list_size`: the length of the whole list when this call extracts a chunk
     of it (the teacher cache), so that auto picks one backend for the list (default: len(paths)).
     """
-    image_size, scales, batch_size = settings.image_size, settings.scales, settings.batch_size
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
     check_bbxs(bbxs, n)
     dev = resolve_device(settings.device)
     backend = choose_backend(settings, n if list_size is None else list_size, dev)
-    dim = int(model.dim)
     if lw is not None:
-        lw.check(dim)
-    out = np.empty((n, dim if lw is None else lw.dim), dtype=np.float32)  # an Lw may reduce the dimension
+        lw.check(int(model.dim))
+    out = np.empty((n, int(model.dim) if lw is None else lw.dim), dtype=np.float32)  # an Lw may reduce the dim
     if n == 0:
         return out
-    with ThreadPoolExecutor(max_workers=min(8, intra_op_threads())) as pool:
-        full = list(pool.map(header_size, paths))
-    boxes = bbxs if bbxs is not None else [None] * n
-    sizes = [loaded_size(w, h, image_size, b) for (w, h), b in zip(full, boxes, strict=True)]
-    if dev.type == "cpu":
-        batch_size = min(batch_size, CPU_BATCH)
-    batches = size_batches(np.asarray(sizes), batch_size)
-    images = _Images(paths, image_size, bbxs, model.mean, model.std)
-    fmt = torch.channels_last  # faster on both: CPU 2.9x at batch 1 for lite2 (8.8 -> 25.7 images/s)
+    batch_size = min(settings.batch_size, CPU_BATCH) if dev.type == "cpu" else settings.batch_size
+    batches = size_batches(loaded_sizes(paths, bbxs, settings.image_size), batch_size)
+    images = _Images(paths, settings.image_size, bbxs, model.mean, model.std)
     was_training = model.training
-    model.eval().to(dev, memory_format=fmt)
-    bar = progress_bar(n, "extract", "img", enabled=settings.progress)
+    model.eval().to(dev, memory_format=MEMORY_FORMAT)
+    job = _Job(images, batches, settings.scales, lw, out, progress_bar(n, "extract", "img", enabled=settings.progress))
     try:
         fwd, threads = _ort_forward(model, settings, len(batches)) if backend == "onnxruntime" else (None, 0)
         if fwd is not None:
-            _run_ort(fwd, images, batches, scales, lw, out, bar, threads)
+            _run_ort(fwd, job, threads)
         else:
             workers = auto_workers(n, batch_size, dev) if settings.workers is None else settings.workers
-            _run_torch(model, images, batches, scales, lw, out, bar, workers, dev, fmt)
+            _run_torch(model, job, workers, dev)
     finally:
-        bar.close()
+        job.bar.close()
         model.train(was_training)
     return out
 
 
-def _ort_forward(model: nn.Module, settings: ExtractSettings, n_batches: int) -> tuple[OrtForward | None, int]:
+def loaded_sizes(paths: Sequence[str], bbxs: Sequence[Bbx] | None, image_size: int) -> np.ndarray:
+    """(N, 2) (w, h) of each image as `load_image` will return it, read from the file headers only (threads)."""
+    with ThreadPoolExecutor(max_workers=min(8, intra_op_threads())) as pool:
+        full = list(pool.map(header_size, paths))
+    boxes = bbxs if bbxs is not None else [None] * len(paths)
+    return np.asarray([loaded_size(w, h, image_size, b) for (w, h), b in zip(full, boxes, strict=True)])
+
+
+def _ort_forward(
+    model: nn.Module, settings: ExtractSettings, n_batches: int
+) -> tuple[ort_backend.OrtForward | None, int]:
     """(onnxruntime forward or None: torch, calling threads): the thread budget goes to parallel batches first,
     what is left to each run's intra-op threads."""
-    from aml.ort_backend import ort_forward, ort_threads
-
-    budget = ort_threads()
+    budget = ort_backend.ort_threads()
     workers = max(1, min(budget, n_batches))
     required = settings.backend == "onnxruntime"
-    return ort_forward(model, threads=budget // workers, required=required, log=settings.progress), workers
+    return ort_backend.ort_forward(model, threads=budget // workers, required=required, log=settings.progress), workers
 
 
-def _run_torch(
-    model: nn.Module,
-    images: _Images,
-    batches: list[np.ndarray],
-    scales: Sequence[float],
-    lw: Lw | None,
-    out: np.ndarray,
-    bar: tqdm,
-    workers: int,
-    dev: torch.device,
-    fmt: torch.memory_format,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """One extraction for a backend to run: the images, their same-size batches, the scales, the Lw, the output
+    rows and the progress bar."""
+
+    images: _Images
+    batches: list[np.ndarray]
+    scales: tuple[float, ...]
+    lw: Lw | None
+    out: np.ndarray
+    bar: tqdm
+
+    def vectors(self, v: torch.Tensor) -> np.ndarray:
+        """A batch's combined vectors as float32 numpy rows, whitened by the Lw if any."""
+        return (self.lw.apply_torch(v) if self.lw is not None else v).float().cpu().numpy()
+
+
+def _run_torch(model: nn.Module, job: _Job, workers: int, dev: torch.device) -> None:
     """The torch backend: DataLoader workers decode, the model runs each same-size batch on `dev`."""
     loader = torch.utils.data.DataLoader(
-        images, batch_sampler=batches, num_workers=workers, collate_fn=_keep, pin_memory=dev.type == "cuda"
+        job.images, batch_sampler=job.batches, num_workers=workers, collate_fn=_keep, pin_memory=dev.type == "cuda"
     )
     with torch.inference_mode():
         for items in loader:
             for idx, x in torch_groups(items):
-                v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=fmt), scales)
-                if lw is not None:
-                    v = lw.apply_torch(v)
-                out[idx] = v.float().cpu().numpy()
-            bar.update(len(items))
+                v = embed(model, x.to(dev, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT), job.scales)
+                job.out[idx] = job.vectors(v)
+            job.bar.update(len(items))
 
 
-def _run_ort(
-    fwd: OrtForward,
-    images: _Images,
-    batches: list[np.ndarray],
-    scales: Sequence[float],
-    lw: Lw | None,
-    out: np.ndarray,
-    bar: tqdm,
-    workers: int,
-) -> None:
+def _run_ort(fwd: ort_backend.OrtForward, job: _Job, workers: int) -> None:
     """The onnxruntime backend: each of `workers` threads decodes a batch and runs it (both release the GIL)."""
 
     def run(batch: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
         with torch.inference_mode():  # thread-local: entered in the worker
-            done = []
-            for idx, x in torch_groups([images[int(i)] for i in batch]):
-                v = embed(fwd, x, scales)
-                done.append((idx, (lw.apply_torch(v) if lw is not None else v).float().numpy()))
-            return done
+            groups = torch_groups([job.images[int(i)] for i in batch])
+            return [(idx, job.vectors(embed(fwd, x, job.scales))) for idx, x in groups]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done in pool.map(run, batches):
+        for done in pool.map(run, job.batches):
             for idx, v in done:
-                out[idx] = v
-                bar.update(len(idx))
+                job.out[idx] = v
+                job.bar.update(len(idx))

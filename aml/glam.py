@@ -1,4 +1,4 @@
-"""GLAM: global-local attention on the last feature maps (Song, Han, Avrithis, WACV 2022; SPEC §8).
+"""GLAM: global-local attention on the last feature maps (Song, Han, Avrithis, WACV 2022; docs/REFERENCE.md §8).
 
 F (B, C, h, w) are the backbone's maps. Four attentions, each switchable, in two branches:
 

@@ -98,6 +98,17 @@ def temp_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A `temp_dir` beside `path` for the intermediate files that build it, removed with its contents when the
+    block ends (a killed builder's is removed by the next build of `path`)."""
+    tmp = temp_dir(path)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 

@@ -1,4 +1,4 @@
-"""Epoch tuples (SPEC §4): sample (query, positive) pairs and a pool, then mine hard negatives from the pool.
+"""Epoch tuples (docs/REFERENCE.md §4): sample (query, positive) pairs and a pool, then mine hard negatives from it.
 
 The cirtorch rule, for each query: walk down its ranking of the pool (descending score), skip images of the
 query's own cluster and images whose cluster was already taken for this query, stop after `neg_num`.

@@ -39,13 +39,13 @@ def default_meta(architecture: str, outputdim: int, whitening: bool = False) -> 
 # Student heads: "aml" is the AML paper's Conv1x1 (no bias) -> ReLU before GeM; "linear" pools first, then maps
 # the L2-normalised GeM vector with a Linear D_s -> D_t (no bias) and L2-normalises again.
 HEADS = ("aml", "linear")
-# The embedding's optional normalisation before its last L2N (NormSoftmax, SPEC §8): a LayerNorm without affine
+# The embedding's optional norm before its last L2N (NormSoftmax, docs/REFERENCE.md §8): a LayerNorm without affine
 # parameters (so no state-dict keys; `meta['layernorm']` records it), which centres every vector at zero: its
 # sign bits then split evenly and binarise it (aml.binary).
 
 
 class RetrievalNet(nn.Module):
-    """One L2-normalised global descriptor per image, cirtorch-compatible (SPEC §2)."""
+    """One L2-normalised global descriptor per image, cirtorch-compatible (docs/REFERENCE.md §2)."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Embedding with an exported ONNX encoder on onnxruntime alone: no torch anywhere on this path.
 
 Images load through `aml.data.images` (torch-free: PIL RGB, crop to bbx, Lanczos thumbnail to the longest
-side, never upscaling), the loader the torch path uses too. Multi-scale (SPEC §3) rescales the normalised
+side, never upscaling), the loader the torch path uses too. Multi-scale (docs/REFERENCE.md §3) rescales the normalised
 batch with a one-node ONNX `Resize` graph (linear, half_pixel, no antialias, scale given) — the ONNX
 spelling of torch's
 `interpolate(scale_factor=s, mode="bilinear", align_corners=False)` — and combines the per-scale vectors as
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_array
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 from aml.io import sha256_file
+from aml.ort_session import session
 from aml.sidecar import read_sidecar, sidecar_path
 from aml.threads import intra_op_threads
 
@@ -34,15 +34,6 @@ Runner = Callable[[np.ndarray], np.ndarray]  # normalised (B, 3, H, W) float32 -
 def l2n(x: np.ndarray) -> np.ndarray:
     """Rows divided by (L2 norm + 1e-6), as aml.nn.l2n."""
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
-
-
-def session(model: str | os.PathLike | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session (threads: intra-op threads, None = `aml.threads.intra_op_threads()`)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or intra_op_threads()
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
-    )
 
 
 def resize_graph() -> bytes:
@@ -155,7 +146,7 @@ class OnnxEncoder:
         try:
             self.sess = session(path, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from e
+            raise UserError(f"{path}: onnxruntime cannot load it ({first_line(e)}); re-export the model") from e
         self.input = self.sess.get_inputs()[0].name
 
     @property

@@ -8,8 +8,11 @@ version), so a teacher is exported once and a student once per epoch (the KEEP m
 Every session is checked against the torch model on a probe batch before use (max |difference| <= PARITY on
 L2-normalised vectors): a cached file that does not load or does not match is exported again.
 
-This middle-layer module imports `aml.export.encoder` / `aml.export.onnx_export` (lazily): those two import only
-the bottom layer (`aml.net`, `aml.nn`, `aml.whiten`, `aml.sidecar`), so there is one exporter, not two.
+Imports: the bottom layer (`aml.net`, `aml.probe`, `aml.threads`, `aml.io`, `aml.errors`) at the top; the
+graph writers (`aml.export.encoder`, `aml.export.onnx_export`: the middle-layer part of the export package, which
+imports only the bottom layer) and `aml.ort_session` where a graph is named, written or loaded, because onnx and
+onnxruntime are the optional `export` extra (`available` checks for onnxruntime without importing it). There is
+one exporter, not two.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 from aml.io import aml_home, atomic_path
+from aml.net import RetrievalNet
+from aml.probe import probe_batch
+from aml.threads import intra_op_threads
 
 PARITY = 1e-5  # largest |difference| to the torch backend's L2-normalised vectors on the probe
 EXPORT_VERSION = 3  # 3: TF "same" padding in the Conv node (static pads, or auto_pad SAME_UPPER); bump on graph changes
@@ -47,15 +53,11 @@ def available() -> bool:
 
 def ort_threads() -> int:
     """The threads onnxruntime extraction may use: the one thread setting (`aml.threads.intra_op_threads`)."""
-    from aml.threads import intra_op_threads
-
     return intra_op_threads()
 
 
 def exportable(model: nn.Module) -> bool:
     """Whether the backend can run `model`: a RetrievalNet with float32 weights on the CPU."""
-    from aml.net import RetrievalNet
-
     if not isinstance(model, RetrievalNet):
         return False
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64) for t in model.state_dict().values())
@@ -95,8 +97,6 @@ class OrtForward:
 
     def difference(self, model: nn.Module) -> float:
         """Largest |difference| to `model`'s vectors (eval mode) on the probe batch."""
-        from aml.export.verify import probe_batch
-
         x = probe_batch(*PROBE, seed=0, batch=1, mean=model.mean, std=model.std)
         was_training = model.training
         try:
@@ -108,22 +108,10 @@ class OrtForward:
         return float(np.abs(got - want).max()) if got.shape == want.shape and np.isfinite(got).all() else float("inf")
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # the calling threads decode images between runs: idle intra-op threads must not spin on the cores meanwhile
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _export(model: nn.Module, path: Path) -> float:
     """Write `model`'s fp32 graph to `path` atomically; returns the seconds it took."""
     from aml.export.encoder import export_encoder
     from aml.export.onnx_export import export_onnx
-    from aml.export.verify import probe_batch
 
     t = time.perf_counter()
     module, _ = export_encoder(model, None, "fp32")
@@ -145,8 +133,16 @@ def _prune(keep: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+def forget() -> None:
+    """Drop this process's sessions: the next `ort_forward` reads the disk cache, as a new process would."""
+    with _lock:
+        _memo.clear()
+
+
+def remembered() -> int:
+    """How many sessions (or refusals) this process holds."""
+    with _lock:
+        return len(_memo)
 
 
 def ort_forward(model: nn.Module, *, threads: int = 1, required: bool = False, log: bool = False) -> OrtForward | None:
@@ -182,6 +178,8 @@ def ort_forward(model: nn.Module, *, threads: int = 1, required: bool = False, l
 
 def _build(model: nn.Module, path: Path, threads: int, log: bool) -> tuple[OrtForward | None, str | None]:
     """(forward, None), or (None, why not): the cached graph if it loads and matches, else a fresh export."""
+    from aml.ort_session import session
+
     why = None
     for fresh in (False, True):
         export_s = None
@@ -189,15 +187,15 @@ def _build(model: nn.Module, path: Path, threads: int, log: bool) -> tuple[OrtFo
             try:
                 export_s = _export(model, path)
             except Exception as e:  # noqa: BLE001 - the exporter raises many types; the reason is reported
-                return None, f"the model does not export to ONNX ({_first_line(e)})"
+                return None, f"the model does not export to ONNX ({first_line(e)})"
             if log:
                 print(f"onnxruntime backend: exported the model in {export_s:.1f} s (once; cached in {path.parent})",
                       file=sys.stderr)  # fmt: skip
         try:
-            fwd = OrtForward(_session(path, threads), model, path, export_s)
+            fwd = OrtForward(session(path, threads), model, path, export_s)
             diff = fwd.difference(model)
         except Exception as e:  # noqa: BLE001 - a corrupt or half-written file: onnxruntime's own exception types
-            why = f"{path} does not load ({_first_line(e)})"
+            why = f"{path} does not load ({first_line(e)})"
         else:
             if diff <= PARITY:
                 _prune(path)

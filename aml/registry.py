@@ -54,7 +54,7 @@ class Entry:
 
 _REGISTRY: dict[str, Entry] = {}
 # Backbone families, one per file, imported in this order: registration order is the listing order within a role.
-_PACKAGES = ("students", "teachers")
+_PACKAGES = ("aml.students", "aml.teachers")
 _loaded = False
 _checked: set[str] = set()  # entries whose built module's output channels were checked against feature_dim
 

@@ -1,6 +1,6 @@
 """Revisited Oxford / Paris scores from rankings: mAP and mP@k for the Easy, Medium and Hard protocols.
 
-Everything follows SPEC §6 (revisitop's `compute_map`), vectorised over queries and ranking positions:
+Everything follows docs/REFERENCE.md §6 (revisitop's `compute_map`), vectorised over queries and ranking positions:
 
 - a ranking is `(Q, K)` database indices, best first; `K` may be smaller than the database (truncated);
 - protocol E: positives easy, ignored junk + hard; M: positives easy + hard, ignored junk;

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 from aml.errors import UserError
 
+IMAGE_SIZE = 362  # longest image side of training and export when neither the user nor the checkpoint names one
 MULTISCALE = (1.0, 2**-0.5, 0.5)  # cirtorch's multi-scale setting (`--multiscale` given alone)
 BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
-# Images per forward on the CPU. Measured (2 cores, 362 px, channels_last, aml.allocator on), images/s at
-# batch 1 / 2 / 4 / 8: lite2 24.8 / 33.1 / 34.2 / 31.0, lite0 35.7 / 41.2 / 44.5 / 40.3; contiguous tensors
-# at batch 32 (the GPU-style setting): lite2 5.7. Larger CPU batches only thrash the caches.
+# Images per forward on the CPU: throughput peaks at a few images; larger CPU batches only thrash the caches.
 CPU_BATCH = 4
 DEVICES = "auto, cpu, cuda or cuda:N"  # what `--device` accepts (resolved by `aml.extract.resolve_device`)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -17,6 +17,7 @@ from aml.io import write_json
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> file suffix
 PRECISIONS = ("fp32", "fp16", "int8")
+INPUT, OUTPUT = "images", "vectors"  # the exported graph's input and output names (the sidecar records them)
 CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list
 LATENCY_RUNS = 7  # paired fp32 / int8 runs an int8 export times (batch 1, its image size, 1 thread)
 MAX_INT8_RATIO = 0.6  # int8 is recommended when it runs in at most this share of the fp32 time

@@ -1,5 +1,9 @@
 """The frozen teacher's vectors of image lists, through the feature cache: one path for training, evaluation
-and export checks. The teacher network is built only when a list is not cached yet, at most once."""
+and export checks. The teacher network is built only when a list is not cached yet, at most once.
+
+`aml.registry` and `aml.extract` (torch) are imported where a network is identified, built or run, so that a
+command that only reads cached lists (`aml evaluate` on vectors, `aml index`) does not import torch.
+"""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ The count is `--threads N` where a command or benchmark takes it, else `$AML_THR
 on (`os.sched_getaffinity`: a container's or `taskset`'s share, not the machine's). `apply_threads` sets it:
 torch's intra-op threads (now if torch is imported, else through `OMP_NUM_THREADS`, which torch and faiss read
 when they load), faiss's OpenMP threads if faiss is imported, and the count every onnxruntime session and
-thread pool of aml takes (`intra_op_threads`). Measured: with one other busy process on a 2-core machine, torch
-at 2 threads ran 25x slower than at 1, so every figure a benchmark prints names this setting (`describe`).
+thread pool of aml takes (`intra_op_threads`). More intra-op threads than free cores slow torch many times over
+(its threads wait on each other while another process holds a core), so every figure a benchmark prints names
+this setting (`describe`).
 """
 
 from __future__ import annotations

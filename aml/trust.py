@@ -159,7 +159,7 @@ def torch_load(path: str | os.PathLike) -> Any:
             # Safe by consent only: reached solely when the user opted in (--trust-pickle / AML_TRUST_PICKLE=1)
             # for a file the weights-only reader refused, after the one-line warning above names the file. Such a
             # file is a pickle that needs globals beyond tensors and numpy arrays: the format forbids a safe load,
-            # and a restricted unpickler allowing the globals it names would still run them (issue 13's opt-in).
+            # and a restricted unpickler allowing the globals it names would still run them.
             return torch.load(path, map_location="cpu", weights_only=False)  # safe: user opt-in, warned above
         except Exception as e:  # noqa: BLE001 - reported as a bad file below
             last, refused = e, None

@@ -1,4 +1,4 @@
-"""Learned whitening (cirtorch's Lw, SPEC §3) in one place: x -> l2n(P (x - m)), as cirtorch `whitenapply`.
+"""Learned whitening (cirtorch's Lw, docs/REFERENCE.md §2) in one place: x -> l2n(P (x - m)), as cirtorch `whitenapply`.
 
 An `Lw` is a frozen value: the mean `m` (D,), the projection `P` (d, D), where it came from (`source`), its
 dataset key and its variant ('ss' single-scale, 'ms' multi-scale). It is found in a network's `meta['Lw']`
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
+from aml.io import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +104,7 @@ class Lw:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise UserError(f"{p}: not a readable whitening file ({type(e).__name__}); rewrite it with Lw.save") from e
+            raise UserError(f"{p}: not a readable whitening file ({first_line(e)}); rewrite it with Lw.save") from e
         return cls.from_meta(obj if isinstance(obj, Mapping) else {}, multiscale, dataset, where=str(p))
 
     @classmethod
@@ -120,8 +121,6 @@ class Lw:
     def save(self, path: str | os.PathLike, *more: Lw) -> Path:
         """Atomically write this Lw (and `more`) as a whitening file: {'Lw': {key: {variant: {'m', 'P'}}}}."""
         import torch
-
-        from aml.io import atomic_path
 
         tree: dict[str, dict[str, dict[str, Any]]] = {}
         for lw in (self, *more):
@@ -198,7 +197,7 @@ def _by_eigenvalue(y: np.ndarray) -> np.ndarray:
 def learn_lw(
     x: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, *, source: str, key: str = "custom", variant: str = "ss"
 ) -> Lw:
-    """cirtorch `whitenlearn` (Radenović et al., SPEC §2) on (N, D) rows `x` and matching pairs (qidxs, pidxs):
+    """cirtorch `whitenlearn` (docs/REFERENCE.md §2) on (N, D) rows `x` and matching pairs (qidxs, pidxs):
 
         m = mean_i x[q_i];  S = 1/n sum_i (x[q_i] - x[p_i])(x[q_i] - x[p_i])^T;  P1 = chol(S)^-1
         E = eigenvectors of P1 (X - m)(X - m)^T P1^T, by decreasing eigenvalue;  P = E^T P1

@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from aml.cli import main as cli_main  # noqa: E402
 from aml.data.synth import SynthConfig, generate_synth  # noqa: E402
 from aml.io import atomic_write  # noqa: E402
 from aml.threads import HELP, benchmark_threads  # noqa: E402
 from aml.trust import load_pickle  # noqa: E402
-from cli import main as cli_main  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SMOKE_HELP = (
@@ -112,9 +112,10 @@ def work_dir(args: argparse.Namespace, default: Path) -> Path:
     return args.work or (scratch() / "runs" if args.smoke else default)
 
 
-def smoke_readme() -> Path:
-    """A smoke run's README.md: a scratch copy of the checkout's, for the scripts that fill a block of it."""
-    return Path(shutil.copy(REPO / "README.md", scratch() / "README.md"))
+def smoke_copy(name: str) -> Path:
+    """A smoke run's copy of the checkout's file `name` (README.md, say) in the scratch folder, for the scripts
+    that fill a block of it."""
+    return Path(shutil.copy(REPO / name, scratch() / Path(name).name))
 
 
 def timed(fn: Callable[[], T], reps: int, warmup: int = 0) -> tuple[float, T]:

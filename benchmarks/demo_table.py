@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import REPO, RESULTS, aml, header, parse, parser, results_path, scratch, smoke_distill, smoke_readme
+from common import REPO, RESULTS, aml, header, parse, parser, results_path, scratch, smoke_copy, smoke_distill
 
 from aml.io import atomic_write
 
@@ -41,7 +41,7 @@ def main() -> None:
     if args.smoke and args.run_dir is None:
         args.run_dir = smoke_run()
     if args.smoke and args.readme is None:
-        args.readme = smoke_readme()
+        args.readme = smoke_copy("README.md")
     runs = sorted((REPO / "runs").glob("*-lite2-lite0-*/table.txt"), key=lambda p: p.stat().st_mtime)
     src = args.run_dir / "table.txt" if args.run_dir else (runs[-1] if runs else None)
     if src is None or not src.is_file():

@@ -35,8 +35,8 @@ from aml.export.onnx_export import export_onnx
 from aml.export.quant_report import cpu_description, int8_verdict, kernel_counts, paired_latency
 from aml.export.quantize import quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
-from aml.export.verify import probe_batch
-from aml.onnx_embed import session
+from aml.ort_session import session
+from aml.probe import probe_batch
 from aml.registry import create_model
 from aml.sidecar import MAX_INT8_RATIO
 from aml.threads import check_comparable, intra_op_threads

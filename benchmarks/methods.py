@@ -6,14 +6,14 @@ offline), every method trains with the same data, epochs, tuples per epoch, imag
 (bundled ImageNet weights). Each run is evaluated at the end: the student's queries against the teacher's
 database (asymmetric) and against its own (symmetric). The int8 ONNX export of chosen lite0 students is
 evaluated next to its fp32 student. Writes, per dataset, `benchmarks/results/methods-<dataset>.md`, `.json`
-and `.png`; `--readme` copies the tables into README.md's Results section.
+and `.png`; `--readme` copies the tables into docs/RESULTS.md.
 
 Runs are resumable: each finished run leaves `result.json` in its run folder and is skipped next time; an
 interrupted run continues from its last checkpoint.
 
     .venv/bin/python benchmarks/methods.py                      # everything (about 1.3 h on 2 CPU cores)
     .venv/bin/python benchmarks/methods.py --datasets ukbench --students lite0 --seeds 0
-    .venv/bin/python benchmarks/methods.py --report-only --readme   # rewrite results files and README
+    .venv/bin/python benchmarks/methods.py --report-only --readme   # rewrite results files and docs/RESULTS.md
     .venv/bin/python benchmarks/methods.py --smoke    # 2 methods, tiny random networks, one int8 export, scratch files
 """
 
@@ -64,7 +64,7 @@ METHODS = [
     "normsoftmax trained",
     "normsoftmax learned",
 ]
-# Metrix (issue 14, SPEC §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
+# Metrix (issue 14, docs/REFERENCE.md §8): each pair-based method with mixup, the public code's weight 0.4, alpha 2 and
 # positive-negative pairs. `metrix-emb` mixes embeddings (asymmetric: the teacher's cached vectors, no extra
 # forward; sym: the student's); contr+ also mixes inputs and feature maps (aml/train/mixup.py says what the
 # asymmetric case mixes). Table name -> (method it modifies, --mixup mode).
@@ -82,7 +82,7 @@ METHODS += list(METRIX)
 # 0.03, k 256), and "csd t0.03" the same without the label term;
 # "0 epochs": the start alone (the closed form, or the paper's random head), nothing trained; "<method> glam": the
 # method with the global-local attention module (all four parts) between the student's backbone and its head.
-# NormSoftmax (SPEC §8): "normsoftmax" classifies the student's vectors by the teacher's class means (frozen;
+# NormSoftmax (docs/REFERENCE.md §8): "normsoftmax" classifies the student by the teacher's class means (frozen;
 # asymmetric), "normsoftmax trained" by proxies NormSoftmax fitted to the teacher's cached vectors (frozen;
 # asymmetric), "normsoftmax learned" is the paper's symmetric recipe (learned proxies, LayerNorm head, never the
 # teacher); both with class-balanced batches of 4 classes x 2 images (batch 8) and one warm-up epoch that trains
@@ -242,7 +242,7 @@ def chance_map(ds) -> dict[str, float]:
 
 def export_one(result: dict[str, Any]) -> dict[str, Any]:
     """fp32 student vs its int8 ONNX export: asymmetric mAP on the test set (gate recorded, not enforced)."""
-    from aml.export.pipeline import export_checkpoint
+    from aml.export.pipeline import ExportSettings, export_checkpoint
     from aml.export.verify import MAP_TOLERANCE
 
     run_dir = Path(result["checkpoint"]).parent
@@ -250,9 +250,8 @@ def export_one(result: dict[str, Any]) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    info = export_checkpoint(
-        result["checkpoint"], precision="int8", out=run_dir / "student-int8.onnx", map_tolerance=float("inf")
-    )
+    settings = ExportSettings(precision="int8", map_tolerance=float("inf"))
+    info = export_checkpoint(result["checkpoint"], settings, out=run_dir / "student-int8.onnx")
     rt = info["verification"]["retrieval"]
     out = {
         "method": result["method"],
@@ -560,10 +559,10 @@ def chart(
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(datasets: list[str], results: Path | None = None, readme: Path | None = None) -> None:
-    """Replace the generated Results block of `readme` (default README.md) with the tables of the results files in
+def update_readme(datasets: list[str], results: Path | None = None, page: Path | None = None) -> None:
+    """Replace the generated block of `page` (default docs/RESULTS.md) with the tables of the results files in
     `results` (default RESULTS): no hand-typed numbers."""
-    readme = readme or REPO / "README.md"
+    readme = page or REPO / "docs" / "RESULTS.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme}: no '{README_START}' ... '{README_END}' block to fill")
@@ -571,7 +570,7 @@ def update_readme(datasets: list[str], results: Path | None = None, readme: Path
     for d in datasets:
         md = (results or RESULTS) / f"methods-{d}.md"
         if md.is_file():
-            parts.append(md.read_text().strip() + f"\n\n![{d} methods chart](benchmarks/results/methods-{d}.png)")
+            parts.append(md.read_text().strip() + f"\n\n![{d} methods chart](../benchmarks/results/methods-{d}.png)")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     with atomic_write(readme) as f:
@@ -587,7 +586,9 @@ def main() -> None:
     ap.add_argument("--seeds", help="Comma-separated seeds for every student (default: lite0 0,1,2; mobilenetv2 0).")
     ap.add_argument("--work", type=Path, help="Run folders, resumable (default: runs/methods; smoke: scratch).")
     ap.add_argument("--report-only", action="store_true", help="Only rewrite results from finished runs.")
-    ap.add_argument("--readme", action="store_true", help="Copy the results tables into README.md (smoke: a copy).")
+    ap.add_argument(
+        "--readme", action="store_true", help="Copy the results tables into docs/RESULTS.md (smoke: a copy)."
+    )
     args = common.parse(ap, dict(datasets="synth", students="lite0", methods="0 epochs,contr+", seeds="0", readme=True))
     keep_freed_memory()
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
@@ -611,9 +612,9 @@ def main() -> None:
         if results:
             print(f"wrote {write_report(dataset, results, exports, command, out, args.smoke)}")
     if args.readme:
-        readme = common.smoke_readme() if args.smoke else None
-        update_readme(datasets, out, readme)
-        print(f"wrote the results block of {readme or REPO / 'README.md'}")
+        page = common.smoke_copy("docs/RESULTS.md") if args.smoke else REPO / "docs" / "RESULTS.md"
+        update_readme(datasets, out, page)
+        print(f"wrote the results block of {page}")
 
 
 def run_student(work: Path, dataset: str, student: str, methods: list[str], seeds: list[int], smoke: bool) -> None:

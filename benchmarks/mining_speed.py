@@ -1,6 +1,6 @@
 """Negative mining speed: vectorised `aml.mining.mine_negatives` vs a straightforward per-query walk.
 
-Same inputs for both (SPEC §4 sizes by default: 2000 queries, a 20,000-image pool, 2048-d, 5 negatives),
+Same inputs for both (docs/REFERENCE.md §4 sizes by default: 2000 queries, a 20,000-image pool, 2048-d, 5 negatives),
 identical outputs checked, medians of --repeats runs and their ratio printed. Two kinds of data: `random`
 (neighbours rarely share a cluster) and `clustered` (a cluster's images lie close together, so each
 query's top ranks are full of its own and repeated clusters, which exercises the longer-list fallback).

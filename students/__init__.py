@@ -1,3 +1,7 @@
-"""Student backbone families, registered into `aml.registry` on import (any of them may also be a teacher)."""
+"""Families whose main role is the student, registered into `aml.registry` on import; installed as `aml.students`.
 
-from students import efficientnet, mobilenet  # noqa: F401
+One family per file, named for it; a model's role is the registry's metadata (`default_role`), so a family
+keeps its larger members here too (efficientnet.py also registers the Lite2 teacher).
+"""
+
+from aml.students import efficientnet, mobilenet  # noqa: F401

@@ -54,7 +54,7 @@ def one_thread():
 
 
 def _cli_module():
-    """The repository's `cli.py` (the console entry point `aml = cli:main`), imported once."""
+    """The repository's `cli.py` (its entry to `aml.cli:main`, the console script `aml`), imported once."""
     spec = importlib.util.spec_from_file_location("aml_cli", REPO / "cli.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

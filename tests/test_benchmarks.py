@@ -91,7 +91,7 @@ REPORTS: dict[str, list[str]] = {
         *(rf"synth lite0 {m} seed 0: asym M {NUM} sym M {NUM} \(\d+ s\)$" for m in ("0 epochs", r"contr\+")),
         rf"\s+int8: asym M {NUM} vs fp32 {NUM}$",
         r"wrote \S+/methods-synth\.md$",
-        r"wrote the results block of \S+/README\.md$",
+        r"wrote the results block of \S+/RESULTS\.md$",
     ],
     "mining_speed.py": [
         rf"\s*{kind}: vectorised\s+{NUM} s \| per-query walk\s+{NUM} s \| ratio\s+{NUM}x \| identical outputs: True"
@@ -108,11 +108,12 @@ REPORTS: dict[str, list[str]] = {
 
 
 def _snapshot() -> dict[str, object]:
-    """What a run must not change: benchmarks/results (name -> size, mtime), README.md's mtime and the checkout's
-    top-level names (a run folder left in runs/, say)."""
+    """What a run must not change: benchmarks/results (name -> size, mtime), the mtimes of README.md and
+    docs/RESULTS.md (the pages the scripts fill) and the checkout's top-level names (a run folder left in runs/)."""
     results = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in BENCH.joinpath("results").iterdir()}
     top = sorted(p.name for p in REPO.iterdir() if not p.name.startswith((".", "__")))
-    return {"results": results, "README.md": REPO.joinpath("README.md").stat().st_mtime_ns, "top": top}
+    pages = {name: REPO.joinpath(name).stat().st_mtime_ns for name in ("README.md", "docs/RESULTS.md")}
+    return {"results": results, "pages": pages, "top": top}
 
 
 def _smoke(script: str, out: Path) -> subprocess.CompletedProcess:
@@ -163,7 +164,7 @@ def test_smoke_run_prints_its_report(script, runs):
 def test_smoke_runs_write_nothing_into_the_checkout(runs):
     for script in set(SCRIPTS) & set(runs):
         runs[script][1].result()
-    assert _snapshot() == runs["before"], "a smoke run wrote into benchmarks/results, README.md or the checkout"
+    assert _snapshot() == runs["before"], "a smoke run wrote into benchmarks/results, a page or the checkout"
 
 
 def test_smoke_sizes_yield_to_the_options_given(monkeypatch):

@@ -74,7 +74,7 @@ def test_shared_options_mean_one_thing():
 
 
 def test_commands_import_no_sibling_command_and_help_comes_from_docstrings():
-    import cli
+    from aml import cli
 
     for name in COMMANDS:
         src = (REPO / "aml" / "commands" / f"{name}.py").read_text()

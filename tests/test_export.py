@@ -143,7 +143,7 @@ def test_effnet_b3_swap_and_onnx_equal_pytorch_at_odd_sizes(tmp_path):
 def lite0_onnx(tmp_path_factory):
     d = tmp_path_factory.mktemp("lite0")
     ckpt = save_student(d / "student.pt", "lite0")
-    info = pipeline.export_checkpoint(ckpt, fmt="onnx", out=d / "enc.onnx")
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="onnx"), out=d / "enc.onnx")
     return ckpt, d / "enc.onnx", info
 
 
@@ -188,7 +188,7 @@ def test_failed_equivalence_gate_writes_nothing(tmp_path, monkeypatch):
 
 def test_torchscript_export_verified_with_dynamic_shapes(tmp_path):
     ckpt = save_student(tmp_path / "s.pt", "resnet18")
-    info = pipeline.export_checkpoint(ckpt, fmt="torchscript", out=tmp_path / "enc.pt")
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="torchscript"), out=tmp_path / "enc.pt")
     assert info["verification"]["equivalence"]["passed"]
     assert read_sidecar(tmp_path / "enc.pt")["format"] == "torchscript"
     with warnings.catch_warnings():
@@ -251,16 +251,10 @@ def _fixed(ds, db):
 def test_low_precision_exports_report_cosine_and_map(tiny_set, precision):
     d, ckpt, ds, db = tiny_set
     out = d / f"enc-{precision}.onnx"
-    info = pipeline.export_checkpoint(
-        ckpt,
-        precision=precision,
-        out=out,
-        verify_data_fn=_fixed(ds, db),
-        calib_images=ds.db_paths(),
-        calib_count=4,
-        map_tolerance=100.0,
-        latency_runs=1,
+    settings = pipeline.ExportSettings(
+        precision=precision, calib_images=ds.db_paths(), calib_count=4, map_tolerance=100.0, latency_runs=1
     )
+    info = pipeline.export_checkpoint(ckpt, settings, out=out, verify_data_fn=_fixed(ds, db))
     assert out.is_file() and sidecar_path(out).is_file()
     eq, rt = info["verification"]["equivalence"], info["verification"]["retrieval"]
     low = 0.99 if precision == "fp16" else 0.5  # int8 of a random-init net calibrated on 4 images: loose
@@ -300,17 +294,10 @@ def test_int8_export_recommends_fp32_when_int8_does_not_pay(tiny_set, tmp_path, 
     monkeypatch.setattr(quant_report, "paired_latency", slow_int8)
     logs: list[str] = []
     out = tmp_path / "slow.onnx"
-    info = pipeline.export_checkpoint(
-        ckpt,
-        precision="int8",
-        out=out,
-        verify_data_fn=_fixed(ds, db),
-        calib_images=ds.db_paths(),
-        calib_count=2,
-        map_tolerance=100.0,
-        latency_runs=3,
-        log=logs.append,
+    settings = pipeline.ExportSettings(
+        precision="int8", calib_images=ds.db_paths(), calib_count=2, map_tolerance=100.0, latency_runs=3
     )
+    info = pipeline.export_checkpoint(ckpt, settings, out=out, verify_data_fn=_fixed(ds, db), log=logs.append)
     assert seen == [(SIZE, 3)] and out.is_file()  # written anyway: a recommendation, not a gate
     rep = read_sidecar(out)["int8"]
     assert rep["recommend"] == "fp32" and rep["latency"]["ratio"] == 0.85 and info["int8"] == rep
@@ -350,7 +337,7 @@ def test_whiten_folds_teacher_lw_and_blocks_multiscale_embed(tmp_path):
         ckpt,
     )
     out = tmp_path / "w.onnx"
-    info = pipeline.export_checkpoint(ckpt, whiten="first", out=out)
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(whiten="first"), out=out)
     assert info["whiten"]["dataset"] == "sfm" and info["msp"] == 1.0
     x = torch.randn(2, 3, 50, 61)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The extraction path: batched, multi-worker extraction equals a plain batch-size-1 loop; image loading and
-size prediction agree with PIL; multi-scale and Lw follow SPEC §3."""
+size prediction agree with PIL; multi-scale and Lw follow docs/REFERENCE.md §3."""
 
 from __future__ import annotations
 

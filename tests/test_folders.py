@@ -128,9 +128,9 @@ def test_split_by_object_sources():
     assert tp == ["/x/2.jpg", "/x/3.jpg"]
     with pytest.raises(UserError, match="both"):
         split_by_object(paths, labels, "t", train_objects=np.array([0, 1]), test_objects=np.array([1]))
-    bad = ["test" if i == 2 else "train" for i in range(12)]
-    with pytest.raises(UserError, match="by object"):
-        split_by_object(paths, labels, "t", splits=bad)
+    shared = ["test" if i == 2 else "train" for i in range(12)]  # the user's split, labels shared (class-level)
+    train, tp, tk = split_by_object(paths, labels, "t", splits=shared)
+    assert tp == ["/x/2.jpg"] and len(train) == 11 and tk[0] in train.cluster
 
 
 def test_image_names_unique():

@@ -187,7 +187,7 @@ def test_onnx_export_passes_the_parity_gate_with_dynamic_sizes(tmp_path):
     net.meta["aml"]["teacher"] = TEACHER
     ckpt = tmp_path / "s.pt"
     torch.save({"state_dict": net.state_dict(), "meta": net.meta, "config": {"image_size": 48}}, ckpt)
-    info = pipeline.export_checkpoint(ckpt, fmt="onnx", out=tmp_path / "enc.onnx")
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="onnx"), out=tmp_path / "enc.onnx")
     eq = info["verification"]["equivalence"]
     assert eq["passed"] and len(eq["probes"]) == 3, eq
     run = pipeline.ort_runner(tmp_path / "enc.onnx")

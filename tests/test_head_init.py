@@ -88,7 +88,7 @@ def test_checkpoint_with_a_linear_head_loads_and_exports(tiny_data, tmp_path, ho
     run = distill(tiny_cfg(tiny_data, tmp_path / "run", epochs=0, eval_every=0), progress=False)
     student = create_model(run / "last.pt").eval()
     assert student.head == "linear" and student.dim == 512 and student.msp == 1.0
-    info = pipeline.export_checkpoint(run / "last.pt", fmt="onnx", out=tmp_path / "enc.onnx")
+    info = pipeline.export_checkpoint(run / "last.pt", pipeline.ExportSettings(fmt="onnx"), out=tmp_path / "enc.onnx")
     assert info["verification"]["equivalence"]["passed"]
 
 

@@ -321,7 +321,7 @@ def test_onnx_encoder_searches_torch_free(ukbench, tmp_path, home, run_cli, one_
     env = {"AML_HOME": home}
     assert run_cli(*build_args(ukbench / "all.txt", tmp_path / "db"), env=env)[0] == 0
     ckpt = save_student(tmp_path / "s.pt", model_identity("lite2"))
-    pipeline.export_checkpoint(ckpt, out=tmp_path / "s.onnx", image_size=SIZE)
+    pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(image_size=SIZE), out=tmp_path / "s.onnx")
     code = (
         "import sys\nfrom cli import main\nmain(sys.argv[1:])\n"
         "assert 'torch' not in sys.modules, 'torch was imported on the search path'\nprint('TORCH-FREE')"

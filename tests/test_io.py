@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from aml.io import TMP_TAG, atomic_write, host_tag, remove_stale_temps, write_json
+from aml.io import TMP_TAG, atomic_write, host_tag, remove_stale_temps, scratch_dir, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +56,22 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     except RuntimeError:
         pass
     assert target.read_text().startswith("{") and _temps(tmp_path, "r.json") == []
+
+
+def test_scratch_dir_is_beside_its_target_and_removed_even_on_error(tmp_path):
+    target = tmp_path / "out" / "enc.onnx"
+    stale = tmp_path / "out" / f".enc.onnx{TMP_TAG}{host_tag()}-999999999-dead"  # a killed builder's: removed
+    stale.mkdir(parents=True)
+    (stale / "fp32.onnx").write_bytes(b"x")
+    with scratch_dir(target) as tmp:
+        assert tmp.is_dir() and tmp.parent == target.parent and tmp.name.startswith(f".enc.onnx{TMP_TAG}")
+        assert not stale.exists()
+        (tmp / "model.onnx").write_bytes(b"y")
+    assert not tmp.exists()
+    try:
+        with scratch_dir(target) as tmp:
+            (tmp / "part").write_bytes(b"z")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert not tmp.exists() and _temps(target.parent, "enc.onnx") == []

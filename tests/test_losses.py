@@ -1,4 +1,4 @@
-"""Each loss against a direct, loop-by-loop transcription of its formula (SPEC §5), plus gradient routing."""
+"""Each loss against a loop-by-loop transcription of its formula (docs/REFERENCE.md §5), plus gradient routing."""
 
 from __future__ import annotations
 

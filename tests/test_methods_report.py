@@ -1,4 +1,4 @@
-"""benchmarks/methods.py's report: tables with seed spread, computed findings, chart, README block from files."""
+"""benchmarks/methods.py's report (tables with seed spread, computed findings, chart) and the docs' verbatim quotes."""
 
 from __future__ import annotations
 
@@ -149,22 +149,25 @@ def test_report_files_and_readme_block(results, tmp_path, monkeypatch):
     assert "| lite0 | contr+ | 30.00 / 25.00 / 10.00 | 29.50 / 24.80 / 9.90 | 0.9900 | yes | 4.5 |" in text
     assert json.loads((tmp_path / "results" / "methods-synth.json").read_text())["exports"] == exports
     assert (tmp_path / "results" / "methods-synth.png").read_bytes()[:4] == b"\x89PNG"
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{methods.README_START}\nold\n{methods.README_END}\ntail\n")
+    page = tmp_path / "docs" / "RESULTS.md"
+    page.parent.mkdir()
+    page.write_text(f"# x\n{methods.README_START}\nold\n{methods.README_END}\ntail\n")
     methods.update_readme(["synth", "ukbench"])
-    new = readme.read_text()
+    new = page.read_text()
     assert text.strip() in new and "old" not in new and new.endswith("tail\n")
+    assert "](../benchmarks/results/methods-synth.png)" in new
 
 
-def test_readme_results_come_from_the_results_files():
-    readme = (REPO / "README.md").read_text()
-    block = readme.split(methods.README_START, 1)[1].split(methods.README_END, 1)[0]
+def test_docs_results_come_from_the_results_files():
+    page = (REPO / "docs" / "RESULTS.md").read_text()
+    block = page.split(methods.README_START, 1)[1].split(methods.README_END, 1)[0]
     files = sorted((REPO / "benchmarks" / "results").glob("methods-*.md"))
+    assert files
     for f in files:
-        assert f.read_text().strip() in block, f"{f.name} differs from README: run benchmarks/methods.py --readme"
+        assert f.read_text().strip() in block, f"{f.name} differs from docs/RESULTS.md: run methods.py --readme"
     for line in block.splitlines():
         if line.startswith("|"):
-            assert any(line in f.read_text() for f in files), f"README line not in any results file: {line}"
+            assert any(line in f.read_text() for f in files), f"docs/RESULTS.md line not in any results file: {line}"
 
 
 def test_ukbench_table_has_one_column(results, tmp_path, monkeypatch):
@@ -189,13 +192,20 @@ def test_readme_demo_table_comes_from_the_results_file():
     assert demo.readme_block(demo.RESULT.read_text()) in readme, "run benchmarks/demo_table.py after make demo"
 
 
-def test_readme_quotes_of_results_files_are_verbatim():
-    readme = (REPO / "README.md").read_text()
-    quoted = re.findall(r"copied from\s+`(benchmarks/results/[^`]+\.txt)`", readme)
-    assert {"benchmarks/results/export_latency.txt", "benchmarks/results/index_speed.txt"} <= set(quoted)
-    for name in quoted:
-        text = (REPO / name).read_text().strip()
-        assert f"```\n{text}\n```" in readme, f"README's copy of {name} differs: paste the file again"
+def test_quotes_of_results_files_are_verbatim():
+    """Each page that says "copied from `benchmarks/results/X.txt`" holds X verbatim; every results text is quoted."""
+    quoted = {}
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for name in re.findall(r"copied from\s+`(benchmarks/results/[^`]+\.txt)`", text):
+            quoted.setdefault(name, []).append(page.name)
+            body = (REPO / name).read_text().strip()
+            assert f"```\n{body}\n```" in text, f"{page.name}'s copy of {name} differs: paste the file again"
+    assert "BENCHMARKS.md" in quoted["benchmarks/results/export_latency.txt"]
+    assert "BENCHMARKS.md" in quoted["benchmarks/results/index_speed.txt"]
+    assert "README.md" in quoted["benchmarks/results/demo.txt"]
+    every = {f"benchmarks/results/{f.name}" for f in (REPO / "benchmarks" / "results").glob("*.txt")}
+    assert every <= set(quoted), f"results files quoted nowhere: {sorted(every - set(quoted))}"
 
 
 def test_findings_compare_the_label_refined_csd_target_with_the_same_csd(results):

@@ -46,13 +46,13 @@ def dot(a, b) -> float:
 
 
 def l2n(v: torch.Tensor) -> torch.Tensor:
-    """SPEC §2's L2N, x / (||x|| + 1e-6), as the network normalises."""
+    """docs/REFERENCE.md §2's L2N, x / (||x|| + 1e-6), as the network normalises."""
     return v / (norm(v) + 1e-6)
 
 
 # ------------------------------------------------------------------- transcriptions of the generic forms
 def ref_generic(form: str, a, refs, labels, mixed=None, margin=0.7, alpha=2.0, beta=40.0, lam=0.5) -> list[float]:
-    """Per anchor, loop by loop: contrastive (SPEC §5 with labels), multi-similarity (SPEC §8's sigma and rho),
+    """Per anchor, loop by loop: contrastive (docs/REFERENCE.md §5, labels), multi-similarity (its §8's sigma, rho),
     triplet (ordered pairs y_i > y_j, weight y_i (1 - y_j)); with `mixed`, the terms of the mixed references."""
     out = []
     for b in range(len(a)):

@@ -1,4 +1,4 @@
-"""Epoch sampling and negative mining against a per-query reference walk (cirtorch semantics, SPEC §4)."""
+"""Epoch sampling and negative mining against a per-query reference walk (cirtorch semantics, docs/REFERENCE.md §4)."""
 
 from __future__ import annotations
 

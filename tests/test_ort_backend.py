@@ -51,9 +51,9 @@ def net():
 def home(tmp_path_factory, monkeypatch):
     """One AML_HOME for the module (its exports are reused across tests), a fresh in-process memo per test."""
     monkeypatch.setenv("AML_HOME", str(tmp_path_factory.getbasetemp() / "ort-home"))
-    ort_backend._memo.clear()
+    ort_backend.forget()
     yield ort_backend.cache_dir()
-    ort_backend._memo.clear()
+    ort_backend.forget()
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_lw_is_applied_after_the_onnxruntime_forward(net, images):
 
 def test_the_cached_graph_is_reused(net, images, exports, home):
     extract(net, images[:2], ExtractSettings(64, progress=False, backend="onnxruntime"))
-    ort_backend._memo.clear()  # a new process: only the disk cache is left
+    ort_backend.forget()  # a new process: only the disk cache is left
     extract(net, images[:2], ExtractSettings(64, progress=False, backend="onnxruntime"))
     assert len(exports) <= 1  # 0 when an earlier test already exported this model
     assert [p.name for p in home.glob("*.onnx")] == [f"{ort_backend.model_digest(net)}.onnx"]
@@ -114,7 +114,7 @@ def test_a_damaged_cached_graph_is_rebuilt(net, images, exports, home, damage, t
         other = create_model("lite0", role="student", dim=16, random_init=True).eval()
         ort_backend._export(other, tmp_path / "other.onnx")
         path.write_bytes((tmp_path / "other.onnx").read_bytes())
-    ort_backend._memo.clear()
+    ort_backend.forget()
     exports.clear()
     got = extract(net, images[:3], ExtractSettings(64, progress=False, backend="onnxruntime"))
     assert len(exports) == 1
@@ -147,9 +147,9 @@ def test_backend_choice():
 def test_list_size_picks_the_backend_of_the_whole_list(net, images):
     """A chunk of a long list (the teacher cache's) runs on the backend auto picks for the whole list."""
     extract(net, images[:2], ExtractSettings(64, progress=False))
-    assert not ort_backend._memo  # 2 images: torch
+    assert ort_backend.remembered() == 0  # 2 images: torch
     extract(net, images[:2], ExtractSettings(64, progress=False), list_size=ORT_MIN_IMAGES)
-    assert len(ort_backend._memo) == 1
+    assert ort_backend.remembered() == 1
 
 
 def test_auto_without_onnxruntime_is_torch(monkeypatch):
@@ -186,7 +186,7 @@ def test_a_model_that_does_not_export(images, capsys):
     m = _NotANet()
     auto = extract(m, images[:2], ExtractSettings(64, progress=False))
     assert auto.shape == (2, 3)  # auto with a short list: torch, no warning
-    ort_backend._memo.clear()
+    ort_backend.forget()
     with pytest.raises(UserError, match="--backend onnxruntime: _NotANet is not a float32 RetrievalNet"):
         extract(m, images[:2], ExtractSettings(64, progress=False, backend="onnxruntime"))
     assert ort_backend.ort_forward(m) is None  # auto falls back to torch, with a warning

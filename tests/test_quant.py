@@ -207,3 +207,32 @@ def test_int8_verdict(ratio, recommend):
     assert v["recommend"] == recommend and v["max_ratio"] == 0.6
     assert f"{ratio:.2f}x" in v["message"] and "362 px" in v["message"] and "50.0 ms" in v["message"]
     assert ("--precision fp32" in v["message"]) == (recommend == "fp32")
+
+
+def test_quant_report_and_the_session_factory_import_no_torch():
+    """The int8 report and `aml.ort_session` are torch-free: they name the graph's input through `aml.sidecar`."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys\nimport aml.export.quant_report, aml.ort_session\nprint('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+
+
+def test_one_session_factory_sets_the_options():
+    """Every aml onnxruntime session: the given intra-op threads (else the one thread setting), one inter-op
+    thread, every graph optimisation, no spinning, the CPU provider."""
+    from aml.onnx_embed import resize_graph
+    from aml.ort_session import session
+    from aml.threads import intra_op_threads
+
+    for threads, want in ((3, 3), (None, intra_op_threads())):
+        sess = session(resize_graph(), threads)
+        opts = sess.get_session_options()
+        assert opts.intra_op_num_threads == want and opts.inter_op_num_threads == 1
+        assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert sess.get_providers() == ["CPUExecutionProvider"]

@@ -70,6 +70,7 @@ def _split(
     train_objects: str | None,
     test_objects: str | None,
     copy: bool,
+    test_folder: str | None = None,
 ) -> None:
     from pathlib import Path
 
@@ -77,15 +78,21 @@ def _split(
 
     if (groups is None) == (folder is None):
         raise UserError("aml data split: give exactly one of --groups CSV or --folder DIR")
+    if test_folder is not None and (groups is not None or train_objects or test_objects):
+        raise UserError("aml data split: --test-folder goes with --folder (its images train, the test folder's test)")
     if groups is not None:
         paths, labels, splits = read_groups_csv(groups)
         default = Path(groups).resolve().parent.name
     else:
         paths, labels = read_label_folder(folder)
         splits, default = None, Path(folder).resolve().name
+    if test_folder is not None:  # class-level data: the two folders share labels
+        test_paths, test_labels = read_label_folder(test_folder)
+        paths, labels = paths + test_paths, labels + test_labels
+        splits = ["train"] * (len(paths) - len(test_paths)) + ["test"] * len(test_paths)
     name = name or default
-    tr = parse_ranges(train_objects) if train_objects else None
-    te = parse_ranges(test_objects) if test_objects else None
+    tr = parse_ranges(train_objects, labels) if train_objects else None
+    te = parse_ranges(test_objects, labels) if test_objects else None
     train, ref, csv_path = write_object_split(
         paths, labels, out, name, splits=splits, train_objects=tr, test_objects=te, copy=copy
     )
@@ -103,13 +110,22 @@ def _split(
 @command.command("split")
 @click.option("--groups", type=click.Path(dir_okay=False), help="Groups CSV: image,object[,split].")
 @click.option("--folder", type=click.Path(file_okay=False), help="Class-labelled folder DIR/<label>/<images>.")
+@click.option(
+    "--test-folder",
+    type=click.Path(file_okay=False),
+    help="With --folder: a second labelled folder that is the test set (labels may be shared: class-level data).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write NAME/ into.")
 @click.option("--name", help="Dataset name (default: the CSV's or folder's folder name).")
-@click.option("--train-objects", help="Train object ids, e.g. 0-149 (default: first 60%, or the split column).")
-@click.option("--test-objects", help="Test object ids, e.g. 150-249 (default: the other objects).")
+@click.option(
+    "--train-objects",
+    help="Train objects: ids (0-149; labels that are not integers are numbered in sorted order) or label names "
+    "(Petra,Taj_Mahal). Default: the first 60%, or the split column.",
+)
+@click.option("--test-objects", help="Test objects, as --train-objects (default: the other objects).")
 @click.option("--copy", is_flag=True, help="Copy images into NAME/jpg/ instead of symlinking them.")
 def split(**options) -> None:
-    """Split labelled images by object; write the test part in revisitop layout (each image a query)."""
+    """Split labelled images by object (or take a test folder); write the test part in revisitop layout."""
     _split(**options)
 
 
@@ -125,13 +141,17 @@ def ukbench(groups: str, out: str, train_objects: str, test_objects: str, copy: 
 
 
 @command.command("info")
-@click.argument("spec")
+@click.argument("specs", nargs=-1, required=True)
+@click.option("--test-data", help="The run's own test set (folder:DIR, groups:CSV, revisitop:DATA_ROOT/NAME).")
 @trust_pickle_option
-def info(spec: str) -> None:
-    """Resolve a data spec and check it (pickle, labels, missing images) without training."""
-    from aml.data.spec import parse_data_spec
+def info(specs: tuple[str, ...], test_data: str | None) -> None:
+    """Resolve data specs and check them (pickle, labels, missing images) without training: what each source
+    trains on and what it holds out."""
+    from aml.data.sources import describe, parse_data_specs
 
-    b = parse_data_spec(spec)
+    b = parse_data_specs(specs, test_data)
+    for line in describe(b):
+        click.echo(line)
     for part in (b.train, b.val):
         if part is not None:
             click.echo(f"{part.name}: {len(part)} images, {part.num_clusters} clusters, {part.num_pairs} pairs")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from aml.commands._options import out_option, quiet_option, threads_option, trust_pickle_option, whiten_option
@@ -45,8 +47,9 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
 @click.option(
     "--binary",
     is_flag=True,
-    help="Declare binary output in the sidecar: `aml embed` then writes packed sign bits (bit = value > 0); "
-    "the graph stays float (asymmetric search against a binary index keeps float queries).",
+    help="Mark the encoder's output as binary codes: only the sidecar changes (output.binary; default name gets "
+    "-b); the graph still outputs float vectors, and `aml embed` with this model writes packed sign bits "
+    "(bit = value > 0, uint8 (N, D/8)) instead of float32 rows.",
 )
 @click.option(
     "--calib-count",
@@ -81,12 +84,8 @@ def command(
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
-    from pathlib import Path
-
     from aml.data.images import read_image_list
-    from aml.export.pipeline import export_checkpoint
-    from aml.export.verify import summary_lines
-    from aml.sidecar import sidecar_path
+    from aml.export.pipeline import ExportSettings, export_checkpoint
 
     if calib_images and precision != "int8":
         raise UserError(f"--calib-images is for --precision int8 (got {precision}); drop it")
@@ -94,31 +93,47 @@ def command(
         from aml.io import check_writable_file
 
         check_writable_file(out, "--out")
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    info = export_checkpoint(
-        checkpoint,
+    settings = ExportSettings(
         fmt=fmt,
         precision=precision,
         whiten=whiten,
-        out=out,
         image_size=image_size,
+        binary=binary,
         verify_data=verify_data,
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
         latency_runs=latency_runs,
-        binary=binary,
-        log=log,
     )
-    int8 = info.get("int8")
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    info = export_checkpoint(checkpoint, settings, out=out, log=log)
     if not quiet:
-        for line in summary_lines(info["verification"]):
-            click.echo(line)
-        if int8:
-            k = int8["kernels"]
-            click.echo(f"  int8 kernels: {k['int8_conv']} of {int8['convolutions']} convolutions; {int8['message']}")
+        _print_checks(info)
+    _print_result(info, checkpoint, out)
+
+
+def _print_checks(info: dict[str, Any]) -> None:
+    """The verification numbers and the int8 kernel count, one line each."""
+    from aml.export.verify import summary_lines
+
+    for line in summary_lines(info["verification"]):
+        click.echo(line)
+    int8 = info.get("int8")
+    if int8:
+        k = int8["kernels"]
+        click.echo(f"  int8 kernels: {k['int8_conv']} of {int8['convolutions']} convolutions; {int8['message']}")
+
+
+def _print_result(info: dict[str, Any], checkpoint: str, out: str | None) -> None:
+    """The result line: the file written, what it is, and fp32 advice when int8 does not pay."""
+    from pathlib import Path
+
+    from aml.sidecar import sidecar_path
+
     path = Path(checkpoint).with_name(info["file"]) if out is None else Path(out)
+    binary = ", binary output" if (info["output"] or {}).get("binary") else ""
+    int8 = info.get("int8")
     advice = f"; {int8['message']}" if int8 and int8["recommend"] == "fp32" else ""
     click.echo(
-        f"{path}: {fmt} {precision}, {info['dim']}-d{', binary output' if binary else ''}, image size "
+        f"{path}: {info['format']} {info['precision']}, {info['dim']}-d{binary}, image size "
         f"{info['image_size']}, verified; sidecar {sidecar_path(path)}{advice}"
     )

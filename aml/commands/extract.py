@@ -28,8 +28,9 @@ from aml.commands._options import (
 @click.option(
     "--binary",
     is_flag=True,
-    help="Write packed sign bits (bit = value > 0, numpy.packbits order; 2048-d = 256 bytes a row) instead of "
-    "floats (aml.binary).",
+    help="Write OUT as packed sign bits instead of float32 vectors: uint8 (N, D/8), bit = value > 0 of each "
+    "(whitened, if --whiten) vector, numpy.packbits order (aml.binary.pack_bits); warns when almost every bit "
+    "is 1 (or 0).",
 )
 @quiet_option("No progress bar.")
 @trust_pickle_option

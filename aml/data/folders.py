@@ -150,13 +150,20 @@ def _resolve(base: Path, image: str) -> str:
     return str(base / "jpg" / image)
 
 
-def parse_ranges(text: str) -> np.ndarray:
-    """Object ids from a range list such as `0-149` or `0-9,20,30-39` (inclusive ranges)."""
+def parse_ranges(text: str, labels: Sequence[str] | None = None) -> np.ndarray:
+    """Object ids from a list such as `0-149` or `0-9,20,30-39` (inclusive ranges of ids: the labels' values
+    when they are integers, else their ranks in sorted order); with `labels`, an entry may also be a label's
+    name (`Petra,Taj_Mahal`)."""
+    keys = dict(zip(labels, object_keys(labels).tolist(), strict=True)) if labels is not None else {}
     out: list[int] = []
     for part in text.split(","):
+        if part.strip() in keys:
+            out.append(keys[part.strip()])
+            continue
         m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
         if not m:
-            raise UserError(f"object range {text!r}: cannot read {part!r}; use e.g. 0-149 or 0-9,20,30-39")
+            names = f" or label names ({', '.join(sorted(keys)[:5])}, ...)" if keys else ""
+            raise UserError(f"object list {text!r}: cannot read {part!r}; use ids such as 0-149 or 0-9,20{names}")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) is not None else a
         if b < a:
@@ -224,14 +231,9 @@ def split_by_object(
                 "train and test objects must be disjoint"
             )
         is_tr, is_te = np.isin(keys, tr), np.isin(keys, te)
-    elif splits is not None:
+    elif splits is not None:  # the user's own split: class-level data may share labels across it
         is_tr = np.array([s == "train" for s in splits])
         is_te = ~is_tr
-        both = np.intersect1d(keys[is_tr], keys[is_te])
-        if both.size:
-            raise UserError(
-                f"{name}: split column puts objects {both[:5].tolist()} in both train and test; split by object"
-            )
     else:
         tr, _ = default_split(keys)
         is_tr = np.isin(keys, tr)

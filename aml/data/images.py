@@ -1,4 +1,4 @@
-"""Image loading as cirtorch does it (SPEC §3): PIL RGB, Lanczos thumbnail, query crops scaled alike.
+"""Image loading as cirtorch does it (docs/REFERENCE.md §3): PIL RGB, Lanczos thumbnail, query crops scaled alike.
 
 Torch-free (numpy and PIL only): the torch extraction path (`aml.extract`, the trainer) and the onnxruntime
 path (`aml.onnx_embed`) both load images here, so they see the same pixels. Image lists are read here too.

@@ -1,4 +1,4 @@
-"""SfM-120k training data (SPEC §4): the `retrieval-SfM-120k.pkl` splits and the `ims/` image layout."""
+"""SfM-120k training data (docs/REFERENCE.md §4): the `retrieval-SfM-120k.pkl` splits and the `ims/` image layout."""
 
 from __future__ import annotations
 

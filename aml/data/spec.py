@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from aml.data.folders import (
+    TRAIN_FRACTION,
     image_names,
+    object_keys,
     read_groups_csv,
     read_label_folder,
     split_by_object,
@@ -39,10 +41,13 @@ from aml.errors import UserError
 from aml.io import aml_home, temp_dir
 
 FORMS = "synth, synth:DIR, sfm120k:DIR, folder:DIR, groups:CSV, images:DIR"
+TEST_FORMS = "folder:DIR, groups:CSV, revisitop:DATA_ROOT/NAME"
 
 
-def parse_data_spec(spec: str, *, check_images: bool = True) -> DataBundle:
-    """Resolve a data spec to its training set, validation set (SfM formats) and test set (if any)."""
+def parse_data_spec(spec: str, *, check_images: bool = True, hold_out: bool = True) -> DataBundle:
+    """Resolve a data spec to its training set, validation set (SfM formats) and test set (if any).
+    `hold_out=False` (a run given its own test set): `folder:` and a `groups:` CSV without a split column
+    train on all their images instead of holding 40% of their objects out as a test set."""
     kind, sep, arg = (spec or "").partition(":")
     kind = kind.strip().lower()
     if kind == "synth" and not sep:
@@ -64,8 +69,11 @@ def parse_data_spec(spec: str, *, check_images: bool = True) -> DataBundle:
         return DataBundle(ts, None, None)
     if kind == "folder":
         paths, labels = read_label_folder(path)
-        return _split(path.resolve().name, str(path.resolve()), paths, labels, None, check_images)
+        splits = None if hold_out else ["train"] * len(paths)
+        return _split(path.resolve().name, str(path.resolve()), paths, labels, splits, check_images)
     paths, labels, splits = read_groups_csv(path)
+    if splits is None and not hold_out:
+        splits = ["train"] * len(paths)
     name = path.resolve().parent.name if path.stem in ("groups", "train", "test") else path.stem
     return _split(name, str(path.resolve()), paths, labels, splits, check_images, beside=path.resolve().parent)
 
@@ -102,11 +110,19 @@ def _split(
         train.check_images(source)
     if not test_paths:
         return DataBundle(train, None, None)
+    held = held_out_text(train.cluster, test_keys, splits is not None)
     if beside is not None and gnd_file(beside.parent, beside.name).is_file():
         ds = load_revisitop(beside.parent, beside.name)
         if ds.imlist == image_names(test_paths) and ds.qimlist == ds.imlist:
-            return DataBundle(train, None, RevisitopRef(str(beside.parent), beside.name))
-    return DataBundle(train, None, cached_test_split(name, test_paths, test_keys))
+            return DataBundle(train, None, RevisitopRef(str(beside.parent), beside.name), held_out=held)
+    return DataBundle(train, None, cached_test_split(name, test_paths, test_keys), held_out=held)
+
+
+def held_out_text(train_keys: np.ndarray, test_keys: np.ndarray, by_column: bool) -> str:
+    """What an object-wise split kept out of training, in words (`aml distill` prints it before training)."""
+    n_tr, n_te = np.unique(train_keys).size, np.unique(test_keys).size
+    rule = "the CSV's split column" if by_column else f"the last {100 - round(100 * TRAIN_FRACTION)}% of objects"
+    return f"{test_keys.size} images of {n_te} of {n_tr + n_te} labels ({rule})"
 
 
 def cached_test_split(name: str, paths: list[str], keys: np.ndarray) -> RevisitopRef:
@@ -131,3 +147,34 @@ def cached_test_split(name: str, paths: list[str], keys: np.ndarray) -> Revisito
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return RevisitopRef(str(root), name)
+
+
+def parse_test_spec(spec: str) -> RevisitopRef:
+    """A run's own test set (`--test-data SPEC`): `folder:DIR` (all its images, labels by folder), `groups:CSV`
+    (its `test` rows, or all rows without a split column) -- every image a query against the others,
+    positives the same label, written once in revisitop layout under `$AML_HOME/datasets/` -- or
+    `revisitop:DATA_ROOT/NAME` (a revisitop-layout set: `NAME/gnd_NAME.pkl` and `NAME/jpg/`)."""
+    kind, _, arg = (spec or "").partition(":")
+    kind = kind.strip().lower()
+    if kind not in ("folder", "groups", "revisitop") or not arg.strip():
+        raise UserError(f"test data spec {spec!r}: not recognised; accepted forms: {TEST_FORMS}")
+    path = Path(arg.strip()).expanduser().resolve()
+    if kind == "revisitop":
+        if not gnd_file(path.parent, path.name).is_file():
+            raise UserError(
+                f"{gnd_file(path.parent, path.name)}: not found; revisitop:DATA_ROOT/NAME expects "
+                "NAME/gnd_NAME.pkl and NAME/jpg/ (as `aml data split` writes them)"
+            )
+        return RevisitopRef(str(path.parent), path.name)
+    if kind == "folder":
+        paths, labels = read_label_folder(path)
+        name = path.name
+    else:
+        paths, labels, splits = read_groups_csv(path)
+        if splits is not None:
+            paths = [p for p, s in zip(paths, splits, strict=True) if s == "test"]
+            labels = [lab for lab, s in zip(labels, splits, strict=True) if s == "test"]
+        name = path.parent.name if path.stem in ("groups", "train", "test") else path.stem
+        if not paths:
+            raise UserError(f"{path}: no test rows; mark test images with split = test, or drop the split column")
+    return cached_test_split(_safe(name), paths, object_keys(labels))

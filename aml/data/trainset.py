@@ -28,7 +28,7 @@ def _int64_vector(x: object) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class TrainSet:
     """Training images (`paths`), one cluster id per image (images of one landmark / object share it) and
-    parallel `qidxs` / `pidxs`: query / positive image indices (SPEC §4). Images are indexed by position."""
+    parallel `qidxs` / `pidxs`: query / positive indices (docs/REFERENCE.md §4). Images are indexed by position."""
 
     paths: list[str]
     cluster: np.ndarray
@@ -108,9 +108,29 @@ def missing_files(paths: list[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class SourceInfo:
+    """One `--data` source of a run: its spec, its images at [start, stop) of the run's training set, the
+    labelled (query, positive) pairs and labels it brings (0: unlabelled), what it held out as its test set
+    (text, "" when nothing) and that test set."""
+
+    spec: str
+    name: str
+    start: int
+    stop: int
+    pairs: int
+    labels: int
+    held_out: str = ""
+    test: RevisitopRef | None = None
+
+
+@dataclass(frozen=True)
 class DataBundle:
-    """What a data spec resolves to: a training set, an optional validation set, an optional test set."""
+    """What a data spec resolves to: a training set, an optional validation set, an optional test set;
+    `held_out` says what a labelled source kept out of training for its test set; `sources` (set by
+    `aml.data.sources.parse_data_specs`) what each `--data` source contributes."""
 
     train: TrainSet
     val: TrainSet | None
     test: RevisitopRef | None
+    held_out: str = ""
+    sources: tuple[SourceInfo, ...] = ()

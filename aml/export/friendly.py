@@ -14,7 +14,7 @@ into the Conv itself. With a larger stride the ONNX export writes one Conv with 
 definition (output ceil(i / s), the extra pixel at the end) is TF's, the runtime computing it at every size;
 eager and TorchScript compute it from the input's shape into one Pad. No Pad nodes matter on onnxruntime's CPU:
 each one sits outside its blocked (NCHWc) convolution layout, so the maps are reordered out of it and back in
-around every Pad (lite2 at 240x320, 1 thread: 1.8x faster than the earlier pad-and-slice graph).
+around every Pad.
 """
 
 from __future__ import annotations

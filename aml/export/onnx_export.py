@@ -16,8 +16,9 @@ import onnx
 import torch
 from torch import nn
 
+from aml.sidecar import INPUT, OUTPUT
+
 OPSET = 17
-INPUT, OUTPUT = "images", "vectors"
 
 
 def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,23 @@ import torch
 import aml
 from aml.cache import DEFAULT_DTYPE
 from aml.data.images import load_image, to_array
+from aml.data.revisitop import load_revisitop
+from aml.data.spec import parse_data_spec
 from aml.errors import UserError
-from aml.export import verify
+from aml.export import quant_report, verify
 from aml.export.encoder import export_encoder, reference_encoder
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
+from aml.export.quantize import Int8Recipe, quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
-from aml.io import atomic_path, sha256_file
+from aml.identity import check_compatible
+from aml.io import aml_home, atomic_path, scratch_dir, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
-from aml.settings import ExtractSettings
-from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, PRECISIONS, binary_output, write_sidecar
+from aml.probe import probe_batch
+from aml.registry import create_model, read_torch_file
+from aml.settings import IMAGE_SIZE, ExtractSettings
+from aml.sidecar import CALIB_COUNT, FORMATS, INPUT, LATENCY_RUNS, OUTPUT, PRECISIONS, binary_output, write_sidecar
+from aml.teacher_vectors import TeacherVectors
 from aml.whiten import Lw, teacher_lw
 
 
@@ -65,8 +72,6 @@ def _teacher_meta(identity: Mapping[str, Any] | None, where: str) -> Callable[[]
     label = (identity or {}).get("weights")
 
     def meta() -> Mapping[str, Any]:
-        from aml.registry import read_torch_file
-
         if not label or not os.path.isfile(str(label)):
             raise UserError(
                 f"{where}: --whiten needs the teacher's learned whitening, but "
@@ -95,17 +100,11 @@ def default_verify_data(
 ) -> VerifyData:
     """The held-out set (`verify_data` = DIR/NAME in revisitop layout, else the training data's test
     split) and the teacher's database vectors for it, from the teacher feature cache (extracted once)."""
-    from aml.data.revisitop import load_revisitop
-    from aml.identity import check_compatible
-    from aml.io import aml_home
-    from aml.teacher_vectors import TeacherVectors
 
     if verify_data is not None:
         root = Path(verify_data)
         ds = load_revisitop(root.parent, root.name)
     else:
-        from aml.data.spec import parse_data_spec
-
         if "data" not in config:
             raise UserError(
                 f"{where}: no training config to find a test set in; pass --verify-data DIR/NAME "
@@ -180,8 +179,6 @@ def _calibration_images(config: Mapping[str, Any], calib_images: Sequence[str] |
         return calib_images
     if "data" not in config:
         raise UserError(f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt")
-    from aml.data.spec import parse_data_spec
-
     return parse_data_spec(config["data"]).train.paths
 
 
@@ -202,8 +199,6 @@ def _export_graph(
     fp32_path = tmp / "fp32.onnx" if precision == "int8" else model
     export_onnx(module, fp32_path, example)
     if precision == "int8":
-        from aml.export.quantize import quantize_int8
-
         quantize_int8(fp32_path, model, calibration())
     check_onnx(model)
     return model, ort_runner(model)
@@ -212,11 +207,6 @@ def _export_graph(
 def _int8_report(fp32: Path, model: Path, size: int, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
     """What the int8 graph buys: its int8 / float kernels as onnxruntime runs them and, with `runs` > 0, the
     paired fp32 / int8 latency at `size` and the precision recommended from it."""
-    from dataclasses import asdict
-
-    from aml.export import quant_report
-    from aml.export.quantize import Int8Recipe
-
     kernels = quant_report.kernel_counts(model)
     total = quant_report.kernel_counts(fp32)["float_conv"]
     recipe = asdict(Int8Recipe())
@@ -238,33 +228,30 @@ def _int8_report(fp32: Path, model: Path, size: int, runs: int, log: Callable[[s
 
 
 def _sidecar_info(
-    fmt: str,
-    precision: str,
+    st: ExportSettings,
+    student: _Student,
     out: Path,
-    net: RetrievalNet,
     reference: torch.nn.Module,
     lw: Lw | None,
     size: int,
     swaps: dict[str, int],
-    ckpt_path: Path,
-    ckpt: Mapping[str, Any],
     results: dict[str, Any],
 ) -> dict[str, Any]:
     """The sidecar of an export (everything but the model file's sha256)."""
-    info_aml = net.meta.get("aml") or {}
+    net, info_aml = student.net, student.info
     return {
-        "format": fmt,
-        "precision": precision,
+        "format": st.fmt,
+        "precision": st.precision,
         "file": out.name,
         "mean": net.mean,
         "std": net.std,
         "input": {
-            "name": "images",
+            "name": INPUT,
             "layout": "NCHW RGB",
             "dtype": "float32",
             "dynamic": ["batch", "height", "width"],
         },
-        "output": {"name": "vectors", "dtype": "float32", "l2_normalised": True},
+        "output": {"name": OUTPUT, "dtype": "float32", "l2_normalised": True},
         "image_size": size,
         "dim": int(reference.lw.out_features if lw is not None else net.dim),
         "msp": 1.0 if lw is not None else float(net.msp),
@@ -272,13 +259,13 @@ def _sidecar_info(
         "teacher": info_aml.get("teacher"),
         "student": {
             "name": info_aml.get("name"),
-            "checkpoint": str(ckpt_path.resolve()),
-            "sha256": sha256_file(ckpt_path),
-            "epoch": ckpt.get("epoch"),
+            "checkpoint": str(student.path.resolve()),
+            "sha256": sha256_file(student.path),
+            "epoch": student.ckpt.get("epoch"),
         },
         "export": {
-            "exporter": "torch.onnx.export(dynamo=False)" if fmt == "onnx" else "torch.jit.trace",
-            "opset": OPSET if fmt == "onnx" else None,
+            "exporter": "torch.onnx.export(dynamo=False)" if st.fmt == "onnx" else "torch.jit.trace",
+            "opset": OPSET if st.fmt == "onnx" else None,
             "traced_at": [size, size],
             "swapped_modules": swaps,
             "torch": torch.__version__,
@@ -288,97 +275,156 @@ def _sidecar_info(
     }
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """What an export writes and how it is checked (the `aml export` options).
+
+    `fmt` (FORMATS) and `precision` (PRECISIONS); `whiten` (a `--whiten` value: `aml.whiten.FIRST`, a key of the
+    teacher's meta['Lw'], or an Lw file) folds the teacher's single-scale Lw into the graph; `image_size`: None
+    takes the checkpoint's test or training size, else `aml.settings.IMAGE_SIZE`; `binary` records in the
+    sidecar (`output.binary`, `aml.sidecar.binary_output`) that the consumer binarises the float vectors at
+    zero (the graph stays float). fp16 / int8: `verify_data` (DIR/NAME, revisitop layout; None: the training
+    data's test split) and `map_tolerance` for the retrieval gate; int8: `calib_images` (None: the training
+    images), `calib_count` of them drawn, `latency_runs` paired fp32 / int8 timings (0: none).
+    """
+
+    fmt: str = "onnx"
+    precision: str = "fp32"
+    whiten: str | None = None
+    image_size: int | None = None
+    binary: bool = False
+    verify_data: str | None = None
+    calib_images: Sequence[str] | None = None
+    calib_count: int = CALIB_COUNT
+    map_tolerance: float = verify.MAP_TOLERANCE
+    latency_runs: int = LATENCY_RUNS
+
+    def __post_init__(self) -> None:
+        _check_choices(self.fmt, self.precision)
+
+    def file_suffix(self) -> str:
+        """The default output name's ending, e.g. `-int8-w-b.onnx` (precision, whitened, binary, format)."""
+        whitened, binary = "-w" if self.whiten is not None else "", "-b" if self.binary else ""
+        return f"-{self.precision}{whitened}{binary}{FORMATS[self.fmt]}"
+
+
+@dataclass(frozen=True)
+class _Student:
+    """A student checkpoint read for export: its file, network (eval mode, frozen), dict and training config."""
+
+    path: Path
+    net: RetrievalNet
+    ckpt: Mapping[str, Any]
+    config: dict[str, Any]
+
+    @classmethod
+    def read(cls, checkpoint: str | os.PathLike) -> _Student:
+        path = Path(checkpoint)
+        ckpt = read_torch_file(path)
+        ckpt = ckpt if isinstance(ckpt, Mapping) else {}
+        net = create_model(path, role="student").eval().requires_grad_(False)
+        return cls(path, net, ckpt, _config(ckpt))
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """The student's meta['aml'] (its name and the teacher it was distilled for)."""
+        return self.net.meta.get("aml") or {}
+
+    def image_size(self, given: int | None) -> int:
+        """`given`, else the checkpoint's test or training size, else `aml.settings.IMAGE_SIZE`."""
+        return int(given or self.config.get("test_image_size") or self.config.get("image_size") or IMAGE_SIZE)
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
+    settings: ExportSettings | None = None,
     *,
-    fmt: str = "onnx",
-    precision: str = "fp32",
-    whiten: str | None = None,
     out: str | os.PathLike | None = None,
-    image_size: int | None = None,
-    verify_data: str | None = None,
-    calib_images: Sequence[str] | None = None,
-    calib_count: int = CALIB_COUNT,
-    map_tolerance: float = verify.MAP_TOLERANCE,
-    latency_runs: int = LATENCY_RUNS,
     verify_data_fn: Callable[..., VerifyData] | None = None,
-    binary: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Export, verify and write `out` (+ `out.json` sidecar); returns the sidecar dict.
+    """Export, verify and write `out` (default: beside the checkpoint, `ExportSettings.file_suffix`) and its
+    `out.json` sidecar, as `settings` say; returns the sidecar dict.
 
     int8 also records (sidecar `int8`) how many convolutions onnxruntime runs as int8 kernels and, unless
     `latency_runs` is 0, the paired batch-1 fp32 / int8 latency at the export's size: when int8 takes more
     than `aml.sidecar.MAX_INT8_RATIO` of the fp32 time, it says so and recommends fp32 (the model is
-    still written).
-
-    `whiten` (a `--whiten` value: `aml.whiten.FIRST`, a key of the teacher's meta['Lw'], or an Lw file) folds
-    the teacher's single-scale Lw into the graph. The image size is `image_size`, else the checkpoint's test or
-    training size, else TrainConfig's default. `verify_data_fn(config, verify_data, identity, image_size, lw,
-    where)` overrides where the held-out set and the teacher database come from (tests pass tiny arrays).
-    `binary` records in the sidecar (`output.binary`, aml.sidecar.binary_output) that the float vectors are to be
-    binarised at zero by the consumer (`aml embed` writes packed codes); the graph is the float one.
+    still written). `verify_data_fn(config, verify_data, identity, image_size, lw, where)` overrides where the
+    held-out set and the teacher database come from (tests pass tiny arrays).
     """
-    from aml.registry import create_model, read_torch_file
-    from aml.train.config import TrainConfig
-
-    _check_choices(fmt, precision)
-    ckpt_path = Path(checkpoint)
-    where = str(ckpt_path)
-    ckpt = read_torch_file(ckpt_path)
-    config = _config(ckpt) if isinstance(ckpt, Mapping) else {}
-    net = create_model(ckpt_path, role="student").eval().requires_grad_(False)
-    info_aml = net.meta.get("aml") or {}
-    teacher = info_aml.get("teacher")
-    size = int(image_size or config.get("test_image_size") or config.get("image_size") or TrainConfig.image_size)
-    suffix = f"-{precision}{'-w' if whiten is not None else ''}{'-b' if binary else ''}{FORMATS[fmt]}"
-    out = Path(out) if out is not None else ckpt_path.with_name(f"{ckpt_path.stem}{suffix}")
+    st = settings or ExportSettings()
+    student = _Student.read(checkpoint)
+    net, where, teacher = student.net, str(student.path), student.info.get("teacher")
+    size = student.image_size(st.image_size)
+    out = Path(out) if out is not None else student.path.with_name(f"{student.path.stem}{st.file_suffix()}")
     label = (teacher or {}).get("weights")
-    lw = teacher_lw(whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
-
+    lw = teacher_lw(st.whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
     reference = reference_encoder(net, lw)
-    module, swaps = export_encoder(net, lw, "fp32" if precision == "int8" else precision)
-    example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
-
-    def calibration() -> list[np.ndarray]:
-        paths = _calibration_images(config, calib_images, where)
-        batches = calibration_batches(paths, size, net.mean, net.std, calib_count)
-        log(f"calibrating int8 on {len(batches)} images")
-        return batches
-
-    results: dict[str, Any] = {}
+    module, swaps = export_encoder(net, lw, "fp32" if st.precision == "int8" else st.precision)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with scratch_dir(out) as tmp:
         log(
-            f"exporting {info_aml.get('name')} ({fmt}, {precision}) traced at {size}x{size}; "
+            f"exporting {student.info.get('name')} ({st.fmt}, {st.precision}) traced at {size}x{size}; "
             f"export-friendly swaps: {swaps or 'none needed'}"
         )
-        tmp_model, runner = _export_graph(fmt, precision, module, example, Path(tmp), calibration)
+        example = torch.from_numpy(probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
+        calibration = partial(_calibration, st, student, size, log)
+        tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
         int8 = None
-        if precision == "int8":
-            int8 = _int8_report(Path(tmp) / "fp32.onnx", tmp_model, size, latency_runs, log)
-        results["equivalence"] = verify.equivalence(
-            torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
-        )
-        if precision != "fp32":
-            vd = (verify_data_fn or default_verify_data)(config, verify_data, teacher or {}, size, lw, where)
-            log(
-                f"retrieval check on {vd.dataset.name}: {len(vd.dataset.qimlist)} queries, {vd.db.shape[0]} "
-                "database vectors"
-            )
-            results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std, map_tolerance)
-        failure = verify.failure_message(where, results)
-        if failure:
-            raise verify.VerificationError(failure)
-        info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
+        if st.precision == "int8":
+            int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log)
+        results = _verification(st, student, reference, runner, size, lw, verify_data_fn or default_verify_data, log)
+        info = _sidecar_info(st, student, out, reference, lw, size, swaps, results)
         if int8 is not None:
             info["int8"] = int8
-        if binary:
+        if st.binary:
             info["output"]["binary"] = binary_output(info["dim"])
-        # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
-        # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
-        info["sha256"] = sha256_file(tmp_model)
-        write_sidecar(out, info)
-        with atomic_path(out) as final:
-            os.replace(tmp_model, final)
+        _write(out, tmp_model, info)
     return info
+
+
+def _calibration(st: ExportSettings, student: _Student, size: int, log: Callable[[str], None]) -> list[np.ndarray]:
+    """The int8 calibration batches: `st.calib_count` images of the calibration list, loaded at `size`."""
+    paths = _calibration_images(student.config, st.calib_images, str(student.path))
+    batches = calibration_batches(paths, size, student.net.mean, student.net.std, st.calib_count)
+    log(f"calibrating int8 on {len(batches)} images")
+    return batches
+
+
+def _verification(
+    st: ExportSettings,
+    student: _Student,
+    reference: torch.nn.Module,
+    runner: verify.Runner,
+    size: int,
+    lw: Lw | None,
+    verify_data_fn: Callable[..., VerifyData],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The verification results: equivalence (a gate for fp32) and, for fp16 / int8, the retrieval gate; a
+    failed gate raises VerificationError with the numbers."""
+    net, where = student.net, str(student.path)
+    results: dict[str, Any] = {
+        "equivalence": verify.equivalence(
+            torch_runner(reference), runner, size, gate=st.precision == "fp32", mean=net.mean, std=net.std
+        )
+    }
+    if st.precision != "fp32":
+        vd = verify_data_fn(student.config, st.verify_data, student.info.get("teacher") or {}, size, lw, where)
+        ds = vd.dataset
+        log(f"retrieval check on {ds.name}: {len(ds.qimlist)} queries, {vd.db.shape[0]} database vectors")
+        results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std, st.map_tolerance)
+    failure = verify.failure_message(where, results)
+    if failure:
+        raise verify.VerificationError(failure)
+    return results
+
+
+def _write(out: Path, tmp_model: Path, info: dict[str, Any]) -> None:
+    """Move the verified model to `out` and write its sidecar, recording the model's sha256."""
+    # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
+    # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
+    info["sha256"] = sha256_file(tmp_model)
+    write_sidecar(out, info)
+    with atomic_path(out) as final:
+        os.replace(tmp_model, final)

@@ -22,34 +22,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from aml.export.onnx_export import INPUT
-from aml.sidecar import LATENCY_RUNS, MAX_INT8_RATIO
+from aml.ort_session import session
+from aml.sidecar import INPUT, LATENCY_RUNS, MAX_INT8_RATIO
 
 INT8_CONVS = ("QLinearConv", "ConvInteger")  # onnxruntime's int8 convolution kernels (any domain)
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # float ones (incl. com.microsoft.nchwc.Conv)
 INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")  # the CPU features onnxruntime's int8 kernels use
 
 
-def _session(
-    model: str | os.PathLike, threads: int, optimized: str | os.PathLike | None = None
-) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # the warning that an optimised graph is hardware specific: known, wanted
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-
-
 def optimized_ops(model: str | os.PathLike) -> Counter[str]:
     """Operator types (domain dropped) of the graph onnxruntime's CPU provider runs for `model`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
-        _session(model, 1, out)
+        session(model, 1, optimized=out)
         return Counter(n.op_type for n in onnx.load(str(out)).graph.node)
 
 
@@ -81,7 +67,7 @@ def paired_latency(
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs {runs}, warmup {warmup}; expected runs >= 1, warmup >= 0")
     x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-    sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
+    sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads)}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for k in range(warmup + runs):
         for name, sess in sessions.items():

@@ -1,28 +1,23 @@
 """int8 static quantisation of an exported float32 ONNX encoder (onnxruntime.quantization, QDQ, per-channel).
 
-What runs fast on onnxruntime's CPU provider decides the recipe (issue 16; counts with `aml.export.quant_report`):
+The recipe (`Int8Recipe`) follows what onnxruntime's CPU provider runs as int8 kernels (count them with
+`aml.export.quant_report.kernel_counts`):
 
 - uint8 activations, int8 weights. On x86 onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into an
   int8 QLinearConv only for uint8 activations (`QDQIsInt8Allowed()` is true on ARM only); with int8
   activations every convolution whose input tensor has several consumers (residual adds, Swish
-  `x * sigmoid(x)`, squeeze-excitation) stayed a float Conv between Q / DQ pairs and NHWC transposes, which
-  is why the first int8 export ran slower than float32.
+  `x * sigmoid(x)`, squeeze-excitation) stays a float Conv between Q / DQ pairs and NHWC transposes.
 - The whole backbone is quantised, not only its convolutions: Clip / Relu (folded into the quantisation
   range), the residual Add, Swish and SE (Sigmoid, Mul, GlobalAveragePool), and the Pad / Slice of TF
   "same" padding (strided convolutions only: `aml.export.friendly` gives stride-1 ones no Pad), so tensors
-  stay uint8 from one convolution to the next (QLinearAdd, QLinearMul, QLinearSigmoid, ...). Without them
-  each float op costs a dequantise, a float pass and a quantise. Measured (UKBench, 224 px, int8 / fp32 at
-  batch 1): the same accuracy gate passes with a better query cosine than the first recipe.
+  stay uint8 from one convolution to the next (QLinearAdd, QLinearMul, QLinearSigmoid, ...); a float op
+  between them would cost a dequantise, a float pass and a quantise.
 - The head stays float32: everything after the last convolution (GeM's x^p, L2N, a folded Lw), so outputs
   stay unit vectors and the whitening keeps full precision. So does the stem (the first convolution, which
-  reads the normalised image, with its padding and activation up to the second convolution's input), but
-  for a stem that ends in a max-pool (ResNet; `STEM_POOLS`). With the first recipe (int8 activations)
-  quantising the stem cost 1.6 points (lite0 contr+ on UKBench, fp32 23.92: stem int8 22.28, float 24.43);
-  with this one it costs little, and float still tracks fp32 best (UKBench, 400 queries, asymmetric mAP M
-  int8 vs fp32 and query cosine min / mean: lite0 contr+ fp32 23.98: float stem 23.57, 0.9950 / 0.9991;
-  int8 stem 23.82, 0.9940 / 0.9988; lite0-init 0 epochs fp32 83.53: float stem 83.31, 0.9791 / 0.9954;
-  int8 stem 83.21, 0.9763 / 0.9938; the first recipe 83.93, 0.8801 / 0.9754). 7-bit weights
-  (`reduce_range`) lost accuracy on this VNNI machine (lite0 contr+ 23.30, cosine min 0.9731).
+  reads the normalised image, with its padding and activation up to the second convolution's input), whose
+  float vectors track the fp32 student's most closely, but for a stem that ends in a max-pool (ResNet;
+  `STEM_POOLS`). Weights use all 8 bits: 7-bit weights (`reduce_range`) lose accuracy and are only for x86
+  CPUs without VNNI.
 - onnxruntime has no quantised Pad fusion: a `DequantizeLinear -> Pad -> QuantizeLinear` with one set of
   quantisation parameters is rewritten as a Pad of the uint8 tensor with the zero point as its value
   (`fold_qdq_pads`; exact), and a Shape that read a dequantised tensor reads the uint8 one.
@@ -34,10 +29,8 @@ ones the encoder will embed.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,14 +44,14 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from aml.export.onnx_export import INPUT
+from aml.io import scratch_dir
+from aml.sidecar import INPUT
 
 # The operator types quantised inside the backbone (onnxruntime fuses each with its Q / DQ neighbours).
 QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "Pad", "Slice")
 # A stem ending in one of these is quantised too: onnxruntime moves the first QuantizeLinear above a max-pool
-# (they commute) and then runs the pool on uint8 in NCHW, ~25x slower than the float one, unless the int8 stem
-# convolution before it puts the pool into the NHWC int8 chain (ResNet-18, 362 px, 1 thread: int8 / fp32
-# 0.56 with a float stem, 0.32 quantised).
+# (they commute) and then runs the pool on uint8 in NCHW, far slower than the float pool, unless the int8 stem
+# convolution before it puts the pool into the NHWC int8 chain.
 STEM_POOLS = ("MaxPool",)
 
 
@@ -210,8 +203,8 @@ def quantize_int8(
     head float32) calibrated on `batches`."""
     if recipe.activations not in ("uint8", "int8"):
         raise ValueError(f"activations {recipe.activations!r}; expected 'uint8' or 'int8'")
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
-        prepped, quantized = Path(tmp) / "prepped.onnx", Path(tmp) / "quantized.onnx"
+    with scratch_dir(out_path) as tmp:
+        prepped, quantized = tmp / "prepped.onnx", tmp / "quantized.onnx"
         # shape inference + graph optimisation first, as onnxruntime recommends before static quantisation
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         model = onnx.load(str(prepped))

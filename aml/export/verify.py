@@ -20,6 +20,7 @@ from aml.data.revisitop import Revisitop
 from aml.errors import UserError
 from aml.evaluate import evaluate_features
 from aml.net import IMAGENET_MEAN, IMAGENET_STD
+from aml.probe import probe_batch
 from aml.scoring import PROTOCOLS
 
 MIN_COSINE = 0.9999
@@ -37,25 +38,6 @@ def probe_sizes(image_size: int) -> list[tuple[int, int]]:
     s = int(image_size)
     short = max(8, (3 * s) // 4) | 1  # odd: the other parity from an even S
     return [(s, s), (s, short), (short - 2, s)]
-
-
-def probe_batch(
-    h: int,
-    w: int,
-    seed: int,
-    batch: int = 2,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> np.ndarray:
-    """A deterministic image-like float32 batch: blocky random colours plus pixel noise in [0, 1], normalised
-    with `mean` / `std` (activations in the range real images give, which int8 calibration expects)."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.uniform(0, 1, (batch, 3, h // 8 + 1, w // 8 + 1))
-    x = np.repeat(np.repeat(blocks, 8, axis=2), 8, axis=3)[:, :, :h, :w]
-    x = x + rng.normal(0, 0.05, (batch, 3, h, w))
-    m = np.asarray(mean, np.float64).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float64).reshape(1, 3, 1, 1)
-    return ((x.clip(0, 1) - m) / s).astype(np.float32)
 
 
 def agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

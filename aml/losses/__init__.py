@@ -1,4 +1,4 @@
-"""The AML losses (SPEC §5) by name, on L2-normalised vectors; teacher inputs are always detached (frozen).
+"""The AML losses (docs/REFERENCE.md §5) by name, on L2-normalised vectors; teacher inputs are always detached (frozen).
 
 `LOSSES[name]` is the loss's `LossSpec` (aml/losses/spec.py): its function, kind, the inputs it reads, whether
 it needs labels and whether it has per-sample values. A spec is called like its function.
@@ -30,7 +30,7 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 | normsoftmax | batch | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 
 The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
-labels, `spec.pairs` (aml/losses/pairs.py, Metrix, SPEC §8), which `--mixup` trains with.
+labels, `spec.pairs` (aml/losses/pairs.py, Metrix, docs/REFERENCE.md §8), which `--mixup` trains with.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Contrastive losses (cirtorch / AML, SPEC §5): asymmetric `contr`, `contr+`; the symmetric baseline `sym`.
+"""Contrastive losses (AML, docs/REFERENCE.md §5): asymmetric `contr`, `contr+`; the symmetric baseline `sym`.
 
 Per tuple (q, p, n_1..n_k), summed over its pairs, with d the Euclidean distance:
 

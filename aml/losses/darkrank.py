@@ -1,4 +1,4 @@
-"""DarkRank, hard (list-wise, Plackett-Luce) version (Chen, Wang, Zhang, AAAI 2018), over a batch (SPEC §5).
+"""DarkRank, hard (list-wise, Plackett-Luce) version (Chen et al., AAAI 2018), over a batch (docs/REFERENCE.md §5).
 
 Scores S(i, j) = -alpha * d(x_i, x_j)^beta (alpha 3, beta 3). For each anchor i, pi = the teacher's top-L
 neighbours (self excluded, L = 4) in teacher order; the loss is the negative log Plackett-Luce likelihood of

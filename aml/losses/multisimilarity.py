@@ -1,11 +1,11 @@
-"""Multi-similarity loss (Wang et al., CVPR 2019), anchor row only, asymmetric (SPEC §5).
+"""Multi-similarity loss (Wang et al., CVPR 2019), anchor row only, asymmetric (docs/REFERENCE.md §5).
 
 With S = <s(q), t(.)> (cosine similarity of L2-normalised vectors), per tuple:
 
     1/alpha log(1 + sum_p exp(-alpha (S_p - lambda))) + 1/beta log(1 + sum_n exp(beta (S_n - lambda)))
 
 positives = the tuple's positive, negatives = its K negatives; alpha 2, beta 40, lambda 0.5.
-No pair mining (as SPEC §5 and the AML reference code).
+No pair mining (as docs/REFERENCE.md §5 and the AML reference code).
 """
 
 from __future__ import annotations

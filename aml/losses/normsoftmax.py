@@ -1,4 +1,4 @@
-"""NormSoftmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019; SPEC §8).
+"""NormSoftmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning"; docs/REFERENCE.md §8).
 
 Softmax cross-entropy over class proxies, with L2-normalised embeddings x and proxies p, temperature sigma
 (0.05), no bias:

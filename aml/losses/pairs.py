@@ -1,14 +1,14 @@
-"""The pair-based losses in Metrix's generic form (SPEC §8): per anchor, references with soft labels y in [0, 1].
+"""The pair losses in Metrix's generic form (docs/REFERENCE.md §8): per anchor, references with soft labels y in [0, 1].
 
 An anchor a (B, D) is scored against M references r_j (B, M, D) with labels y_j (B, M): y = 1 a positive, 0 a
 negative, lambda a mixed pair `(f_lambda(x, x'), mix_lambda(y, y'))`. With clean labels each form is exactly its
 registered loss (`clean_refs` lays a tuple out as references):
 
 - contrastive (`contr`, `contr+`, `sym`; sigma+- identity):
-  `sum_j y_j 1/2 d(a, r_j)^2 + (1 - y_j) 1/2 [m - d(a, r_j)]+^2` (SPEC §5's cirtorch form, d Euclidean);
+  `sum_j y_j 1/2 d(a, r_j)^2 + (1 - y_j) 1/2 [m - d(a, r_j)]+^2` (docs/REFERENCE.md §5's cirtorch form, d Euclidean);
 - multi-similarity (`ms`; S = <a, r>): `1/alpha log(1 + sum_j y_j e^{-alpha (S_j - lam)}) +
-  1/beta log(1 + sum_j (1 - y_j) e^{beta (S_j - lam)})` (SPEC §8's sigma, rho);
-- triplet (`triplet`; this project's soft form, SPEC names none): over ordered pairs of references with
+  1/beta log(1 + sum_j (1 - y_j) e^{beta (S_j - lam)})` (docs/REFERENCE.md §8's sigma, rho);
+- triplet (`triplet`; this project's soft form, docs/REFERENCE.md names none): over ordered pairs of references with
   y_i > y_j, `sum y_i (1 - y_j) [d(a, r_i)^2 - d(a, r_j)^2 + m]+` (clean: the (positive, negative) triplets).
 
 `mixed` (B, M) bool marks the mixed references V(a) among U(a) u V(a): the value is then the mixed loss alone,

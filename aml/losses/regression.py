@@ -1,4 +1,4 @@
-"""Regression (`reg`, SPEC §5): 1/2 d(s(x), t(x))^2 on any image x; labels not used."""
+"""Regression (`reg`, docs/REFERENCE.md §5): 1/2 d(s(x), t(x))^2 on any image x; labels not used."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Relational knowledge distillation (Park et al., CVPR 2019), distance + angle, over a batch (SPEC §5).
+"""Relational knowledge distillation (Park et al., CVPR 2019), distance + angle, over a batch (docs/REFERENCE.md §5).
 
 Labels are not used; student and teacher embed the same B images.
 

@@ -1,9 +1,9 @@
-"""Asymmetric triplet loss (SPEC §5), squared distances: sum_i max(0, d(s(q),t(p))^2 - d(s(q),t(n_i))^2 + m).
+"""Asymmetric triplet (docs/REFERENCE.md §5), squared distances: sum_i max(0, d(s(q),t(p))^2 - d(s(q),t(n_i))^2 + m).
 
 Default margin 0.7, the value the AML reference code trains with: budnikm/aml `main.py` passes its
 `--loss-margin` default 0.7 to `TripletLoss(margin=args.loss_margin)`, so the class default 0.1
 (lib/layers/loss.py) never applies; `margin=0.1` (`--margin 0.1`, `--loss-arg margin=0.1`) gives that variant.
-SPEC §5 names no triplet margin (its 0.7 is the contrastive one).
+docs/REFERENCE.md §5 names no triplet margin (its 0.7 is the contrastive one).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training recipe, named once: AML defaults (SPEC §4), presets, and (de)serialisation."""
+"""The training recipe, named once: AML defaults (docs/REFERENCE.md §4), presets, and (de)serialisation."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
 from aml.glam import parse_parts
 from aml.losses import LOSSES, PAIR_BASED
-from aml.settings import check_device
+from aml.settings import IMAGE_SIZE, check_device
 from aml.train.head_init import HEAD_INITS
 from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
-# NormSoftmax's class proxies (SPEC §8): `teacher-mean` the teacher's L2-normalised class means of its cached
+# NormSoftmax proxies (docs/REFERENCE.md §8): `teacher-mean` the teacher's L2-normalised class means of its cached
 # vectors, frozen (asymmetric: the student is classified in the teacher's space); `teacher-trained` the proxies
 # NormSoftmax fits to those vectors from the class means, then frozen (asymmetric); `learned` trained with the
 # student from a seeded random start (symmetric: the student never sees the teacher).
@@ -82,7 +82,7 @@ class TrainConfig:
     init_flip: bool = True  # also fit on the mirrored images (map-level methods)
     loss: str = "contr+"
     loss_args: dict[str, float] = field(default_factory=dict)  # keyword constants of the loss
-    mixup: str = "none"  # Metrix (SPEC §8, aml.train.mixup): none | input | feature | embedding
+    mixup: str = "none"  # Metrix (docs/REFERENCE.md §8, aml.train.mixup): none | input | feature | embedding
     mixup_pairs: str = "pos-neg"  # the pairs mixed: pos-neg | anchor-neg | both
     mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
     mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
@@ -111,7 +111,7 @@ class TrainConfig:
     per_class: int = 2
     warmup_epochs: int = -1
     head_norm: str = "auto"
-    image_size: int = 362
+    image_size: int = IMAGE_SIZE
     test_image_size: int = 0  # 0: same as image_size
     cache_dtype: str = DEFAULT_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
     eval_every: int = 1  # epochs between quick test-set evaluations (0: never)
@@ -206,7 +206,7 @@ class TrainConfig:
 # fitted by local Procrustes; without mirrored images, which add nothing on the synthetic set), then CSD with
 # the label-refined target (half the target's mass on the query's landmark, the rest the teacher's distribution
 # over its 256 nearest training images) and a sharp student temperature, 3 epochs of 400 images (the
-# measurements behind this recipe: README, "The student's start" and "The demo's recipe").
+# measurements behind this recipe: docs/TRAINING.md, "The student's start", docs/RESULTS.md, "The demo's recipe").
 PRESETS: dict[str, dict[str, Any]] = {
     "aml": {},
     "demo": dict(

@@ -37,7 +37,7 @@ def plan_tuples(
     teacher: np.ndarray,
     student_vectors: Callable[[np.ndarray], np.ndarray],
 ) -> EpochPlan:
-    """Sample (q, p) pairs and a pool, then mine `neg_num` negatives per query (SPEC §4).
+    """Sample (q, p) pairs and a pool, then mine `neg_num` negatives per query (docs/REFERENCE.md §4).
 
     `student_vectors(idx)` embeds training images with the current student (no grad); the teacher's
     vectors come from its cache, so asymmetric mining never runs the teacher.

@@ -1,4 +1,4 @@
-"""Metrix (Venkataramanan et al., ICLR 2022; SPEC §8): mixup of examples and labels for the pair-based losses.
+"""Metrix (Venkataramanan et al., ICLR 2022; docs/REFERENCE.md §8): mixup of examples and labels for the pair losses.
 
 Each tuple (query q, positive p, negatives n_1..n_K, hardest first) gets one lambda ~ Beta(alpha, alpha), drawn
 from the epoch's seeded rng. A mixed example `mix_lambda(x, n)` = lambda x + (1 - lambda) n of a source x and a

@@ -1,0 +1,172 @@
+"""Several training sources in one run, what a run's data says it holds, and validation carved from training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aml.data.revisitop import load_revisitop
+from aml.data.sources import describe, parse_data_specs, source_shares
+from aml.data.spec import parse_test_spec
+from aml.data.validation import validation_split
+from aml.errors import UserError
+
+
+def _img(path, colour=(10, 20, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 8), colour).save(path)
+
+
+@pytest.fixture
+def sources(tmp_path, home):
+    """A labelled folder (5 labels x 4 images: 3 train, 2 held out as the test set) and an unlabelled one."""
+    for lab in "abcde":
+        for i in range(4):
+            _img(tmp_path / "lab" / lab / f"{lab}{i}.png", (ord(lab), i * 40, 7))
+    for i in range(6):
+        _img(tmp_path / "free" / f"f{i}.png", (i * 30, 9, 9))
+    return tmp_path
+
+
+def test_one_spec_is_the_spec_itself_with_its_source_recorded(sources):
+    b = parse_data_specs([f"folder:{sources / 'lab'}"])
+    assert len(b.train) == 12 and b.test is not None
+    (s,) = b.sources
+    assert (s.start, s.stop, s.labels) == (0, 12, 3)
+    assert "8 images of 2 of 5 labels" in b.held_out
+
+
+def test_sources_laid_end_to_end_with_their_ids_apart(sources):
+    lab, free = parse_data_specs([f"folder:{sources / 'lab'}"]), parse_data_specs([f"images:{sources / 'free'}"])
+    b = parse_data_specs([f"images:{sources / 'free'}", f"folder:{sources / 'lab'}"])
+    t = b.train
+    assert t.paths == free.train.paths + lab.train.paths
+    assert [(s.start, s.stop) for s in b.sources] == [(0, 6), (6, 18)]
+    # pairs only among the labelled source's images, shifted with them, and still same-label pairs
+    assert t.num_pairs == lab.train.num_pairs and t.qidxs.min() >= 6
+    assert np.array_equal(t.qidxs - 6, lab.train.qidxs) and np.array_equal(t.pidxs - 6, lab.train.pidxs)
+    assert (t.cluster[t.qidxs] == t.cluster[t.pidxs]).all()
+    # no label of one source equals a label of another
+    assert not set(t.cluster[:6].tolist()) & set(t.cluster[6:].tolist())
+    assert b.test == lab.test  # the first source that has a test set
+    shares = source_shares(b, np.array([0, 1, 6, 7, 8, 9]))
+    assert shares == {free.train.name: pytest.approx(2 / 6), lab.train.name: pytest.approx(4 / 6)}
+
+
+def test_describe_names_what_is_trained_and_held_out(sources):
+    b = parse_data_specs([f"folder:{sources / 'lab'}", f"images:{sources / 'free'}"])
+    text = "\n".join(describe(b))
+    assert "12 images, 3 labels" in text and "6 images, unlabelled" in text
+    assert "held out as its test set: 8 images of 2 of 5 labels" in text
+    assert f"{b.test.data_root}/{b.test.dataset_name} (the run's test set)" in text
+    alone = parse_data_specs([f"images:{sources / 'free'}"])
+    assert "no test set" in describe(alone)[-1]
+
+
+def test_validation_keeps_enough_images_of_every_label_for_training(sources):
+    # 4 training images per label: 0.2 of them is 1 image, which alone could not be scored: none held out
+    b = parse_data_specs([f"folder:{sources / 'lab'}"])
+    with pytest.raises(UserError, match="nothing to hold out"):
+        validation_split(b.train, fraction=0.2)
+    reduced, held, labels = validation_split(b.train, fraction=0.5)  # 2 of 4: both kept >= MIN_LEFT
+    assert np.bincount(labels).tolist() == [2, 2, 2] and len(reduced) == 6
+
+
+def test_validation_never_takes_unlabelled_or_test_images(sources, tmp_path):
+    for lab in "pq":
+        for i in range(10):
+            _img(tmp_path / "big" / lab / f"{lab}{i}.png", (ord(lab), i * 20, 1))
+    b = parse_data_specs([f"groups:{_csv(tmp_path)}", f"images:{sources / 'free'}"])
+    reduced, held, labels = validation_split(b.train, fraction=0.3, seed=0)
+    assert validation_split(b.train, fraction=0.3, seed=0)[1] == held  # seeded
+    assert validation_split(b.train, fraction=0.3, seed=1)[1] != held
+    assert len(held) == 6 and sorted(np.unique(labels).tolist()) == sorted(np.unique(b.train.cluster[:20]).tolist())
+    free = set(b.train.paths[20:])
+    assert not free & set(held) and free <= set(reduced.paths)
+    assert not set(held) & set(reduced.paths)
+    assert len(reduced) + len(held) == len(b.train)
+    # the reduced set's pairs are the original pairs among the images it keeps, re-indexed
+    kept = {(b.train.paths[q], b.train.paths[p]) for q, p in zip(b.train.qidxs, b.train.pidxs, strict=True)}
+    after = {(reduced.paths[q], reduced.paths[p]) for q, p in zip(reduced.qidxs, reduced.pidxs, strict=True)}
+    assert after == {(q, p) for q, p in kept if q not in held and p not in held}
+    test_images = {line.split(",")[0] for line in _csv(tmp_path).read_text().splitlines() if line.endswith("test")}
+    assert not test_images & set(held)
+
+
+def _csv(tmp_path):
+    """A groups CSV: labels p, q (10 images each) train; label r's images are the test split."""
+    path = tmp_path / "groups.csv"
+    if not path.exists():
+        for i in range(4):
+            _img(tmp_path / "big" / "r" / f"r{i}.png", (200, i * 50, 3))
+        rows = ["image,object,split"]
+        rows += [f"big/{lab}/{lab}{i}.png,{lab},train" for lab in "pq" for i in range(10)]
+        rows += [f"big/r/r{i}.png,r,test" for i in range(4)]
+        path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_validation_split_refuses_a_set_with_nothing_to_hold_out(sources):
+    b = parse_data_specs([f"images:{sources / 'free'}"])
+    with pytest.raises(UserError, match="nothing to hold out"):
+        validation_split(b.train)
+    with pytest.raises(UserError, match="must be in"):
+        validation_split(b.train, fraction=1.5)
+
+
+def test_test_data_is_the_runs_test_set_and_sources_hold_nothing_out(sources, tmp_path):
+    for lab in "ab":  # the test folder shares labels a, b with the training folder (class-level data)
+        for i in range(3):
+            _img(tmp_path / "test" / lab / f"t{lab}{i}.png", (ord(lab), 255 - i * 40, 70))
+    b = parse_data_specs([f"folder:{sources / 'lab'}", f"images:{sources / 'free'}"], f"folder:{tmp_path / 'test'}")
+    assert len(b.train) == 20 + 6 and b.held_out == "" and not any(s.held_out for s in b.sources)
+    ds = load_revisitop(b.test.data_root, b.test.dataset_name)
+    assert len(ds.imlist) == 6 and ds.qimlist == ds.imlist
+    assert sorted(ds.gnd[0]["easy"]) == [1, 2] and ds.gnd[0]["junk"] == [0]
+    assert "(the run's test set)" in "\n".join(describe(b))
+    again = parse_test_spec(f"revisitop:{b.test.data_root}/{b.test.dataset_name}")
+    assert again == b.test
+    with pytest.raises(UserError, match="accepted forms"):
+        parse_test_spec(f"images:{tmp_path / 'test'}")
+    with pytest.raises(UserError, match="gnd_nope.pkl: not found"):
+        parse_test_spec(f"revisitop:{tmp_path}/nope")
+
+
+def test_groups_split_column_may_share_labels_across_train_and_test(tmp_path, home):
+    rows = ["image,object,split"]
+    for lab in "pq":
+        for i in range(4):
+            _img(tmp_path / f"{lab}{i}.png", (ord(lab), i * 50, 5))
+            rows.append(f"{lab}{i}.png,{lab},{'test' if i == 3 else 'train'}")
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    b = parse_data_specs(f"groups:{tmp_path / 'groups.csv'}")
+    assert len(b.train) == 6
+    ds = load_revisitop(b.test.data_root, b.test.dataset_name)
+    assert len(ds.imlist) == 2
+    ref = parse_test_spec(f"groups:{tmp_path / 'groups.csv'}")
+    assert ref == b.test
+
+
+def test_data_split_with_a_test_folder_and_objects_by_name(sources, tmp_path, run_cli):
+    for lab in "ab":
+        for i in range(3):
+            _img(tmp_path / "test" / lab / f"t{lab}{i}.png", (ord(lab), 255 - i * 40, 70))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        "data", "split", "--folder", sources / "lab", "--test-folder", tmp_path / "test", "--out", out, "--name", "lm"
+    )
+    assert code == 0, err
+    assert "test: 6 images of lm" in stdout and "train: 20 images, 5 objects" in stdout
+    b = parse_data_specs(f"groups:{out / 'lm' / 'groups.csv'}")
+    assert len(b.train) == 20 and b.test.dataset_name == "lm"
+    code, stdout, err = run_cli(
+        "data", "split", "--folder", sources / "lab", "--test-objects", "b,d", "--out", out, "--name", "byname"
+    )
+    assert code == 0, err
+    assert "test: 8 images of byname" in stdout
+    code, _, err = run_cli("data", "split", "--folder", sources / "lab", "--test-objects", "zz", "--out", out)
+    assert code == 2 and "cannot read 'zz'" in err and "label names (a, b, c, d, e" in err
+    code, stdout, err = run_cli("data", "info", f"folder:{sources / 'lab'}", f"images:{sources / 'free'}")
+    assert code == 0, err
+    assert "held out as its test set: 8 images of 2 of 5 labels" in stdout and "unlabelled" in stdout
