@@ -20,6 +20,7 @@ benchmarks/results/eval_speed.txt.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -80,14 +81,12 @@ def top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _to_float32(dim: int, scale: float | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """How a stored block becomes float32 rows in `buf`: float16 through torch (several times numpy's cast),
-    uint8 codes as +-1 (`scale` is then applied to the scores)."""
+    """How a stored block becomes float32 rows in `buf`: float16 through torch when it is loaded already (its cast
+    is ~9x numpy's; the torch-free paths, e.g. `aml search` with an ONNX encoder, never load it for this), uint8
+    codes as +-1 (`scale` is then applied to the scores)."""
     if scale is not None:
         return lambda x, buf: unpack_signs(x, dim)
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    torch = sys.modules.get("torch")
 
     def convert(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
         out = buf[: x.shape[0]]

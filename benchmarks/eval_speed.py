@@ -2,8 +2,8 @@
 
 The database is the real roxford5k ground truth (4993 images, the positives leaning towards their queries)
 padded with random distractors to the target size, stored as float16 and generated in chunks. For each size,
-in one run: search (aml.search, the one search core, on --device) + vectorised scoring (aml.scoring), and the same scoring
-through a straightforward per-query loop (revisitop's compute_map style: np.isin and a Python walk per
+in one run: search (aml.search, the search core, on --device) + vectorised scoring (aml.scoring), and the same
+scoring through a straightforward per-query loop (revisitop's compute_map style: np.isin and a Python walk per
 query). Medians over --reps runs; peak memory as numpy's traced peak (tracemalloc) per phase and the
 process's max RSS.
 

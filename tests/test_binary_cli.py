@@ -44,9 +44,9 @@ def test_evaluate_binary_from_features_matches_float_search_on_the_signs(tmp_pat
     assert code == 0, err
     a = json.loads((tmp_path / "a.json").read_text())
     signs = unpack_signs(pack_bits(db), 64)
-    want_asym = evaluate_features(ds, signs / 8, q)  # float queries against the +-1 / sqrt(D) database
-    want_ham = evaluate_features(ds, signs, np.where(q > 0, 1.0, -1.0).astype(np.float32))  # ties by index: as Hamming
-    assert a["mAP"] == evaluate_features(ds, db, q)["mAP"]  # the float row too
+    want_asym = evaluate_features(ds, q, signs / 8)  # float queries against the +-1 / sqrt(D) database
+    want_ham = evaluate_features(ds, np.where(q > 0, 1.0, -1.0).astype(np.float32), signs)  # ties by index: as Hamming
+    assert a["mAP"] == evaluate_features(ds, q, db)["mAP"]  # the float row too
     assert a["binary"]["float->bits"]["mAP"] == pytest.approx(want_asym["mAP"], abs=1e-9)
     assert a["binary"]["hamming"]["mAP"] == pytest.approx(want_ham["mAP"], abs=1e-9)
     assert 0 < a["binary"]["hamming"]["mAP"]["M"] < a["mAP"]["M"] and "float->bits" in out
@@ -90,12 +90,12 @@ def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
     t_db = extract(net, ds.db_paths(), SETTINGS).astype(np.float16)  # the teacher cache's dtype
     q = extract(net, ds.query_paths(), SETTINGS, bbxs=ds.bbxs)
     signs = unpack_signs(pack_bits(t_db), 32)
-    want = evaluate_features(ds, signs / np.sqrt(32), q)["mAP"]
+    want = evaluate_features(ds, q, signs / np.sqrt(32))["mAP"]
     assert r["binary"]["asymmetric float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
     own = pack_bits(floats)  # the student row: the student's own float32 database as bits, its own queries
-    want = evaluate_features(ds, unpack_signs(own, 32) / np.sqrt(32), q)["mAP"]
+    want = evaluate_features(ds, q, unpack_signs(own, 32) / np.sqrt(32))["mAP"]
     assert r["binary"]["student float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
-    hamming = evaluate_features(ds, unpack_signs(own, 32), unpack_signs(pack_bits(q), 32))["mAP"]
+    hamming = evaluate_features(ds, unpack_signs(pack_bits(q), 32), unpack_signs(own, 32))["mAP"]
     assert r["binary"]["student hamming"]["mAP"] == pytest.approx(hamming, abs=1e-6)
 
 

@@ -2,9 +2,10 @@
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
 `runtime_options` (--batch-size, --workers, --device, --backend, --threads), `extraction_options` (both),
-`threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`,
-`json_option`, `quiet_option`, `trust_pickle_option`; and the
-helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
+`threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option` (the teacher cache's
+storage, only), `out_option`, `json_option` (--json PATH, '-' for stdout), `search_device_option`, `quiet_option`,
+`trust_pickle_option`; and the helpers that turn their values into library values (`read_images`,
+`extract_settings`, `write_json_out`). Torch-free: `aml embed`
 uses some of them, and the library constants are imported from torch-free modules only.
 """
 
@@ -249,9 +250,43 @@ def out_option(help: str, *, required: bool = False, file: bool = True) -> Calla
     return click.option("--out", required=required, type=click.Path(dir_okay=not file, file_okay=file), help=help)
 
 
-def json_option(f: F) -> F:
-    """`--json FILE`: also write the result as JSON."""
-    return click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")(f)
+def json_option(what: str) -> Callable[[F], F]:
+    """`--json PATH`, one meaning on every command: also write `what` as JSON to PATH ('-': standard output);
+    `write_json_out` writes it."""
+    return click.option(
+        "--json",
+        "json_out",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        help=f"Write {what} as JSON (-: stdout).",
+    )
+
+
+def write_json_out(path: str, obj: Any) -> None:
+    """The `--json PATH` writer: indented, sorted JSON to standard output for '-', else atomically to the file."""
+    if path == "-":
+        import json
+
+        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+        return
+    from aml.io import write_json
+
+    write_json(path, obj)
+
+
+def search_device_option(help: str) -> Callable[[F], F]:
+    """`--search-device`: where the search runs (`aml.settings.parse_device`; cuda:all where the command takes
+    every GPU), checked before any work; `help` says what it accepts."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from aml.settings import parse_device
+
+        try:
+            parse_device(value, "--search-device", many="cuda:all" in help)
+        except UserError as e:
+            raise click.BadParameter(str(e).partition(": ")[2]) from None
+        return value
+
+    return click.option("--search-device", default="auto", show_default=True, callback=check, help=help)
 
 
 def _trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:

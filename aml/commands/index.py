@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -11,11 +10,13 @@ from aml.commands._options import (
     cache_dtype_option,
     extract_settings,
     extraction_options,
+    json_option,
     model_options,
     quiet_option,
     random_init_option,
     runtime_options,
     whiten_option,
+    write_json_out,
 )
 from aml.index import KINDS
 
@@ -109,8 +110,8 @@ def add(db, images, batch_size, workers, device, backend, teacher_weights, cache
 
 @command.command("info")
 @click.argument("db", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info(db, as_json) -> None:
+@json_option("the manifest")
+def info(db, json_out) -> None:
     """Describe an index: teacher identity, type, parameters, counts."""
     from pathlib import Path
 
@@ -118,9 +119,10 @@ def info(db, as_json) -> None:
     from aml.index import index_identity, read_manifest
 
     man = read_manifest(Path(db))
-    if as_json:
-        click.echo(json.dumps(man, indent=2, sort_keys=True))
-        return
+    if json_out:
+        write_json_out(json_out, man)
+        if json_out == "-":
+            return
     click.echo(f"{db}: {man['type']} index, {man['count']} x {man['dim']} vectors, params {man.get('params') or {}}")
     click.echo(f"teacher: {describe(index_identity(man))}, scales {man.get('scales')}")
     click.echo(

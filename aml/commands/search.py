@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aml.commands._options import image_options, images_options, read_images, threads_option
+from aml.commands._options import image_options, images_options, read_images, search_device_option, threads_option
 
 
 @click.command("search")
@@ -18,12 +18,9 @@ from aml.commands._options import image_options, images_options, read_images, th
 @click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
 @click.option("--device", default="auto", show_default=True, help="Query extraction device (torch encoders).")
 @threads_option
-@click.option(
-    "--search-device",
-    default="auto",
-    show_default=True,
-    help="Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (every "
-    "GPU, the index sharded across them) or cuda:N.",
+@search_device_option(
+    "Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (the first GPU), "
+    "cuda:N, or cuda:all (every GPU, the index sharded across them)."
 )
 @click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
