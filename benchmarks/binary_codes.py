@@ -4,8 +4,8 @@ The database is the real roxford5k ground truth (4993 images, positives leaning 
 padded with random distractors to the target size, as benchmarks/eval_speed.py makes it (zero-centred random
 vectors, so the sign bits split evenly; real GeM vectors must be whitened or LayerNorm'd first). For each size:
 - float: exact inner-product search of the float16-stored database (aml.search, the default CPU backend);
-- float->bits: float queries against the database's sign bits, <q, +-1> / sqrt(D) (aml.binary.asymmetric_search);
-- hamming: the queries' sign bits against the database's, faiss IndexBinaryFlat (aml.binary.hamming_search);
+- float->bits: float queries against the database's sign bits, <q, +-1> / sqrt(D) (aml.search.search);
+- hamming: the queries' sign bits against the database's, faiss IndexBinaryFlat (aml.search.hamming_search);
 with the database's bytes in memory (float32, float16 or packed bits), the search time of the 70 queries
 (median of --reps; Hamming includes building the faiss index once, reported apart) and mAP E/M/H on the top
 --topk ranking (default: the whole database up to 100k, else 10,000, as `aml evaluate`).
@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from eval_speed import GND, make_data  # noqa: E402
 
-from aml.binary import asymmetric_search, binary_index, bits_set, code_bytes, hamming_search, pack_bits  # noqa: E402
+from aml.binary import bits_set, code_bytes, pack_bits  # noqa: E402
 from aml.evaluate import default_topk  # noqa: E402
 from aml.scoring import KAPPAS, score_rankings  # noqa: E402
-from aml.search import pick_backend, search  # noqa: E402
+from aml.search import binary_index, hamming_search, search  # noqa: E402
 from aml.trust import load_pickle  # noqa: E402
 
 
@@ -60,11 +60,10 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace) -> None:
     db, q = make_data(gnd, n, d, np.random.default_rng(0), np.float16)
     k = args.topk or default_topk(n)
     t_pack, codes = timed(lambda: pack_bits(db), 1)
-    t_float, ids_f = timed(lambda: search(db, q, k, device="cpu"), args.reps)
-    t_asym, (_, ids_a) = timed(lambda: asymmetric_search(q, codes, d, k), args.reps)
-    t_build, index = timed(lambda: binary_index(codes, d), 1)
-    q_codes = pack_bits(q)
-    t_ham, (_, ids_h) = timed(lambda: hamming_search(q_codes, index, d, k), args.reps)
+    t_float, (_, ids_f) = timed(lambda: search(q, db, k, device="cpu"), args.reps)
+    t_asym, (_, ids_a) = timed(lambda: search(q, codes, k), args.reps)
+    t_build, index = timed(lambda: binary_index([codes]), 1)
+    t_ham, (_, ids_h) = timed(lambda: hamming_search(index, q, d, k), args.reps)
     mib = 2**20
     rows = [
         ("float", f"{n * d * 4 / mib:.0f} (f32) / {n * d * 2 / mib:.0f} (f16)", t_float, ids_f, ""),
@@ -73,8 +72,7 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace) -> None:
     ]
     for name, mem, t, ids, note in rows:
         print(f"{n:>8} {name:>12} {mem:>20} {t:>9.3f} {maps(ids, gnd, n)}  {note}", flush=True)
-    backend = pick_backend("auto", "cpu", k)
-    print(f"{'':>8} bits set {100 * bits_set(codes, d):.1f}%, ranking depth {k}, float search backend {backend}")
+    print(f"{'':>8} bits set {100 * bits_set(codes, d):.1f}%, ranking depth {k}, float search on the CPU (aml.search)")
 
 
 def main() -> None:

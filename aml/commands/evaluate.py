@@ -24,6 +24,7 @@ from aml.commands._options import (
     quiet_option,
     random_init_option,
     search_device_option,
+    threads_option,
     trust_pickle_option,
     whiten_option,
     write_json_out,
@@ -203,6 +204,7 @@ def _from_features(
     help="The database held in memory as (default: as stored; float16 halves the memory).",
 )
 @search_device_option("auto, cpu, cuda or cuda:N (the search core, aml.search).")
+@threads_option
 def features(
     dataset, data_root, topk, binary_rows, json_out, show, show_n, show_k, query_features, db_features,
     distractor_features, database_dtype, search_device,
