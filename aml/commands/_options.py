@@ -4,13 +4,14 @@ Decorators: `model_options(role)`, `random_init_option`, `image_options` (--imag
 `runtime_options` (--batch-size, --workers, --device, --backend, --threads), `extraction_options` (both),
 `threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option` (the teacher cache's
 storage, only), `out_option`, `json_option` (--json PATH, '-' for stdout), `search_device_option`, `quiet_option`,
-`trust_pickle_option`; and the helpers that turn their values into library values (`read_images`,
-`extract_settings`, `write_json_out`). Torch-free: `aml embed`
-uses some of them, and the library constants are imported from torch-free modules only.
+`trust_pickle_option`, `settings_options` (extraction_options + --quiet as one ExtractSettings); and the helpers
+that turn their values into library values (`read_images`, `extract_settings`, `write_json_out`, `collect`).
+Torch-free: `aml embed` uses some of them, and the library constants are imported from torch-free modules only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,31 @@ def extract_settings(
 ) -> ExtractSettings:
     """The `ExtractSettings` of `extraction_options` (progress shown unless --quiet: `aml.progress`)."""
     return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet, backend)
+
+
+def collect(name: str, build: Callable[..., Any], *keys: str) -> Callable[[F], F]:
+    """Hand the command the values of the options `keys` as one value, `name` = build(**those values): a command
+    takes settings, not a long list of loose options."""
+
+    def wrap(f: F) -> F:
+        @functools.wraps(f)
+        def inner(*args: Any, **kw: Any) -> Any:
+            kw[name] = build(**{k: kw.pop(k) for k in keys})
+            return f(*args, **kw)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def settings_options(*, default: int | None = None, required: bool = False) -> Callable[[F], F]:
+    """`extraction_options` + `--quiet`, handed to the command as one `settings` value (`extract_settings`)."""
+    keys = ("image_size", "scales", "batch_size", "workers", "device", "quiet", "backend")
+    return _stack(
+        extraction_options(default=default, required=required),
+        quiet_option(),
+        collect("settings", extract_settings, *keys),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ options

@@ -17,13 +17,12 @@ import numpy as np
 from aml.commands._options import (
     _stack,
     cache_dtype_option,
-    extract_settings,
-    extraction_options,
+    collect,
     json_option,
     model_options,
-    quiet_option,
     random_init_option,
     search_device_option,
+    settings_options,
     threads_option,
     trust_pickle_option,
     whiten_option,
@@ -67,6 +66,13 @@ class _Report:
     show_n: int
     show_k: int
 
+    def check_json(self) -> None:
+        """Before any work: the --json file can be written."""
+        from aml.io import check_writable_file
+
+        if self.json_out and self.json_out != "-":
+            check_writable_file(self.json_out, "--json")
+
 
 def _json_safe(x: Any) -> Any:
     """NaN (a protocol with no positive in any query) -> null, so the JSON stays standard."""
@@ -107,6 +113,7 @@ def _common(f: Any) -> Any:
         click.option(
             "--show-k", type=click.IntRange(min=1), default=8, show_default=True, help="Hits drawn per query."
         ),
+        collect("report", _Report, "json_out", "show", "show_n", "show_k"),
         trust_pickle_option,
     )(f)
 
@@ -152,7 +159,7 @@ def _report(ds: Any, result: dict[str, Any], n_dis: int, ranking: Any, what: str
 # ------------------------------------------------------------------------------------------------ features
 def _from_features(
     ds: Any, paths: tuple[str, str, str | None], database_dtype: str | None, topk: int | None, device: str, bits: bool,
-    show: bool,
+    show: str | None,
 ) -> tuple[dict[str, Any], int, Any]:  # fmt: skip
     """Scores of the (queries, database, distractors) feature files (the database held as `database_dtype`), the
     number of distractors and the float ranking (None for uint8 codes); with `bits`, also (or only, for uint8
@@ -206,20 +213,18 @@ def _from_features(
 @search_device_option("auto, cpu, cuda or cuda:N (the search core, aml.search).")
 @threads_option
 def features(
-    dataset, data_root, topk, binary_rows, json_out, show, show_n, show_k, query_features, db_features,
-    distractor_features, database_dtype, search_device,
+    dataset, data_root, topk, binary_rows, report, query_features, db_features, distractor_features, database_dtype,
+    search_device,
 ) -> None:  # fmt: skip
     """Scores of feature files: L2-normalised rows in qimlist (queries) and imlist (database) order."""
     from aml.data.revisitop import load_revisitop
-    from aml.io import check_writable_file
 
-    if json_out and json_out != "-":
-        check_writable_file(json_out, "--json")
+    report.check_json()
     ds = load_revisitop(data_root, dataset)
-    _check_show(show, ds, "", (), distractor_features)
+    _check_show(report.show, ds, "", (), distractor_features)
     paths = (query_features, db_features, distractor_features)
-    result, n_dis, ranking = _from_features(ds, paths, database_dtype, topk, search_device, binary_rows, bool(show))
-    _report(ds, result, n_dis, ranking, "the features", ds.db_paths(), _Report(json_out, show, show_n, show_k))
+    result, n_dis, ranking = _from_features(ds, paths, database_dtype, topk, search_device, binary_rows, report.show)
+    _report(ds, result, n_dis, ranking, "the features", ds.db_paths(), report)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -251,7 +256,7 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
 @model_options("teacher", required=True)
 @model_options("student", required=True)
 @random_init_option()
-@extraction_options(default=TEST_IMAGE_SIZE)
+@settings_options(default=TEST_IMAGE_SIZE)
 @whiten_option(" of the teacher, on both sides (the student row: its own Lw of that name if it has one)")
 @click.option(
     "--distractors",
@@ -269,11 +274,9 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
     help="The row --show draws (asymmetric: student queries, teacher database).",
 )
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
-@quiet_option()
 def models(
-    dataset, data_root, topk, binary_rows, json_out, show, show_n, show_k, teacher, teacher_weights, student,
-    student_weights, random_init, image_size, scales, batch_size, workers, device, backend, whiten, distractors, rows,
-    cache_dir, cache_dtype, show_row, force, quiet,
+    dataset, data_root, topk, binary_rows, report, teacher, teacher_weights, student, student_weights, random_init,
+    settings, whiten, distractors, rows, cache_dir, cache_dtype, show_row, force,
 ) -> None:  # fmt: skip
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) side by
     side; the teacher's vectors are cached, --device runs the extraction and the search."""
@@ -281,22 +284,19 @@ def models(
     from aml.data.images import read_image_list
     from aml.data.revisitop import load_revisitop
     from aml.evaluate import evaluate_models
-    from aml.io import check_writable_file
 
-    if json_out and json_out != "-":
-        check_writable_file(json_out, "--json")
+    report.check_json()
     ds = load_revisitop(data_root, dataset)
-    _check_show(show, ds, show_row, rows)
+    _check_show(report.show, ds, show_row, rows)
     _check_pair(teacher, teacher_weights, student, random_init, force)
     dis_paths = read_image_list(distractors, "distractor list") if distractors else []
     ev = evaluate_models(
-        ds, teacher, student, extract_settings(image_size, scales, batch_size, workers, device, quiet, backend),
+        ds, teacher, student, settings,
         teacher_weights=teacher_weights, student_weights=student_weights, random_init=random_init, whiten=whiten,
         cache_dir=cache_dir, cache_dtype=cache_dtype or DEFAULT_DTYPE, topk=topk, distractors=dis_paths,
-        rows=rows or ROWS, keep_rankings=bool(show), binary_rows=binary_rows,
+        rows=rows or ROWS, keep_rankings=bool(report.show), binary_rows=binary_rows,
     )  # fmt: skip
     for warning in ev.result.get("warnings", []):
         click.echo(warning, err=True)
-    report = _Report(json_out, show, show_n, show_k)
     ranking = ev.rankings.get(show_row)
     _report(ds, ev.result, len(dis_paths), ranking, f"the {show_row} row", ds.db_paths() + dis_paths, report)
