@@ -329,6 +329,14 @@ def _student_net(student: str, weights: str | None, random_init: bool, dim: int)
     )
 
 
+def _settings_info(settings: ExtractSettings, lw: Lw | None, whiten: str | None) -> dict[str, Any]:
+    """What `evaluate_models` reports it ran with: image size, scales and the Lw."""
+    info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
+    if lw is not None:
+        info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
+    return info
+
+
 def evaluate_models(
     dataset: Revisitop,
     teacher: str,
@@ -367,9 +375,7 @@ def evaluate_models(
         teacher, settings, cache_dir=cache, weights=teacher_weights, random_init=random_init, dtype=cache_dtype
     )
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
-    info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
-    if lw is not None:
-        info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
+    info = _settings_info(settings, lw, whiten)
     sides, teacher_db = _teacher_sides(dataset, t, lw, distractors, rows)
     if "student" in rows or "asymmetric" in rows:
         s_net = _student_net(student, student_weights, random_init, t.identity["dim"])

@@ -200,11 +200,7 @@ def _from_features(
 @_common
 @click.option("--query-features", required=True, type=click.Path(dir_okay=False), help="(N_q, D) .npy, qimlist order.")
 @click.option("--db-features", required=True, type=click.Path(dir_okay=False), help="(N_db, D) .npy, imlist order.")
-@click.option(
-    "--distractor-features",
-    type=click.Path(dir_okay=False),
-    help="(N_dis, D) .npy of R1M-style distractors, appended after imlist.",
-)
+@click.option("--distractor-features", type=click.Path(dir_okay=False), help="(N_dis, D) .npy, after the database.")
 @click.option(
     "--database-dtype",
     type=click.Choice(("float16", "float32")),
