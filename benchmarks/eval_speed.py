@@ -4,7 +4,8 @@ The database is the real roxford5k ground truth (4993 images, the positives lean
 padded with random distractors to the target size, stored as float16 and generated in chunks. For each size,
 in one run: search (aml.search, the search core, on --device) + vectorised scoring (aml.scoring), and the same
 scoring through a straightforward per-query loop (revisitop's compute_map style: np.isin and a Python walk per
-query). Medians over --reps runs; peak memory as numpy's traced peak (tracemalloc) per phase and the
+query). Medians over --reps runs (wall seconds, and "cpu s s+s": this process's CPU seconds of search + scoring,
+which stay comparable on a shared machine); peak memory as numpy's traced peak (tracemalloc) per phase and the
 process's max RSS.
 
     .venv/bin/python benchmarks/eval_speed.py --sizes 5000,100000            # quick
@@ -88,15 +89,17 @@ def make_data(gnd: dict, n: int, d: int, rng: np.random.Generator, dtype=np.floa
 
 
 def timed(fn, reps: int):
-    """(median seconds, peak traced MiB above what was allocated before, result)."""
-    times, out = [], None
+    """((median wall seconds, median CPU seconds of this process), peak traced MiB above what was allocated
+    before, result). The CPU seconds stay comparable on a machine shared with other work; wall time does not."""
+    times, cpu, out = [], [], None
     base = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), (tracemalloc.get_traced_memory()[1] - base) / 2**20, out
+        cpu.append(time.process_time() - c)
+    return (statistics.median(times), statistics.median(cpu)), (tracemalloc.get_traced_memory()[1] - base) / 2**20, out
 
 
 def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generator) -> None:
@@ -104,20 +107,21 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace, rng: np.random.Generat
     db, q = make_data(gnd, n, args.dim, rng, np.float32 if args.fp16_check else np.float16)
     db32, db = (db, db.astype(np.float16)) if args.fp16_check else (None, db)
     k = default_topk(n)
-    t_search, m_search, (_, ranks) = timed(lambda: search(q, db, k, device=args.device), args.reps)
-    t_score, m_score, sc = timed(lambda: score_rankings(ranks, gnd["gnd"], n), args.reps)
-    t_loop, m_loop, lp = timed(lambda: loop_scores(ranks, gnd["gnd"]), args.reps)
+    (t_search, c_search), m_search, (_, ranks) = timed(lambda: search(q, db, k, device=args.device), args.reps)
+    (t_score, c_score), m_score, sc = timed(lambda: score_rankings(ranks, gnd["gnd"], n), args.reps)
+    (t_loop, _), m_loop, lp = timed(lambda: loop_scores(ranks, gnd["gnd"]), args.reps)
     vec = {p: 100 * s.map for p, s in sc.items()}
     assert all(abs(vec[p] - lp[p]) < 1e-9 for p in "EMH"), (vec, lp)
     print(
-        f"{n:>8} {k:>7} {t_search:>9.3f} {t_score:>8.4f} {t_loop:>8.4f} {t_loop / t_score:>8.1f} "
+        f"{n:>8} {k:>7} {t_search:>9.3f} {c_search + c_score:>10.3f} {t_score:>8.4f} {t_loop:>8.4f} "
+        f"{t_loop / t_score:>8.1f} "
         f"{m_search:>10.0f} {m_score:>9.0f} {m_loop:>8.0f}  "
         + "/".join(f"{vec[p]:.2f}" for p in "EMH")
         + (f"  (mAP_max M {100 * sc['M'].map_max:.2f})" if k < n else ""),
         flush=True,
     )
     if db32 is not None:
-        t32, m32, (_, r32) = timed(lambda: search(q, db32, k, device=args.device), args.reps)
+        (t32, _), m32, (_, r32) = timed(lambda: search(q, db32, k, device=args.device), args.reps)
         s32 = score_rankings(r32, gnd["gnd"], n)
         d_map = max(abs(100 * s32[p].map - vec[p]) for p in "EMH")
         d_ap = max(np.nanmax(np.abs(s32[p].ap - sc[p].ap)) for p in "EMH")
@@ -158,7 +162,7 @@ def main() -> None:
     where = search_device(args.device, 1)[0]
     print(f"search on {where} (--device {args.device}), dim {args.dim}, 70 queries, medians of {args.reps}\n{setting}")
     print(
-        f"{'N_db':>8} {'topk':>7} {'search s':>9} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
+        f"{'N_db':>8} {'topk':>7} {'search s':>9} {'cpu s s+s':>10} {'score s':>8} {'loop s':>8} {'loop/vec':>8} "
         f"{'search MiB':>10} {'score MiB':>9} {'loop MiB':>8}  mAP E/M/H (vec == loop)"
     )
     for n in [int(s) for s in args.sizes.split(",")]:
