@@ -450,3 +450,18 @@ def test_load_features_refuses_pickled_arrays(tmp_path):
     ok = tmp_path / "ok.npy"
     np.save(ok, np.eye(3, dtype=np.float32))
     np.testing.assert_array_equal(load_features(ok), np.eye(3))
+
+
+def test_evaluate_group_earlier_form_and_json_to_stdout(tmp_path, run_cli):
+    ds, db, q = tiny(tmp_path)
+    np.save(tmp_path / "x.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    common = ("--dataset", "tiny", "--data-root", tmp_path, "--db-features", tmp_path / "x.npy")
+    code, out, err = run_cli("evaluate", "features", *common, "--query-features", tmp_path / "q.npy", "--json", "-")
+    assert code == 0, err
+    res = json.loads(out[out.index("{") :])  # the table, then the JSON
+    assert res["mAP"]["M"] == 100.0
+    code, out2, err = run_cli("evaluate", *common, "--query-features", tmp_path / "q.npy", "--json", "-")
+    assert code == 0 and out2 == out, err  # the earlier form, without a subcommand: the same run
+    code, _, err = run_cli("evaluate", *common, "--teacher", "lite2")
+    assert code == 2 and "not both" in err and err.count("\n") == 1

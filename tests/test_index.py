@@ -394,3 +394,14 @@ def test_whitened_index_add_and_search(ukbench, tmp_path, home, run_cli, one_thr
     assert code == 0, err
     first = [json.loads(ln)["results"][0]["name"] for ln in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert first == (ukbench / "q.txt").read_text().split()  # whitened on both sides: each query finds itself
+
+
+def test_info_json_is_a_path_with_dash_for_stdout(tmp_path, run_cli):
+    idx = build_index(unit(20, 8, 0), "flat", meta={"teacher": {"name": "t", "dim": 8}})
+    idx.save(tmp_path / "db")
+    code, out, err = run_cli("index", "info", tmp_path / "db", "--json", "-")
+    assert code == 0 and json.loads(out)["count"] == 20, err
+    code, out, err = run_cli("index", "info", tmp_path / "db", "--json", tmp_path / "m.json")
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    assert code == 0 and json.loads((tmp_path / "m.json").read_text()) == manifest
+    assert "flat index, 20 x 8 vectors" in out

@@ -133,3 +133,15 @@ def test_faiss_gpu_through_the_one_gpu_helper(data, monkeypatch):
     got = search(q, db, 17, block=300)
     assert_same_ranking(got, brute(q, db, 17), tol=1e-5)
     assert fake.calls == [("one", (0,), None, False, "IndexFlatIP")] * 3  # one per database block, GPU 0
+
+
+def test_one_device_parser():
+    from aml.settings import check_device, parse_device
+
+    assert parse_device("auto") == ("auto", None) and parse_device("cpu") == ("cpu", None)
+    assert parse_device("cuda") == ("cuda", (0,)) and parse_device("cuda:3") == ("cuda", (3,))
+    assert parse_device("cuda:all", many=True) == ("cuda", None)  # every GPU: only where a command spreads
+    for bad in ("gpu", "cuda:", "cuda:x", "cuda:all"):
+        with pytest.raises(UserError, match=f"--device {bad}: unknown device; use auto, cpu, cuda or cuda:N$"):
+            parse_device(bad)
+    assert check_device("cuda:1") == "cuda:1"
