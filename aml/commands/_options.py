@@ -92,7 +92,7 @@ def extract_settings(
     image_size: int,
     scales: tuple[float, ...],
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: str,
     quiet: bool,
     backend: str = "auto",
@@ -216,7 +216,7 @@ def runtime_options(f: F) -> F:
             show_default=True,
             help=f"Images per forward; at most {CPU_BATCH} on the CPU (faster there).",
         ),
-        click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
+        click.option("--workers", type=int, help="Decoding processes (default, or -1: automatic)."),
         click.option(
             "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
         ),

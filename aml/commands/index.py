@@ -110,7 +110,7 @@ def add(db, images, batch_size, workers, device, backend, teacher_weights, cache
     index = Index.open(db)
     paths = read_image_list(images)
     _check_images(paths, images)
-    n = add_images(index, paths, batch_size=batch_size, workers=workers if workers >= 0 else None, device=device,
+    n = add_images(index, paths, batch_size=batch_size, workers=workers, device=device,
                    backend=backend, weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
     click.echo(f"{db}: +{n} images, {len(index)} in all")
 
