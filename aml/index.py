@@ -167,7 +167,7 @@ class Index:
             self.faiss_index.nprobe = int(nprobe or self.params.get("nprobe", 1))
         index = self._searcher(device, k, hamming)
         if hamming:
-            return hamming_search(index, q, self.dim, k)
+            return hamming_search(q, index, self.dim, k)
         if index is self.faiss_index and self.kind != "ivfpq":  # exact on the CPU: the search core
             return search(q, self.stored(), k, device="cpu")
         s, i = index.search(q, k)

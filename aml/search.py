@@ -174,7 +174,7 @@ def search_device(device: str, k: int) -> tuple[str, list[int] | None]:
     raise UserError(f"--device {device}: no CUDA device is visible (torch) and faiss sees no GPU; use --device cpu")
 
 
-def hamming_search(index: Any, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def hamming_search(queries: np.ndarray, index: Any, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the binarised float `queries` against a faiss binary index (IndexBinaryFlat, or its GPU
     copy), score 1 - 2 hamming / D; which of several codes tied at the k-th distance come back, with k below
     the database size, is faiss's choice."""
@@ -217,7 +217,7 @@ def search(
     if binary:
         parts = [check_codes(np.asarray(p), dim, "database codes") for p in parts]
         if hamming:
-            return hamming_search(binary_index(parts), queries, dim, k)
+            return hamming_search(queries, binary_index(parts), dim, k)
     elif hamming:
         raise ValueError("hamming: the database must be packed sign bits (uint8)")
     where, gpus = ("cpu", None) if binary else search_device(device, k)

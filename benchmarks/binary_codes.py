@@ -63,7 +63,7 @@ def run_size(gnd: dict, n: int, args: argparse.Namespace) -> None:
     t_float, (_, ids_f) = timed(lambda: search(q, db, k, device="cpu"), args.reps)
     t_asym, (_, ids_a) = timed(lambda: search(q, codes, k), args.reps)
     t_build, index = timed(lambda: binary_index([codes]), 1)
-    t_ham, (_, ids_h) = timed(lambda: hamming_search(index, q, d, k), args.reps)
+    t_ham, (_, ids_h) = timed(lambda: hamming_search(q, index, d, k), args.reps)
     mib = 2**20
     rows = [
         ("float", f"{n * d * 4 / mib:.0f} (f32) / {n * d * 2 / mib:.0f} (f16)", t_float, ids_f, ""),
