@@ -10,14 +10,14 @@ the ranking is truncated) is the mAP if every dropped positive had come right af
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aml.binary import asymmetric_search, balance_warning, check_codes, code_bytes, hamming_search, pack_bits
+from aml.binary import balance_warning, check_codes, code_bytes, pack_bits
 from aml.cache import DEFAULT_DTYPE
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
@@ -33,7 +33,7 @@ FULL_RANKING_MAX = 100_000  # databases up to this size are ranked completely
 TRUNCATED_TOPK = 10_000  # ranking depth for larger databases (R1M)
 ROWS = ("teacher", "student", "asymmetric")
 ROW_TITLES = {"teacher": "teacher (sym)", "student": "student (sym)", "asymmetric": "asymmetric (s->t)"}
-# `--binary`: each float row's database as sign bits (aml.binary), searched by that row's float queries
+# `binary_rows`: each float row's database as sign bits (aml.binary), searched by that row's float queries
 # (asymmetric scoring) and by its binarised queries (Hamming): the teacher's database for the teacher and
 # asymmetric rows, the student's own for the student row (a LayerNorm'd NormSoftmax student's binary codes).
 BINARY_ROWS = {
@@ -103,72 +103,61 @@ class Ranking:
     scores: dict[str, ProtocolScores]
 
 
-def evaluate_features(
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation: `result` {"dataset", "mAP": {E, M, H}, "mP@k": {"k", E, M, H}} (+ "topk" and "mAP_max"
+    when the ranking is truncated; what tables and JSON show) and the `ranking` it scored."""
+
+    result: dict[str, Any]
+    ranking: Ranking
+
+
+def evaluate_search(
     dataset: Revisitop,
-    db: np.ndarray,
     queries: np.ndarray,
+    db: np.ndarray,
     *,
     topk: int | None = None,
     distractors: np.ndarray | None = None,
+    hamming: bool = False,
     device: str = "auto",
     check_unit: bool = False,
-    names: tuple[str, str, str] = ("database features", "query features", "distractor features"),
-    return_ranking: bool = False,
-) -> dict[str, Any] | tuple[dict[str, Any], Ranking]:
-    """mAP and mP@k (x100) of `queries` (qimlist order) against `db` (imlist order) + optional distractors.
-
-    Returns {"dataset", "mAP": {E, M, H}, "mP@k": {"k", E, M, H}}, plus "topk" and "mAP_max" when the ranking
-    is truncated; with `return_ranking`, (that, its `Ranking`). Shapes and finiteness are checked (UserError
-    naming `names`), and unit norms too with `check_unit` (for feature files; a network's L2N leaves near-zero
-    vectors, e.g. at random init, shorter).
-    """
-    kw = dict(unit=check_unit)
-    check_features(db, len(dataset.imlist), f"{names[0]} ({dataset.name} imlist order)", **kw)
-    check_features(queries, len(dataset.qimlist), f"{names[1]} ({dataset.name} qimlist order)", dim=db.shape[1], **kw)
-    if distractors is not None:
-        check_features(distractors, distractors.shape[0], names[2], dim=db.shape[1], **kw)
+    names: tuple[str, str, str] = ("query features", "database features", "distractor features"),
+) -> Evaluation:
+    """mAP and mP@k (x100) of `queries` (qimlist order) against `db` (imlist order) + optional distractors,
+    searched by the search core (`aml.search.search`): float rows, or uint8 packed sign bits (`aml.binary`)
+    scored against the float queries (`hamming`: against their own bits). Shapes and finiteness are checked
+    (UserError naming `names`), and unit norms too with `check_unit` (for feature files; a network's L2N leaves
+    near-zero vectors, e.g. at random init, shorter)."""
+    codes, unit = db.dtype == np.uint8, check_unit and db.dtype != np.uint8
+    what = f"{names[1]} ({dataset.name} imlist order)"
+    if codes:
+        check_codes(np.asarray(db), queries.shape[1] if queries.ndim == 2 else 0, what)
+        if db.shape[0] != len(dataset.imlist):
+            raise UserError(f"{what}: {db.shape[0]} rows, expected {len(dataset.imlist)}")
+    else:
+        check_features(db, len(dataset.imlist), what, unit=unit)
+    check_features(
+        queries, len(dataset.qimlist), f"{names[0]} ({dataset.name} qimlist order)", dim=None if codes else db.shape[1],
+        unit=unit,
+    )  # fmt: skip
+    if distractors is not None and codes:
+        check_codes(np.asarray(distractors), queries.shape[1], names[2])
+    elif distractors is not None:
+        check_features(distractors, distractors.shape[0], names[2], dim=db.shape[1], unit=unit)
     parts = [db] if distractors is None else [db, distractors]
     n_db = sum(p.shape[0] for p in parts)
-    k = _depth(topk, n_db)
-    ranks, sims = search(parts, queries, k, device=device, return_scores=True)
-    out, scores = _scored(dataset, ranks, n_db, k)
-    return (out, Ranking(ranks, sims, scores)) if return_ranking else out
-
-
-def _depth(topk: int | None, n_db: int) -> int:
     k = default_topk(n_db) if topk is None else min(int(topk), n_db)
     if k < 1:
         raise UserError(f"topk={topk}: the ranking depth must be at least 1")
-    return k
+    sims, ranks = search(queries, parts, k, hamming=hamming, device=device)
+    result, scores = _scored(dataset, ranks, n_db, k)
+    return Evaluation(result, Ranking(ranks, sims, scores))
 
 
-def evaluate_binary(
-    dataset: Revisitop,
-    codes: np.ndarray,
-    queries: np.ndarray,
-    *,
-    hamming: bool = False,
-    topk: int | None = None,
-    distractors: np.ndarray | None = None,
-    names: tuple[str, str, str] = ("database codes", "query features", "distractor codes"),
-) -> dict[str, Any]:
-    """`evaluate_features` against a binary database: packed sign bits `codes` (N_db, ceil(D/8)) uint8 (+ distractor
-    codes), searched by the float `queries` (Q, D) (asymmetric scoring, `aml.binary`) or, with `hamming`, by
-    their own sign bits (Hamming distance)."""
-    dim = queries.shape[1] if queries.ndim == 2 else 0
-    check_features(queries, len(dataset.qimlist), f"{names[1]} ({dataset.name} qimlist order)", unit=False)
-    parts = [check_codes(np.asarray(codes), dim, f"{names[0]} ({dataset.name} imlist order)")]
-    if parts[0].shape[0] != len(dataset.imlist):
-        raise UserError(f"{names[0]}: {parts[0].shape[0]} rows, expected {len(dataset.imlist)}")
-    if distractors is not None:
-        parts.append(check_codes(np.asarray(distractors), dim, names[2]))
-    n_db = sum(p.shape[0] for p in parts)
-    k = _depth(topk, n_db)
-    if hamming:
-        ranks = hamming_search(pack_bits(queries), parts, dim, k)[1]
-    else:
-        ranks = asymmetric_search(queries, parts, dim, k)[1]
-    return _scored(dataset, ranks, n_db, k)[0]
+def evaluate_features(dataset: Revisitop, queries: np.ndarray, db: np.ndarray, **kw: Any) -> dict[str, Any]:
+    """The result dict of `evaluate_search` (same arguments), for callers that need no ranking."""
+    return evaluate_search(dataset, queries, db, **kw).result
 
 
 def _scored(
@@ -249,82 +238,78 @@ def _whiten(x: np.ndarray, lw: Lw | None) -> np.ndarray:
     return x if lw is None else lw.apply_np(x, dtype=x.dtype)
 
 
-def _teacher_rows(
-    dataset: Revisitop,
-    t: TeacherVectors,
-    lw: Lw | None,
-    distractors: list[str],
-    rows: Sequence[str],
-    score: Callable[..., dict[str, Any]],
-) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """(the teacher row if asked, the teacher database, its distractors, its queries), all whitened with `lw`."""
+Side = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # one row's (queries, database, distractors)
+
+
+@dataclass(frozen=True)
+class ModelsEvaluation:
+    """`evaluate_models`' answer: `result` {"dataset", "settings", row: `Evaluation.result`, "binary": {name:
+    result}, "warnings": [...]} (what tables and JSON show) and the `rankings` of the float rows when kept."""
+
+    result: dict[str, Any]
+    rankings: dict[str, Ranking]
+
+
+def _teacher_sides(dataset: Revisitop, t: TeacherVectors, lw: Lw | None, distractors: list[str], rows: Sequence[str]):
+    """{'teacher': its side} if asked, and the teacher's (database, distractors), all whitened with `lw`."""
     if "teacher" not in rows and "asymmetric" not in rows:
-        return {}, None, None, None
+        return {}, (None, None)
     t_db = _whiten(t.get(dataset.db_paths()), lw)
     t_dis = _whiten(t.get(distractors), lw) if distractors else None
-    out, t_q = {}, None
-    if "teacher" in rows:
-        t_q = _whiten(t.get(dataset.query_paths(), dataset.bbxs), lw)
-        out["teacher"] = score("teacher", t_db, t_q, distractors=t_dis)
-    return out, t_db, t_dis, t_q
+    if "teacher" not in rows:
+        return {}, (t_db, t_dis)
+    return {"teacher": (_whiten(t.get(dataset.query_paths(), dataset.bbxs), lw), t_db, t_dis)}, (t_db, t_dis)
 
 
-def _student_rows(
+def _student_sides(
     dataset: Revisitop,
     s_net: Any,
     settings: ExtractSettings,
     lw: Lw | None,
-    t_db: np.ndarray | None,
-    t_dis: np.ndarray | None,
+    teacher_db: tuple[np.ndarray | None, np.ndarray | None],
     distractors: list[str],
     rows: Sequence[str],
-    score: Callable[..., dict[str, Any]],
-) -> tuple[dict[str, Any], str | None, np.ndarray, tuple[np.ndarray, np.ndarray | None, np.ndarray] | None]:
-    """The asymmetric row (student queries vs the teacher database, both whitened with the teacher's `lw`) and
-    the student's symmetric row (with the student's own Lw of the same name when it has one). Returns
-    (rows, the student's own Lw name or None, the asymmetric row's queries, the student row's (database,
-    distractors, queries) or None)."""
+) -> tuple[dict[str, Side], str | None]:
+    """The asymmetric side (student queries vs the teacher database, both whitened with the teacher's `lw`) and
+    the student's symmetric side (with the student's own Lw of the same name when it has one), and the name of
+    that own Lw (or None)."""
     from aml.extract import extract
 
-    out: dict[str, Any] = {}
+    sides: dict[str, Side] = {}
     s_q = extract(s_net, dataset.query_paths(), settings, bbxs=dataset.bbxs)
     if "asymmetric" in rows:
-        out["asymmetric"] = score("asymmetric", t_db, _whiten(s_q, lw), distractors=t_dis)
-    own, own_side = None, None
+        sides["asymmetric"] = (_whiten(s_q, lw), *teacher_db)
+    own = None
     if "student" in rows:
         lw_s = lw
         if lw is not None and lw.key in (s_net.meta.get("Lw") or {}):
             lw_s = own = Lw.from_meta(s_net.meta, settings.multiscale, lw.key)
         s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
         s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
-        own_side = (s_db, s_dis, _whiten(s_q, lw_s))
-        out["student"] = score("student", s_db, own_side[2], distractors=s_dis)
-    return out, None if own is None else own.name, _whiten(s_q, lw), own_side
+        sides["student"] = (_whiten(s_q, lw_s), s_db, s_dis)
+    return sides, None if own is None else own.name
 
 
 def _binary_rows(
-    dataset: Revisitop,
-    sides: Mapping[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]],
-    topk: int | None,
+    dataset: Revisitop, sides: Mapping[str, Side], topk: int | None
 ) -> tuple[dict[str, Any], str, list[str]]:
-    """BINARY_ROWS of each float row's (database, distractors, queries) in `sides`: the database as sign bits,
+    """BINARY_ROWS of each float row's (queries, database, distractors) in `sides`: the database as sign bits,
     searched by the float queries and by their bits; what the codes are; and a warning per database whose codes
     carry little (vectors not zero-centred)."""
     out: dict[str, Any] = {}
     warnings, dims = [], set()
     packed: dict[int, np.ndarray] = {}  # the teacher and asymmetric rows share the teacher's database: pack it once
 
-    def bits(v: np.ndarray) -> np.ndarray:
-        if id(v) not in packed:
+    def bits(v: np.ndarray | None) -> np.ndarray | None:
+        if v is not None and id(v) not in packed:
             packed[id(v)] = pack_bits(v)
-        return packed[id(v)]
+        return None if v is None else packed[id(v)]
 
-    for row, (db, dis, q) in sides.items():
-        codes = bits(db)
-        dis_codes = bits(dis) if dis is not None else None
-        asym, ham = BINARY_ROWS[row]
-        out[asym] = evaluate_binary(dataset, codes, q, topk=topk, distractors=dis_codes)
-        out[ham] = evaluate_binary(dataset, codes, q, hamming=True, topk=topk, distractors=dis_codes)
+    for row in (r for r in ROWS if r in sides):
+        q, db, dis = sides[row]
+        codes, dis_codes = bits(db), bits(dis)
+        for name, hamming in zip(BINARY_ROWS[row], (False, True), strict=True):
+            out[name] = evaluate_features(dataset, q, codes, topk=topk, distractors=dis_codes, hamming=hamming)
         dims.add(db.shape[1])
         owner = "student's" if row == "student" else "teacher's"
         warning = balance_warning(codes, db.shape[1], f"the {owner} database as sign bits")
@@ -332,6 +317,24 @@ def _binary_rows(
             warnings.append(warning)
     info = ", ".join(f"{d} sign bits, {code_bytes(d)} bytes a vector (float32 {4 * d})" for d in sorted(dims))
     return out, f"databases as {info}", warnings
+
+
+def _student_net(student: str, weights: str | None, random_init: bool, dim: int) -> Any:
+    """The student network: a checkpoint file, or a registry name (random-init on request, at the teacher's dim)."""
+    from aml.registry import create_model
+
+    is_file = os.path.isfile(student)
+    return create_model(
+        student, role="student", weights=weights, random_init=random_init and not is_file, dim=None if is_file else dim
+    )
+
+
+def _settings_info(settings: ExtractSettings, lw: Lw | None, whiten: str | None) -> dict[str, Any]:
+    """What `evaluate_models` reports it ran with: image size, scales and the Lw."""
+    info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
+    if lw is not None:
+        info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
+    return info
 
 
 def evaluate_models(
@@ -349,28 +352,21 @@ def evaluate_models(
     topk: int | None = None,
     distractors: Sequence[str] | None = None,
     rows: Sequence[str] = ROWS,
-    return_rankings: bool = False,
-    binary: bool = False,
-) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Ranking]]:
+    keep_rankings: bool = False,
+    binary_rows: bool = False,
+) -> ModelsEvaluation:
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
-    Both sides are extracted with `settings` (its device also runs the search).
-
-    Teacher vectors (database, queries, distractors) come from the feature cache in `cache_dir` (default
-    $AML_HOME/cache) stored as `cache_dtype`, so a second student costs only its own extraction. `whiten` (a
-    `--whiten` value: `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to
-    the teacher and asymmetric rows (both sides) and to the student row unless the student carries its own Lw
-    of the same name. `binary` adds BINARY_ROWS: each row's database as sign bits (after the Lw; the teacher's
-    for the teacher and asymmetric rows, the student's own for the student row), searched by that row's float
-    queries and by their sign bits. Returns {"dataset", "settings", row:
-    evaluate_features(..)}, with {"binary": {name: result}}, settings["binary"] and, when the codes carry little,
-    "warnings" for `binary`; with `return_rankings`, (that, {row: its Ranking}) (the float rows').
-    """
-    from aml.registry import create_model
-
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown or not rows:
+    Both sides are extracted with `settings` (its device also runs the search). Teacher vectors (database,
+    queries, distractors) come from the feature cache in `cache_dir` (default $AML_HOME/cache) stored as
+    `cache_dtype`, so a second student costs only its own extraction. `whiten` (a `--whiten` value:
+    `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to the teacher and
+    asymmetric rows (both sides) and to the student row unless the student carries its own Lw of the same name.
+    `binary_rows` adds BINARY_ROWS (result["binary"], settings["binary"], and "warnings" when the codes carry
+    little): each row's database as sign bits (after the Lw), searched by that row's float queries and by their
+    sign bits. `keep_rankings` keeps the float rows' rankings (a full ranking is (Q, N_db))."""
+    if not rows or any(r not in ROWS for r in rows):
         raise UserError(f"rows {list(rows)}: expected some of {', '.join(ROWS)}")
     distractors = list(distractors or [])
     dataset.check_images(distractors)
@@ -379,44 +375,24 @@ def evaluate_models(
         teacher, settings, cache_dir=cache, weights=teacher_weights, random_init=random_init, dtype=cache_dtype
     )
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
-    info: dict[str, Any] = {"image size": settings.image_size, "scales": list(settings.scales)}
-    if lw is not None:
-        info["Lw"] = lw.source if is_file_spec(whiten) else f"teacher {lw.name}"
-
-    rankings: dict[str, Ranking] = {}  # kept only when asked for (a full ranking is (Q, N_db))
-
-    def score(row: str, db: np.ndarray, q: np.ndarray, distractors: np.ndarray | None) -> dict[str, Any]:
-        result, ranking = evaluate_features(
-            dataset, db, q, topk=topk, distractors=distractors, device=settings.device, return_ranking=True
-        )
-        if return_rankings:
-            rankings[row] = ranking
-        return result
-
-    out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
-    found, t_db, t_dis, t_q = _teacher_rows(dataset, t, lw, distractors, rows, score)
-    out.update(found)
-    sides = {"teacher": (t_db, t_dis, t_q)} if t_q is not None else {}
+    info = _settings_info(settings, lw, whiten)
+    sides, teacher_db = _teacher_sides(dataset, t, lw, distractors, rows)
     if "student" in rows or "asymmetric" in rows:
-        is_file = os.path.isfile(student)
-        s_net = create_model(
-            student,
-            role="student",
-            weights=student_weights,
-            random_init=random_init and not is_file,
-            dim=None if is_file else t.identity["dim"],
-        )
-        found, own, s_q, own_side = _student_rows(dataset, s_net, settings, lw, t_db, t_dis, distractors, rows, score)
-        out.update(found)
-        if own_side is not None:
-            sides["student"] = own_side
-        if "asymmetric" in rows:
-            sides["asymmetric"] = (t_db, t_dis, s_q)
+        s_net = _student_net(student, student_weights, random_init, t.identity["dim"])
+        found, own = _student_sides(dataset, s_net, settings, lw, teacher_db, distractors, rows)
+        sides.update(found)
         if own is not None:
             info["Lw"] += f", student's own {own} on the student row"
-    if binary:
+    out: dict[str, Any] = {"dataset": dataset.name, "settings": info}
+    rankings: dict[str, Ranking] = {}
+    for row in (r for r in ROWS if r in sides):
+        q, db, dis = sides[row]
+        ev = evaluate_search(dataset, q, db, topk=topk, distractors=dis, device=settings.device)
+        out[row] = ev.result
+        if keep_rankings:
+            rankings[row] = ev.ranking
+    if binary_rows:
         out["binary"], info["binary"], warnings = _binary_rows(dataset, sides, topk)
         if warnings:
             out["warnings"] = warnings
-    out = {k: out[k] for k in ("dataset", "settings", *ROWS, "binary", "warnings") if k in out}
-    return (out, rankings) if return_rankings else out
+    return ModelsEvaluation(out, rankings)

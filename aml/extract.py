@@ -25,7 +25,7 @@ from aml.data.images import Bbx, check_bbxs, header_size, load_image, loaded_siz
 from aml.errors import UserError
 from aml.nn import l2n, rescale
 from aml.progress import progress_bar
-from aml.settings import CPU_BATCH, MULTISCALE, ORT_MIN_IMAGES, ExtractSettings
+from aml.settings import CPU_BATCH, MULTISCALE, ORT_MIN_IMAGES, ExtractSettings, parse_device
 from aml.threads import available_cores, intra_op_threads
 from aml.whiten import Lw
 
@@ -51,10 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     GPU is a UserError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: unknown device; use auto, cpu or cuda[:N]") from None
+    if not isinstance(device, torch.device):
+        parse_device(str(device))  # the one device parser: a UserError for anything but auto, cpu, cuda[:N]
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
     return dev

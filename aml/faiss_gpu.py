@@ -1,8 +1,9 @@
-"""faiss on GPUs: how many faiss can use here, and the one function that moves a faiss index onto them.
+"""faiss, the one place: its loader, how many GPUs it can use here, which of them a search goes to, and the one
+function that moves a faiss index onto them.
 
 faiss-gpu (the `gpu` extra) is present when the faiss module has `StandardGpuResources`, usable when
-`faiss.get_num_gpus() > 0`. `aml search` (`aml.index.Index.search`) and the evaluation search (`aml.search`,
-backend faiss-gpu) both move their indexes with `to_gpu`. Torch-free.
+`faiss.get_num_gpus() > 0`. `aml search` (`aml.index.Index.search`) and the search core (`aml.search`, when
+faiss-gpu is its GPU) both pick their GPUs with `faiss_gpus` and move their indexes with `to_gpu`. Torch-free.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aml.errors import UserError
+from aml.settings import parse_device
 
 MAX_K = 2048  # faiss-gpu's k-selection limit (GPU_MAX_SELECTION_K)
 _RESOURCES: dict[int, Any] = {}  # one StandardGpuResources per GPU for the process (each reserves scratch memory)
@@ -23,15 +25,39 @@ def gpu_count(faiss: Any) -> int:
     return int(faiss.get_num_gpus())
 
 
-def parse_device(device: str, option: str = "--search-device") -> int | None | str:
-    """'auto', 'cpu', None (cuda: every GPU) or N (cuda:N: that GPU) from a device string; else a UserError."""
-    if device in ("auto", "cpu"):
-        return device
-    if device == "cuda":
-        return None
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    raise UserError(f"{option} {device}: expected auto, cpu, cuda (every GPU) or cuda:N")
+def load_faiss(fix: str | None = "install aml with faiss-cpu (or the gpu extra)") -> Any:
+    """The faiss module; without it, None when `fix` is None, else a one-line UserError ending in `fix`."""
+    try:
+        import faiss
+    except ImportError:
+        if fix is None:
+            return None
+        raise UserError(f"faiss is not installed; {fix}") from None
+    return faiss
+
+
+def faiss_gpus(device: str, topk: int, *, n_gpus: int, cpu_only: str = "") -> tuple[list[int] | None, str]:
+    """The one GPU rule of a faiss search: which GPUs it runs on (None: the CPU) and, when auto stays on the CPU
+    for a reason worth saying, that reason. `device` (`aml.settings.parse_device`, option --search-device):
+    cpu; auto (every GPU faiss sees, else the CPU); cuda / cuda:N (that GPU); cuda:all (every GPU); a GPU
+    device faiss cannot serve is a UserError. `cpu_only`: why this search cannot go to a GPU (''); a `topk`
+    beyond faiss-gpu's MAX_K stays on the CPU too."""
+    kind, want = parse_device(device, "--search-device", many=True)
+    if kind == "cpu":
+        return None, ""
+    auto, where = kind == "auto", f"--search-device {device}"
+    if n_gpus == 0:
+        if auto:
+            return None, ""
+        raise UserError(f"{where}: faiss sees no GPU (needs faiss-gpu, the gpu extra); use --search-device cpu")
+    why = cpu_only or (f"top {topk} is beyond faiss-gpu's limit of {MAX_K}" if topk > MAX_K else "")
+    if why:
+        if auto:
+            return None, f"{why}: searching on the CPU"
+        raise UserError(f"{where}: {why}; use --search-device cpu")
+    if want is not None and want[0] >= n_gpus:
+        raise UserError(f"{where}: faiss sees {n_gpus} GPU(s) (0..{n_gpus - 1}); pick one of them or cuda:all")
+    return list(want) if want is not None else list(range(n_gpus)), ""
 
 
 def resources(faiss: Any, gpu: int) -> Any:

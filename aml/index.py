@@ -13,24 +13,23 @@ removes generation G. A directory without a readable manifest whose files match 
 
 Types: `flat` (IndexFlatIP, float32), `flat16` (IndexScalarQuantizer QT_fp16, inner product), `ivfpq`
 (IndexIVFPQ, inner product, trained on a seeded sample of the vectors), `binary` (sign bits packed,
-IndexBinaryFlat; the codes and both searches are `aml.binary`'s). A binary index is searched **asymmetrically** by
-float queries: each code is read as +-1 and scored by inner product / sqrt(D) (exact, blockwise);
-`search(..., hamming=True)` binarises the queries and uses faiss's Hamming search instead (score = 1 - 2 *
-hamming / D).
+IndexBinaryFlat; the codes are `aml.binary`'s). A binary index is searched **asymmetrically** by float queries:
+each code is read as +-1 and scored by inner product / sqrt(D) (exact, blockwise); `search(..., hamming=True)`
+binarises the queries and uses faiss's Hamming search instead (score = 1 - 2 * hamming / D).
 
-Search runs on the CPU, or with faiss-gpu on the GPUs `search_gpus` picks for `device` (auto | cpu | cuda |
-cuda:N; several GPUs shard the index), the copy made by `aml.faiss_gpu.to_gpu`. The compatibility of a query
+On the CPU, flat, flat16 and binary indexes are searched by the search core (`aml.search.search`) on the
+vectors faiss stores (no copy), ivfpq by faiss. With faiss-gpu, on the GPUs `search_gpus` picks for `device`
+(auto | cpu | cuda | cuda:N | cuda:all, `aml.faiss_gpu.faiss_gpus`; several GPUs shard the index), the copy
+made by `aml.faiss_gpu.to_gpu`. The compatibility of a query
 encoder with an index is `aml.identity.check_compatible` against `index_identity(manifest)`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from aml.binary import asymmetric_search, code_bytes, hamming_search, pack_bits, tie_sorted
-from aml.errors import UserError
-from aml.faiss_gpu import MAX_K, gpu_count, parse_device, to_gpu
+from aml.binary import code_bytes, pack_bits
+from aml.errors import UserError, first_line
+from aml.faiss_gpu import faiss_gpus, gpu_count, load_faiss, to_gpu
 from aml.identity import check_compatible
-from aml.io import TMP_TAG, atomic_write, host_tag, pid_alive, write_json
+from aml.io import atomic_write, temp_dir, write_json
+from aml.search import hamming_search, search, tie_sorted
 
 FORMAT = "aml-index"
 VERSION = 1
@@ -50,14 +50,6 @@ KINDS = ("flat", "flat16", "ivfpq", "binary")
 MANIFEST = "manifest.json"
 BLOCK = 65536  # rows converted / added at a time
 TRAIN_PER_LIST = 64  # ivfpq k-means points per centroid, coarse lists and PQ codes (faiss: 39 to 256)
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise UserError("faiss is not installed; install aml with faiss-cpu (or the gpu extra)") from None
-    return faiss
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -80,7 +72,7 @@ def default_params(kind: str, n: int, dim: int, **given: int | None) -> dict[str
 
 
 def _empty(kind: str, dim: int, params: dict[str, int]) -> Any:
-    faiss = _faiss()
+    faiss = load_faiss()
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "flat16":
@@ -100,33 +92,13 @@ def _empty(kind: str, dim: int, params: dict[str, int]) -> Any:
 
 
 def search_gpus(kind: str, device: str, topk: int, *, hamming: bool, n_gpus: int) -> tuple[list[int] | None, str]:
-    """Which GPUs faiss searches a `kind` index on (None: the CPU) and, when auto stays on the CPU for a reason
-    worth saying, that reason. `device`: cpu; auto (faiss-gpu on every GPU it sees when present, else the CPU);
-    cuda (every GPU) or cuda:N (that one), a UserError when faiss-gpu cannot. flat, flat16 and ivfpq go to the
-    GPUs (sharded over several); binary only for --hamming (on one GPU: float queries are scored on the CPU);
-    top-k beyond faiss-gpu's MAX_K stays on the CPU."""
-    want = parse_device(device)
-    if want == "cpu":
-        return None, ""
-    auto, where = want == "auto", f"--search-device {device}"
-    if n_gpus == 0:
-        if auto:
-            return None, ""
-        raise UserError(f"{where}: faiss sees no GPU (needs faiss-gpu, the gpu extra); use --search-device cpu")
-    why = ""
+    """`aml.faiss_gpu.faiss_gpus` for a `kind` index: flat, flat16 and ivfpq go to the GPUs (sharded over
+    several); binary only for --hamming, on one GPU (float queries are scored on the CPU)."""
+    cpu_only = ""
     if kind == "binary" and not hamming:
-        why = "a binary index is scored against float queries on the CPU (--hamming searches its codes on a GPU)"
-    elif topk > MAX_K:
-        why = f"top {topk} is beyond faiss-gpu's limit of {MAX_K}"
-    if why:
-        if auto:
-            return None, f"{why}: searching on the CPU"
-        raise UserError(f"{where}: {why}; use --search-device cpu")
-    if isinstance(want, int):
-        if want >= n_gpus:
-            raise UserError(f"{where}: faiss sees {n_gpus} GPU(s) (0..{n_gpus - 1}); pick one of them or cuda")
-        return [want], ""
-    return list(range(1 if kind == "binary" else n_gpus)), ""
+        cpu_only = "a binary index is scored against float queries on the CPU (--hamming searches its codes on a GPU)"
+    gpus, note = faiss_gpus(device, topk, n_gpus=n_gpus, cpu_only=cpu_only)
+    return (gpus[:1] if kind == "binary" and gpus else gpus), note
 
 
 def _to_gpu(faiss: Any, kind: str, index: Any, gpus: list[int]) -> Any:
@@ -194,24 +166,34 @@ class Index:
         if self.kind == "ivfpq":
             self.faiss_index.nprobe = int(nprobe or self.params.get("nprobe", 1))
         index = self._searcher(device, k, hamming)
-        if self.kind == "binary":
-            if hamming:
-                return hamming_search(pack_bits(q), index, self.dim, k)
-            codes = _faiss().vector_to_array(self.faiss_index.xb).reshape(len(self), -1)
-            return asymmetric_search(q, codes, self.dim, k)
+        if hamming:
+            return hamming_search(q, index, self.dim, k)
+        if index is self.faiss_index and self.kind != "ivfpq":  # exact on the CPU: the search core
+            return search(q, self.stored(), k, device="cpu")
         s, i = index.search(q, k)
         return tie_sorted(s, i.astype(np.int64))
+
+    def stored(self) -> np.ndarray:
+        """The vectors faiss stores, without a copy: (N, D) float32 (flat), float16 (flat16) or (N, ceil(D/8))
+        uint8 codes (binary); a ValueError for ivfpq (its codes are not the vectors)."""
+        faiss, n = load_faiss(), len(self)
+        if self.kind == "ivfpq":
+            raise ValueError("an ivfpq index stores PQ codes, not the vectors")
+        codes = self.faiss_index.xb if self.kind == "binary" else self.faiss_index.codes
+        raw = faiss.rev_swig_ptr(codes.data(), codes.size()) if codes.size() else np.empty(0, np.uint8)
+        dtype = {"flat": np.float32, "flat16": np.float16, "binary": np.uint8}[self.kind]
+        return np.asarray(raw).view(dtype).reshape(n, -1)
 
     def gpus_for(self, device: str, topk: int, *, hamming: bool = False) -> tuple[list[int] | None, str]:
         """`search_gpus` for this index with the GPUs faiss sees (a UserError before any work when the
         device asked for cannot search it)."""
         k = min(int(topk), len(self))
-        return search_gpus(self.kind, device, k, hamming=hamming, n_gpus=gpu_count(_faiss()))
+        return search_gpus(self.kind, device, k, hamming=hamming, n_gpus=gpu_count(load_faiss()))
 
     def _searcher(self, device: str, k: int, hamming: bool) -> Any:
         """The faiss index to search: this one, or its copy on the GPUs `search_gpus` picks (made once per GPU
         set, size and nprobe); with device auto, an index faiss-gpu refuses stays on the CPU (`self.note`)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         gpus, self.note = self.gpus_for(device, k, hamming=hamming)
         self.searched_on = "cpu"
         if gpus is None:
@@ -232,7 +214,7 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ files
     def manifest(self, files: dict[str, str], directory: Path) -> dict[str, Any]:
-        faiss = _faiss()
+        faiss = load_faiss()
         sizes = {role: (directory / name).stat().st_size for role, name in files.items()}
         return {
             **self.meta,
@@ -248,7 +230,7 @@ class Index:
         }
 
     def _write_files(self, directory: Path, lw: Any = None) -> dict[str, str]:
-        faiss = _faiss()
+        faiss = load_faiss()
         g = self.generation
         files = {"index": f"index-{g}.faiss", "images": f"images-{g}.txt"}
         write = faiss.write_index_binary if self.kind == "binary" else faiss.write_index
@@ -271,15 +253,13 @@ class Index:
         out = Path(directory)
         if out.exists() and not overwrite:
             raise UserError(f"{out}: already exists; pass --overwrite, or `aml index add` to append to it")
-        _remove_stale_dirs(out)
-        tmp = out.parent / f".{out.name}{TMP_TAG}{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir(parents=True)
+        tmp = temp_dir(out)
         try:
             self.generation = 0
             files = self._write_files(tmp, lw)
             write_json(tmp / MANIFEST, self.manifest(files, tmp))
             if out.exists():
-                old = out.parent / f".{out.name}{TMP_TAG}{host_tag()}-{os.getpid()}-old"
+                old = tmp.with_name(f"{tmp.name}-old")  # a temp name too: a killed swap's leftover is removed
                 os.replace(out, old)
                 os.replace(tmp, out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -307,7 +287,7 @@ class Index:
     @classmethod
     def open(cls, directory: str | os.PathLike) -> Index:
         """An index directory, checked: manifest format and version, every file present with its size."""
-        faiss = _faiss()
+        faiss = load_faiss()
         d = Path(directory)
         man = read_manifest(d)
         path = d / man["files"]["index"]
@@ -315,9 +295,7 @@ class Index:
         try:
             index = read(str(path))
         except RuntimeError as e:
-            raise UserError(
-                f"{path}: faiss cannot read it ({str(e).splitlines()[0][:120]}); rebuild the index"
-            ) from None
+            raise UserError(f"{path}: faiss cannot read it ({first_line(e)}); rebuild the index") from None
         names = [ln for ln in (d / man["files"]["images"]).read_text().splitlines() if ln]
         if len(names) != man["count"] or index.ntotal != man["count"]:
             raise UserError(f"{d / MANIFEST}: count {man['count']} but {index.ntotal} vectors / {len(names)} names")
@@ -342,18 +320,8 @@ class Index:
 
 def _faiss_reason(e: Exception) -> str:
     """The reason in a faiss C++ exception ("Error in FUNC at FILE:LINE: Error: 'COND' failed: REASON")."""
-    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))  # its prefix is long: not first_line
     return re.sub(r"^Error: '.*?' failed: ", "", text)[:160]
-
-
-def _remove_stale_dirs(out: Path) -> None:
-    """Temp dirs of killed builds of `out` on this host (their PID gone)."""
-    prefix = f".{out.name}{TMP_TAG}{host_tag()}-"
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(out.parent):
-            pid = entry.name[len(prefix) :].partition("-")[0] if entry.name.startswith(prefix) else ""
-            if pid.isdigit() and not pid_alive(int(pid)) and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def read_manifest(d: Path) -> dict[str, Any]:

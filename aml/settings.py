@@ -19,8 +19,12 @@ MULTISCALE = (1.0, 2**-0.5, 0.5)  # cirtorch's multi-scale setting (`--multiscal
 BATCH_SIZE = 32  # images per forward (on a GPU; the CPU caps it at CPU_BATCH)
 # Images per forward on the CPU: throughput peaks at a few images; larger CPU batches only thrash the caches.
 CPU_BATCH = 4
-DEVICES = "auto, cpu, cuda or cuda:N"  # what `--device` accepts (resolved by `aml.extract.resolve_device`)
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Devices, one meaning everywhere (`parse_device`): auto (a GPU when one is usable, else the CPU), cpu, cuda (the
+# first GPU, cuda:0), cuda:N (GPU N), and, where a command can spread over GPUs (`aml search --search-device`),
+# cuda:all (every GPU). torch resolves them in `aml.extract.resolve_device`, faiss in `aml.faiss_gpu.faiss_gpus`.
+DEVICES = "auto, cpu, cuda or cuda:N"  # what `--device` accepts
+ALL_GPUS = "cuda:all"
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+|all))?")
 # What runs the network in `aml.extract.extract`: torch, or onnxruntime on an fp32 ONNX export of the model
 # (CPU only). auto: onnxruntime on the CPU for lists of at least ORT_MIN_IMAGES images when onnxruntime is
 # installed and the model exports, torch otherwise (a GPU, a short list: the one-off export would not pay).
@@ -28,10 +32,22 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 ORT_MIN_IMAGES = 128
 
 
+def parse_device(device: str, option: str = "--device", *, many: bool = False) -> tuple[str, tuple[int, ...] | None]:
+    """The one device parser: (kind, gpus) of a device string, kind auto | cpu | cuda; gpus (N,) for cuda:N,
+    (0,) for cuda, None for cuda:all (every GPU, only where `many`) and for auto / cpu. Anything else is a
+    one-line UserError naming `option` (checked before any work)."""
+    m = _DEVICE.fullmatch(str(device))
+    if m is None or (m.group(1) == "all" and not many):
+        accepted = f"{DEVICES}{' or ' + ALL_GPUS if many else ''}"
+        raise UserError(f"{option} {device}: unknown device; use {accepted}")
+    if not str(device).startswith("cuda"):
+        return str(device), None
+    return "cuda", None if m.group(1) == "all" else (int(m.group(1) or 0),)
+
+
 def check_device(device: str, option: str = "--device") -> str:
-    """`device` if it is auto, cpu, cuda or cuda:N, else a one-line UserError (checked before any work)."""
-    if not _DEVICE.fullmatch(str(device)):
-        raise UserError(f"{option} {device}: unknown device; use {DEVICES}")
+    """`device` if `parse_device` accepts it (auto, cpu, cuda or cuda:N), else its one-line UserError."""
+    parse_device(device, option)
     return str(device)
 
 

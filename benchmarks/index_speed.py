@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--nbits", type=int, help="ivfpq bits per code (default 8)")
     ap.add_argument("--nprobe", type=int, help="ivfpq lists searched (default 32)")
     ap.add_argument("--tmp", help="folder for the saved indexes (default: the system temp folder)")
-    ap.add_argument("--device", default="cpu", help="search device: cpu, auto, cuda, cuda:N (faiss-gpu)")
+    ap.add_argument("--device", default="cpu", help="search device: cpu, auto, cuda[:N], cuda:all (faiss-gpu)")
     args = parse(ap, SMOKE)
     gnd, machine, setting = padded_gnd(args, GND)
     print(

@@ -232,8 +232,8 @@ def chance_map(ds) -> dict[str, float]:
     runs = [
         evaluate_features(
             ds,
-            rng.standard_normal((len(ds.imlist), 8)).astype(np.float32),
-            rng.standard_normal((len(ds.qimlist), 8)).astype(np.float32),
+            db=rng.standard_normal((len(ds.imlist), 8)).astype(np.float32),  # drawn first, as before
+            queries=rng.standard_normal((len(ds.qimlist), 8)).astype(np.float32),
         )["mAP"]
         for _ in range(5)
     ]

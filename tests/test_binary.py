@@ -1,4 +1,4 @@
-"""Binary codes: packing against a bit-by-bit transcription, both searches against brute force in numpy."""
+"""Binary codes: packing against a bit-by-bit transcription, both searches (the search core) against numpy."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 
 from aml.binary import (
-    asymmetric_search,
     balance_warning,
     bits_set,
     check_codes,
     code_bytes,
     hamming_distances,
-    hamming_search,
     pack_bits,
     unpack_signs,
 )
 from aml.errors import UserError
+from aml.search import search
 
 
 def transcribed_pack(x: np.ndarray) -> np.ndarray:
@@ -49,12 +48,12 @@ def test_hamming_distances_and_search_match_a_numpy_transcription():
     a, b = pack_bits(q), pack_bits(db)
     direct = np.array([[int(np.sum((qi > 0) != (xi > 0))) for xi in db] for qi in q])
     np.testing.assert_array_equal(hamming_distances(a, b), direct)
-    scores, ids = hamming_search(a, b, dim, k=50)  # the whole ranking: ties broken by id
+    scores, ids = search(q, b, 50, hamming=True)  # the whole ranking: ties broken by id
     order = np.array([np.lexsort((np.arange(50), row)) for row in direct])
     np.testing.assert_array_equal(ids, order)
     np.testing.assert_allclose(scores, 1 - 2 * np.take_along_axis(direct, order, 1) / dim)
     # the same ranking given in parts (database + distractors)
-    np.testing.assert_array_equal(hamming_search(a, [b[:20], b[20:]], dim, k=50)[1], order)
+    np.testing.assert_array_equal(search(q, [b[:20], b[20:]], 50, hamming=True)[1], order)
 
 
 def test_asymmetric_search_scores_float_queries_against_signs_blockwise():
@@ -64,7 +63,7 @@ def test_asymmetric_search_scores_float_queries_against_signs_blockwise():
     codes = pack_bits(db)
     full = q @ np.where(db > 0, 1.0, -1.0).T / np.sqrt(dim)
     want = np.argsort(-full, axis=1, kind="stable")[:, :10]
-    s, i = asymmetric_search(q, [codes[:100], codes[100:]], dim, 10, block=32)
+    s, i = search(q, [codes[:100], codes[100:]], 10, block=32)
     np.testing.assert_array_equal(i, want)
     np.testing.assert_allclose(s, np.take_along_axis(full, want, 1), rtol=1e-5)
 

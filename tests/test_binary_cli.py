@@ -40,23 +40,27 @@ def test_evaluate_binary_from_features_matches_float_search_on_the_signs(tmp_pat
     ds = real_dataset(tmp_path)
     db, q = save_features(tmp_path, *structured_features(ds, np.random.default_rng(0), d=64, noise=0.8))
     base = ("evaluate", "--dataset", "roxford5k", "--data-root", tmp_path, "--query-features", tmp_path / "q.npy")
-    code, out, err = run_cli(*base, "--db-features", tmp_path / "db.npy", "--binary", "--json", tmp_path / "a.json")
+    code, out, err = run_cli(
+        *base, "--db-features", tmp_path / "db.npy", "--binary-rows", "--json", tmp_path / "a.json"
+    )
     assert code == 0, err
     a = json.loads((tmp_path / "a.json").read_text())
     signs = unpack_signs(pack_bits(db), 64)
-    want_asym = evaluate_features(ds, signs / 8, q)  # float queries against the +-1 / sqrt(D) database
-    want_ham = evaluate_features(ds, signs, np.where(q > 0, 1.0, -1.0).astype(np.float32))  # ties by index: as Hamming
-    assert a["mAP"] == evaluate_features(ds, db, q)["mAP"]  # the float row too
+    want_asym = evaluate_features(ds, q, signs / 8)  # float queries against the +-1 / sqrt(D) database
+    want_ham = evaluate_features(ds, np.where(q > 0, 1.0, -1.0).astype(np.float32), signs)  # ties by index: as Hamming
+    assert a["mAP"] == evaluate_features(ds, q, db)["mAP"]  # the float row too
     assert a["binary"]["float->bits"]["mAP"] == pytest.approx(want_asym["mAP"], abs=1e-9)
     assert a["binary"]["hamming"]["mAP"] == pytest.approx(want_ham["mAP"], abs=1e-9)
     assert 0 < a["binary"]["hamming"]["mAP"]["M"] < a["mAP"]["M"] and "float->bits" in out
     # codes written by `aml extract --binary` are taken as they are
-    code, out, err = run_cli(*base, "--db-features", tmp_path / "codes.npy", "--binary", "--json", tmp_path / "b.json")
+    code, out, err = run_cli(
+        *base, "--db-features", tmp_path / "codes.npy", "--binary-rows", "--json", tmp_path / "b.json"
+    )
     assert code == 0, err
     b = json.loads((tmp_path / "b.json").read_text())
     assert set(b) == {"dataset", "binary"} and b["binary"] == a["binary"]
     code, _, err = run_cli(*base, "--db-features", tmp_path / "codes.npy")
-    assert code == 2 and "evaluate them with --binary" in err
+    assert code == 2 and "evaluate them with --binary-rows" in err
 
 
 def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
@@ -80,7 +84,7 @@ def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
 
     code, out, err = run_cli(
         "evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--teacher", student, "--student", student,
-        "--binary", "--force", "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json", *common,
+        "--binary-rows", "--force", "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json", *common,
     )  # fmt: skip
     assert code == 0, err
     r = json.loads((tmp_path / "r.json").read_text())
@@ -90,12 +94,12 @@ def test_extract_and_evaluate_binary_from_models(tmp_path, run_cli):
     t_db = extract(net, ds.db_paths(), SETTINGS).astype(np.float16)  # the teacher cache's dtype
     q = extract(net, ds.query_paths(), SETTINGS, bbxs=ds.bbxs)
     signs = unpack_signs(pack_bits(t_db), 32)
-    want = evaluate_features(ds, signs / np.sqrt(32), q)["mAP"]
+    want = evaluate_features(ds, q, signs / np.sqrt(32))["mAP"]
     assert r["binary"]["asymmetric float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
     own = pack_bits(floats)  # the student row: the student's own float32 database as bits, its own queries
-    want = evaluate_features(ds, unpack_signs(own, 32) / np.sqrt(32), q)["mAP"]
+    want = evaluate_features(ds, q, unpack_signs(own, 32) / np.sqrt(32))["mAP"]
     assert r["binary"]["student float->bits"]["mAP"] == pytest.approx(want, abs=1e-6)
-    hamming = evaluate_features(ds, unpack_signs(own, 32), unpack_signs(pack_bits(q), 32))["mAP"]
+    hamming = evaluate_features(ds, unpack_signs(pack_bits(q), 32), unpack_signs(own, 32))["mAP"]
     assert r["binary"]["student hamming"]["mAP"] == pytest.approx(hamming, abs=1e-6)
 
 
@@ -103,7 +107,7 @@ def test_evaluate_binary_with_show_draws_the_float_ranking_and_refuses_bare_code
     ds = image_dataset(tmp_path)
     save_features(tmp_path, *structured_features(ds, np.random.default_rng(1), d=16, noise=0.8))
     base = ("evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--query-features", tmp_path / "q.npy",
-            "--binary", "--show-n", 1, "--show-k", 2)  # fmt: skip
+            "--binary-rows", "--show-n", 1, "--show-k", 2)  # fmt: skip
     code, out, err = run_cli(*base, "--db-features", tmp_path / "db.npy", "--show", tmp_path / "s.html")
     assert code == 0, err
     assert "s.html: 2 queries of the features drawn" in out and "float->bits" in out

@@ -18,7 +18,8 @@ COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "expor
 
 
 def _command(name: str) -> click.Command:
-    return importlib.import_module(f"aml.commands.{name}").command
+    cmd = importlib.import_module(f"aml.commands.{name}").command
+    return cmd.commands["models"] if name == "evaluate" else cmd  # a group: its models subcommand takes these
 
 
 def _options(cmd: click.Command) -> dict[str, click.Option]:

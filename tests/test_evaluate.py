@@ -12,7 +12,7 @@ from test_scoring import ref_compute_map, ref_protocol_gnd
 
 from aml.data.revisitop import load_revisitop, write_revisitop
 from aml.errors import UserError
-from aml.evaluate import default_topk, evaluate_features, format_table
+from aml.evaluate import default_topk, evaluate_features, evaluate_search, format_table
 from aml.settings import ExtractSettings
 from aml.whiten import FIRST
 
@@ -61,7 +61,7 @@ def structured_features(ds, rng, d=64, noise=1.2):
 def test_real_gnd_matches_reference(tmp_path):
     ds = real_dataset(tmp_path)
     db, q = structured_features(ds, np.random.default_rng(0))
-    got = evaluate_features(ds, db, q)
+    got = evaluate_features(ds, q, db)
     assert set(got) == {"dataset", "mAP", "mP@k"} and got["dataset"] == "roxford5k"
     assert 10 < got["mAP"]["M"] < 95
     assert_close(got, reference_result(ds.gnd, db, q))
@@ -70,8 +70,8 @@ def test_real_gnd_matches_reference(tmp_path):
 def test_truncated_ranking_bounds(tmp_path):
     ds = real_dataset(tmp_path, "rparis6k")
     db, q = structured_features(ds, np.random.default_rng(1))
-    full = evaluate_features(ds, db, q)
-    cut = evaluate_features(ds, db, q, topk=300)
+    full = evaluate_features(ds, q, db)
+    cut = evaluate_features(ds, q, db, topk=300)
     assert cut["topk"] == 300
     for p in "EMH":
         assert cut["mAP"][p] <= full["mAP"][p] <= cut["mAP_max"][p]
@@ -84,10 +84,10 @@ def test_distractors_are_appended_after_imlist(tmp_path):
     rng = np.random.default_rng(2)
     db, q = structured_features(ds, rng, d=32)
     dis = unit(rng.standard_normal((2000, 32)))
-    got = evaluate_features(ds, db, q, distractors=dis.astype(np.float16))
+    got = evaluate_features(ds, q, db, distractors=dis.astype(np.float16))
     both = np.concatenate([db, dis.astype(np.float16).astype(np.float32)])
     assert_close(got, reference_result(ds.gnd, both, q), atol=1e-4)  # float32 vs float64 near-ties
-    assert got["mAP"]["M"] < evaluate_features(ds, db, q)["mAP"]["M"]
+    assert got["mAP"]["M"] < evaluate_features(ds, q, db)["mAP"]["M"]
     assert default_topk(100_000) == 100_000 and default_topk(100_001) == 10_000
 
 
@@ -118,10 +118,10 @@ def tiny(tmp_path, name="tiny"):
 
 def test_perfect_features_score_100(tmp_path):
     ds, db, q = tiny(tmp_path)
-    got = evaluate_features(ds, db, q)
+    got = evaluate_features(ds, q, db)
     assert got["mAP"] == {"E": 100.0, "M": 100.0, "H": 100.0}
     assert got["mP@k"] == {"k": [1, 5, 10], "E": [100.0] * 3, "M": [100.0] * 3, "H": [100.0] * 3}
-    got = evaluate_features(ds, db, unit(q[::-1].copy()))  # swapped queries: every positive ranked last
+    got = evaluate_features(ds, unit(q[::-1].copy()), db)  # swapped queries: every positive ranked last
     assert_close(got, reference_result(ds.gnd, db, unit(q[::-1].copy())))
     assert got["mAP"]["M"] < 40
 
@@ -140,19 +140,19 @@ def test_perfect_features_score_100(tmp_path):
 def test_feature_validation(tmp_path, change, match):
     ds, db, q = tiny(tmp_path)
     with pytest.raises(UserError, match=match):
-        evaluate_features(ds, *change(db, q), check_unit=True)
+        evaluate_features(ds, *change(db, q)[::-1], check_unit=True)
 
 
 def test_short_vectors_pass_without_the_unit_check(tmp_path):
     ds, db, q = tiny(tmp_path)
-    assert evaluate_features(ds, 0.5 * db, q)["mAP"]["M"] == 100.0
+    assert evaluate_features(ds, q, 0.5 * db)["mAP"]["M"] == 100.0
     with pytest.raises(UserError, match="row 1 has norm nan"):
-        evaluate_features(ds, db, np.array([q[0], [np.nan] * 8], np.float32))
+        evaluate_features(ds, np.array([q[0], [np.nan] * 8], np.float32), db)
 
 
 def test_format_table_side_by_side(tmp_path):
     ds, db, q = tiny(tmp_path)
-    r = evaluate_features(ds, db, q)
+    r = evaluate_features(ds, q, db)
     single = format_table(r).splitlines()
     assert single[0] == "tiny" and [ln.split()[0] for ln in single[2:]] == ["mAP", "mP@1", "mP@5", "mP@10"]
     assert single[2].split()[1:] == ["100.00", "100.00", "100.00"]
@@ -274,16 +274,16 @@ def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monke
 
     ds = image_dataset(tmp_path)
     cache = tmp_path / "cache"
-    res = evaluate_models(ds, "lite2", "lite0", SETTINGS, cache_dir=cache, **MODEL_KW)
+    res = evaluate_models(ds, "lite2", "lite0", SETTINGS, cache_dir=cache, **MODEL_KW).result
     assert list(res) == ["dataset", "settings", "teacher", "student", "asymmetric"]
 
     t = create_model("lite2", random_init=True)
     s = create_model("lite0", role="student", dim=t.dim, random_init=True)
     t_db, t_q = direct_vectors(t, ds.db_paths()), direct_vectors(t, ds.query_paths(), ds.bbxs)
     s_db, s_q = direct_vectors(s, ds.db_paths()), direct_vectors(s, ds.query_paths(), ds.bbxs)
-    assert_same_result(res["teacher"], evaluate_features(ds, t_db, t_q))
-    assert_same_result(res["student"], evaluate_features(ds, s_db, s_q))
-    assert_same_result(res["asymmetric"], evaluate_features(ds, t_db, s_q))
+    assert_same_result(res["teacher"], evaluate_features(ds, t_q, t_db))
+    assert_same_result(res["student"], evaluate_features(ds, s_q, s_db))
+    assert_same_result(res["asymmetric"], evaluate_features(ds, s_q, t_db))
 
     # a second student: the teacher network is never built, the cache files stay the same
     files = sorted(p.name for p in cache.iterdir())
@@ -292,7 +292,7 @@ def test_models_rows_match_direct_extraction_and_cache_is_reused(tmp_path, monke
     monkeypatch.setattr(aml.registry, "create_model", lambda *a, **k: built.append(k.get("role")) or real(*a, **k))
     res2 = evaluate_models(
         ds, "lite2", "mobilenetv2", SETTINGS, cache_dir=cache, rows=("teacher", "asymmetric"), **MODEL_KW
-    )
+    ).result
     assert built == ["student"] and sorted(p.name for p in cache.iterdir()) == files
     assert list(res2) == ["dataset", "settings", "teacher", "asymmetric"]
     assert res2["teacher"] == res["teacher"]
@@ -322,13 +322,13 @@ def test_models_whitening_uses_the_teachers_lw_on_both_sides(tmp_path, one_threa
         cache_dir=tmp_path / "cache",
         rows=("teacher", "asymmetric"),
         **MODEL_KW,
-    )
+    ).result
     assert res["settings"]["Lw"] == "teacher sfm/ss"
     s = create_model("lite0", role="student", dim=t.dim, random_init=True)
     t_db, t_q = direct_vectors(t, ds.db_paths(), lw=lw), direct_vectors(t, ds.query_paths(), ds.bbxs, lw=lw)
     s_q = direct_vectors(s, ds.query_paths(), ds.bbxs, lw=lw)
-    assert_same_result(res["teacher"], evaluate_features(ds, t_db, t_q))
-    assert_same_result(res["asymmetric"], evaluate_features(ds, t_db, s_q))
+    assert_same_result(res["teacher"], evaluate_features(ds, t_q, t_db))
+    assert_same_result(res["asymmetric"], evaluate_features(ds, s_q, t_db))
     with pytest.raises(UserError, match="no learned whitening"):
         evaluate_models(ds, "lite2", "lite0", SETTINGS, whiten=FIRST, cache_dir=tmp_path / "cache", **MODEL_KW)
 
@@ -394,7 +394,7 @@ def test_cli_show_draws_worst_and_best_from_features(tmp_path, run_cli):
     q = unit(q + 0.9 * np.random.default_rng(4).standard_normal(q.shape))
     np.save(tmp_path / "x.npy", db)
     np.save(tmp_path / "q.npy", q)
-    ap = evaluate_features(ds, db, q, return_ranking=True)[1].scores["M"].ap
+    ap = evaluate_search(ds, q, db).ranking.scores["M"].ap
     base = ["evaluate", "--dataset", "imgs", "--data-root", tmp_path, "--db-features", tmp_path / "x.npy",
             "--query-features", tmp_path / "q.npy", "--show-n", 1, "--show-k", 4]  # fmt: skip
     code, out, err = run_cli(*base, "--show", tmp_path / "s.html")
@@ -410,10 +410,11 @@ def test_cli_show_draws_worst_and_best_from_features(tmp_path, run_cli):
         assert (img == colour).all(-1).sum() > 0
     for extra, msg in [
         (("--show", tmp_path / "s.txt"), "expected a .png or .html file"),
-        (("--show", tmp_path / "s.png", "--show-row", "student"), "--show-row: only for --teacher/--student"),
     ]:
         code, _, err = run_cli(*base, *extra)
         assert code == 2 and msg in err and err.count("\n") == 1, err
+    code, _, err = run_cli(*base, "--show", tmp_path / "s.png", "--show-row", "student")  # a models option
+    assert code == 2 and "No such option '--show-row'" in err
     (tmp_path / "imgs" / "jpg" / "im3.jpg").unlink()
     code, _, err = run_cli(*base, "--show", tmp_path / "s.png")
     assert code == 2 and "im3.jpg" in err
@@ -449,3 +450,18 @@ def test_load_features_refuses_pickled_arrays(tmp_path):
     ok = tmp_path / "ok.npy"
     np.save(ok, np.eye(3, dtype=np.float32))
     np.testing.assert_array_equal(load_features(ok), np.eye(3))
+
+
+def test_evaluate_group_earlier_form_and_json_to_stdout(tmp_path, run_cli):
+    ds, db, q = tiny(tmp_path)
+    np.save(tmp_path / "x.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    common = ("--dataset", "tiny", "--data-root", tmp_path, "--db-features", tmp_path / "x.npy")
+    code, out, err = run_cli("evaluate", "features", *common, "--query-features", tmp_path / "q.npy", "--json", "-")
+    assert code == 0, err
+    res = json.loads(out[out.index("{") :])  # the table, then the JSON
+    assert res["mAP"]["M"] == 100.0
+    code, out2, err = run_cli("evaluate", *common, "--query-features", tmp_path / "q.npy", "--json", "-")
+    assert code == 0 and out2 == out, err  # the earlier form, without a subcommand: the same run
+    code, _, err = run_cli("evaluate", *common, "--teacher", "lite2")
+    assert code == 2 and "not both" in err and err.count("\n") == 1

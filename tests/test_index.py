@@ -30,7 +30,7 @@ def test_flat_equals_exact_search_and_roundtrips(tmp_path):
     db, q = unit(300, 64, 0), unit(7, 64, 1)
     idx = build_index(db, "flat", meta={"teacher": {"name": "t", "dim": 64}})
     s, i = idx.search(q, 20)
-    want_i, want_s = search(db, q, 20, backend="numpy", return_scores=True)
+    want_s, want_i = search(q, db, 20, device="cpu")
     assert np.array_equal(i, want_i) and np.allclose(s, want_s, atol=1e-5)
     idx.save(tmp_path / "db")
     again = Index.open(tmp_path / "db")
@@ -117,7 +117,8 @@ def test_search_gpus_picks_the_device():
 
     assert pick(n=0) == (None, "") and pick(device="cpu") == (None, "")
     assert pick() == ([0, 1], "") and pick("flat16") == ([0, 1], "") and pick("ivfpq", n=1) == ([0], "")
-    assert pick(device="cuda") == ([0, 1], "") and pick(device="cuda:1") == ([1], "")
+    assert pick(device="cuda:all") == ([0, 1], "") and pick(device="cuda:1") == ([1], "")
+    assert pick(device="cuda") == ([0], "")  # cuda: the first GPU, as for --device
     assert pick("binary", hamming=True) == ([0], "")  # binary codes: one GPU
     gpus, note = pick("binary")
     assert gpus is None and "scored against float queries on the CPU" in note
@@ -128,7 +129,7 @@ def test_search_gpus_picks_the_device():
         (dict(device="cuda:2"), "sees 2 GPU"),
         (dict(device="cuda", k=3000), "limit of 2048"),
         (dict(device="cuda", kind="binary"), "--hamming"),
-        (dict(device="gpu"), "expected auto, cpu, cuda"),
+        (dict(device="gpu"), "unknown device; use auto, cpu, cuda or cuda:N or cuda:all"),
     ]:
         with pytest.raises(UserError, match=match):
             pick(**kw)
@@ -226,7 +227,7 @@ def test_build_search_equals_evaluate_search(ukbench, tmp_path, home, run_cli, o
     paths = (ukbench / "all.txt").read_text().split()
     db = t.get(paths)
     q = db[0:40:5].astype(np.float32)  # the queries are database images: the teacher's own vectors
-    want = search(db, q, 10, device="cpu")
+    want = search(q, db, 10, device="cpu")[1]
     lines = [json.loads(ln) for ln in res.read_text().splitlines()]
     got = [[paths.index(h["name"]) for h in ln["results"]] for ln in lines]
     assert np.array_equal(np.array(got), want)
@@ -393,3 +394,14 @@ def test_whitened_index_add_and_search(ukbench, tmp_path, home, run_cli, one_thr
     assert code == 0, err
     first = [json.loads(ln)["results"][0]["name"] for ln in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert first == (ukbench / "q.txt").read_text().split()  # whitened on both sides: each query finds itself
+
+
+def test_info_json_is_a_path_with_dash_for_stdout(tmp_path, run_cli):
+    idx = build_index(unit(20, 8, 0), "flat", meta={"teacher": {"name": "t", "dim": 8}})
+    idx.save(tmp_path / "db")
+    code, out, err = run_cli("index", "info", tmp_path / "db", "--json", "-")
+    assert code == 0 and json.loads(out)["count"] == 20, err
+    code, out, err = run_cli("index", "info", tmp_path / "db", "--json", tmp_path / "m.json")
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    assert code == 0 and json.loads((tmp_path / "m.json").read_text()) == manifest
+    assert "flat index, 20 x 8 vectors" in out

@@ -80,7 +80,8 @@ def test_every_loading_command_has_trust_pickle(name):
     import importlib
 
     cmd = importlib.import_module(f"aml.commands.{name}").command
-    assert "--trust-pickle" in [o for p in cmd.params for o in p.opts]
+    for sub in getattr(cmd, "commands", {"": cmd}).values():  # a group (evaluate): every subcommand
+        assert "--trust-pickle" in [o for p in sub.params for o in p.opts]
 
 
 def test_data_info_has_trust_pickle():

@@ -2,14 +2,16 @@
 
 Decorators: `model_options(role)`, `random_init_option`, `image_options` (--image-size, --multiscale),
 `runtime_options` (--batch-size, --workers, --device, --backend, --threads), `extraction_options` (both),
-`threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option`, `out_option`,
-`json_option`, `quiet_option`, `trust_pickle_option`; and the
-helpers that turn their values into library values (`read_images`, `extract_settings`). Torch-free: `aml embed`
-uses some of them, and the library constants are imported from torch-free modules only.
+`threads_option`, `whiten_option`, `images_options` (--images, --bbx), `cache_dtype_option` (the teacher cache's
+storage, only), `out_option`, `json_option` (--json PATH, '-' for stdout), `search_device_option`, `quiet_option`,
+`trust_pickle_option`, `settings_options` (extraction_options + --quiet as one ExtractSettings); and the helpers
+that turn their values into library values (`read_images`, `extract_settings`, `write_json_out`, `collect`).
+Torch-free: `aml embed` uses some of them, and the library constants are imported from torch-free modules only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -90,13 +92,38 @@ def extract_settings(
     image_size: int,
     scales: tuple[float, ...],
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: str,
     quiet: bool,
     backend: str = "auto",
 ) -> ExtractSettings:
     """The `ExtractSettings` of `extraction_options` (progress shown unless --quiet: `aml.progress`)."""
     return ExtractSettings(image_size, scales, batch_size, workers, device, not quiet, backend)
+
+
+def collect(name: str, build: Callable[..., Any], *keys: str) -> Callable[[F], F]:
+    """Hand the command the values of the options `keys` as one value, `name` = build(**those values): a command
+    takes settings, not a long list of loose options."""
+
+    def wrap(f: F) -> F:
+        @functools.wraps(f)
+        def inner(*args: Any, **kw: Any) -> Any:
+            kw[name] = build(**{k: kw.pop(k) for k in keys})
+            return f(*args, **kw)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def settings_options(*, default: int | None = None, required: bool = False) -> Callable[[F], F]:
+    """`extraction_options` + `--quiet`, handed to the command as one `settings` value (`extract_settings`)."""
+    keys = ("image_size", "scales", "batch_size", "workers", "device", "quiet", "backend")
+    return _stack(
+        extraction_options(default=default, required=required),
+        quiet_option(),
+        collect("settings", extract_settings, *keys),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -189,7 +216,7 @@ def runtime_options(f: F) -> F:
             show_default=True,
             help=f"Images per forward; at most {CPU_BATCH} on the CPU (faster there).",
         ),
-        click.option("--workers", type=int, default=-1, show_default=True, help="Decoding processes (-1: automatic)."),
+        click.option("--workers", type=int, help="Decoding processes (default, or -1: automatic)."),
         click.option(
             "--device", default="auto", show_default=True, callback=device_callback, help="auto | cpu | cuda[:N]."
         ),
@@ -249,9 +276,43 @@ def out_option(help: str, *, required: bool = False, file: bool = True) -> Calla
     return click.option("--out", required=required, type=click.Path(dir_okay=not file, file_okay=file), help=help)
 
 
-def json_option(f: F) -> F:
-    """`--json FILE`: also write the result as JSON."""
-    return click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the scores here.")(f)
+def json_option(what: str) -> Callable[[F], F]:
+    """`--json PATH`, one meaning on every command: also write `what` as JSON to PATH ('-': standard output);
+    `write_json_out` writes it."""
+    return click.option(
+        "--json",
+        "json_out",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        help=f"Write {what} as JSON (-: stdout).",
+    )
+
+
+def write_json_out(path: str, obj: Any) -> None:
+    """The `--json PATH` writer: indented, sorted JSON to standard output for '-', else atomically to the file."""
+    if path == "-":
+        import json
+
+        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+        return
+    from aml.io import write_json
+
+    write_json(path, obj)
+
+
+def search_device_option(help: str) -> Callable[[F], F]:
+    """`--search-device`: where the search runs (`aml.settings.parse_device`; cuda:all where the command takes
+    every GPU), checked before any work; `help` says what it accepts."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from aml.settings import parse_device
+
+        try:
+            parse_device(value, "--search-device", many="cuda:all" in help)
+        except UserError as e:
+            raise click.BadParameter(str(e).partition(": ")[2]) from None
+        return value
+
+    return click.option("--search-device", default="auto", show_default=True, callback=check, help=help)
 
 
 def _trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from aml.commands._options import (
+    _stack,
     cache_dtype_option,
-    extract_settings,
-    extraction_options,
+    collect,
+    json_option,
     model_options,
     quiet_option,
     random_init_option,
     runtime_options,
+    settings_options,
     whiten_option,
+    write_json_out,
 )
 from aml.index import KINDS
 
@@ -46,25 +48,32 @@ def _check_images(paths: list[str], where: str) -> None:
         )
 
 
+def _ivfpq_options(f):
+    """--nlist, --m, --nbits, --nprobe, handed to the command as one `params` dict (None: the default)."""
+    return _stack(
+        click.option("--nlist", type=click.IntRange(min=1), help="ivfpq: inverted lists (default ~4 sqrt(N))."),
+        click.option("--m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (must divide D; default D/32)."),
+        click.option("--nbits", type=click.IntRange(1, 16), help="ivfpq: bits per sub-quantizer code (default 8)."),
+        click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched per query (default 32)."),
+        collect("params", lambda **p: p, "nlist", "m", "nbits", "nprobe"),
+    )(f)
+
+
 @command.command("build")
 @model_options("teacher", required=True)
 @random_init_option()
 @click.option("--images", required=True, type=click.Path(dir_okay=False), help="Database image list.")
-@extraction_options(required=True)
+@settings_options(required=True)
 @whiten_option(" (the teacher's), applied to the database and to every query")
 @click.option("--type", "kind", type=click.Choice(KINDS), default="flat", show_default=True, help="Index type.")
-@click.option("--nlist", type=click.IntRange(min=1), help="ivfpq: inverted lists (default ~4 sqrt(N)).")
-@click.option("--m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (must divide D; default D/32).")
-@click.option("--nbits", type=click.IntRange(1, 16), help="ivfpq: bits per sub-quantizer code (default 8).")
-@click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched per query (default 32).")
+@_ivfpq_options
 @cache_dtype_option("Teacher cache dtype (default float16, shared with `aml evaluate`).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
-@quiet_option()
 def build(
-    teacher, teacher_weights, random_init, images, image_size, scales, batch_size, workers, device, backend, whiten,
-    kind, nlist, m, nbits, nprobe, cache_dtype, cache_dir, out, overwrite, quiet,
+    teacher, teacher_weights, random_init, images, settings, whiten, kind, params, cache_dtype, cache_dir, out,
+    overwrite,
 ) -> None:  # fmt: skip
     """Index the teacher's vectors of an image list (under torchrun: sharded across ranks, rank 0 writes)."""
     from aml.data.images import read_image_list
@@ -72,19 +81,18 @@ def build(
     from aml.whiten import teacher_lw
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and device == "auto":
+    if world > 1 and settings.device == "auto":
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        settings = settings.replace(device=device)
     paths = read_image_list(images)
     _check_images(paths, images)
-    settings = extract_settings(image_size, scales, batch_size, workers, device, quiet, backend)
     t = _teacher(teacher, teacher_weights, random_init, settings, cache_dtype, cache_dir)
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
-    params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
     index = build_from_images(t, paths, kind, out, lw=lw, params=params, overwrite=overwrite, rank=rank, world=world)
     if index is not None:
-        click.echo(f"{out}: {len(index)} x {index.dim} {kind} index of {t.identity['name']} ({image_size} px)")
+        click.echo(f"{out}: {len(index)} x {index.dim} {kind} index of {t.identity['name']} ({settings.image_size} px)")
 
 
 @command.command("add")
@@ -102,15 +110,15 @@ def add(db, images, batch_size, workers, device, backend, teacher_weights, cache
     index = Index.open(db)
     paths = read_image_list(images)
     _check_images(paths, images)
-    n = add_images(index, paths, batch_size=batch_size, workers=workers if workers >= 0 else None, device=device,
+    n = add_images(index, paths, batch_size=batch_size, workers=workers, device=device,
                    backend=backend, weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
     click.echo(f"{db}: +{n} images, {len(index)} in all")
 
 
 @command.command("info")
 @click.argument("db", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info(db, as_json) -> None:
+@json_option("the manifest")
+def info(db, json_out) -> None:
     """Describe an index: teacher identity, type, parameters, counts."""
     from pathlib import Path
 
@@ -118,9 +126,10 @@ def info(db, as_json) -> None:
     from aml.index import index_identity, read_manifest
 
     man = read_manifest(Path(db))
-    if as_json:
-        click.echo(json.dumps(man, indent=2, sort_keys=True))
-        return
+    if json_out:
+        write_json_out(json_out, man)
+        if json_out == "-":
+            return
     click.echo(f"{db}: {man['type']} index, {man['count']} x {man['dim']} vectors, params {man.get('params') or {}}")
     click.echo(f"teacher: {describe(index_identity(man))}, scales {man.get('scales')}")
     click.echo(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import click
+import json
+from typing import Any
 
-from aml.commands._options import image_options, images_options, read_images, threads_option
+import click
+import numpy as np
+
+from aml.commands._options import image_options, images_options, read_images, search_device_option, threads_option
 
 
 @click.command("search")
@@ -18,12 +22,9 @@ from aml.commands._options import image_options, images_options, read_images, th
 @click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
 @click.option("--device", default="auto", show_default=True, help="Query extraction device (torch encoders).")
 @threads_option
-@click.option(
-    "--search-device",
-    default="auto",
-    show_default=True,
-    help="Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (every "
-    "GPU, the index sharded across them) or cuda:N.",
+@search_device_option(
+    "Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (the first GPU), "
+    "cuda:N, or cuda:all (every GPU, the index sharded across them)."
 )
 @click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
@@ -36,14 +37,9 @@ def command(
     force, out, show, show_k, dataset, data_root,
 ) -> None:  # fmt: skip
     """Search the index for each query image; write one JSON line per query, best first."""
-    import json
-
-    import numpy as np
-
     from aml.errors import UserError
     from aml.identity import check_compatible
     from aml.index import Index, index_identity, query_vectors
-    from aml.io import atomic_write
 
     if dataset and not data_root:
         raise UserError("--dataset: needs --data-root DIR (the folder holding DATASET/gnd_DATASET.pkl)")
@@ -64,6 +60,19 @@ def command(
     s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming, device=search_device)
     if index.note:
         click.echo(f"note: {index.note}", err=True)
+    _write_results(out, paths, index, s, ids)
+    click.echo(
+        f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind}, {index.searched_on})"
+    )
+    if show:
+        _draw(show, paths, bbxs, index, s[:, :show_k], ids[:, :show_k], dataset, data_root)
+        click.echo(f"{show}: {len(paths)} queries drawn{f' ({dataset} ground truth)' if dataset else ''}")
+
+
+def _write_results(out: str, paths: list[str], index: Any, s: np.ndarray, ids: np.ndarray) -> None:
+    """One JSON line per query: {"query", "results": [{"name", "score"}, ...]}, best first (no -1 ids)."""
+    from aml.io import atomic_write
+
     with atomic_write(out) as f:
         for name, row_s, row_i in zip(paths, s, ids, strict=True):
             hits = [
@@ -72,23 +81,22 @@ def command(
                 if i >= 0
             ]
             f.write(json.dumps({"query": name, "results": hits}) + "\n")
-    click.echo(
-        f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind}, {index.searched_on})"
-    )
-    if show:
-        from aml.show import draw_results, gnd_labels, name_ids
 
-        k = min(show_k, ids.shape[1])
-        hits = [[index.names[i] for i in row[:k] if i >= 0] for row in ids]
-        labels = None
-        if dataset:
-            from aml.data.revisitop import load_revisitop
 
-            ds = load_revisitop(data_root, dataset)
-            qpos = name_ids(paths, ds.qimlist)
-            if (qpos < 0).any():
-                raise UserError(f"--dataset {dataset}: query {paths[int((qpos < 0).argmax())]} is not in its qimlist")
-            db_ids = np.stack([name_ids([index.names[i] for i in row[:k]], ds.imlist) for row in ids])
-            labels = gnd_labels([ds.gnd[i] for i in qpos], db_ids)
-        draw_results(show, paths, bbxs, hits, s[:, :k], labels)
-        click.echo(f"{show}: {len(paths)} queries drawn{f' ({dataset} ground truth)' if dataset else ''}")
+def _draw(show: str, paths: list[str], bbxs: Any, index: Any, s: np.ndarray, ids: np.ndarray, dataset, data_root):
+    """Draw the queries with their hits (s, ids: the drawn columns), framed by the ground truth of `dataset`."""
+    from aml.errors import UserError
+    from aml.show import draw_results, gnd_labels, name_ids
+
+    hits = [[index.names[i] for i in row if i >= 0] for row in ids]
+    labels = None
+    if dataset:
+        from aml.data.revisitop import load_revisitop
+
+        ds = load_revisitop(data_root, dataset)
+        qpos = name_ids(paths, ds.qimlist)
+        if (qpos < 0).any():
+            raise UserError(f"--dataset {dataset}: query {paths[int((qpos < 0).argmax())]} is not in its qimlist")
+        db_ids = np.stack([name_ids([index.names[i] for i in row], ds.imlist) for row in ids])
+        labels = gnd_labels([ds.gnd[i] for i in qpos], db_ids)
+    draw_results(show, paths, bbxs, hits, s, labels)

@@ -94,8 +94,8 @@ def retrieval(
     tolerance: float = MAP_TOLERANCE,
 ) -> dict[str, Any]:
     """Asymmetric mAP of the float32 student's and the exported encoder's queries against the teacher `db`."""
-    ref = evaluate_features(dataset, db, q_student, names=("teacher database", "student queries", ""))
-    exp = evaluate_features(dataset, db, q_exported, names=("teacher database", "exported queries", ""))
+    ref = evaluate_features(dataset, q_student, db, names=("student queries", "teacher database", ""))
+    exp = evaluate_features(dataset, q_exported, db, names=("exported queries", "teacher database", ""))
     diff = {p: abs(exp["mAP"][p] - ref["mAP"][p]) for p in PROTOCOLS}
     return {
         "dataset": dataset.name,

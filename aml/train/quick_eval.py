@@ -25,7 +25,7 @@ class QuickEval:
 
     def teacher(self) -> dict[str, Any]:
         """The teacher's own symmetric scores (the reference line)."""
-        return evaluate_features(self.ds, self.db_teacher, self.q_teacher)
+        return evaluate_features(self.ds, self.q_teacher, self.db_teacher)
 
     def run(self, student: nn.Module) -> dict[str, Any]:
         """The student's symmetric and asymmetric (student queries, teacher database) scores."""
@@ -33,6 +33,6 @@ class QuickEval:
         q = extract(student, self.ds.query_paths(), self.settings, bbxs=self.ds.bbxs)
         db = extract(student, self.ds.db_paths(), self.settings)
         return {
-            "student": evaluate_features(self.ds, db, q),
-            "asymmetric": evaluate_features(self.ds, self.db_teacher, q),
+            "student": evaluate_features(self.ds, q, db),
+            "asymmetric": evaluate_features(self.ds, q, self.db_teacher),
         }
