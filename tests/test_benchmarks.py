@@ -52,7 +52,7 @@ REPORTS: dict[str, list[str]] = {
         r"\s*N_db\s+method\s+database MiB\s+search s mAP E / M / H$",
         *(rf"\s*\d+\s+{re.escape(m)}\s+.*\s{NUM}\s+{NUM} /\s+{NUM} /\s+{NUM}" for m in ("float", "float->bits")),
         rf"\s*\d+\s+hamming\s+.*\s{NUM}\s+{NUM} /\s+{NUM} /\s+{NUM}  faiss index build {NUM} s$",
-        r"\s+bits set \d+\.\d%, ranking depth \d+, float search backend \w+$",
+        r"\s+bits set \d+\.\d%, ranking depth \d+, float search on the CPU \(aml\.search\)$",
     ],
     "demo_recipe.py": [
         r"demo budget: resnet18 -> resnet18 \(random weights\), closed-form start, 1 epochs x 8 images, 40 px",
@@ -67,8 +67,8 @@ REPORTS: dict[str, list[str]] = {
         r"\S+/demo\.txt and \S+/README\.md from \S+/table\.txt$",
     ],
     "eval_speed.py": [
-        r"\s*N_db\s+topk\s+search s\s+score s\s+loop s\s+loop/vec",
-        rf"\s*\d+\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+\d+\s+\d+\s+\d+\s+{NUM}/{NUM}/{NUM}",
+        r"\s*N_db\s+topk\s+search s\s+cpu s s\+s\s+score s\s+loop s\s+loop/vec",
+        rf"\s*\d+\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+\d+\s+\d+\s+\d+\s+{NUM}/{NUM}/{NUM}",
         r"process max RSS",
     ],
     "export_latency.py": [
