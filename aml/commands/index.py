@@ -17,6 +17,7 @@ from aml.commands._options import (
     runtime_options,
     whiten_option,
 )
+from aml.commands.push import command as push
 from aml.index import KINDS
 
 
@@ -126,3 +127,6 @@ def info(db, as_json) -> None:
     click.echo(
         f"format {man['format']} v{man['version']}, faiss {man.get('faiss')}, generation {man.get('generation')}"
     )
+
+
+command.add_command(push)  # `aml index push` (aml/commands/push.py)
