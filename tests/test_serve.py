@@ -1,0 +1,258 @@
+"""`aml serve` (a real uvicorn process on a loopback port, queried over HTTP), `aml keys`, `aml index push` into
+a real Milvus Lite file and `aml search --milvus`, the page in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aml.errors import UserError
+from aml.index import Index, build_index
+from aml.serve.keys import KeyRing, new_key
+from aml.serve.spawn import serve_process
+
+IDENTITY = {"name": "t", "weights": "random-init", "sha256": None, "dim": 32}
+
+
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def one_line_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    reason = r.json()["error"]
+    assert reason and "\n" not in reason
+    return reason
+
+
+@pytest.fixture(scope="module")
+def vec_db(tmp_path_factory):
+    """A 200 x 32 flat index whose names are small image files under root/ (and one file of root that is not
+    in the index)."""
+    d = tmp_path_factory.mktemp("vec")
+    root = d / "root" / "imgs"
+    root.mkdir(parents=True)
+    names = []
+    for i in range(200):
+        p = root / f"{i:03d}.png"
+        if i < 3:
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(p)
+        names.append(str(p))
+    (root / "other.png").write_bytes(b"not in the index")
+    (d / "secret.txt").write_text("outside the root")
+    meta = {"teacher": IDENTITY, "image_size": 64, "whitening": None}
+    build_index(unit(200, 32, 0), "flat", names, meta=meta).save(d / "db")
+    return d
+
+
+def test_keys_hash_only_and_check(tmp_path, run_cli):
+    f = tmp_path / "keys"
+    code, out, err = run_cli("keys", "new", f, "--label", "phone app")
+    assert code == 0, err
+    key = out.strip()
+    assert key.startswith("aml_") and key not in f.read_text() and key.split("_", 2)[2] not in f.read_text()
+    assert oct(f.stat().st_mode & 0o777) == "0o600"
+    other = new_key(f)
+    ring = KeyRing(f)
+    assert ring.check(f"Bearer {key}") == "" and ring.check(f"bearer {other}") == ""
+    assert ring.check(f"Bearer {key}") == ""  # verified once, remembered
+    assert ring.check(None).startswith("missing API key") and ring.check(f"Basic {key}").startswith("missing")
+    assert ring.check(f"Bearer {key[:-1]}x") == "invalid API key" and ring.check("Bearer aml_00_x") == "invalid API key"
+    code, out, _ = run_cli("keys", "list", f)
+    assert code == 0 and "phone app" in out and len(out.splitlines()) == 2
+    f.write_text("".join(ln + "\n" for ln in f.read_text().splitlines() if not ln.startswith(key.split("_")[1])))
+    assert ring.check(f"Bearer {key}") == "invalid API key" and ring.check(f"Bearer {other}") == ""  # revoked
+    f.write_text("garbage line\n")
+    with pytest.raises(UserError, match="line 1: not a key record"):
+        KeyRing(f)
+
+
+def test_search_refusals_keys_and_limits_over_http(vec_db, tmp_path):
+    keys = tmp_path / "keys"
+    key = new_key(keys)
+    db = Index.open(vec_db / "db")
+    q = unit(3, 32, 1)
+    want_s, want_i = db.search(q, 10)
+    auth = {"Authorization": f"Bearer {key}"}
+    args = ["--index", vec_db / "db", "--keys", keys, "--max-body", 20000, "--max-k", 50]
+    with serve_process(args, log=str(tmp_path / "serve.log")) as (url, _), httpx.Client(base_url=url) as c:
+        assert c.get("/healthz").json()["status"] == "ok"  # open without a key
+        one_line_error(c.get("/info"), 401)
+        body = {"vectors": q.tolist(), "k": 10, "encoder": {"teacher": IDENTITY, "image_size": 64, "whiten": None}}
+        one_line_error(c.post("/search", json=body), 401)
+        one_line_error(c.post("/search", json=body, headers={"Authorization": "Bearer aml_1234abcd_nope"}), 401)
+        info = c.get("/info", headers=auth).json()
+        assert info["count"] == 200 and info["dim"] == 32 and info["generation"] == 0
+        assert info["identity"]["name"] == "t" and "compatible" in info
+
+        res = c.post("/search", json=body, headers=auth).json()["results"]
+        assert [[db.names.index(h["name"]) for h in row] for row in res] == want_i.tolist()
+        assert np.allclose([[h["score"] for h in row] for row in res], want_s, atol=1e-5)
+        raw_headers = {**auth, "Content-Type": "application/octet-stream", "X-AML-Encoder": json.dumps(body["encoder"])}
+        raw = c.post("/search?k=10&dim=32", content=q.astype("<f4").tobytes(), headers=raw_headers)
+        assert raw.json()["results"] == res
+
+        def bad(status, **changes):
+            text = json.dumps({**body, **changes})  # NaN allowed: what a careless client may send
+            r = c.post("/search", content=text, headers={**auth, "Content-Type": "application/json"})
+            return one_line_error(r, status)
+
+        assert "32-d" in bad(400, vectors=unit(1, 16, 2).tolist())  # wrong dimension
+        assert "differ: name" in bad(409, encoder={**body["encoder"], "teacher": {**IDENTITY, "name": "u"}})
+        assert "differ: image_size" in bad(409, encoder={**body["encoder"], "image_size": 32})
+        assert "between 1 and 50" in bad(400, k=51)
+        bad(400, vectors=[[1.0, 2.0], [3.0]])
+        bad(400, encoder=None)
+        assert "NaN" in bad(400, vectors=[[float("nan")] * 32])
+        r = c.post("/search", content=b"x" * 30000, headers={**auth, "Content-Type": "application/json"})
+        assert "at most 20000" in one_line_error(r, 413)  # oversized body
+        r = c.post("/search?k=5", content=b"\0" * 12, headers=raw_headers)
+        assert "whole number of 32-d" in one_line_error(r, 400)
+        one_line_error(c.post("/search", content=b"{}", headers={**auth, "Content-Type": "text/plain"}), 415)
+
+        img = c.get("/images/001.png", headers=auth)
+        assert img.status_code == 200 and img.content == (vec_db / "root" / "imgs" / "001.png").read_bytes()
+        one_line_error(c.get("/images/001.png"), 401)
+        assert "outside the image root" in one_line_error(c.get("/images/..%2F..%2Fsecret.txt", headers=auth), 403)
+        one_line_error(c.get("/images/%2Fetc%2Fpasswd", headers=auth), 403)
+        assert "not an image of this index" in one_line_error(c.get("/images/other.png", headers=auth), 404)
+        assert c.post("/search", json=body, headers=auth).json()["results"] == res  # still serving
+
+
+# ------------------------------------------------------------------------------------------ real teacher, ONNX
+SIZE = 48
+
+
+def photos(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n small seeded photos (48 x 40 JPEGs: a colour gradient and noise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, out = np.random.default_rng(seed), []
+    for i in range(n):
+        base = rng.integers(0, 255, (1, 1, 3)) * np.linspace(0.3, 1, 48)[None, :, None]
+        img = np.clip(base + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+        out.append(str(folder / f"{i:02d}.jpg"))
+        Image.fromarray(img).save(out[-1])
+    return out
+
+
+def aml(*args: object, env: dict) -> subprocess.CompletedProcess:
+    """`aml ARGS` as a child process (the service's own processes are children too)."""
+    from aml.serve.spawn import CLI
+
+    return subprocess.run([sys.executable, str(CLI), *map(str, args)], env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """An `aml index build` of lite2 over 24 small photos (6 more to add), and a student (a random lite0 recording
+    lite2 as its teacher) exported to ONNX with its sidecar."""
+    from aml.export import pipeline
+    from aml.registry import create_model, model_identity
+
+    d = tmp_path_factory.mktemp("real")
+    images = photos(d / "photos", 30)
+    (d / "db.txt").write_text("".join(f"{p}\n" for p in images[:24]))
+    (d / "more.txt").write_text("".join(f"{p}\n" for p in images[24:]))
+    env = {**os.environ, "AML_HOME": str(d / "home"), "OMP_NUM_THREADS": "1", "AML_THREADS": "1"}
+    p = aml("index", "build", "--teacher", "lite2", "--images", d / "db.txt", "--image-size", SIZE, "--device", "cpu",
+            "--workers", "0", "--out", d / "db", "--quiet", env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    net = create_model("lite0", role="student", dim=1280, random_init=True)
+    net.meta["aml"]["teacher"] = model_identity("lite2")
+    torch.save({"state_dict": net.state_dict(), "meta": net.meta, "epoch": 1, "config": {}}, d / "s.pt")
+    pipeline.export_checkpoint(d / "s.pt", out=d / "s.onnx", image_size=SIZE)
+    return d, env
+
+
+def test_asymmetric_path_end_to_end(real, tmp_path):
+    """The phone's side (the exported student embeds a photo, the vector goes to POST /search with the sidecar's
+    identity) answers the same top-10 as `aml search` with that student on the same index."""
+    from aml.onnx_embed import OnnxEncoder
+
+    d, env = real
+    query = photos(tmp_path / "q", 1, seed=7)[0]
+    (tmp_path / "q.txt").write_text(query + "\n")
+    p = aml("search", "--index", d / "db", "--encoder", d / "s.onnx", "--images", tmp_path / "q.txt", "--topk", 10,
+            "--out", tmp_path / "r.jsonl", env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    want = json.loads((tmp_path / "r.jsonl").read_text())["results"]
+    enc = OnnxEncoder(d / "s.onnx")  # the phone: the export and its sidecar, no torch
+    v = enc.embed([query])
+    sidecar = {k: enc.info[k] for k in ("teacher", "image_size", "whiten")}
+    corrupt = tmp_path / "bad.jpg"
+    corrupt.write_bytes(Path(query).read_bytes()[:300])
+    with serve_process(["--index", d / "db", "--encoder", d / "s.onnx"], env=env) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            got = c.post("/search", json={"vectors": v.tolist(), "k": 10, "encoder": sidecar}).json()["results"][0]
+            assert [h["name"] for h in got] == [h["name"] for h in want]
+            assert np.allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-4)
+            with open(query, "rb") as f:
+                up = c.post("/search/image", files={"image": f}, data={"k": "10", "encoder": "s.onnx"}).json()
+            assert [h["name"] for h in up["results"][0]] == [h["name"] for h in want]
+            other = {**sidecar, "teacher": {**sidecar["teacher"], "sha256": "ab" * 32}}
+            r = c.post("/search", json={"vectors": v.tolist(), "k": 10, "encoder": other})
+            assert "differ: sha256" in one_line_error(r, 409)  # distilled for another teacher
+            with open(corrupt, "rb") as f:
+                r = c.post("/search/image", files={"image": f}, data={"encoder": "s.onnx"})
+            assert "not a readable image" in one_line_error(r, 400)
+            r = c.post("/search/image", files={"image": ("x.jpg", b"")}, data={"encoder": "nope"})
+            one_line_error(r, 400)
+            assert c.post("/search", json={"vectors": v.tolist(), "k": 10, "encoder": sidecar}).status_code == 200
+
+
+def test_generation_switch_while_index_add_runs(real, tmp_path):
+    """Clients searching throughout an `aml index add` all get answers; the service moves to the new generation."""
+    d, env = real
+    shutil.copytree(d / "db", tmp_path / "db")
+    body = {"vectors": unit(2, 1280, 3).tolist(), "k": 40, "encoder": _lite2()}
+    seen, failures, stop = [[], [], []], [], threading.Event()
+
+    def client(url: str, mine: list) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/search", json=body)
+                if r.status_code != 200:
+                    failures.append(r.text)
+                    continue
+                res = r.json()
+                mine.append((res["generation"], len(res["results"][0])))
+
+    with serve_process(["--index", tmp_path / "db", "--poll", 0.05], env=env) as (url, _):
+        threads = [threading.Thread(target=client, args=(url, mine)) for mine in seen]
+        for t in threads:
+            t.start()
+        try:
+            p = aml("index", "add", tmp_path / "db", "--images", d / "more.txt", "--device", "cpu", "--workers", 0,
+                    "--quiet", env=env)  # fmt: skip
+            assert p.returncode == 0, p.stderr[-2000:]
+            deadline = time.monotonic() + 30
+            while not all(mine and mine[-1][0] == 1 for mine in seen) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        info = httpx.get(f"{url}/info").json()
+    assert failures == [] and info["generation"] == 1 and info["count"] == 30
+    answers = [a for mine in seen for a in mine]
+    assert {g for g, _ in answers} == {0, 1} and all(n == (24 if g == 0 else 30) for g, n in answers)  # whole
+    assert all([g for g, _ in mine] == sorted(g for g, _ in mine) for mine in seen)  # never back to generation 0
+
+
+def _lite2() -> dict:
+    from aml.registry import model_identity
+
+    return {**model_identity("lite2"), "image_size": SIZE, "whitening": None}
