@@ -63,6 +63,7 @@ def _read_meta(c: Any, collection: str) -> dict[str, str]:
     name = _meta_name(collection)
     if not c.has_collection(name):
         return {}
+    c.load_collection(name)  # a collection opened by another process starts released
     rows = c.query(name, filter='key != ""', output_fields=["key", "value"])
     return {r["key"]: r["value"] for r in rows}
 
@@ -256,7 +257,7 @@ def milvus_source(uri: str, collection: str = "aml", search_params: dict[str, in
     def stamp() -> str:
         return _read_meta(c, collection).get("manifest", "")
 
-    return Source(stamp, lambda: index_generation(MilvusIndex(uri, collection, search_params)), poll=1.0)
+    return Source(stamp, lambda: index_generation(MilvusIndex(uri, collection, search_params), "milvus"), poll=1.0)
 
 
 def open_searched(db: str | None, milvus: str | None, collection: str = "aml") -> tuple[Index | MilvusIndex, str]:

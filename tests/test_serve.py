@@ -229,6 +229,7 @@ def test_generation_switch_while_index_add_runs(real, tmp_path):
                     continue
                 res = r.json()
                 mine.append((res["generation"], len(res["results"][0])))
+                time.sleep(0.02)  # leave the 2 cores to the add and the server
 
     with serve_process(["--index", tmp_path / "db", "--poll", 0.05], env=env) as (url, _):
         threads = [threading.Thread(target=client, args=(url, mine)) for mine in seen]
@@ -256,3 +257,82 @@ def _lite2() -> dict:
     from aml.registry import model_identity
 
     return {**model_identity("lite2"), "image_size": SIZE, "whitening": None}
+
+
+# ------------------------------------------------------------------------------------------ Milvus Lite
+def test_milvus_push_resumes_and_agrees_with_faiss(tmp_path, monkeypatch):
+    from aml import milvus
+
+    pytest.importorskip("pymilvus")
+    db, uri = tmp_path / "db", str(tmp_path / "m.db")
+    x = unit(3000, 32, 4)
+    x[100:110] = x[50]  # exact ties
+    build_index(x, "flat", [f"/img/{i}.jpg" for i in range(3000)], meta={"teacher": IDENTITY}).save(db)
+    real_put = milvus._put_meta
+
+    def killed_after_first_batch(c, coll, rows):
+        real_put(c, coll, rows)
+        raise RuntimeError("killed mid-push")
+
+    with monkeypatch.context() as m:
+        m.setattr(milvus, "_put_meta", killed_after_first_batch)
+        with pytest.raises(RuntimeError, match="killed"):
+            milvus.push(db, uri, batch=1000)
+    with pytest.raises(UserError, match="no complete push"):
+        milvus.MilvusIndex(uri)
+    assert milvus.push(db, uri, batch=1000) == (2000, 3000)  # resumed after the first batch
+    assert milvus.push(db, uri, batch=1000) == (0, 3000)  # idempotent
+    faiss_db, mil = Index.open(db), milvus.MilvusIndex(uri)
+    assert mil.names == faiss_db.names and mil.meta["teacher"] == IDENTITY
+    q = np.concatenate([unit(7, 32, 5), x[50:51]])
+    (fs, fi), (ms, mi) = faiss_db.search(q, 100), mil.search(q, 100)
+    np.testing.assert_allclose(ms, fs, atol=1e-5)
+    assert (mi == fi).all() or all(  # identical up to ties: equal scores may swap
+        set(fi[r][np.isclose(fs[r], s)]) >= {i} for r in range(len(q)) for s, i in zip(ms[r], mi[r], strict=True)
+    )
+    assert set(mi[-1][:11]) == set(fi[-1][:11]) == {50, *range(100, 110)}
+    with pytest.raises(UserError, match="differ: name"):
+        other = tmp_path / "other"
+        build_index(x, "flat", meta={"teacher": {**IDENTITY, "name": "u"}}).save(other)
+        milvus.push(other, uri)
+    # a later generation pushes only its new rows, and searches see it whole
+    grown = Index.open(db)
+    grown.add(unit(500, 32, 6), [f"/img/new{i}.jpg" for i in range(500)])
+    grown.save()
+    assert milvus.push(db, uri, batch=1000) == (500, 3500)
+    again = milvus.MilvusIndex(uri)
+    assert len(again) == 3500 and again.generation == 1
+    assert (again.search(q, 20)[1] == Index.open(db).search(q, 20)[1]).mean() > 0.95
+    hnsw = tmp_path / "h.db"
+    milvus.push(db, str(hnsw), kind="hnsw", params=milvus.index_params("hnsw", None, None, None))
+    recall = (milvus.MilvusIndex(str(hnsw)).search(q, 10)[1][:, 0] == Index.open(db).search(q, 10)[1][:, 0]).mean()
+    assert recall >= 0.85
+
+
+def test_serve_and_search_from_milvus(real, tmp_path, run_cli):
+    """`aml index push`, then `aml search --milvus` and `aml serve --milvus` answer as the faiss index does (each a
+    child process: a Milvus Lite file is opened by one process at a time)."""
+    pytest.importorskip("pymilvus")
+    d, env = real
+    uri = tmp_path / "m.db"
+    p = aml("index", "push", d / "db", "--to", "milvus", uri, env=env)
+    assert p.returncode == 0 and "+24 rows, 24 in all (FLAT)" in p.stdout, p.stderr[-2000:]
+    args = ["--encoder", d / "s.onnx", "--images", d / "more.txt", "--topk", 10]
+    for where, out_file in ((["--index", d / "db"], "f.jsonl"), (["--milvus", uri], "m.jsonl")):
+        p = aml("search", *where, *args, "--out", tmp_path / out_file, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+    f, m = ([json.loads(ln) for ln in (tmp_path / n).read_text().splitlines()] for n in ("f.jsonl", "m.jsonl"))
+    assert [[h["name"] for h in r["results"]] for r in f] == [[h["name"] for h in r["results"]] for r in m]
+    code, _, err = run_cli("search", "--index", d / "db", "--milvus", uri, *args, "--out", tmp_path / "x.jsonl")
+    assert code == 2 and "one of them" in err
+    body = {"vectors": unit(2, 1280, 8).tolist(), "k": 10, "encoder": _lite2()}
+    want = Index.open(d / "db").search(np.array(body["vectors"], np.float32), 10)[1]
+    with (
+        serve_process(["--milvus", uri], env=env, log=str(tmp_path / "serve.log")) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+        assert c.get("/info").json()["backend"] == "milvus"
+        res = c.post("/search", json=body).json()["results"]
+        names = Index.open(d / "db").names
+        assert [[names.index(h["name"]) for h in row] for row in res] == want.tolist()
+        one_line_error(c.post("/search", json={**body, "vectors": [[0.1] * 64]}), 400)

@@ -100,8 +100,9 @@ def index_manifest(index: Index) -> dict[str, Any]:
     return {**index.meta, "type": index.kind, "dim": index.dim, "count": len(index), "generation": index.generation}
 
 
-def index_generation(index: Index) -> Generation:
-    """A `Generation` of an opened `aml index` (its faiss search, names and Lw)."""
+def index_generation(index: Index, backend: str = "faiss") -> Generation:
+    """A `Generation` of an opened `aml index` (its search, names and Lw), or of anything searched like one
+    (`aml.milvus.MilvusIndex`, backend 'milvus')."""
     names, meta = index.names, index_manifest(index)
 
     def search(q: np.ndarray, k: int) -> Hits:
@@ -111,7 +112,7 @@ def index_generation(index: Index) -> Generation:
             for rs, ri in zip(s, ids, strict=True)
         ]
 
-    return Generation({**meta, "backend": "faiss"}, index.lw(), search, names)
+    return Generation({**meta, "backend": backend}, index.lw(), search, names)
 
 
 class Source:
