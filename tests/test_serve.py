@@ -336,3 +336,33 @@ def test_serve_and_search_from_milvus(real, tmp_path, run_cli):
         names = Index.open(d / "db").names
         assert [[names.index(h["name"]) for h in row] for row in res] == want.tolist()
         one_line_error(c.post("/search", json={**body, "vectors": [[0.1] * 64]}), 400)
+
+
+# ------------------------------------------------------------------------------------------ the page, in a browser
+def browser() -> str:
+    """A headless-capable chromium on this machine, or a skip saying how to get one."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium on this machine (Debian: apt-get install chromium): the page's browser test skips")
+
+
+def test_page_loads_in_a_headless_browser(vec_db, tmp_path):
+    chrome = browser()
+    keys = tmp_path / "keys"
+    new_key(keys)
+    with serve_process(["--index", vec_db / "db"]) as (url, _):
+        dom = subprocess.run(
+            [chrome, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--dump-dom", f"{url}/"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        assert 'id="photo"' in dom and "200 images, t (weights random-init, 32-d" in dom  # the page's script ran
+        assert "this server has no --encoder" in dom
+    with serve_process(["--index", vec_db / "db", "--keys", keys]) as (url, _):
+        dom = subprocess.run(
+            [chrome, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile2'}",
+             "--virtual-time-budget=5000", "--dump-dom", f"{url}/"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        assert 'id="photo"' in dom and "401: missing API key" in dom  # the page opens; the data needs the key
