@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -366,3 +367,86 @@ def test_page_loads_in_a_headless_browser(vec_db, tmp_path):
             capture_output=True, text=True, timeout=120,
         ).stdout  # fmt: skip
         assert 'id="photo"' in dom and "401: missing API key" in dom  # the page opens; the data needs the key
+
+
+class Chrome:
+    """Headless chromium driven over its DevTools pipe (--remote-debugging-pipe: JSON messages ending in NUL on
+    fds 3 and 4), attached to its one page."""
+
+    def __init__(self, chrome: str, url: str, profile: Path) -> None:
+        to_r, self._w = os.pipe()
+        self._r, from_w = os.pipe()
+        args = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                url]  # fmt: skip
+        to_fds = f'exec "$0" "$@" 3<&{to_r} 4>&{from_w} {to_r}<&- {from_w}>&-'  # the pipe ends on fds 3 and 4
+        self.proc = subprocess.Popen(["bash", "-c", to_fds, chrome, *args], pass_fds=(to_r, from_w),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        os.close(to_r)
+        os.close(from_w)
+        self._id, self._buf, self.session = 0, b"", None
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def send(self, method: str, **params: object) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                ready, _, _ = select.select([self._r], [], [], 60)
+                assert ready and self.proc.poll() is None, f"chromium stopped answering ({method})"
+                self._buf += os.read(self._r, 1 << 16)
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expr: str) -> object:
+        return self.send("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expr: str, timeout: float = 60) -> object:
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expr)):
+            assert time.monotonic() < deadline, f"the page never satisfied {expr}"
+            time.sleep(0.2)
+        return value
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
+def test_page_picks_a_photo_and_shows_thumbnails(real, tmp_path):
+    """In a real browser: the key typed in, a photo picked, Search: the top hits appear as image thumbnails
+    (fetched from /images with the key) with their scores."""
+    chrome = browser()
+    d, env = real
+    keys = tmp_path / "keys"
+    key = new_key(keys)
+    photo = Path((d / "db.txt").read_text().split()[5])
+    args = ["--index", d / "db", "--encoder", d / "s.onnx", "--encoder", "lite2", "--keys", keys]  # lite2 first
+    with serve_process(args, env=env) as (url, _):
+        b = Chrome(chrome, f"{url}/", tmp_path / "profile")
+        try:
+            b.wait_for("document.readyState === 'complete' && document.getElementById('error').textContent")
+            b.js(f"document.getElementById('key').value = {json.dumps(key)}; loadInfo()")
+            assert "24 images, lite2" in b.wait_for("document.getElementById('info').textContent.includes('images')"
+                                                    " && document.getElementById('info').textContent")  # fmt: skip
+            root = b.send("DOM.getDocument")["root"]["nodeId"]
+            node = b.send("DOM.querySelector", nodeId=root, selector="#photo")["nodeId"]
+            b.send("DOM.setFileInputFiles", nodeId=node, files=[str(photo)])
+            b.js("document.getElementById('k').value = 5; document.getElementById('form').requestSubmit()")
+            shown = b.wait_for(
+                "[...document.querySelectorAll('#hits img')].every(i => i.complete && i.naturalWidth > 0)"
+                " && document.querySelectorAll('#hits img').length === 5"
+                " && [...document.querySelectorAll('#hits figcaption')].map(c => c.textContent)"
+            )
+        finally:
+            b.close()
+    assert len(shown) == 5 and all(float(c.split()[0]) <= float(shown[0].split()[0]) + 1e-6 for c in shown)
+    assert shown[0].endswith(photo.name)  # a database photo finds itself first
