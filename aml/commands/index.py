@@ -17,7 +17,7 @@ from aml.commands._options import (
     runtime_options,
     whiten_option,
 )
-from aml.commands.push import command as push
+from aml.commands._push import command as push
 from aml.index import KINDS
 
 
@@ -129,4 +129,4 @@ def info(db, as_json) -> None:
     )
 
 
-command.add_command(push)  # `aml index push` (aml/commands/push.py)
+command.add_command(push)  # `aml index push` (aml/commands/_push.py)

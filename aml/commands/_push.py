@@ -1,4 +1,4 @@
-"""`aml index push`: copy an `aml index` into a Milvus collection (registered by `aml index`)."""
+"""`aml index push`: copy an `aml index` into a Milvus collection (a subcommand `aml index` registers)."""
 
 from __future__ import annotations
 
