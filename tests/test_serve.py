@@ -195,7 +195,9 @@ def test_asymmetric_path_end_to_end(real, tmp_path):
     sidecar = {k: enc.info[k] for k in ("teacher", "image_size", "whiten")}
     corrupt = tmp_path / "bad.jpg"
     corrupt.write_bytes(Path(query).read_bytes()[:300])
-    with serve_process(["--index", d / "db", "--encoder", d / "s.onnx"], env=env) as (url, _):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (400, 300), (9, 9, 9)).save(big)  # 120000 pixels, a few hundred bytes
+    with serve_process(["--index", d / "db", "--encoder", d / "s.onnx", "--max-pixels", 100_000], env=env) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as c:
             got = c.post("/search", json={"vectors": v.tolist(), "k": 10, "encoder": sidecar}).json()["results"][0]
             assert [h["name"] for h in got] == [h["name"] for h in want]
@@ -209,6 +211,9 @@ def test_asymmetric_path_end_to_end(real, tmp_path):
             with open(corrupt, "rb") as f:
                 r = c.post("/search/image", files={"image": f}, data={"encoder": "s.onnx"})
             assert "not a readable image" in one_line_error(r, 400)
+            with open(big, "rb") as f:
+                r = c.post("/search/image", files={"image": f}, data={"encoder": "s.onnx"})
+            assert "400 x 300 pixels; at most 100000" in one_line_error(r, 413)
             r = c.post("/search/image", files={"image": ("x.jpg", b"")}, data={"encoder": "nope"})
             one_line_error(r, 400)
             assert c.post("/search", json={"vectors": v.tolist(), "k": 10, "encoder": sidecar}).status_code == 200

@@ -176,19 +176,28 @@ def _resolved_names(gen: Generation) -> set[str]:
     return got
 
 
-def create_app(
-    source: Source,
-    *,
-    keys: KeyRing | None = None,
-    limits: Limits = Limits(),
-    image_root: str | os.PathLike | None = None,
-    encoders: dict[str, str] | None = None,
-) -> FastAPI:
-    """The service over `source` (see the module docstring); `encoders`: name -> encoder spec (exported .onnx,
-    checkpoint or registry name) that POST /search/image may embed an upload with."""
-    app = FastAPI(title="aml serve", docs_url=None, redoc_url=None, openapi_url=None)
-    root = _image_root(source.current, image_root)
-    encoders = dict(encoders or {})
+async def _search_image(request: Request, gen: Generation, limits: Limits, encoders: dict[str, str]) -> dict:
+    """POST /search/image: the multipart upload checked, embedded by the chosen encoder, checked and searched."""
+    form = await request.form(max_files=1, max_fields=4)
+    upload, name = form.get("image"), form.get("encoder") or (min(encoders) if encoders else "")
+    if upload is None or isinstance(upload, str):
+        raise Refused(400, "image: send the photo as the multipart file field 'image'")
+    if name not in encoders:
+        raise Refused(400, f"encoder {str(name)[:60]!r}: this server embeds with {sorted(encoders) or 'none'}")
+    k = _k(form.get("k", 10), limits)
+    data = await upload.read()
+    _checked_image(data, limits)
+    q, ident = await run_in_threadpool(_embed_upload, data, encoders[name], gen)
+    try:
+        gen.check(ident, what=f"encoder {name} is for")
+    except UserError as e:
+        raise Refused(409, str(e)) from None
+    hits = await run_in_threadpool(gen.search, q, k, False)
+    return {"results": hits, "generation": gen.manifest.get("generation"), "encoder": name}
+
+
+def _add_guards(app: FastAPI, keys: KeyRing | None, limits: Limits) -> None:
+    """Every refusal as a one-line JSON 4xx; the key check and the body size limit before any route runs."""
 
     @app.exception_handler(Refused)
     async def refused(request: Request, e: Refused) -> JSONResponse:
@@ -209,16 +218,33 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         if keys is not None and request.url.path not in OPEN_PATHS:
-            why = await run_in_threadpool(keys.check, request.headers.get("authorization"))
+            why = await run_in_threadpool(keys.check, request.headers.get("authorization"))  # PBKDF2: off the loop
             if why:
                 return _error(401, why, **{"WWW-Authenticate": "Bearer"})
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
                 return _error(411, "body: send a Content-Length header")
-            if int(length) > limits.max_body:
+            if int(length) > limits.max_body:  # uvicorn reads no more than Content-Length says
                 return _error(413, f"body: {length} bytes; at most {limits.max_body} (the server's --max-body)")
         return await call_next(request)
+
+
+def create_app(
+    source: Source,
+    *,
+    keys: KeyRing | None = None,
+    limits: Limits = Limits(),
+    image_root: str | os.PathLike | None = None,
+    encoders: dict[str, str] | None = None,
+) -> FastAPI:
+    """The service over `source` (see the module docstring); `encoders`: name -> encoder spec (exported .onnx,
+    checkpoint or registry name) that POST /search/image may embed an upload with."""
+    app = FastAPI(title="aml serve", docs_url=None, redoc_url=None, openapi_url=None)
+    root = _image_root(source.current, image_root)
+    encoders = dict(encoders or {})
+
+    _add_guards(app, keys, limits)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -242,23 +268,7 @@ def create_app(
 
     @app.post("/search/image")
     async def search_image(request: Request) -> dict[str, Any]:
-        gen = source.current
-        form = await request.form(max_files=1, max_fields=4)
-        upload, name = form.get("image"), form.get("encoder") or (min(encoders) if encoders else "")
-        if upload is None or isinstance(upload, str):
-            raise Refused(400, "image: send the photo as the multipart file field 'image'")
-        if name not in encoders:
-            raise Refused(400, f"encoder {str(name)[:60]!r}: this server embeds with {sorted(encoders) or 'none'}")
-        k = _k(form.get("k", 10), limits)
-        data = await upload.read()
-        _checked_image(data, limits)
-        q, ident = await run_in_threadpool(_embed_upload, data, encoders[name], gen)
-        try:
-            gen.check(ident, what=f"encoder {name} is for")
-        except UserError as e:
-            raise Refused(409, str(e)) from None
-        hits = await run_in_threadpool(gen.search, q, k, False)
-        return {"results": hits, "generation": gen.manifest.get("generation"), "encoder": name}
+        return await _search_image(request, source.current, limits, encoders)
 
     @app.get("/images/{rel:path}")
     def image(rel: str) -> Response:
