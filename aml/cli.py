@@ -11,7 +11,8 @@ import click
 
 # The commands, in `aml --help` order; each is `command` in aml/commands/<name>.py. Modules load only when
 # their command runs; the one-line help is the module docstring's first line ("`aml NAME`: what it does").
-COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "export", "embed", "index", "search")
+COMMANDS = ("models", "extract", "evaluate", "data", "distill", "whiten", "export", "embed", "index", "search",
+            "serve", "keys")  # fmt: skip
 
 
 def short_help(name: str) -> str:

@@ -19,6 +19,7 @@ from aml.commands._options import (
     whiten_option,
     write_json_out,
 )
+from aml.commands._push import command as push
 from aml.index import KINDS
 
 
@@ -135,3 +136,6 @@ def info(db, json_out) -> None:
     click.echo(
         f"format {man['format']} v{man['version']}, faiss {man.get('faiss')}, generation {man.get('generation')}"
     )
+
+
+command.add_command(push)  # `aml index push` (aml/commands/_push.py)

@@ -12,7 +12,9 @@ from aml.commands._options import image_options, images_options, read_images, se
 
 
 @click.command("search")
-@click.option("--index", "db", required=True, type=click.Path(file_okay=False), help="Index directory.")
+@click.option("--index", "db", type=click.Path(file_okay=False), help="Index directory.")
+@click.option("--milvus", help="Instead of --index: a Milvus URI holding an `aml index push` (--collection aml).")
+@click.option("--collection", default="aml", show_default=True, help="With --milvus: the collection.")
 @click.option("--encoder", required=True, help="Query encoder: aml checkpoint, registry name, or exported .onnx.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Weights file for a registry name.")
 @images_options
@@ -33,17 +35,18 @@ from aml.commands._options import image_options, images_options, read_images, se
 @click.option("--dataset", help="revisitop dataset name: frame hits as positive / junk / negative.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding DATASET/gnd_DATASET.pkl.")
 def command(
-    db, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device, search_device,
-    force, out, show, show_k, dataset, data_root,
+    db, milvus, collection, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device,
+    search_device, force, out, show, show_k, dataset, data_root,
 ) -> None:  # fmt: skip
     """Search the index for each query image; write one JSON line per query, best first."""
     from aml.errors import UserError
     from aml.identity import check_compatible
-    from aml.index import Index, index_identity, query_vectors
+    from aml.index import index_identity, query_vectors
+    from aml.milvus import open_searched
 
     if dataset and not data_root:
         raise UserError("--dataset: needs --data-root DIR (the folder holding DATASET/gnd_DATASET.pkl)")
-    index = Index.open(db)
+    index, db = open_searched(db, milvus, collection)  # an `aml index` directory or its Milvus copy
     index.gpus_for(search_device, topk, hamming=hamming)  # a device that cannot search it: refused before the work
     paths, bbxs = read_images(images, bbx)
     given_scales = scales if scales != (1.0,) else None
