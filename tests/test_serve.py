@@ -174,7 +174,7 @@ def real(tmp_path_factory):
     net = create_model("lite0", role="student", dim=1280, random_init=True)
     net.meta["aml"]["teacher"] = model_identity("lite2")
     torch.save({"state_dict": net.state_dict(), "meta": net.meta, "epoch": 1, "config": {}}, d / "s.pt")
-    pipeline.export_checkpoint(d / "s.pt", out=d / "s.onnx", image_size=SIZE)
+    pipeline.export_checkpoint(d / "s.pt", pipeline.ExportSettings(image_size=SIZE), out=d / "s.onnx")
     return d, env
 
 
