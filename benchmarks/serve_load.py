@@ -12,7 +12,6 @@ service does the same work whatever they are); one query vector a request, top 1
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
@@ -24,12 +23,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from common import REPO, RESULTS, header, parse, parser, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from aml.index import build_index
+from aml.serve.spawn import serve_process
 
-from aml.index import build_index  # noqa: E402
-from aml.serve.spawn import serve_process  # noqa: E402
+SMOKE = dict(n=2000, dim=64, clients=4, requests=200, add=500, time_limit=60.0)
 
 IDENTITY = {"name": "random-benchmark", "weights": "random-init", "sha256": None}
 ADD = """import sys, numpy as np
@@ -108,7 +107,7 @@ def row(phase: str, r: dict, before: dict, after: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, RESULTS / "serve_load.txt")
     p.add_argument("--n", type=int, default=100_000, help="Index vectors.")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clients", type=int, default=8)
@@ -118,12 +117,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=300.0, help="Seconds a phase may take at most.")
     p.add_argument("--server-threads", default="1", help="OMP_NUM_THREADS / AML_THREADS of the server.")
     p.add_argument("--tmp", help="Folder for the index (default: the system's temp folder).")
-    p.add_argument("--smoke", action="store_true", help="Tiny sizes, same code path; writes nothing.")
-    p.add_argument("--out", help="Results file (default benchmarks/results/serve_load.txt; none with --smoke).")
-    a = p.parse_args()
-    if a.smoke:
-        a.n, a.dim, a.clients, a.requests, a.add, a.time_limit = 2000, 64, 4, 200, 500, 60.0
-    out = a.out or (None if a.smoke else str(REPO / "benchmarks" / "results" / "serve_load.txt"))
+    a = parse(p, SMOKE)
     env = {"OMP_NUM_THREADS": a.server_threads, "AML_THREADS": a.server_threads, "PYTHONPATH": str(REPO)}
     lines = [
         f"{platform.machine()} {os.cpu_count()} CPUs, {a.n} x {a.dim} flat index (+{a.add} added), {a.clients} "
@@ -131,6 +125,7 @@ def main() -> None:
         f"{'phase':>10} {'requests':>8} {'wall s':>7} {'q/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
         f"{'gens':>6} {'RSS0 MiB':>9} {'RSS1 MiB':>9} {'peak MiB':>9}",
     ]
+    lines.insert(1, header(a))
     with tempfile.TemporaryDirectory(dir=a.tmp, prefix="aml-serve-load-") as tmp:
         db = Path(tmp) / "db"
         meta = {"teacher": {**IDENTITY, "dim": a.dim}, "image_size": 512, "whitening": None}
@@ -159,11 +154,7 @@ def main() -> None:
             if adder.returncode != 0 or info["count"] != a.n + a.add:
                 errors.append("the new generation was not served")
     lines.append(f"failed requests: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if out:
-        Path(out).write_text(text)
-        print(f"-> {out}")
+    write_results(a, RESULTS / "serve_load.txt", lines)
     sys.exit(1 if errors else 0)
 
 

@@ -103,6 +103,12 @@ REPORTS: dict[str, list[str]] = {
         *(rf"{p}.*\s{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$" for p in ("40 px, one", "48 px", "40 px, scales", "40 px, t.*lw")),
         rf"40 px, teacher's PCA whitening \(pca\)\s+{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$",
     ],
+    "serve_load.py": [
+        r"phase\s+requests\s+wall s\s+q/s\s+p50 ms\s+p99 ms\s+errors\s+gens",
+        rf"steady\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+0\s",
+        rf"index add\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+0\s",
+        r"^failed requests: 0$",
+    ],
     "train_speed.py": [rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"],
 }
 
