@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[export,test,bench]'
+	$(BIN)/pip install -q -e '.[export,test,bench,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
