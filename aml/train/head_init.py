@@ -66,9 +66,9 @@ def head_for(method: str) -> str:
     return HEAD_INITS[method]
 
 
-def fit_images(n: int, count: int, seed: int) -> np.ndarray:
-    """The training images a fit uses: all of them, or `count` drawn under the run's seed (sorted)."""
-    if count <= 0 or count >= n:
+def fit_images(n: int, count: int | None, seed: int) -> np.ndarray:
+    """The training images a fit uses: all of them (`count` None), or `count` drawn under the run's seed (sorted)."""
+    if count is None or count <= 0 or count >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, 2]).choice(n, size=count, replace=False))
 
@@ -111,7 +111,7 @@ def cached_init_head(
     file is refitted."""
     if method == "random":
         return init_head(student, method, **kw)
-    full = {**key, "method": method, "image_size": kw["image_size"], "count": kw.get("count", 0),
+    full = {**key, "method": method, "image_size": kw["image_size"], "count": kw.get("count") or 0,  # 0: all
             "flip": kw.get("flip", True), "seed": kw.get("seed", 0), "paths": sha256_lines(list(kw["paths"])),
             "content": content_identity(kw["paths"]), "format": 1}  # fmt: skip
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
@@ -139,7 +139,7 @@ def init_head(
     teacher_vectors: np.ndarray,
     teacher_net: Callable[[], RetrievalNet],
     image_size: int,
-    count: int = 0,
+    count: int | None = None,
     flip: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -151,7 +151,7 @@ def init_head(
         method: one of HEAD_INITS.
         paths: the training images; `teacher_vectors` (N, D) their cached teacher vectors, same order.
         teacher_net: builds the teacher network (called only by the map methods).
-        image_size: the training size; `count` how many images to fit on (0: all); `flip` adds mirrored images
+        image_size: the training size; `count` how many images to fit on (None: all); `flip` adds mirrored images
             (map methods); `seed` picks the images when `count` is smaller than the set.
 
     Returns {'method', 'head', 'images', 'flip', 'pairs', 'residual', 'seconds'}: `residual` is the mean
