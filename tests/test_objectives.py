@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import REPO, tiny_cfg
 
+from aml.cache import DEFAULT_DTYPE
 from aml.losses import LOSSES
 from aml.losses.common import dist, reduce
 from aml.losses.contrastive import MARGIN, contrastive_terms
 from aml.losses.spec import loss_spec
-from aml.train import recipe
+from aml.train import config, recipe
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer
 from aml.train.objective import BatchObjective, ClassObjective, TupleObjective
@@ -112,3 +113,4 @@ def test_old_sentinels_load_as_none_and_the_config_is_a_leaf():
     code = f"import sys, aml.train.config; print(sorted(m for m in {leaf} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    assert config.CACHE_DTYPE == DEFAULT_DTYPE  # the leaf's copy of the cache's default

@@ -22,7 +22,7 @@ PROXIES = ("teacher-mean", "teacher-trained", "learned")
 HEAD_NORMS = ("auto", "none", "layernorm")  # the embedding's normalisation before its last L2N (aml.net)
 MIXUP_MODES = ("none", "input", "feature", "embedding")  # Metrix (aml.train.mixup)
 MIXUP_PAIRS = ("pos-neg", "anchor-neg", "both")
-# the teacher feature cache's default storage (aml.cache.DEFAULT_DTYPE; aml.train.recipe ties them)
+# the teacher feature cache's default storage (aml.cache.DEFAULT_DTYPE; tests/test_objectives.py ties them)
 CACHE_DTYPE = "float16"
 # Fields whose None means auto / all / never, and the number that meant it in older runs' config.json and on the
 # command line (`TrainConfig.__post_init__` maps it to None on read).
@@ -136,6 +136,10 @@ class TrainConfig:
         for name, old in OLD_SENTINELS.items():
             if getattr(self, name) == old:
                 setattr(self, name, None)
+
+    def random_student(self) -> bool:
+        """The student starts from random weights (`random_init` or `student_random_init`)."""
+        return self.random_init or self.student_random_init
 
     def eval_size(self) -> int:
         return self.test_image_size or self.image_size

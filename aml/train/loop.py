@@ -13,24 +13,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aml.data.spec import parse_data_spec
-from aml.errors import UserError, first_line
+from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, write_json
 from aml.progress import progress_bar
-from aml.registry import create_model, load_into, model_identity
+from aml.registry import create_model, model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
-from aml.train.batches import Embedder, ImageTensors, StepImages, raw_sizes, size_buckets
-from aml.train.batchnorm import estimate_batchnorm, set_train_mode
-from aml.train.checkpoint import load_checkpoint, save_checkpoint
+from aml.train.batches import Embedder, ImageTensors, StepImages
+from aml.train.batchnorm import estimate_on_images, set_train_mode
+from aml.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
-from aml.train.head_init import cached_init_head, head_for
+from aml.train.head_init import head_for, run_start
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
 from aml.train.quick_eval import QuickEval
 from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed
+from aml.train.warmup import Warmup
 
 
 class Trainer:
@@ -66,23 +67,22 @@ class Trainer:
         self.init_info = self._init_head() if checkpoint is None else checkpoint.get("init")
         self.optimizer = make_optimizer(self.student, cfg, self.objective.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
-        self.start_epoch = self._resume_state(checkpoint)
+        self.start_epoch = 0
+        if checkpoint is not None:
+            parts = dict(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.start_epoch = restore(checkpoint, self.checkpoint_path, objective=self.objective, **parts)
         self._wrap_model()
 
     # ----------------------------------------------------------------------------------------- setup
     def _set_device(self, cfg: TrainConfig) -> None:
         """The device and the distributed group (one CUDA device per local rank); before any data work, the
         student resolves to weights (nothing is built)."""
-        model_identity(cfg.student, cfg.student_weights, self._random_student(cfg), weights_option="--student-weights")
+        model_identity(cfg.student, cfg.student_weights, cfg.random_student(), weights_option="--student-weights")
         self.device = resolve_device(cfg.device)
         self.dist: Dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-
-    @staticmethod
-    def _random_student(cfg: TrainConfig) -> bool:
-        return cfg.random_init or cfg.student_random_init
 
     def _teacher_at(self, size: int) -> TeacherVectors:
         """The teacher's cached vectors at one image size."""
@@ -129,13 +129,14 @@ class Trainer:
             head=head_for(recipe.head_init(cfg)),
             glam=cfg.glam,
             layernorm=recipe.head_norm(cfg) == "layernorm",
-            random_init=self._random_student(cfg),
+            random_init=cfg.random_student(),
             weights_option="--student-weights",
         )
         student.meta["aml"]["teacher"] = self.identity
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
-        if self._random_student(cfg) and fresh:
-            self._estimate_batchnorm()
+        if cfg.random_student() and fresh:  # no BatchNorm statistics: set from `bn_images` training images
+            estimate_on_images(self.student, self.train.paths, count=cfg.bn_images, size=cfg.image_size,
+                               batch_size=cfg.batch_size, seed=cfg.seed, device=self.device)  # fmt: skip
 
     def _init_head(self) -> dict[str, Any] | None:
         """Fit the fresh student's head to the teacher in closed form (`recipe.head_init`), before epoch 1.
@@ -144,17 +145,14 @@ class Trainer:
         cfg = self.cfg
         if not self.dist.main:
             return None
-        student_identity = model_identity(
-            cfg.student, weights=cfg.student_weights, random_init=self._random_student(cfg)
-        )
-        key = {"student": student_identity, "teacher": self.identity, "bn_images": cfg.bn_images}
-        if self.student.glam is not None:  # the fit reads the maps through GLAM's (seeded) start
-            key["glam"] = list(self.student.glam_parts)
-        info = cached_init_head(
+        info = run_start(
             self.student,
             recipe.head_init(cfg),
-            cache_dir=aml_home() / "cache",
-            key=key,
+            student_name=cfg.student,
+            student_weights=cfg.student_weights,
+            random_student=cfg.random_student(),
+            teacher_identity=self.identity,
+            bn_images=cfg.bn_images,
             paths=self.train.paths,
             teacher_vectors=self.train_teacher,
             teacher_net=self.teacher.net,
@@ -168,36 +166,11 @@ class Trainer:
         self.student.to(memory_format=torch.channels_last)
         return info
 
-    def _resume_state(self, checkpoint: dict[str, Any] | None) -> int:
-        """Student, objective, optimizer and scheduler state from a checkpoint; returns the epoch to start from."""
-        if checkpoint is None:
-            return 0
-        path = self.checkpoint_path
-        sd = checkpoint["state_dict"]
-        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-            raise UserError(f"{path}: state_dict: not a dict of tensors; the checkpoint is damaged, start a new run")
-        load_into(self.student, sd, path)
-        self.objective.restore(checkpoint, path)
-        for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
-            try:
-                target.load_state_dict(checkpoint[key])
-            except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-                raise UserError(
-                    f"{path}: {key}: state does not fit this run ({first_line(e)}); the checkpoint is damaged or "
-                    "from another version, start a new run"
-                ) from None
-        try:
-            return int(checkpoint["epoch"])
-        except (TypeError, ValueError):
-            raise UserError(f"{path}: epoch: {checkpoint['epoch']!r} is not a number; start a new run") from None
-
     def _wrap_model(self) -> None:
         """The module the steps run (DDP across ranks) and how a step embeds with it, the AMP scaler and the loader
-        workers; the parameters that a warm-up freezes (all the student's but its head's and GLAM's)."""
+        workers; the warm-up (`Warmup`: the student's head and GLAM, and the objective's parameters, train alone)."""
         cfg = self.cfg
-        new = ("proj.", "fc.", "glam.")
-        self._old_params = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(new)]
-        self._frozen = False
+        self.warmup = Warmup(self.student, recipe.warmup_epochs(cfg), self.dist.world)
         self.model: nn.Module = self.student
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -207,19 +180,6 @@ class Trainer:
         self.embed = Embedder(self.model, self.student, self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.workers = cfg.workers if cfg.workers is not None else auto_workers(1 << 30, cfg.batch_size, self.device)
-
-    def _apply_warmup(self, epoch: int) -> bool:
-        """During the warm-up epochs (`recipe.warmup_epochs`) only the new parameters train (the head, GLAM,
-        learned proxies): the backbone and GeM p get no gradient, so Adam leaves them and their state alone. On one
-        process they stop requiring grad (no backward through the backbone); under DDP, which expects a gradient
-        for every parameter it was built with, their gradients are dropped before each step (`_step`). Returns
-        whether `epoch` is a warm-up epoch."""
-        on = epoch < recipe.warmup_epochs(self.cfg)
-        if on != self._frozen and self.dist.world == 1:
-            for p in self._old_params:
-                p.requires_grad_(not on)
-        self._frozen = on
-        return on
 
     # ---------------------------------------------------------------------------------------- pieces
     def _student_vectors(self, idx: np.ndarray) -> np.ndarray:
@@ -233,20 +193,9 @@ class Trainer:
         )
         return gather_rows(self.dist, part, len(idx))
 
-    def _estimate_batchnorm(self) -> None:
-        """A random-weight student has no BatchNorm statistics: set them from `bn_images` training images."""
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, 1])
-        idx = rng.permutation(len(self.train.paths))[: cfg.bn_images]
-        images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
-        batches = size_buckets(np.arange(len(idx)), raw_sizes(self.train.paths, idx), cfg.batch_size)
-        estimate_batchnorm(self.student, ([images[i] for i in idx[b]] for b in batches), self.device)
-
     def _step(self) -> None:
         """One optimiser step on the accumulated gradients (frozen ones dropped, the objective's averaged)."""
-        if self._frozen and self.dist.world > 1:
-            for p in self._old_params:
-                p.grad = None
+        self.warmup.drop_grads()
         average_grads(self.dist, self.objective.parameters())
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -258,7 +207,7 @@ class Trainer:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 100_003 + epoch)
-        warmup = self._apply_warmup(epoch)
+        warmup = self.warmup.apply(epoch)
         ep = self.objective.epoch(rng, self._student_vectors)
         usable = len(ep.batches) // self.dist.world * self.dist.world or len(ep.batches)
         batches = ep.batches[:usable][self.dist.rank :: self.dist.world]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aml.cache import DEFAULT_DTYPE, DTYPES
+from aml.cache import DTYPES
 from aml.data.trainset import TrainSet
 from aml.errors import UserError
 from aml.glam import parse_parts
@@ -22,7 +22,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": tuple(LOSSES),
     "cache_dtype": DTYPES,
 }
-assert config.CACHE_DTYPE == DEFAULT_DTYPE, "aml.train.config.CACHE_DTYPE must be aml.cache.DEFAULT_DTYPE"
 
 
 def _spec(cfg: TrainConfig) -> LossSpec | None:
