@@ -183,6 +183,25 @@ def _accumulate(
     return s_pooled
 
 
+def _solve(
+    student: RetrievalNet,
+    method: str,
+    local: CrossCovariance,
+    pooled: CrossCovariance,
+    s_pooled: np.ndarray,
+    t_rows: np.ndarray,
+) -> float:
+    """Solve `method`'s map from the accumulated pairs, write it into the student's head; returns its residual."""
+    if method == "lstsq":
+        w = local.lstsq()
+        student.proj[0].weight.data.copy_(torch.from_numpy(w.T.copy())[:, :, None, None])
+        return local.relative_error(w)
+    acc = local if method == "local-procrustes" else pooled
+    w = acc.procrustes() if method != "ridge" else acc.ridge(RIDGE_LAMBDA)
+    student.fc.weight.data.copy_(torch.from_numpy(w.T.copy()))
+    return residual(s_pooled, t_rows, w)
+
+
 @torch.inference_mode()
 def init_head(
     student: RetrievalNet,
@@ -227,15 +246,7 @@ def init_head(
     s_pooled = _accumulate(student, teacher, method, local, paths, idx, image_size, flip, dev)
     t_rows = np.asarray(teacher_vectors[idx], dtype=np.float32)
     pooled.add(s_pooled, t_rows)
-    if method == "lstsq":
-        w = local.lstsq()
-        student.proj[0].weight.data.copy_(torch.from_numpy(w.T.copy())[:, :, None, None])
-        res = local.relative_error(w)
-    else:
-        acc = local if method == "local-procrustes" else pooled
-        w = acc.procrustes() if method != "ridge" else acc.ridge(RIDGE_LAMBDA)
-        student.fc.weight.data.copy_(torch.from_numpy(w.T.copy()))
-        res = residual(s_pooled, t_rows, w)
+    res = _solve(student, method, local, pooled, s_pooled, t_rows)
     student.train(was_training)
     pairs = local.n if method in MAP_METHODS else pooled.n
     return {
