@@ -39,10 +39,10 @@ def test_class_balanced_batches_are_classes_times_distinct_images_and_seeded():
 
 
 def test_epoch_plan_fixes_its_batches(tiny_data, tmp_path):
-    from aml.data.spec import parse_data_spec
+    from aml.data.sources import parse_data_specs
 
     cfg = ns_cfg(tiny_data, tmp_path, query_size=9)
-    train = parse_data_spec(cfg.data).train
+    train = parse_data_specs(cfg.data).train
     labels, _ = class_labels(train.cluster)
     plan = plan_classes(cfg, train, labels, np.random.default_rng([cfg.seed, 1]))
     assert len(plan.batches) == 2 and all(len(b) == 4 for b in plan.batches)  # 9 // 4 batches of 2 x 2

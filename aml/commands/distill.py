@@ -40,8 +40,11 @@ _HELP: dict[str, str] = {
     "mixup_pairs": "Which pairs Metrix mixes: positive-negative, anchor-negative, or both",
     "mixup_weight": "Weight of the mixed loss (total = clean + weight x mixed)",
     "mixup_alpha": "Metrix's lambda ~ Beta(alpha, alpha)",
-    "data": "synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split) | images:DIR "
-    "(label-free losses only); omit for the embedded demo",
+    "data": "Training source, repeatable (sources are laid end to end; labelled terms train on the labelled ones, "
+    "label-free terms on every image): synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split "
+    "unless --test-data) | images:DIR (unlabelled); omit for the embedded demo",
+    "test_data": "The run's own test set: folder:DIR | groups:CSV (its test rows) | revisitop:DATA_ROOT/NAME; the "
+    "sources then hold nothing out (class-level data: test labels may be training labels)",
     "mining": "Negative mining (auto: symmetric for sym, else asymmetric)",
     "epochs": "Training epochs",
     "optimizer": "Optimizer",
@@ -108,7 +111,7 @@ def _field_option(field: dataclasses.Field) -> Callable:
     if name == "device":
         return click.option(flag, name, callback=device_callback, help=text)
     if name == "data":
-        return click.option(flag, name, help=text)
+        return click.option(flag, name, multiple=True, help=text)
     if name == "out":
         return click.option(flag, name, type=click.Path(file_okay=False), help=text)
     if name.endswith("_weights"):
@@ -141,7 +144,7 @@ def _loss_args(values: tuple[str, ...]) -> dict[str, float]:
 
 def config_from_options(preset: str, opts: dict[str, Any]) -> TrainConfig:
     """The preset's TrainConfig with every given option (not None) replacing its field."""
-    given = {f.name: opts[f.name] for f in dataclasses.fields(TrainConfig) if opts.get(f.name) is not None}
+    given = {f.name: opts[f.name] for f in dataclasses.fields(TrainConfig) if opts.get(f.name) not in (None, ())}
     given["loss_args"] = _loss_args(given.get("loss_args", ()))
     if not given["loss_args"]:
         given.pop("loss_args")

@@ -23,7 +23,7 @@ import aml
 from aml.cache import DEFAULT_DTYPE
 from aml.data.images import load_image, to_array
 from aml.data.revisitop import load_revisitop
-from aml.data.spec import parse_data_spec
+from aml.data.sources import parse_data_specs
 from aml.errors import UserError
 from aml.export import quant_report, verify
 from aml.export.encoder import export_encoder, reference_encoder
@@ -110,7 +110,7 @@ def default_verify_data(
                 f"{where}: no training config to find a test set in; pass --verify-data DIR/NAME "
                 "(a revisitop-layout dataset)"
             )
-        test = parse_data_spec(config["data"]).test
+        test = parse_data_specs(config["data"], config.get("test_data")).test
         if test is None:
             raise UserError(f"{where}: training data '{config['data']}' has no test split; pass --verify-data DIR/NAME")
         ds = load_revisitop(*test)
@@ -179,7 +179,7 @@ def _calibration_images(config: Mapping[str, Any], calib_images: Sequence[str] |
         return calib_images
     if "data" not in config:
         raise UserError(f"{where}: no training config to take calibration images from; pass --calib-images LIST.txt")
-    return parse_data_spec(config["data"]).train.paths
+    return parse_data_specs(config["data"], config.get("test_data")).train.paths
 
 
 def _export_graph(

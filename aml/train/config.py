@@ -96,7 +96,8 @@ class TrainConfig:
     mixup_pairs: str = "pos-neg"  # the pairs mixed: pos-neg | anchor-neg | both
     mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
     mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
-    data: str = "synth"
+    data: list[str] = field(default_factory=lambda: ["synth"])  # one or several sources, end to end
+    test_data: str | None = None  # the run's own test set (then the sources hold nothing out)
     mining: str = "auto"  # auto | asymmetric | symmetric | random
     epochs: int = 100
     optimizer: str = "adam"
@@ -136,6 +137,7 @@ class TrainConfig:
         for name, old in OLD_SENTINELS.items():
             if getattr(self, name) == old:
                 setattr(self, name, None)
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)  # older runs: one spec
 
     def random_student(self) -> bool:
         """The student starts from random weights (`random_init` or `student_random_init`)."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aml.data.spec import parse_data_spec
+from aml.data.sources import parse_data_specs
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import DEMO_BASELINE, TrainConfig
 from aml.train.loop import Trainer
@@ -43,5 +43,5 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True, overwrite: boo
         "run_dir": str(run_dir),
         "baseline_dir": str(base_dir),
         "rows": rows,
-        "dataset": parse_data_spec(cfg.data).test,
+        "dataset": parse_data_specs(cfg.data, cfg.test_data).test,
     }

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aml.data.spec import parse_data_spec
+from aml.data.sources import describe, parse_data_specs, source_shares
 from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, write_json
-from aml.progress import progress_bar
+from aml.progress import progress_bar, write_line
 from aml.registry import create_model, model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
@@ -101,7 +101,10 @@ class Trainer:
         """The training set, the teacher's cached vectors of its images, the objective on them, and the quick
         test-set evaluator."""
         cfg = self.cfg
-        bundle = parse_data_spec(cfg.data)
+        self.bundle = bundle = parse_data_specs(cfg.data, cfg.test_data)
+        if self.progress and self.dist.main:
+            for line in describe(bundle):
+                write_line(line)
         self.train = bundle.train
         recipe.check_data(cfg, self.train)
         self.teacher = self._teacher_at(cfg.image_size)
@@ -252,6 +255,7 @@ class Trainer:
             "train_s": dt,
             "gem_p": float(self.student.pool.p.detach().cpu()),
             "warmup": warmup,
+            "sources": source_shares(self.bundle, ep.plan.anchors),
         }
 
     def checkpoint_state(self, metrics: dict[str, Any]) -> dict[str, Any]:

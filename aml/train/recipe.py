@@ -66,7 +66,7 @@ def check_data(cfg: TrainConfig, train: TrainSet) -> None:
     pairs."""
     if LOSSES[cfg.loss].needs_labels and len(train.qidxs) == 0:
         raise UserError(
-            f"--data {cfg.data}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
+            f"--data {' --data '.join(cfg.data)}: no (query, positive) pairs; loss '{cfg.loss}' needs labels, "
             f"use a label-free loss ({', '.join(LABEL_FREE)})"
         )
 
