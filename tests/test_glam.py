@@ -19,7 +19,9 @@ from aml.registry import create_model
 from aml.settings import ExtractSettings
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
-from aml.train.loop import Trainer, distill, param_groups
+from aml.train.loop import Trainer, distill
+from aml.train.optim import param_groups
+from aml.train.recipe import check
 
 C, H, W = 16, 5, 7
 
@@ -129,7 +131,7 @@ def test_parts_are_switchable_and_named_once():
     with pytest.raises(UserError, match="--glam local: unknown GLAM part"):
         G.parse_parts("local")
     with pytest.raises(UserError, match="--glam nope"):
-        TrainConfig(glam="nope").validate()
+        check(TrainConfig(glam="nope"))
     f = _maps()
     for n in range(1, 5):
         parts = G.PARTS[:n]

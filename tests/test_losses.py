@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from aml.errors import UserError
 from aml.losses import LABEL_FREE, LOSSES, combine, weight_name
 from aml.losses.normsoftmax import class_labels, class_proxies, fit_proxies, normsoftmax
-from aml.losses.spec import TENSOR_INPUTS
+from aml.losses.spec import STEP_INPUTS
 
 B, K, D = 6, 5, 12
 # The oracles are float64 loops; float32 inputs are compared at float32 precision (as PML's TEST_DTYPES sweep).
@@ -48,11 +48,11 @@ def tensor_inputs(name: str, anchor_teacher: torch.Tensor | None = None, ref: to
     """The keyword tensors loss `name` reads, as its spec says (proxies: the teacher's class means of `anchor_teacher`,
     frozen, with the images in classes 0, 0, 1, 1, ...)."""
     spec = LOSSES[name]
-    kw = {"anchor_teacher": anchor_teacher} if spec.reads_anchor_teacher else {}
-    if spec.reads_proxies:
+    kw = {"anchor_teacher": anchor_teacher} if "anchor_teacher" in spec.inputs else {}
+    if spec.kind == "class":
         labels = torch.arange(len(anchor_teacher)) // 2
         kw.update(labels=labels, proxies=class_proxies(anchor_teacher, labels.numpy(), int(labels.max()) + 1))
-    return {**kw, "ref": ref} if spec.reads_ref else kw
+    return {**kw, "ref": ref} if "ref" in spec.inputs else kw
 
 
 def norm(v: torch.Tensor) -> float:
@@ -276,13 +276,13 @@ def test_csd_with_reference_set(dtype):
     assert not torch.isclose(got, LOSSES["csd"](s, t, k=9, tau_s=0.2, tau_t=0.05))
 
 
-def ref_csd_labels(s, t, ref, clusters, ref_clusters, k, tau_s, tau_t, w):
+def ref_csd_labels(s, t, ref, labels, ref_labels, k, tau_s, tau_t, w):
     """The label-refined target, transcribed: same-cluster references first, then the teacher's nearest others."""
     refs = list(t) + list(ref)
-    ids = list(clusters) + list(ref_clusters)
+    ids = list(labels) + list(ref_labels)
     total = 0.0
     for q in range(len(s)):
-        same = [j == q or (ids[j] == clusters[q] and clusters[q] >= 0) for j in range(len(refs))]
+        same = [j == q or (ids[j] == labels[q] and labels[q] >= 0) for j in range(len(refs))]
         sims = [(dot(t[q], r), j) for j, r in enumerate(refs)]
         top = sorted(sims, key=lambda x: (not same[x[1]], -x[0]))[:k]
         zt = sum(math.exp(v / tau_t) for v, _ in top)
@@ -299,29 +299,29 @@ def ref_csd_labels(s, t, ref, clusters, ref_clusters, k, tau_s, tau_t, w):
 def test_csd_label_refined_target_matches_formula(w, dtype):
     s, t = unit(B, D, seed=23, dtype=dtype), unit(B, D, seed=24, dtype=dtype)
     ref = unit(12, D, seed=25, dtype=dtype)
-    clusters = torch.tensor([0, 1, 1, 2, -1, 3])  # -1: no cluster (matches only itself); 3: alone in the batch
-    ref_clusters = torch.tensor([1, 0, 5, 1, -1, 2, 2, 4, 0, 1, 6, 7])
+    labels = torch.tensor([0, 1, 1, 2, -1, 3])  # -1: no cluster (matches only itself); 3: alone in the batch
+    ref_labels = torch.tensor([1, 0, 5, 1, -1, 2, 2, 4, 0, 1, 6, 7])
     for k in (5, 9, 18):  # fewer than, about and all the references: same-cluster ones are always kept first
-        got = LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=k, label_weight=w,
+        got = LOSSES["csd"](s, t, ref=ref, labels=labels, ref_labels=ref_labels, k=k, label_weight=w,
                             tau_s=0.2, tau_t=0.05)  # fmt: skip
-        close(got, ref_csd_labels(s, t, ref, clusters.tolist(), ref_clusters.tolist(), k, 0.2, 0.05, w))
+        close(got, ref_csd_labels(s, t, ref, labels.tolist(), ref_labels.tolist(), k, 0.2, 0.05, w))
 
 
 def test_csd_label_weight_zero_is_csd_and_a_positive_weight_needs_clusters():
     s, t, ref = unit(B, D, seed=26), unit(B, D, seed=27), unit(10, D, seed=28)
-    clusters, ref_clusters = torch.arange(B) % 2, torch.arange(10) % 2
+    labels, ref_labels = torch.arange(B) % 2, torch.arange(10) % 2
     plain = LOSSES["csd"](s, t, ref=ref, k=7)
-    assert torch.equal(LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7), plain)
-    labelled = LOSSES["csd"](s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7, label_weight=0.5)
+    assert torch.equal(LOSSES["csd"](s, t, ref=ref, labels=labels, ref_labels=ref_labels, k=7), plain)
+    labelled = LOSSES["csd"](s, t, ref=ref, labels=labels, ref_labels=ref_labels, k=7, label_weight=0.5)
     assert not torch.isclose(labelled, plain)
     with pytest.raises(ValueError, match="needs the cluster ids"):
-        LOSSES["csd"](s, t, ref=ref, clusters=clusters, k=7, label_weight=0.5)
+        LOSSES["csd"](s, t, ref=ref, labels=labels, k=7, label_weight=0.5)
     with pytest.raises(ValueError, match=r"label_weight 1.5 must be in \[0, 1\]"):
         LOSSES["csd"](s, t, label_weight=1.5)
     # a combination passes the cluster ids to its csd member
     combo = combine("x", {"reg": 1.0, "csd": 1.0}, LOSSES)
-    assert combo.reads_clusters
-    got = combo(s, t, ref=ref, clusters=clusters, ref_clusters=ref_clusters, k=7, label_weight=0.5)
+    assert {"labels", "ref_labels"} <= combo.inputs
+    got = combo(s, t, ref=ref, labels=labels, ref_labels=ref_labels, k=7, label_weight=0.5)
     torch.testing.assert_close(got, LOSSES["reg"](s, t) + labelled)
 
 
@@ -418,7 +418,7 @@ def test_combined_constants_and_weights_reach_their_members(tuples):
 def test_combined_of_per_sample_members_reduces_per_tuple(tuples):
     a, p, n, at = tuples
     spec = combine("contr+reg", {"contr": 1.0, "reg": 0.5}, LOSSES)
-    assert spec.per_sample and spec.kind == "tuple" and spec.reads_anchor_teacher
+    assert spec.per_sample and spec.kind == "tuple" and "anchor_teacher" in spec.inputs
     none = spec(a, p, n, anchor_teacher=at, reduction="none")
     assert none.shape == (B,)
     torch.testing.assert_close(
@@ -430,13 +430,17 @@ def test_combined_of_per_sample_members_reduces_per_tuple(tuples):
 def test_combination_of_batch_losses_is_a_batch_loss(tuples):
     a, _, _, at = tuples
     mixed = combine("reg+rkd", {"reg": 2.0, "rkd": 0.5}, LOSSES)
-    assert mixed.kind == "batch" and not mixed.needs_labels and not mixed.reads_anchor_teacher
+    assert mixed.kind == "batch" and not mixed.needs_labels and "anchor_teacher" not in mixed.inputs
     torch.testing.assert_close(mixed(a, at), 2 * LOSSES["reg"](a, at) + 0.5 * LOSSES["rkd"](a, at))
 
 
 def test_combined_spec_is_composed_from_its_members():
     spec = LOSSES["contr+csd"]
-    assert (spec.kind, spec.reads_anchor_teacher, spec.reads_ref, spec.needs_labels) == ("tuple", True, True, True)
+    assert (spec.kind, spec.inputs, spec.needs_labels) == (
+        "tuple",
+        {"anchor_teacher", "labels", "ref", "ref_labels"},
+        True,
+    )
     assert not spec.student_refs and not spec.per_sample
     assert dict(spec.defaults) == {
         **LOSSES["contr+"].defaults,
@@ -465,12 +469,14 @@ def test_combined_refuses_an_unknown_constant(tuples):
 def test_spec_table_names_kinds_and_inputs():
     assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd", "contr+csd"} <= set(LOSSES)
     assert all(spec.name == name for name, spec in LOSSES.items())
-    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd", "normsoftmax"}
-    assert {n for n, s in LOSSES.items() if s.reads_proxies} == {"normsoftmax"}
-    assert {n for n, s in LOSSES.items() if s.reads_anchor_teacher} == {"contr+", "contr+csd"}
-    assert {n for n, s in LOSSES.items() if s.reads_ref} == {"csd", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd"}
+    assert {n for n, s in LOSSES.items() if s.kind == "class"} == {"normsoftmax"}
+    assert {n for n, s in LOSSES.items() if "proxies" in s.inputs} == {"normsoftmax"}
+    assert {n for n, s in LOSSES.items() if "anchor_teacher" in s.inputs} == {"contr+", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
-    assert {n for n, s in LOSSES.items() if s.reads_clusters} == {"csd", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {"csd", "contr+csd", "normsoftmax"}
     assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd"}
     assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd")
 
@@ -483,12 +489,10 @@ def test_spec_matches_its_function(name):
     assert params["reduction"].default == "sum"
     first = ["anchor", "positive", "negatives"] if spec.kind == "tuple" else ["student", "teacher"]
     assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == first
-    assert ("anchor_teacher" in params) == spec.reads_anchor_teacher
-    assert ("ref" in params) == spec.reads_ref
-    assert ("clusters" in params) == ("ref_clusters" in params) == spec.reads_clusters
-    assert ("labels" in params) == ("proxies" in params) == spec.reads_proxies
+    assert spec.inputs == {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n in STEP_INPUTS}
+    assert ("proxies" in params) == (spec.kind == "class")
     assert dict(spec.defaults) == {
-        n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in (*TENSOR_INPUTS, "reduction")
+        n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in (*STEP_INPUTS, "reduction")
     }
 
 
@@ -519,7 +523,7 @@ def test_gradient_reaches_only_the_student(name):
     t = unit(B, D, seed=31).requires_grad_()
     spec = LOSSES[name]
     kw = tensor_inputs(name, t, unit(20, D, seed=32).requires_grad_())
-    if spec.kind == "batch":
+    if spec.kind != "tuple":
         loss = spec(s, t, **kw)
         students, teachers = [s], [t, *kw.values()]
     else:

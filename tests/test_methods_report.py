@@ -11,6 +11,9 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts' shared helpers (benchmarks/common.py)
+
+from aml.train.recipe import check, head_init, head_norm, learns_alone, warmup_epochs
+
 spec = importlib.util.spec_from_file_location("methods_bench", REPO / "benchmarks" / "methods.py")
 methods = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(methods)
@@ -89,15 +92,15 @@ def test_glam_findings_compare_each_method_with_and_without(results):
 def test_every_method_is_a_valid_config_and_normsoftmax_rows_are_what_they_say(tmp_path):
     for student in methods.STUDENTS:
         for method in methods.METHODS:
-            methods.method_config("synth", student, method, 0, tmp_path).validate()
+            check(methods.method_config("synth", student, method, 0, tmp_path))
     asym = methods.method_config("synth", "lite0-init", "normsoftmax", 0, tmp_path)
     sym = methods.method_config("synth", "lite0", "normsoftmax learned", 0, tmp_path)
-    assert (asym.proxies, asym.resolved_head_norm()) == ("teacher-mean", "none")
+    assert (asym.proxies, head_norm(asym)) == ("teacher-mean", "none")
     trained = methods.method_config("synth", "lite0-init", "normsoftmax trained", 0, tmp_path)
-    assert (trained.proxies, trained.resolved_head_norm(), trained.learns_alone()) == ("teacher-trained", "none", False)
-    assert asym.resolved_head_init() == "local-procrustes"
-    assert (sym.proxies, sym.resolved_head_norm(), sym.learns_alone()) == ("learned", "layernorm", True)
-    assert asym.resolved_warmup() == sym.resolved_warmup() == 1 and asym.batch_size // asym.per_class == 4
+    assert (trained.proxies, head_norm(trained), learns_alone(trained)) == ("teacher-trained", "none", False)
+    assert head_init(asym) == "local-procrustes"
+    assert (sym.proxies, head_norm(sym), learns_alone(sym)) == ("learned", "layernorm", True)
+    assert warmup_epochs(asym) == warmup_epochs(sym) == 1 and asym.batch_size // asym.per_class == 4
     assert set(methods.NO_TEACHER) <= set(methods.SKIP["lite0-init"])
 
 

@@ -16,11 +16,13 @@ from conftest import REPO, distill_args, tiny_cfg, torchrun
 from aml.errors import UserError
 from aml.losses import LOSSES, PAIR_BASED, clean_refs
 from aml.registry import create_model
+from aml.train.batches import Embedder
 from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill
 from aml.train.mixup import Metrix, feature_mixes, resize_to
+from aml.train.recipe import check
 
 B, K, D = 4, 3, 10
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -90,7 +92,7 @@ def test_clean_labels_reproduce_the_registered_loss(name, dtype):
     spec = LOSSES[name]
     a, p, at = unit(B, D, seed=1, dtype=dtype), unit(B, D, seed=2, dtype=dtype), unit(B, D, seed=4, dtype=dtype)
     n = near(a, 3)
-    kw = {"anchor_teacher": at} if spec.reads_anchor_teacher else {}
+    kw = {"anchor_teacher": at} if "anchor_teacher" in spec.inputs else {}
     refs, labels = clean_refs(p, n, kw.get("anchor_teacher"))
     for constants in ({}, {"margin": 0.3} if "margin" in spec.defaults else {"alpha": 3.0, "lam": 0.2}):
         want = spec(a, p, n, **kw, **constants, reduction="none")
@@ -140,10 +142,9 @@ def floats(lam: np.ndarray) -> list[float]:
 
 
 def embedding_loss(mx: Metrix, a, p, n, tq, lam, anchor_ref=None):
-    at = tq if mx.spec.reads_anchor_teacher else None
+    at = tq if "anchor_teacher" in mx.spec.inputs else None
     ref = tq if anchor_ref is None else anchor_ref
-    kw = dict(anchor_ref=ref, anchor_teacher=at, lam=lam, images=[], model=None, net=None)
-    return mx.loss(a, p, n, **kw, autocast=torch.no_grad)
+    return mx.loss(a, p, n, anchor_ref=ref, anchor_teacher=at, lam=lam)
 
 
 def test_embedding_pos_neg_contrastive_is_the_per_pair_loop():
@@ -217,18 +218,9 @@ def test_asymmetric_mixed_query_against_teacher_references(mode, tiny_net):
     a = unit(B, D, seed=33)
     images = _images(34, [(32, 32), (32, 40), (32, 32), (40, 32)]) + _images(35, [(40, 40)] * B)
     mx = metrix("contr+", mode, weight=1.0)
-    got = mx.loss(
-        a,
-        p,
-        n,
-        anchor_ref=tq,
-        anchor_teacher=tq,
-        lam=lam,
-        images=images,
-        model=tiny_net,
-        net=tiny_net,
-        autocast=torch.no_grad,
-    )
+    with torch.no_grad():
+        mixed = mx.embed_mixes(images, lam, Embedder(tiny_net, tiny_net, torch.device("cpu")))
+    got = mx.loss(a, p, n, anchor_ref=tq, anchor_teacher=tq, lam=lam, mixed=mixed)
     want = 0.0
     with torch.no_grad():
         for b in range(B):
@@ -250,8 +242,9 @@ def test_symmetric_input_mixup_scores_the_anchor_against_the_mixed_example(tiny_
     images = _images(40, [(32, 32)] * 4)  # sources (the anchors), then the hardest negatives
     a, p, n = unit(2, D, seed=41), unit(2, D, seed=42), unit(2, K, D, seed=43)
     mx = metrix("sym", "input", "anchor-neg", 1.0)
-    kw = dict(anchor_ref=a, anchor_teacher=None, lam=lam, images=images, model=tiny_net, net=tiny_net)
-    got = mx.loss(a, p, n, **kw, autocast=torch.no_grad)
+    with torch.no_grad():
+        mixed = mx.embed_mixes(images, lam, Embedder(tiny_net, tiny_net, torch.device("cpu")))
+    got = mx.loss(a, p, n, anchor_ref=a, anchor_teacher=None, lam=lam, mixed=mixed)
     want = 0.0
     with torch.no_grad():
         for b in range(2):
@@ -287,10 +280,10 @@ def test_gradient_of_image_mixup_reaches_the_student_network_only(mode, tiny_net
     p, tq = unit(2, D, seed=60).requires_grad_(), unit(2, D, seed=61).requires_grad_()
     n = unit(2, K, D, seed=62).requires_grad_()
     images = _images(63, [(32, 32)] * 4)
-    kw = dict(anchor_ref=tq, anchor_teacher=tq, lam=np.array([0.4, 0.7]), images=images)
-    loss = metrix("contr+", mode).loss(
-        unit(2, D, seed=64), p, n, **kw, model=tiny_net, net=tiny_net, autocast=torch.enable_grad
-    )
+    lam = np.array([0.4, 0.7])
+    mx = metrix("contr+", mode)
+    mixed = mx.embed_mixes(images, lam, Embedder(tiny_net, tiny_net, torch.device("cpu")))
+    loss = mx.loss(unit(2, D, seed=64), p, n, anchor_ref=tq, anchor_teacher=tq, lam=lam, mixed=mixed)
     loss.backward()
     assert all(x.grad is None for x in (p, n, tq))
     assert sum(float(w.grad.abs().sum()) for w in tiny_net.parameters() if w.grad is not None) > 0
@@ -306,12 +299,12 @@ def test_config_refuses_mixup_with_a_loss_that_is_not_pair_based():
         with pytest.raises(
             UserError, match=f"^--mixup embedding: loss {re.escape(repr(loss))} is not pair-based; use --loss contr"
         ):
-            TrainConfig(loss=loss, mixup="embedding").validate()
+            check(TrainConfig(loss=loss, mixup="embedding"))
     with pytest.raises(UserError, match="--mixup-alpha 0"):
-        TrainConfig(mixup="embedding", mixup_alpha=0).validate()
+        check(TrainConfig(mixup="embedding", mixup_alpha=0))
     with pytest.raises(UserError, match="--mixup-pairs"):
-        TrainConfig(mixup="input", mixup_pairs="pos-pos").validate()
-    TrainConfig(loss="reg").validate()  # mixup none: any loss
+        check(TrainConfig(mixup="input", mixup_pairs="pos-pos"))
+    check(TrainConfig(loss="reg"))  # mixup none: any loss
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.epoch import class_balanced_batches, plan_classes
 from aml.train.loop import Trainer, distill
+from aml.train.recipe import check, head_norm, warmup_epochs
 
 
 def ns_cfg(data, out, **changes) -> TrainConfig:
@@ -55,11 +56,11 @@ def test_epoch_plan_fixes_its_batches(tiny_data, tmp_path):
 def test_teacher_proxies_are_frozen_class_means_and_warmup_freezes_the_backbone(tiny_data, tmp_path, home):
     trainer = Trainer(ns_cfg(tiny_data, tmp_path / "run", epochs=2), progress=False)
     cfg = trainer.cfg
-    assert (cfg.proxies, cfg.resolved_warmup(), cfg.resolved_head_norm()) == ("teacher-mean", 1, "none")
-    want = class_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes)
-    torch.testing.assert_close(trainer.proxies, want)
-    assert not trainer.proxies.requires_grad and len(trainer.optimizer.param_groups) == 3
-    proxies = trainer.proxies.clone()
+    assert (cfg.proxies, warmup_epochs(cfg), head_norm(cfg)) == ("teacher-mean", 1, "none")
+    want = class_proxies(trainer.train_teacher, trainer.objective.labels, trainer.objective.num_classes)
+    torch.testing.assert_close(trainer.objective.proxies, want)
+    assert not trainer.objective.proxies.requires_grad and len(trainer.optimizer.param_groups) == 3
+    proxies = trainer.objective.proxies.clone()
 
     def split():
         sd = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
@@ -78,7 +79,7 @@ def test_teacher_proxies_are_frozen_class_means_and_warmup_freezes_the_backbone(
     stats = trainer.train_epoch(1)
     _, body2 = split()
     assert not stats["warmup"] and any(not torch.equal(body1[k], body2[k]) for k in body1)
-    assert torch.equal(trainer.proxies, proxies)  # the teacher's proxies never move
+    assert torch.equal(trainer.objective.proxies, proxies)  # the teacher's proxies never move
 
 
 def test_learned_proxies_resume_bit_for_bit(tiny_data, tmp_path, home):
@@ -92,7 +93,7 @@ def test_learned_proxies_resume_bit_for_bit(tiny_data, tmp_path, home):
     distill(half.replace(epochs=1), progress=False)
     first = load_checkpoint(tmp_path / "half" / "last.pt")
     trainer = Trainer(half, resume=True, progress=False)
-    torch.testing.assert_close(trainer.proxies.detach().cpu(), first["proxies"], rtol=0, atol=0)
+    torch.testing.assert_close(trainer.objective.proxies.detach().cpu(), first["proxies"], rtol=0, atol=0)
     trainer.fit()
     b = load_checkpoint(tmp_path / "half" / "last.pt")
     assert torch.equal(a["proxies"], b["proxies"]) and not torch.equal(a["proxies"], first["proxies"])
@@ -105,20 +106,24 @@ def test_teacher_trained_proxies_are_fitted_frozen_checkpointed_and_reused_on_re
 ):
     cfg = ns_cfg(tiny_data, tmp_path / "run", proxies="teacher-trained", epochs=2)
     trainer = Trainer(cfg, progress=False)
-    want, fit = fit_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes, seed=cfg.seed)
-    torch.testing.assert_close(trainer.proxies, want, rtol=0, atol=0)
-    assert trainer.proxy_fit == fit and fit["loss_after"] < fit["loss_before"]
-    assert not trainer.proxies.requires_grad and len(trainer.optimizer.param_groups) == 3  # not optimised
-    assert not torch.allclose(want, class_proxies(trainer.train_teacher, trainer.labels, trainer.num_classes))
+    want, fit = fit_proxies(
+        trainer.train_teacher, trainer.objective.labels, trainer.objective.num_classes, seed=cfg.seed
+    )
+    torch.testing.assert_close(trainer.objective.proxies, want, rtol=0, atol=0)
+    assert trainer.objective.fit == fit and fit["loss_after"] < fit["loss_before"]
+    assert not trainer.objective.proxies.requires_grad and len(trainer.optimizer.param_groups) == 3  # not optimised
+    assert not torch.allclose(
+        want, class_proxies(trainer.train_teacher, trainer.objective.labels, trainer.objective.num_classes)
+    )
     distill(cfg.replace(epochs=1), progress=False)
     first = load_checkpoint(tmp_path / "run" / "last.pt")
     assert torch.equal(first["proxies"], want) and first["proxy_fit"] == fit
     log0 = (tmp_path / "run" / "log.jsonl").read_text().splitlines()[0]
     assert '"proxy_fit"' in log0
     with monkeypatch.context() as m:  # a resumed run takes the fitted proxies from the checkpoint, never refits
-        m.setattr("aml.train.loop.fit_proxies", lambda *a, **k: pytest.fail("refitted on resume"))
+        m.setattr("aml.train.objective.fit_proxies", lambda *a, **k: pytest.fail("refitted on resume"))
         resumed = Trainer(cfg, resume=True, progress=False)
-    assert torch.equal(resumed.proxies, want) and resumed.proxy_fit == fit
+    assert torch.equal(resumed.objective.proxies, want) and resumed.objective.fit == fit
     resumed.fit()
     assert torch.equal(load_checkpoint(tmp_path / "run" / "last.pt")["proxies"], want)  # frozen throughout
 
@@ -127,7 +132,7 @@ def test_too_few_classes_for_a_batch_is_refused_before_training(tiny_data, tmp_p
     with pytest.raises(UserError, match="--per-class 4 images"):
         Trainer(ns_cfg(tiny_data, tmp_path / "r", batch_size=8, per_class=4), progress=False)
     with pytest.raises(UserError, match="--batch-size 1: a class-balanced batch"):
-        ns_cfg(tiny_data, tmp_path / "r", batch_size=1).validate()
+        check(ns_cfg(tiny_data, tmp_path / "r", batch_size=1))
 
 
 def test_ddp_two_cpu_processes_learned_proxies_and_warmup(tiny_data, tmp_path, home):

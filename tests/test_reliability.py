@@ -23,6 +23,7 @@ from aml.io import TMP_TAG, atomic_write, host_tag, temp_dir
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill
+from aml.train.recipe import check
 from tests.test_trust import _evil_torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,8 +133,8 @@ def test_loss_arg_naming_a_tensor_input_is_one_line(tmp_path, home, run_cli):
     assert not data.exists()
 
 
-def test_train_config_validate_gives_python_callers_the_same_checks():
-    assert TrainConfig(epochs=0).validate().epochs == 0  # valid: writes the initialised student
+def test_train_config_check_gives_python_callers_the_same_checks():
+    assert check(TrainConfig(epochs=0)).epochs == 0  # valid: writes the initialised student
     for bad, match in [
         (dict(batch_size=0), "--batch-size 0"),
         (dict(epochs=-1), "--epochs -1"),
@@ -143,7 +144,7 @@ def test_train_config_validate_gives_python_callers_the_same_checks():
         (dict(loss_args={"ref": 1.0}), "'ref' is an input"),
     ]:
         with pytest.raises(UserError, match=match):
-            TrainConfig(**bad).validate()
+            check(TrainConfig(**bad))
     with pytest.raises(UserError, match="--neg-num"):
         Trainer(TrainConfig(neg_num=-1), progress=False)
 

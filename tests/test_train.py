@@ -16,7 +16,8 @@ from aml.train.batches import forward_by_size, size_buckets
 from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
-from aml.train.loop import Trainer, distill, loss_function
+from aml.train.loop import Trainer, distill
+from aml.train.recipe import loss_function
 
 
 def test_forward_by_size_equals_per_image_values_and_grads():
@@ -91,7 +92,7 @@ def test_every_loss_trains_one_epoch(loss, tiny_data, tmp_path, home):
 
 
 @pytest.mark.parametrize("loss", ["csd", "contr+csd"])
-def test_csd_gets_the_cluster_ids_of_its_batch_and_references(loss, tiny_data, tmp_path, home):
+def test_csd_gets_the_labels_of_its_batch_and_references(loss, tiny_data, tmp_path, home):
     """The label-refined csd target is only as right as the ids the trainer passes: the clusters of the very
     images whose teacher vectors are the batch and the references."""
     cfg = tiny_cfg(tiny_data, tmp_path, loss=loss, epochs=1, eval_every=0, loss_args={"k": 4, "label_weight": 0.5})
@@ -105,14 +106,15 @@ def test_csd_gets_the_cluster_ids_of_its_batch_and_references(loss, tiny_data, t
         return cluster[rows.numpy()].tolist()
 
     def spy(*inputs, **kw):
-        teacher = kw["anchor_teacher"] if trainer.loss.kind == "tuple" else inputs[1]
+        teacher = kw["anchor_teacher"] if objective.spec.kind == "tuple" else inputs[1]
         calls.append(
-            (image_clusters(teacher), kw["clusters"].tolist(), image_clusters(kw["ref"]), kw["ref_clusters"].tolist())
+            (image_clusters(teacher), kw["labels"].tolist(), image_clusters(kw["ref"]), kw["ref_labels"].tolist())
         )
         return real(*inputs, **kw)
 
-    real = trainer.loss.fn
-    trainer.loss = dataclasses.replace(trainer.loss, fn=spy)
+    objective = trainer.objective
+    real = objective.spec.fn
+    objective.spec = dataclasses.replace(objective.spec, fn=spy)
     trainer.train_epoch(0)
     assert calls and all(got == want and ref_got == ref_want for want, got, ref_want, ref_got in calls)
     assert len(set(calls[0][3])) > 1  # references of several clusters: the check can fail

@@ -16,7 +16,8 @@ import click
 
 from aml.commands._options import device_callback, quiet_option, threads_option, trust_pickle_option
 from aml.io import atomic_write
-from aml.train.config import CHOICES, MINIMUMS, PRESETS, TrainConfig
+from aml.train.config import MINIMUMS, PRESETS, TrainConfig
+from aml.train.recipe import CHOICES, check
 
 # What each field's option says; the type comes from the field, the defaults from TrainConfig() and PRESETS.
 # A field missing here is an error at import (a test imports this module), so a new field gets an option.
@@ -188,7 +189,7 @@ def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | 
     from aml.train.loop import distill
 
     preset = preset or ("aml" if opts["data"] else "demo")
-    cfg = config_from_options(preset, opts).validate()  # before any work
+    cfg = check(config_from_options(preset, opts))  # before any work
     given = given_fields(click.get_current_context())
     if baseline is None:
         baseline = preset == "demo" and not resume

@@ -1,14 +1,14 @@
 """The AML losses (docs/REFERENCE.md §5) by name, on L2-normalised vectors; teacher inputs are always detached (frozen).
 
-`LOSSES[name]` is the loss's `LossSpec` (aml/losses/spec.py): its function, kind, the inputs it reads, whether
-it needs labels and whether it has per-sample values. A spec is called like its function.
+`LOSSES[name]` is the loss's `LossSpec` (aml/losses/spec.py): its function, kind, the inputs it reads (named by
+its signature), whether it needs labels and whether it has per-sample values. A spec is called like its function.
 Tuple losses: `fn(anchor, positive, negatives, *, [anchor_teacher], <constants>, reduction="sum")` with
 anchor (B, D) student vectors, positive (B, D), negatives (B, K, D) teacher vectors (student vectors for
 `sym`, `student_refs`), anchor_teacher (B, D) the teacher's vectors of the anchor images (only `contr+` reads it).
 Batch losses: `fn(student, teacher, *, [ref], <constants>, reduction="sum")`, both (B, D), same images; `ref`
-(P, D) a reference set of teacher vectors, `clusters` (B,) / `ref_clusters` (P,) the images' cluster ids
+(P, D) a reference set of teacher vectors, `labels` (B,) / `ref_labels` (P,) the images' cluster ids
 (only `csd` reads them).
-Classification losses (`reads_proxies`): `fn(student, teacher, *, labels, proxies, <constants>, reduction)`,
+Class losses (kind "class"): `fn(student, teacher, *, labels, proxies, <constants>, reduction)`,
 labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's vectors of the batch unread).
 `reduction`: "sum" | "mean" | "none" (per tuple, or per image for `reg`, shape (B,)); `rkd`, `darkrank` and
 `csd` are defined over the whole batch (`per_sample=False`): "sum" and "mean" give that scalar, "none" raises.
@@ -25,9 +25,9 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 | darkrank  | batch | hard DarkRank (Plackett-Luce of the teacher's top-4)     | alpha 3, beta 3, list_len 4|
 |           |       |   denominator "list" (paper code's HardDarkRank) or "all" |                            |
 | csd       | batch | contextual similarity distillation (KL, teacher top-K)   | k 256, tau_s 1, tau_t 0.01 |
-|           |       |   label_weight w > 0: target mixed with the query's cluster | label_weight 0          |
+|           |       |   label_weight w > 0: target mixed with the query's label  | label_weight 0          |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
-| normsoftmax | batch | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
+| normsoftmax | class | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 
 The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
 labels, `spec.pairs` (aml/losses/pairs.py, Metrix, docs/REFERENCE.md §8), which `--mixup` trains with.
@@ -49,15 +49,15 @@ from aml.losses.triplet import triplet
 
 _SPECS = (
     loss_spec("contr", contr, "tuple", pairs=soft_contrastive),
-    loss_spec("contr+", contr_plus, "tuple", pairs=soft_contrastive, reads_anchor_teacher=True),
+    loss_spec("contr+", contr_plus, "tuple", pairs=soft_contrastive),
     loss_spec("sym", sym, "tuple", pairs=soft_contrastive, student_refs=True),
     loss_spec("triplet", triplet, "tuple", pairs=soft_triplet),
     loss_spec("ms", ms, "tuple", pairs=soft_ms),
     loss_spec("reg", reg, "batch"),
     loss_spec("rkd", rkd, "batch", per_sample=False),
     loss_spec("darkrank", darkrank, "batch", per_sample=False),
-    loss_spec("csd", csd, "batch", reads_ref=True, reads_clusters=True, per_sample=False),
-    loss_spec("normsoftmax", normsoftmax_loss, "batch", reads_proxies=True),
+    loss_spec("csd", csd, "batch", per_sample=False),
+    loss_spec("normsoftmax", normsoftmax_loss, "class"),
 )
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSSES["contr+csd"] = combine("contr+csd", {"contr+": 1.0, "csd": 1.0}, LOSSES)

@@ -15,14 +15,14 @@ paper's "first-order feature vector preserving" term; the other neighbours give 
 preserving" term. K is capped at |R|.
 
 Label-refined target (`label_weight` w > 0; this project's addition, not in the CSD paper): when the training
-images' cluster ids are known (`clusters` (B,) of the batch, `ref_clusters` (P,) of `ref`), the context puts
-the query's same-cluster references first (then the teacher's nearest others, up to K), and the target mixes
-the teacher's distribution with the uniform one over those same-cluster references:
+images' labels are known (their cluster ids: `labels` (B,) of the batch, `ref_labels` (P,) of `ref`), the
+context puts the query's same-label references first (then the teacher's nearest others, up to K), and the
+target mixes the teacher's distribution with the uniform one over those same-label references:
 
     target(q) = (1 - w) softmax_j(<t(q), t(r_j)> / tau_t) + w [c(r_j) = c(q)] / #{j: c(r_j) = c(q)}
 
 so the student query is pulled to the teacher's whole cluster of q (the images of its landmark), not only to
-t(q). A query's own teacher vector always counts as same-cluster; a negative cluster id matches nothing else.
+t(q). A query's own teacher vector always counts as same-label; a negative label matches nothing else.
 With one image per cluster (`images:DIR`) the label term is extra weight on t(q). w = 0 is CSD itself.
 
 Defaults k = 256, tau_s = 1.0 (query/student), tau_t = 0.01 (gallery/teacher): the CSD settings of the
@@ -44,8 +44,8 @@ def csd(
     teacher: torch.Tensor,
     *,
     ref: torch.Tensor | None = None,
-    clusters: torch.Tensor | None = None,
-    ref_clusters: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
     k: int = 256,
     tau_s: float = 1.0,
     tau_t: float = 0.01,
@@ -53,7 +53,7 @@ def csd(
     reduction: str = "sum",
 ) -> torch.Tensor:
     """CSD between student (B, D) and frozen teacher (B, D) vectors; optional extra teacher context (P, D); with
-    `label_weight` > 0, the label-refined target over the cluster ids `clusters` (B,) and `ref_clusters` (P,)."""
+    `label_weight` > 0, the label-refined target over the cluster ids `labels` (B,) and `ref_labels` (P,)."""
     check_pair(student, teacher)
     check_per_sample("csd", reduction)
     if not 0.0 <= label_weight <= 1.0:
@@ -69,8 +69,8 @@ def csd(
         t_sim, idx = sim.topk(k, dim=1)  # (B, K) teacher's neighbours, best first
         same = None
     else:
-        same = same_cluster(clusters, ref_clusters, len(refs), ref is not None).to(sim.device)  # (B, R)
-        idx = (sim + 3.0 * same).topk(k, dim=1).indices  # same-cluster references first (|sim| <= 1)
+        same = same_label(labels, ref_labels, len(refs), ref is not None).to(sim.device)  # (B, R)
+        idx = (sim + 3.0 * same).topk(k, dim=1).indices  # same-label references first (|sim| <= 1)
         t_sim = sim.gather(1, idx)
     s_sim = torch.einsum("bd,bkd->bk", student, refs[idx])  # (B, K) student query vs the same references
     log_p_s = F.log_softmax(s_sim / tau_s, dim=1)
@@ -82,16 +82,16 @@ def csd(
     return (torch.special.xlogy(target, target) - target * log_p_s).sum(1).mean()
 
 
-def same_cluster(
-    clusters: torch.Tensor | None, ref_clusters: torch.Tensor | None, n_refs: int, has_ref: bool
+def same_label(
+    labels: torch.Tensor | None, ref_labels: torch.Tensor | None, n_refs: int, has_ref: bool
 ) -> torch.Tensor:
-    """(B, R) bool: reference j (the batch, then `ref`) is in query b's cluster; a query is always in its own."""
-    if clusters is None or (has_ref and ref_clusters is None):
-        raise ValueError("csd: label_weight > 0 needs the cluster ids of the batch and of ref (clusters, ref_clusters)")
-    ids = torch.cat([clusters, ref_clusters.to(clusters)]) if has_ref else clusters
+    """(B, R) bool: reference j (the batch, then `ref`) has query b's label; a query always has its own."""
+    if labels is None or (has_ref and ref_labels is None):
+        raise ValueError("csd: label_weight > 0 needs the cluster ids of the batch and of ref (labels, ref_labels)")
+    ids = torch.cat([labels, ref_labels.to(labels)]) if has_ref else labels
     if ids.dim() != 1 or len(ids) != n_refs:
         raise ValueError(f"csd: {len(ids)} cluster ids for {n_refs} references")
-    B = len(clusters)
-    same = (ids[None, :] == clusters[:, None]) & (clusters[:, None] >= 0)
+    B = len(labels)
+    same = (ids[None, :] == labels[:, None]) & (labels[:, None] >= 0)
     same[:, :B] |= torch.eye(B, dtype=torch.bool, device=same.device)
     return same

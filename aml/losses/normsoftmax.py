@@ -5,7 +5,8 @@ Softmax cross-entropy over class proxies, with L2-normalised embeddings x and pr
 
     loss(x, y) = -log( exp(<x, p_y> / sigma) / sum_z exp(<x, p_z> / sigma) )
 
-The proxies are an input, not a parameter of the loss: who owns them decides how it is used (aml.train.loop).
+The proxies are an input of the function; their owner, the class objective (aml.train.objective.ClassObjective,
+which keeps them as its parameter or buffer), decides how it is used.
 - symmetric: trainable proxies (C, D), fitted with the network on class-labelled images (the paper);
 - asymmetric: the *teacher's* proxies, frozen: `class_proxies` of the teacher's cached vectors (its L2-normalised
   class means), or `fit_proxies`, the proxies NormSoftmax itself fits to the teacher's vectors (started from the

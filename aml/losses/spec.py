@@ -1,15 +1,18 @@
 """One spec per loss: its function, what kind of batch it takes, which inputs it reads, how it reduces.
 
-The trainer builds each call from the spec (`kind`, `reads_anchor_teacher`, `reads_ref`, `student_refs`), never
-from the loss's name or signature. The optional tensor inputs are passed by keyword, only to the losses that
-read them:
+The training objective of the spec's `kind` (aml.train.objective) makes each call; the inputs a loss reads are
+the `STEP_INPUTS` its own signature names (`LossSpec.inputs`, read from the signature once), passed by keyword,
+only to the losses that name them (pytorch-metric-learning's `forward(embeddings, labels, indices_tuple, ref_emb,
+ref_labels)`):
 - `anchor_teacher` (B, D): the teacher's vectors of the anchor images (`contr+`);
+- `labels` (B,): the labels of the anchor images: the training set's cluster ids (`csd`'s label-refined target,
+  compared for equality only), class ids 0..C-1 for a classification loss (`normsoftmax`);
 - `ref` (P, D): a reference set the student queries are scored against (pytorch-metric-learning's `ref_emb`);
   the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool);
-- `clusters` (B,) and `ref_clusters` (P,) (`reads_clusters`): the training set's cluster ids of the batch images
-  and of `ref`'s images, compared for equality only (`csd`'s label-refined target);
-- `labels` (B,) and `proxies` (C, D) (`reads_proxies`): class ids 0..C-1 of the batch images and the class
-  proxies they are classified by (`normsoftmax`; the trainer owns the proxies: learned, or the teacher's).
+- `ref_labels` (P,): the labels of `ref`'s images (`ref_labels`);
+- `proxies` (C, D): the class proxies a classification loss classifies by (`normsoftmax`; its objective owns
+  them: learned, or the teacher's).
+A new loss that reads one of these needs its own file and its line in the spec table, nothing in the trainer.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import torch
 
 from aml.errors import UserError
 
-KINDS = ("tuple", "batch")
-# keyword inputs that are tensors, never constants
-TENSOR_INPUTS = ("anchor_teacher", "ref", "clusters", "ref_clusters", "labels", "proxies")
+KINDS = ("tuple", "batch", "class")
+# the keyword inputs a training step provides by name (tensors, never constants)
+STEP_INPUTS = ("anchor_teacher", "labels", "ref", "ref_labels", "proxies")
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,11 @@ class LossSpec:
     """A registered loss.
 
     `kind`: "tuple" (`fn(anchor, positive, negatives, *, ...)`, anchors (B, D), positives (B, D), negatives
-    (B, K, D)) or "batch" (`fn(student, teacher, *, ...)`, both (B, D), the same images).
-    `reads_clusters`: it takes the cluster ids of the batch and of `ref` (`clusters`, `ref_clusters`).
+    (B, K, D)), "batch" (`fn(student, teacher, *, ...)`, both (B, D), the same images) or "class" (a batch
+    loss on class-balanced batches that classifies by `proxies`, `fn(student, teacher, *, labels, proxies, ...)`).
+    `inputs`: the `STEP_INPUTS` it reads (by keyword).
     `student_refs`: positives and negatives are student vectors too (the no-teacher `sym` baseline).
-    `needs_labels`: it trains on labelled images ((query, positive) pairs; class ids for `reads_proxies`).
-    `reads_proxies`: a classification loss, `fn(student, teacher, *, labels, proxies, ...)`.
+    `needs_labels`: it trains on labelled images ((query, positive) pairs; class ids for a "class" loss).
     `per_sample`: `reduction="none"` gives one value per
     tuple or image; a loss defined over the whole batch (False) refuses it.
     `defaults`: its keyword constants and their defaults (`--loss-arg NAME=VALUE`, `--margin`).
@@ -51,12 +54,9 @@ class LossSpec:
     name: str
     fn: Callable[..., torch.Tensor]
     kind: str
-    reads_anchor_teacher: bool = False
-    reads_ref: bool = False
-    reads_clusters: bool = False
+    inputs: frozenset[str] = frozenset()
     student_refs: bool = False
     needs_labels: bool = False
-    reads_proxies: bool = False
     per_sample: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)
     pairs: Callable[..., torch.Tensor] | None = None
@@ -64,7 +64,7 @@ class LossSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"loss '{self.name}': kind {self.kind!r}, expected one of {KINDS}")
-        clash = sorted(set(self.defaults) & set(TENSOR_INPUTS + ("reduction",)))
+        clash = sorted(set(self.defaults) & set(STEP_INPUTS + ("reduction",)))
         if clash:
             raise ValueError(f"loss '{self.name}': '{clash[0]}' is an input, not a constant")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -85,7 +85,7 @@ class LossSpec:
                 continue
             takes = ", ".join(sorted(self.defaults)) or "no constants"
             opt = where or f"--loss-arg {k}"
-            if k in TENSOR_INPUTS or k == "reduction":
+            if k in STEP_INPUTS or k == "reduction":
                 raise UserError(
                     f"{opt}: '{k}' is an input of loss '{self.name}' that the trainer passes, not a "
                     f"constant; loss '{self.name}' takes {takes}"
@@ -97,12 +97,17 @@ class LossSpec:
 def keyword_constants(fn: Callable, inputs: tuple[str, ...] = ()) -> dict[str, Any]:
     """A loss function's keyword-only constants and their defaults (its tensor inputs, `inputs` and `reduction`
     excluded)."""
-    skip = {*TENSOR_INPUTS, *inputs, "reduction"}
+    skip = {*STEP_INPUTS, *inputs, "reduction"}
     return {
         n: p.default
         for n, p in inspect.signature(fn).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in skip
     }
+
+
+def step_inputs(fn: Callable) -> frozenset[str]:
+    """The `STEP_INPUTS` a loss function's signature names (what its objective passes it)."""
+    return frozenset(n for n in inspect.signature(fn).parameters if n in STEP_INPUTS)
 
 
 def loss_spec(
@@ -113,11 +118,10 @@ def loss_spec(
     pairs: Callable[..., torch.Tensor] | None = None,
     **flags: bool,
 ) -> LossSpec:
-    """The spec of a loss function; its constants and defaults are read once from its own signature. `pairs`: its
-    generic pair form (pair-based tuple losses). Tuple losses and classification losses (`reads_proxies`) need
-    labels."""
-    flags.setdefault("needs_labels", kind == "tuple" or flags.get("reads_proxies", False))
-    return LossSpec(name, fn, kind, defaults=keyword_constants(fn), pairs=pairs, **flags)
+    """The spec of a loss function; the inputs it reads, its constants and their defaults are read once from its
+    own signature. `pairs`: its generic pair form (pair-based tuple losses). Tuple and class losses need labels."""
+    flags.setdefault("needs_labels", kind in ("tuple", "class"))
+    return LossSpec(name, fn, kind, step_inputs(fn), defaults=keyword_constants(fn), pairs=pairs, **flags)
 
 
 def weight_name(loss: str) -> str:

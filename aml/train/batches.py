@@ -7,14 +7,16 @@ faster. No crops or padding change what the student sees.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from aml.data.images import load_image
+from aml.data.images import header_size, load_image, size_key
 from aml.extract import to_tensor, torch_groups
 
 
@@ -29,6 +31,24 @@ class ImageTensors(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return to_tensor(load_image(self.paths[i], self.size), self.mean, self.std)
+
+
+class StepImages(Dataset):
+    """The images of each training step (a list of tensors per step, indices `batches[i]` into `images`)."""
+
+    def __init__(self, images: ImageTensors, batches: list[np.ndarray]) -> None:
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        return [self.images[j] for j in self.batches[i]]
+
+
+def raw_sizes(paths: Sequence[str], idx: np.ndarray) -> np.ndarray:
+    """A sortable size key per image `idx` of `paths` (header read only), used to make batches single-size."""
+    return size_key([header_size(paths[i]) for i in idx])
 
 
 def forward_by_size(model: nn.Module, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -53,3 +73,25 @@ def size_buckets(order: np.ndarray, sizes: np.ndarray, batch_size: int, window: 
         chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return batches
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """How a training step embeds images with the student: `model` the module that runs (DDP-wrapped or the
+    student), `net` the student itself (its maps, for feature mixup), on `device`, under `amp` (none | bf16 | fp16)."""
+
+    model: nn.Module
+    net: nn.Module
+    device: torch.device
+    amp: str = "none"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the step's forwards (none: no context)."""
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D) float32 student vectors of `images` (with grad), batched by size under `autocast`."""
+        with self.autocast():
+            return forward_by_size(self.model, images, self.device)

@@ -8,12 +8,13 @@ once on training images, then freezing them as usual, gives such a student a wor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from aml.train.batches import forward_by_size
+from aml.train.batches import ImageTensors, forward_by_size, raw_sizes, size_buckets
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -49,3 +50,15 @@ def estimate_batchnorm(model: nn.Module, batches: Iterable[list[torch.Tensor]], 
         m.momentum = momentum
     model.eval()
     return seen
+
+
+def estimate_on_images(
+    model: nn.Module, paths: Sequence[str], *, count: int, size: int, batch_size: int, seed: int, device: torch.device
+) -> int:
+    """`estimate_batchnorm` on `count` of the training images `paths` (drawn under `seed`), at image size `size`,
+    in same-size batches of `batch_size`; returns images seen."""
+    rng = np.random.default_rng([seed, 1])
+    idx = rng.permutation(len(paths))[:count]
+    images = ImageTensors(paths, size, model.mean, model.std)
+    batches = size_buckets(np.arange(len(idx)), raw_sizes(paths, idx), batch_size)
+    return estimate_batchnorm(model, ([images[i] for i in idx[b]] for b in batches), device)

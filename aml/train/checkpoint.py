@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 from aml.io import atomic_path
+from aml.registry import load_into
 from aml.trust import torch_load
 
 FORMAT = 1  # bumped when the checkpoint layout changes
@@ -42,3 +44,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if key not in ck:
             raise UserError(f"{path}: field '{key}' missing; this is not an aml training checkpoint")
     return ck
+
+
+def restore(
+    checkpoint: dict[str, Any],
+    path: Path,
+    *,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    objective: Any,
+) -> int:
+    """A resumed run's state from its checkpoint: the student, the objective (`Objective.restore`), the optimizer
+    and the scheduler; returns the epoch to start from. A part that does not fit is a one-line UserError."""
+    sd = checkpoint["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: state_dict: not a dict of tensors; the checkpoint is damaged, start a new run")
+    load_into(student, sd, path)
+    objective.restore(checkpoint, path)
+    for key, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        try:
+            target.load_state_dict(checkpoint[key])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise UserError(
+                f"{path}: {key}: state does not fit this run ({first_line(e)}); the checkpoint is damaged or "
+                "from another version, start a new run"
+            ) from None
+    try:
+        return int(checkpoint["epoch"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: epoch: {checkpoint['epoch']!r} is not a number; start a new run") from None

@@ -1,4 +1,8 @@
-"""The training recipe, named once: AML defaults (docs/REFERENCE.md §4), presets, and (de)serialisation."""
+"""The training recipe, named once: AML defaults (docs/REFERENCE.md §4), presets, and (de)serialisation.
+
+A leaf of constants: it imports no model, loss or torch code. What a value means for the loss (the loss names,
+their constants, what `auto` resolves to) is aml.train.recipe's, above the loss table.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from aml.cache import DEFAULT_DTYPE, DTYPES
 from aml.errors import UserError
-from aml.glam import parse_parts
-from aml.losses import LOSSES, PAIR_BASED
 from aml.settings import IMAGE_SIZE, check_device
-from aml.train.head_init import HEAD_INITS
-from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 
 # NormSoftmax proxies (docs/REFERENCE.md §8): `teacher-mean` the teacher's L2-normalised class means of its cached
 # vectors, frozen (asymmetric: the student is classified in the teacher's space); `teacher-trained` the proxies
@@ -21,6 +20,19 @@ from aml.train.mixup import MIXUP_MODES, MIXUP_PAIRS
 # student from a seeded random start (symmetric: the student never sees the teacher).
 PROXIES = ("teacher-mean", "teacher-trained", "learned")
 HEAD_NORMS = ("auto", "none", "layernorm")  # the embedding's normalisation before its last L2N (aml.net)
+MIXUP_MODES = ("none", "input", "feature", "embedding")  # Metrix (aml.train.mixup)
+MIXUP_PAIRS = ("pos-neg", "anchor-neg", "both")
+# the teacher feature cache's default storage (aml.cache.DEFAULT_DTYPE; tests/test_objectives.py ties them)
+CACHE_DTYPE = "float16"
+# Fields whose None means auto / all / never, and the number that meant it in older runs' config.json and on the
+# command line (`TrainConfig.__post_init__` maps it to None on read).
+OLD_SENTINELS: dict[str, int] = {
+    "init_images": 0,
+    "warmup_epochs": -1,
+    "test_image_size": 0,
+    "eval_every": 0,
+    "workers": -1,
+}
 
 # The smallest value of each numeric field, and whether the minimum itself is excluded (the `aml distill`
 # option ranges are generated from this table, and `TrainConfig.validate` checks it for Python callers).
@@ -51,16 +63,14 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "per_class": (1, False),
     "warmup_epochs": (-1, False),
 }
-# The fields with a fixed set of values.
+# The fields with a fixed set of values this module knows (aml.train.recipe.CHOICES adds the loss, the head init
+# and the cache dtype, which their owners name).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "head_init": ("auto", *HEAD_INITS),
-    "loss": tuple(LOSSES),
     "mixup": MIXUP_MODES,
     "mixup_pairs": MIXUP_PAIRS,
     "mining": ("auto", "asymmetric", "symmetric", "random"),
     "optimizer": ("adam", "sgd"),
     "amp": ("none", "bf16", "fp16"),
-    "cache_dtype": DTYPES,
     "proxies": PROXIES,
     "head_norm": HEAD_NORMS,
 }
@@ -78,7 +88,7 @@ class TrainConfig:
     student_random_init: bool = False  # an ImageNet-free student: random weights, the teacher keeps its own
     bn_images: int = 128  # training images that set a random-weight student's BatchNorm statistics
     head_init: str = "auto"  # the student's start (aml.train.head_init); auto: local-procrustes, random for sym
-    init_images: int = 2000  # training images the closed-form start is fitted on (0: all)
+    init_images: int | None = 2000  # training images the closed-form start is fitted on (None: all)
     init_flip: bool = True  # also fit on the mirrored images (map-level methods)
     loss: str = "contr+"
     loss_args: dict[str, float] = field(default_factory=dict)  # keyword constants of the loss
@@ -105,84 +115,46 @@ class TrainConfig:
     update_every: int = 1  # forwards per optimizer step
     # Classification losses (`normsoftmax`): where the class proxies come from, class-balanced batches of
     # batch_size // per_class classes x per_class images, warm-up epochs that train only the new parameters (the
-    # head, learned proxies; -1: 1 for a classification loss, else 0), and the LayerNorm that makes the embedding
+    # head, learned proxies; None: 1 for a classification loss, else 0), and the LayerNorm that makes the embedding
     # binarisable at zero (auto: layernorm with learned proxies, the paper's; none otherwise).
     proxies: str = "teacher-mean"
     per_class: int = 2
-    warmup_epochs: int = -1
+    warmup_epochs: int | None = None
     head_norm: str = "auto"
     image_size: int = IMAGE_SIZE
-    test_image_size: int = 0  # 0: same as image_size
-    cache_dtype: str = DEFAULT_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
-    eval_every: int = 1  # epochs between quick test-set evaluations (0: never)
+    test_image_size: int | None = None  # None: same as image_size
+    cache_dtype: str = CACHE_DTYPE  # the teacher feature cache's, shared with `aml evaluate`
+    eval_every: int | None = 1  # epochs between quick test-set evaluations (None: never)
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    workers: int = -1  # -1: automatic
+    workers: int | None = None  # None: automatic
     out: str | None = None
 
-    def learns_alone(self) -> bool:
-        """The student never sees the teacher: a loss on student references (the no-teacher baseline `sym`), or a
-        classification loss with learned proxies."""
-        spec = LOSSES.get(self.loss)
-        return spec is not None and (spec.student_refs or (spec.reads_proxies and self.proxies == "learned"))
+    def __post_init__(self) -> None:
+        """Older runs' (and the command line's) numbers for auto / all / never become None."""
+        for name, old in OLD_SENTINELS.items():
+            if getattr(self, name) == old:
+                setattr(self, name, None)
 
-    def resolved_warmup(self) -> int:
-        """The warm-up epochs -1 stands for: 1 for a classification loss (NormSoftmax's recipe), else 0."""
-        if self.warmup_epochs >= 0:
-            return self.warmup_epochs
-        spec = LOSSES.get(self.loss)
-        return 1 if spec is not None and spec.reads_proxies else 0
-
-    def resolved_head_norm(self) -> str:
-        """The head norm `auto` stands for: layernorm for a classification loss with learned proxies (the paper's
-        symmetric recipe), else none (a LayerNorm'd student cannot reproduce a teacher that is not zero-centred)."""
-        if self.head_norm != "auto":
-            return self.head_norm
-        spec = LOSSES.get(self.loss)
-        return "layernorm" if spec is not None and spec.reads_proxies and self.proxies == "learned" else "none"
-
-    def resolved_mining(self) -> str:
-        """The mining mode `auto` stands for: symmetric for a loss on student references (the no-teacher
-        baseline `sym`), else asymmetric."""
-        if self.mining != "auto":
-            return self.mining
-        spec = LOSSES.get(self.loss)
-        return "symmetric" if spec is not None and spec.student_refs else "asymmetric"
-
-    def resolved_head_init(self) -> str:
-        """The head init `auto` stands for: the closed form `local-procrustes`, except for a loss on student
-        references (the no-teacher baseline `sym`) or with learned proxies, which starts as the AML paper does
-        (`random`): it must not see the teacher."""
-        if self.head_init != "auto":
-            return self.head_init
-        return "random" if self.learns_alone() else "local-procrustes"
+    def random_student(self) -> bool:
+        """The student starts from random weights (`random_init` or `student_random_init`)."""
+        return self.random_init or self.student_random_init
 
     def eval_size(self) -> int:
         return self.test_image_size or self.image_size
 
-    def validate(self) -> TrainConfig:
-        """This config, or a one-line UserError naming the first out-of-range or unknown value (before any work)."""
+    def validate(self, choices: dict[str, tuple[str, ...]] = CHOICES) -> TrainConfig:
+        """This config, or a one-line UserError naming the first out-of-range value or one not in `choices`
+        (before any work). What the loss makes of it is checked above, by aml.train.recipe.check."""
         for name, (low, open_) in MINIMUMS.items():
             v = getattr(self, name)
             if v is not None and (v < low or (open_ and v == low)):
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {v}: must be {'>' if open_ else '>='} {low:g}")
-        for name, allowed in CHOICES.items():
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
-        LOSSES[self.loss].constants(self.loss_args)
-        parse_parts(self.glam)
-        if self.mixup != "none" and LOSSES[self.loss].pairs is None:
-            raise UserError(
-                f"--mixup {self.mixup}: loss '{self.loss}' is not pair-based; use --loss "
-                f"{' | '.join(PAIR_BASED)}, or --mixup none"
-            )
-        if LOSSES[self.loss].reads_proxies and self.batch_size < self.per_class:
-            raise UserError(
-                f"--batch-size {self.batch_size}: a class-balanced batch holds batch_size // per_class classes of "
-                f"--per-class {self.per_class} images; use a batch size of at least {self.per_class}"
-            )
         check_device(self.device)
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,3 +53,13 @@ def gather_rows(d: Dist, part: np.ndarray, n: int) -> np.ndarray:
 def shutdown(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_grads(d: Dist, params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters DDP does not hold (an objective's own, learned proxies) across ranks."""
+    if d.world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world

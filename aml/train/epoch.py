@@ -36,14 +36,15 @@ def plan_tuples(
     rng: np.random.Generator,
     teacher: np.ndarray,
     student_vectors: Callable[[np.ndarray], np.ndarray],
+    mode: str,
 ) -> EpochPlan:
-    """Sample (q, p) pairs and a pool, then mine `neg_num` negatives per query (docs/REFERENCE.md §4).
+    """Sample (q, p) pairs and a pool, then mine `neg_num` negatives per query (docs/REFERENCE.md §4), `mode`
+    asymmetric | symmetric | random (aml.train.recipe.mining).
 
     `student_vectors(idx)` embeds training images with the current student (no grad); the teacher's
     vectors come from its cache, so asymmetric mining never runs the teacher.
     """
     qsel, psel, pool = sample_epoch(train.cluster, train.qidxs, train.pidxs, cfg.query_size, cfg.pool_size, rng)
-    mode = cfg.resolved_mining()
     if mode == "random":
         neg = random_negatives(train.cluster[qsel], train.cluster[pool], cfg.neg_num, rng)
     else:

@@ -42,9 +42,10 @@ from torch.nn import functional as F
 from aml.cache import content_identity
 from aml.closed_form import CrossCovariance, residual
 from aml.data.images import header_size, size_key
-from aml.io import atomic_path, sha256_lines
+from aml.io import aml_home, atomic_path, sha256_lines
 from aml.net import RetrievalNet
 from aml.nn import gem, l2n
+from aml.registry import model_identity
 from aml.train.batches import ImageTensors, size_buckets
 
 HEAD_INITS: dict[str, str] = {  # method -> the head it initialises
@@ -66,9 +67,9 @@ def head_for(method: str) -> str:
     return HEAD_INITS[method]
 
 
-def fit_images(n: int, count: int, seed: int) -> np.ndarray:
-    """The training images a fit uses: all of them, or `count` drawn under the run's seed (sorted)."""
-    if count <= 0 or count >= n:
+def fit_images(n: int, count: int | None, seed: int) -> np.ndarray:
+    """The training images a fit uses: all of them (`count` None), or `count` drawn under the run's seed (sorted)."""
+    if count is None or count <= 0 or count >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, 2]).choice(n, size=count, replace=False))
 
@@ -102,6 +103,27 @@ def _head_state(student: RetrievalNet) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k.startswith(("proj.", "fc."))}
 
 
+def run_start(
+    student: RetrievalNet,
+    method: str,
+    *,
+    student_name: str,
+    student_weights: str | None,
+    random_student: bool,
+    teacher_identity: dict[str, Any],
+    bn_images: int,
+    **kw: Any,
+) -> dict[str, Any]:
+    """A run's closed-form start: `cached_init_head` in $AML_HOME/cache, keyed by the student's and teacher's
+    identities, the BatchNorm estimate's size and GLAM's parts (the fit reads the maps through GLAM's seeded
+    start); `kw` as `init_head`'s."""
+    identity = model_identity(student_name, weights=student_weights, random_init=random_student)
+    key = {"student": identity, "teacher": teacher_identity, "bn_images": bn_images}
+    if student.glam is not None:
+        key["glam"] = list(student.glam_parts)
+    return cached_init_head(student, method, cache_dir=aml_home() / "cache", key=key, **kw)
+
+
 def cached_init_head(
     student: RetrievalNet, method: str, *, cache_dir: str | os.PathLike, key: dict[str, Any], **kw: Any
 ) -> dict[str, Any]:
@@ -111,7 +133,7 @@ def cached_init_head(
     file is refitted."""
     if method == "random":
         return init_head(student, method, **kw)
-    full = {**key, "method": method, "image_size": kw["image_size"], "count": kw.get("count", 0),
+    full = {**key, "method": method, "image_size": kw["image_size"], "count": kw.get("count") or 0,  # 0: all
             "flip": kw.get("flip", True), "seed": kw.get("seed", 0), "paths": sha256_lines(list(kw["paths"])),
             "content": content_identity(kw["paths"]), "format": 1}  # fmt: skip
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
@@ -130,6 +152,56 @@ def cached_init_head(
     return info
 
 
+def _accumulate(
+    student: RetrievalNet,
+    teacher: RetrievalNet | None,
+    method: str,
+    local: CrossCovariance,
+    paths: Sequence[str],
+    idx: np.ndarray,
+    image_size: int,
+    flip: bool,
+    dev: torch.device,
+) -> np.ndarray:
+    """One pass over the fitting images `idx`: their (len(idx), C) L2N GeM vectors of the student's maps, returned;
+    with a `teacher` (map methods), every location pair of the two networks' maps (and of the mirrored images with
+    `flip`) added to `local` (L2-normalised descriptors for local-procrustes)."""
+    s_pooled = np.zeros((len(idx), student.out_channels), dtype=np.float32)
+    p = student.pool.p.detach().to(dev)
+    for pos, x in _batches(paths, idx, image_size, student):
+        x = x.to(dev)
+        fs = student.trunk(x)
+        s_pooled[pos] = l2n(gem(fs, p)).cpu().numpy()
+        if teacher is None:
+            continue
+        for view in (x, x.flip(-1)) if flip else (x,):
+            a, b = _common_grid(student.trunk(view) if view is not x else fs, teacher.trunk(view))
+            a, b = _rows(a), _rows(b)
+            if method == "local-procrustes":
+                a, b = l2n(a.clamp(min=1e-6)), l2n(b.clamp(min=1e-6))
+            local.add(a.cpu().numpy(), b.cpu().numpy())
+    return s_pooled
+
+
+def _solve(
+    student: RetrievalNet,
+    method: str,
+    local: CrossCovariance,
+    pooled: CrossCovariance,
+    s_pooled: np.ndarray,
+    t_rows: np.ndarray,
+) -> float:
+    """Solve `method`'s map from the accumulated pairs, write it into the student's head; returns its residual."""
+    if method == "lstsq":
+        w = local.lstsq()
+        student.proj[0].weight.data.copy_(torch.from_numpy(w.T.copy())[:, :, None, None])
+        return local.relative_error(w)
+    acc = local if method == "local-procrustes" else pooled
+    w = acc.procrustes() if method != "ridge" else acc.ridge(RIDGE_LAMBDA)
+    student.fc.weight.data.copy_(torch.from_numpy(w.T.copy()))
+    return residual(s_pooled, t_rows, w)
+
+
 @torch.inference_mode()
 def init_head(
     student: RetrievalNet,
@@ -139,7 +211,7 @@ def init_head(
     teacher_vectors: np.ndarray,
     teacher_net: Callable[[], RetrievalNet],
     image_size: int,
-    count: int = 0,
+    count: int | None = None,
     flip: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -151,7 +223,7 @@ def init_head(
         method: one of HEAD_INITS.
         paths: the training images; `teacher_vectors` (N, D) their cached teacher vectors, same order.
         teacher_net: builds the teacher network (called only by the map methods).
-        image_size: the training size; `count` how many images to fit on (0: all); `flip` adds mirrored images
+        image_size: the training size; `count` how many images to fit on (None: all); `flip` adds mirrored images
             (map methods); `seed` picks the images when `count` is smaller than the set.
 
     Returns {'method', 'head', 'images', 'flip', 'pairs', 'residual', 'seconds'}: `residual` is the mean
@@ -171,31 +243,10 @@ def init_head(
     teacher = teacher_net().eval().to(dev) if method in MAP_METHODS else None
     ds, dt = student.out_channels, int(teacher_vectors.shape[1])
     local, pooled = CrossCovariance(ds, teacher.out_channels if teacher else dt), CrossCovariance(ds, dt)
-    s_pooled = np.zeros((len(idx), ds), dtype=np.float32)
-    p = student.pool.p.detach().to(dev)
-    for pos, x in _batches(paths, idx, image_size, student):
-        x = x.to(dev)
-        fs = student.trunk(x)
-        s_pooled[pos] = l2n(gem(fs, p)).cpu().numpy()
-        if teacher is None:
-            continue
-        for view in (x, x.flip(-1)) if flip else (x,):
-            a, b = _common_grid(student.trunk(view) if view is not x else fs, teacher.trunk(view))
-            a, b = _rows(a), _rows(b)
-            if method == "local-procrustes":
-                a, b = l2n(a.clamp(min=1e-6)), l2n(b.clamp(min=1e-6))
-            local.add(a.cpu().numpy(), b.cpu().numpy())
+    s_pooled = _accumulate(student, teacher, method, local, paths, idx, image_size, flip, dev)
     t_rows = np.asarray(teacher_vectors[idx], dtype=np.float32)
     pooled.add(s_pooled, t_rows)
-    if method == "lstsq":
-        w = local.lstsq()
-        student.proj[0].weight.data.copy_(torch.from_numpy(w.T.copy())[:, :, None, None])
-        res = local.relative_error(w)
-    else:
-        acc = local if method == "local-procrustes" else pooled
-        w = acc.procrustes() if method != "ridge" else acc.ridge(RIDGE_LAMBDA)
-        student.fc.weight.data.copy_(torch.from_numpy(w.T.copy()))
-        res = residual(s_pooled, t_rows, w)
+    res = _solve(student, method, local, pooled, s_pooled, t_rows)
     student.train(was_training)
     pairs = local.n if method in MAP_METHODS else pooled.n
     return {

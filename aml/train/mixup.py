@@ -26,10 +26,8 @@ Modes (f = the student, g its feature maps `RetrievalNet.maps`, h the rest `Retr
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,13 +37,9 @@ from torch import nn
 from aml.extract import torch_groups
 from aml.losses import LossSpec, clean_refs
 from aml.nn import l2n
-from aml.train.batches import forward_by_size
+from aml.train.batches import Embedder, forward_by_size
+from aml.train.config import TrainConfig
 
-if TYPE_CHECKING:
-    from aml.train.config import TrainConfig
-
-MIXUP_MODES = ("none", "input", "feature", "embedding")
-MIXUP_PAIRS = ("pos-neg", "anchor-neg", "both")
 # The source x mixed with a negative, per `mixup_pairs`.
 SOURCES = {"pos-neg": ("positive",), "anchor-neg": ("anchor",), "both": ("positive", "anchor")}
 
@@ -116,6 +110,23 @@ class Metrix:
         """How many of a step's images are `images`' (the tail of its image list)."""
         return 0 if self.mode == "embedding" else tuples * (len(self.sources) + 1)
 
+    def embed_mixes(self, images: list[torch.Tensor], lam: np.ndarray, embed: Embedder) -> torch.Tensor | None:
+        """(P * B, D) the student's vectors of the mixed examples, mix(x, n_1) per source x, source-major, from the
+        step's `images` tensors (the tail of its image list) and lam (B,); None for `embedding` (no images)."""
+        if self.mode == "embedding":
+            return None
+        B = len(lam)
+        xs, ns = images[: len(images) - B], images[len(images) - B :]
+        lam_all = np.tile(lam, len(self.sources))
+        with embed.autocast():  # the whole mixing under it, as the clean forward
+            pairs = [(x, resize_to(ns[i % B], tuple(x.shape[-2:]))) for i, x in enumerate(xs)]
+            if self.mode == "input":
+                mixed = [
+                    mix(x[None], n[None], torch.as_tensor(lam_all[i : i + 1]))[0] for i, (x, n) in enumerate(pairs)
+                ]
+                return forward_by_size(embed.model, mixed, embed.device)
+            return feature_mixes(embed.net, pairs, lam_all, embed.device)
+
     def loss(
         self,
         anchor: torch.Tensor,
@@ -125,22 +136,18 @@ class Metrix:
         anchor_ref: torch.Tensor,
         anchor_teacher: torch.Tensor | None,
         lam: np.ndarray,
-        images: list[torch.Tensor],
-        model: Callable[[torch.Tensor], torch.Tensor],
-        net: nn.Module,
-        autocast: Callable[[], AbstractContextManager],
+        mixed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`weight` x the mixed loss of one step (summed over its tuples).
 
         anchor (B, D) the student's clean anchors; positive (B, D), negatives (B, K, D) the clean loss's references
         (teacher, or student for `sym`); anchor_ref (B, D) the anchor as a reference (t(q), or s(q) for `sym`);
-        anchor_teacher the `contr+` extra positive; lam (B,); images: the step's `images` tensors; `model` embeds
-        images (the DDP module), `net` is the student itself (its maps), under `autocast`.
+        anchor_teacher the `contr+` extra positive; lam (B,); mixed: `embed_mixes`' vectors (not for `embedding`).
         """
         spec, asymmetric = self.spec, not self.spec.student_refs
         B, K = negatives.shape[:2]
         lam_t = torch.as_tensor(lam, dtype=anchor.dtype, device=anchor.device)
-        refs, labels = clean_refs(positive, negatives, anchor_teacher if spec.reads_anchor_teacher else None)
+        refs, labels = clean_refs(positive, negatives, anchor_teacher if "anchor_teacher" in spec.inputs else None)
         if asymmetric:  # the teacher side is frozen
             refs, anchor_ref = refs.detach(), anchor_ref.detach()
         if self.mode == "embedding":
@@ -149,9 +156,9 @@ class Metrix:
             if asymmetric:
                 v = [x.detach() for x in v]
             return self.weight * self._against_mixed(anchor, refs, labels, torch.cat(v, 1), lam_t).sum()
-        with autocast():
-            m = self._embed_mixes(images, lam, model, net, anchor.device)  # (P * B, D), source-major
-        m = m.to(anchor.dtype)
+        if mixed is None:
+            raise ValueError(f"Metrix {self.mode}: pass the mixed examples' vectors (`embed_mixes`)")
+        m = mixed.to(anchor.dtype)  # (P * B, D), source-major
         P = len(self.sources)
         if not asymmetric:  # the paper: the clean anchor against the mixed examples
             v = m.reshape(P, B, -1).transpose(0, 1)
@@ -173,21 +180,3 @@ class Metrix:
         all_labels = torch.cat([labels, lam[:, None].expand(B, V)], 1)
         is_mixed = torch.cat([torch.zeros(B, M, dtype=torch.bool), torch.ones(B, V, dtype=torch.bool)], 1)
         return self.spec.pairs(anchor, all_refs, all_labels, mixed=is_mixed.to(anchor.device), **self.constants)
-
-    def _embed_mixes(
-        self,
-        images: list[torch.Tensor],
-        lam: np.ndarray,
-        model: Callable[[torch.Tensor], torch.Tensor],
-        net: nn.Module,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """(P * B, D) the student's vectors of the mixed examples: mix(x, n_1) per source x, source-major."""
-        B = len(lam)
-        xs, ns = images[: len(images) - B], images[len(images) - B :]
-        lam_all = np.tile(lam, len(self.sources))
-        pairs = [(x, resize_to(ns[i % B], tuple(x.shape[-2:]))) for i, x in enumerate(xs)]
-        if self.mode == "input":
-            mixed = [mix(x[None], n[None], torch.as_tensor(lam_all[i : i + 1]))[0] for i, (x, n) in enumerate(pairs)]
-            return forward_by_size(model, mixed, device)
-        return feature_mixes(net, pairs, lam_all, device)
