@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from conftest import distill_args
 from PIL import Image
 
 from aml.data.revisitop import load_revisitop
@@ -11,6 +14,8 @@ from aml.data.sources import describe, parse_data_specs, source_shares
 from aml.data.spec import parse_test_spec
 from aml.data.validation import validation_split
 from aml.errors import UserError
+from aml.train.config import PRESETS, TrainConfig
+from aml.train.recipe import check, head_init
 
 
 def _img(path, colour=(10, 20, 30)):
@@ -51,7 +56,8 @@ def test_sources_laid_end_to_end_with_their_ids_apart(sources):
     assert not set(t.cluster[:6].tolist()) & set(t.cluster[6:].tolist())
     assert b.test == lab.test  # the first source that has a test set
     shares = source_shares(b, np.array([0, 1, 6, 7, 8, 9]))
-    assert shares == {free.train.name: pytest.approx(2 / 6), lab.train.name: pytest.approx(4 / 6)}
+    free_spec, lab_spec = f"images:{sources / 'free'}", f"folder:{sources / 'lab'}"
+    assert shares == {free_spec: pytest.approx(2 / 6), lab_spec: pytest.approx(4 / 6)}
 
 
 def test_describe_names_what_is_trained_and_held_out(sources):
@@ -170,3 +176,35 @@ def test_data_split_with_a_test_folder_and_objects_by_name(sources, tmp_path, ru
     code, stdout, err = run_cli("data", "info", f"folder:{sources / 'lab'}", f"images:{sources / 'free'}")
     assert code == 0, err
     assert "held out as its test set: 8 images of 2 of 5 labels" in stdout and "unlabelled" in stdout
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss, unlabelled_queries", [("contr+", False), ("csd", True)])
+def test_mixed_sources_train_the_right_terms_on_the_right_images(tiny_data, home, tmp_path, run_cli, loss,
+                                                                 unlabelled_queries):  # fmt: skip
+    """Labelled + unlabelled sources in one run: a labelled loss's queries are only the labelled source's images,
+    a label-free loss's are every source's; the run says what each source holds before training."""
+    for i in range(6):
+        _img(tmp_path / "free" / f"f{i}.png", (i * 40, 90, 30))
+    out = tmp_path / "run"
+    args = distill_args(tiny_data, out, loss=loss, epochs=1, quiet=False)
+    args += ["--data", f"images:{tmp_path / 'free'}"]
+    code, stdout, err = run_cli("distill", *args)
+    assert code == 0, err
+    text = stdout + err
+    assert "data images:" in text and "6 images, unlabelled (label-free terms only)" in text
+    shares = [r for r in _log(out) if r.get("epoch") == 1 and "sources" in r][0]["sources"]
+    free = f"images:{tmp_path / 'free'}"
+    assert set(shares) == {f"synth:{tiny_data}", free} and sum(shares.values()) == pytest.approx(1)
+    assert (shares[free] > 0) == unlabelled_queries
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"] == [f"synth:{tiny_data}", f"images:{tmp_path / 'free'}"]
+
+
+def test_real_preset_is_a_checked_recipe():
+    cfg = check(TrainConfig().replace(**PRESETS["real"], data=["images:/x"]))
+    assert (cfg.teacher, cfg.student, cfg.loss, head_init(cfg)) == ("lite2", "lite0", "csd", "procrustes")
+    assert cfg.init_images is None and cfg.loss_args.get("label_weight", 0) == 0

@@ -170,7 +170,8 @@ def given_fields(ctx: click.Context) -> frozenset[str]:
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
-    help="Defaults to start from: aml (the paper's recipe; default with --data) or demo.",
+    help="Defaults to start from: aml (the paper's recipe; default with --data), demo, or real (lite2 -> lite0 on "
+    "real photos: the closed-form start, then two epochs of csd; give it your sources with --data).",
 )
 @click.option(
     "--baseline/--no-baseline",

@@ -83,10 +83,10 @@ def combine(specs: Sequence[str], bundles: Sequence[DataBundle]) -> DataBundle:
 
 
 def source_shares(bundle: DataBundle, idx: np.ndarray) -> dict[str, float]:
-    """Each source's share of the training images `idx` (an epoch's images, repeats counted)."""
+    """Each source's share (by its spec) of the training images `idx` (an epoch's images, repeats counted)."""
     idx = np.asarray(idx).ravel()
     n = max(idx.size, 1)
-    return {s.name: float(((idx >= s.start) & (idx < s.stop)).sum()) / n for s in bundle.sources}
+    return {s.spec: float(((idx >= s.start) & (idx < s.stop)).sum()) / n for s in bundle.sources}
 
 
 def describe(bundle: DataBundle) -> list[str]:
