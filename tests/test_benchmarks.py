@@ -103,6 +103,12 @@ REPORTS: dict[str, list[str]] = {
         *(rf"{p}.*\s{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$" for p in ("40 px, one", "48 px", "40 px, scales", "40 px, t.*lw")),
         rf"40 px, teacher's PCA whitening \(pca\)\s+{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$",
     ],
+    "real_photos.py": [
+        r"test split\s+size\s+teacher\s+student\s+asym\s+asym/T\s+baseline$",
+        *(rf"drawn-test\s+{s}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$" for s in ("224", "512", "ms")),
+        r"^asym >= 0.95 x teacher at 224 and 512: (met|not met: .+)$",
+        r"^seconds: recipe \d+, baseline \d+, evaluation \d+$",
+    ],
     "serve_load.py": [
         r"phase\s+requests\s+wall s\s+q/s\s+p50 ms\s+p99 ms\s+errors\s+gens",
         rf"steady\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+0\s",
