@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -142,11 +143,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         os.fsync(f.fileno())
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf: a score with no positives to rank) as None, so that it
+    serialises as strict JSON (`null`) that any parser, a phone's `JSON.parse` included, reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """The one JSON writer of files and outputs: strict JSON (non-finite floats as null, `finite`), sorted keys."""
+    return json.dumps(finite(obj), sort_keys=True, allow_nan=False, **kw)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write `obj` as indented JSON."""
+    """Atomically write `obj` as indented strict JSON."""
     with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json_text(obj, indent=2) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

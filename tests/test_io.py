@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from aml.io import TMP_TAG, atomic_write, host_tag, remove_stale_temps, scratch_dir, write_json
 
@@ -75,3 +78,14 @@ def test_scratch_dir_is_beside_its_target_and_removed_even_on_error(tmp_path):
     except RuntimeError:
         pass
     assert not tmp.exists() and _temps(target.parent, "enc.onnx") == []
+
+
+def test_json_files_are_strict_json(tmp_path):
+    """NaN / inf (a score with no positives to rank) become null: every parser reads the file."""
+    from aml.io import json_text, write_json
+
+    obj = {"mAP": {"E": float("nan"), "M": 51.5, "H": float("inf")}, "rows": [1.0, float("-inf")]}
+    write_json(tmp_path / "x.json", obj)
+    strict = json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert strict == {"mAP": {"E": None, "M": 51.5, "H": None}, "rows": [1.0, None]}
+    assert "NaN" not in json_text(obj) and json.loads(json_text(obj)) == strict

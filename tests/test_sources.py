@@ -196,6 +196,9 @@ def test_mixed_sources_train_the_right_terms_on_the_right_images(tiny_data, home
     assert code == 0, err
     text = stdout + err
     assert "data images:" in text and "6 images, unlabelled (label-free terms only)" in text
+    ends = stdout.strip().splitlines()[-1]  # the next step, ready to paste
+    assert ends.startswith("evaluate on its test set: aml evaluate models --teacher resnet18 --student ")
+    assert f"{out / 'last.pt'} --dataset " in ends and ends.endswith("--image-size 40")
     shares = [r for r in _log(out) if r.get("epoch") == 1 and "sources" in r][0]["sources"]
     free = f"images:{tmp_path / 'free'}"
     assert set(shares) == {f"synth:{tiny_data}", free} and sum(shares.values()) == pytest.approx(1)

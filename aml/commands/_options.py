@@ -289,13 +289,11 @@ def json_option(what: str) -> Callable[[F], F]:
 
 def write_json_out(path: str, obj: Any) -> None:
     """The `--json PATH` writer: indented, sorted JSON to standard output for '-', else atomically to the file."""
+    from aml.io import json_text, write_json
+
     if path == "-":
-        import json
-
-        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+        click.echo(json_text(obj, indent=2))
         return
-    from aml.io import write_json
-
     write_json(path, obj)
 
 

@@ -208,3 +208,20 @@ def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | 
         return
     run_dir = distill(cfg, resume=resume, progress=not quiet, overwrite=overwrite, given=given)
     click.echo(f"run: {run_dir}")
+    next_step = evaluate_command(cfg, Path(run_dir))
+    if next_step:
+        click.echo(f"evaluate on its test set: {next_step}")
+
+
+def evaluate_command(cfg: TrainConfig, run_dir: Path) -> str | None:
+    """The `aml evaluate models` command that scores a finished run on its test set (None: it has none)."""
+    from aml.data.sources import parse_data_specs
+
+    test = parse_data_specs(cfg.data, cfg.test_data, check_images=False).test
+    if test is None:
+        return None
+    weights = f" --teacher-weights {cfg.teacher_weights}" if cfg.teacher_weights else ""
+    return (
+        f"aml evaluate models --teacher {cfg.teacher}{weights} --student {run_dir / 'last.pt'} "
+        f"--dataset {test.dataset_name} --data-root {test.data_root} --image-size {cfg.eval_size()}"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -74,7 +73,7 @@ def command(
 
 def _write_results(out: str, paths: list[str], index: Any, s: np.ndarray, ids: np.ndarray) -> None:
     """One JSON line per query: {"query", "results": [{"name", "score"}, ...]}, best first (no -1 ids)."""
-    from aml.io import atomic_write
+    from aml.io import atomic_write, json_text
 
     with atomic_write(out) as f:
         for name, row_s, row_i in zip(paths, s, ids, strict=True):
@@ -83,7 +82,7 @@ def _write_results(out: str, paths: list[str], index: Any, s: np.ndarray, ids: n
                 for v, i in zip(row_s, row_i, strict=True)
                 if i >= 0
             ]
-            f.write(json.dumps({"query": name, "results": hits}) + "\n")
+            f.write(json_text({"query": name, "results": hits}) + "\n")
 
 
 def _draw(show: str, paths: list[str], bbxs: Any, index: Any, s: np.ndarray, ids: np.ndarray, dataset, data_root):

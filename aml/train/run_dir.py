@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aml.errors import UserError
-from aml.io import TMP_TAG, atomic_write, check_writable_dir
+from aml.io import TMP_TAG, atomic_write, check_writable_dir, json_text
 from aml.progress import write_line
 from aml.train.config import TrainConfig
 
@@ -82,6 +81,6 @@ def append_log(run_dir: Path, stats: dict[str, Any], *, show: bool) -> None:
     path = run_dir / "log.jsonl"
     old = path.read_text() if path.exists() else ""
     with atomic_write(path) as f:
-        f.write(old + json.dumps(stats, sort_keys=True) + "\n")
+        f.write(old + json_text(stats) + "\n")
     if show:
         write_line(log_line(stats))
