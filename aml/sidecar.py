@@ -15,7 +15,8 @@ from typing import Any
 from aml.errors import UserError
 from aml.io import write_json
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> file suffix
+# export format -> file suffix (the on-device ones: aml.export.mobile.MOBILE_FORMATS)
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "executorch": ".pte", "coreml": ".mlpackage", "ort": ".ort"}
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list
 LATENCY_RUNS = 7  # paired fp32 / int8 runs an int8 export times (batch 1, its image size, 1 thread)

@@ -25,9 +25,11 @@ from aml.data.images import load_image, to_array
 from aml.errors import UserError
 from aml.export import verify
 from aml.export.encoder import export_encoder, reference_encoder
+from aml.export.formats import check_precision, install, require, sha256_path, verify_format
+from aml.export.mobile import MOBILE_FORMATS
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
 from aml.export.torchscript_export import export_torchscript, load_torchscript
-from aml.io import atomic_path, sha256_file
+from aml.io import sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.settings import ExtractSettings
@@ -168,6 +170,9 @@ def _check_choices(fmt: str, precision: str) -> None:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if fmt in MOBILE_FORMATS:
+        check_precision(MOBILE_FORMATS[fmt], precision)
+        require(MOBILE_FORMATS[fmt])
     if fmt == "torchscript" and precision == "int8":
         raise UserError(
             "--format torchscript --precision int8: int8 is quantised with onnxruntime; use --format onnx for int8"
@@ -337,7 +342,7 @@ def export_checkpoint(
     lw = teacher_lw(whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
 
     reference = reference_encoder(net, lw)
-    module, swaps = export_encoder(net, lw, "fp32" if precision == "int8" else precision)
+    module, swaps = export_encoder(net, lw, "fp32" if precision == "int8" or fmt == "coreml" else precision)
     example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
 
     def calibration() -> list[np.ndarray]:
@@ -353,14 +358,22 @@ def export_checkpoint(
             f"exporting {info_aml.get('name')} ({fmt}, {precision}) traced at {size}x{size}; "
             f"export-friendly swaps: {swaps or 'none needed'}"
         )
-        tmp_model, runner = _export_graph(fmt, precision, module, example, Path(tmp), calibration)
-        int8 = None
-        if precision == "int8":
-            int8 = _int8_report(Path(tmp) / "fp32.onnx", tmp_model, size, latency_runs, log)
-        results["equivalence"] = verify.equivalence(
-            torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
-        )
-        if precision != "fp32":
+        int8 = mobile = None
+        if fmt in MOBILE_FORMATS:  # aml.export.formats: export, then the format's own run (or structural check)
+            tmp_model, mobile = Path(tmp) / f"model{FORMATS[fmt]}", MOBILE_FORMATS[fmt]
+            details = mobile.export(module, size, precision, calibration, tmp_model)
+            results["equivalence"], runner = verify_format(
+                mobile, tmp_model, torch_runner(reference), size, gate=precision == "fp32",
+                dim=int(reference.lw.out_features if lw is not None else net.dim), mean=net.mean, std=net.std,
+            )  # fmt: skip
+        else:
+            tmp_model, runner = _export_graph(fmt, precision, module, example, Path(tmp), calibration)
+            if precision == "int8":
+                int8 = _int8_report(Path(tmp) / "fp32.onnx", tmp_model, size, latency_runs, log)
+            results["equivalence"] = verify.equivalence(
+                torch_runner(reference), runner, size, gate=precision == "fp32", mean=net.mean, std=net.std
+            )
+        if precision != "fp32" and runner is not None:
             vd = (verify_data_fn or default_verify_data)(config, verify_data, teacher or {}, size, lw, where)
             log(
                 f"retrieval check on {vd.dataset.name}: {len(vd.dataset.qimlist)} queries, {vd.db.shape[0]} "
@@ -373,12 +386,13 @@ def export_checkpoint(
         info = _sidecar_info(fmt, precision, out, net, reference, lw, size, swaps, ckpt_path, ckpt, results)
         if int8 is not None:
             info["int8"] = int8
+        if mobile is not None:
+            info["export"] |= {"opset": None, "traced_at": None if fmt == "executorch" else [size, size]} | details
         if binary:
             info["output"]["binary"] = binary_output(info["dim"])
         # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
         # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
-        info["sha256"] = sha256_file(tmp_model)
+        info["sha256"] = sha256_path(tmp_model)
         write_sidecar(out, info)
-        with atomic_path(out) as final:
-            os.replace(tmp_model, final)
+        install(tmp_model, out)
     return info
