@@ -38,6 +38,15 @@ def dynamic_shapes(image_size: int) -> tuple[dict[int, Any], ...]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH), 2: h, 3: w},)
 
 
+def _in_scope(node: Any, scope: tuple[str, ...]) -> bool:
+    """Whether a graph node comes from one of the modules named in `scope` (its nn_module_stack); a node without
+    one (a weight, the input) is in scope: the quantiser asks about every node of an operator's pattern."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack or node.op != "call_function":
+        return True
+    return any(fqn == name or fqn.startswith(name + ".") for fqn, _ in stack.values() for name in scope)
+
+
 def _quantizer(module: nn.Module) -> Any:
     """XNNPACKQuantizer for the backbone and head of `module` (everything when it has none of QUANTIZED_MODULES)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -45,13 +54,11 @@ def _quantizer(module: nn.Module) -> Any:
         get_symmetric_quantization_config,
     )
 
-    config = get_symmetric_quantization_config(is_per_channel=True)
-    q = XNNPACKQuantizer()
+    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     names = dict(module.named_modules())
-    scoped = [n for n in QUANTIZED_MODULES if names.get(n) is not None]
-    for name in scoped:
-        q.set_module_name(name, config)
-    return q if scoped else q.set_global(config)
+    scope = tuple(n for n in QUANTIZED_MODULES if names.get(n) is not None)
+    # set_module_name left the convolutions float here (executorch 1.5.1): a node filter on the module stack
+    return q.set_filter_function(lambda node: _in_scope(node, scope)) if scope else q
 
 
 def quantize_pt2e(
