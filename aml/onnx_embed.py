@@ -141,8 +141,8 @@ class OnnxEncoder:
         self.path = path
         self.info: dict[str, Any] = read_sidecar(path)
         check_pair(path, self.info)
-        if self.info["format"] != "onnx":
-            raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX exports only")
+        if self.info["format"] not in ("onnx", "ort"):
+            raise UserError(f"{path}: sidecar format is '{self.info['format']}'; `aml embed` runs ONNX / ORT / .pte")
         try:
             self.sess = session(path, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -15,7 +15,8 @@ from typing import Any
 from aml.errors import UserError
 from aml.io import write_json
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> file suffix
+# export format -> file suffix (the on-device ones: aml.export.mobile.MOBILE_FORMATS)
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "executorch": ".pte", "coreml": ".mlpackage", "ort": ".ort"}
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT, OUTPUT = "images", "vectors"  # the exported graph's input and output names (the sidecar records them)
 CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list

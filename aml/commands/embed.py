@@ -13,7 +13,7 @@ from aml.commands._options import image_options, images_options, out_option, rea
     "model_path",
     required=True,
     type=click.Path(dir_okay=False),
-    help="ONNX file written by `aml export` (its .json sidecar must sit beside it).",
+    help="ONNX / ORT / ExecuTorch (.pte) file written by `aml export` (its .json sidecar must sit beside it).",
 )
 @images_options
 @image_options(size_help="Longest side in pixels (default: the sidecar's).")
@@ -37,6 +37,8 @@ def command(
     from aml.onnx_embed import OnnxEncoder
 
     paths, bbxs = read_images(images, bbx)
+    if model_path.endswith(".pte"):  # ExecuTorch program: its Python runtime (aml.pte_embed)
+        from aml.pte_embed import PteEncoder as OnnxEncoder
     enc = OnnxEncoder(model_path)
     vecs = enc.embed(paths, image_size=image_size, scales=scales, bbxs=bbxs)
     what = f"{vecs.shape[0]} x {vecs.shape[1]} float32"

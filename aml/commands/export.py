@@ -22,9 +22,8 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
 @click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
-    default=PRECISIONS[0],
-    show_default=True,
-    help="fp16: float16 body, float32 I/O; int8: static QDQ quantisation (ONNX only).",
+    help="fp16: float16 body, float32 I/O; int8: static quantisation (onnx, ort, executorch). Default: fp32 "
+    "(coreml: fp16).",
 )
 @whiten_option(" of the teacher, single-scale, folded into the graph (and on the retrieval check's database)")
 @out_option("Output file (default: beside the checkpoint, e.g. last-fp32.onnx); sidecar is OUT.json.")
@@ -72,7 +71,7 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
 def command(
     checkpoint: str,
     fmt: str,
-    precision: str,
+    precision: str | None,
     whiten: str | None,
     out: str | None,
     image_size: int | None,
@@ -84,6 +83,7 @@ def command(
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
+    precision = precision or ("fp16" if fmt == "coreml" else "fp32")  # Core ML: fp16 by default (docs/MOBILE.md)
     from aml.data.images import read_image_list
     from aml.export.pipeline import ExportSettings, export_checkpoint
 

@@ -27,11 +27,13 @@ from aml.data.sources import parse_data_specs
 from aml.errors import UserError
 from aml.export import quant_report, verify
 from aml.export.encoder import export_encoder, reference_encoder
+from aml.export.formats import check_precision, install, require, sha256_path, verify_format
+from aml.export.mobile import MOBILE_FORMATS
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
 from aml.export.quantize import Int8Recipe, quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
 from aml.identity import check_compatible
-from aml.io import aml_home, atomic_path, scratch_dir, sha256_file
+from aml.io import aml_home, scratch_dir, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.probe import probe_batch
@@ -167,6 +169,9 @@ def _check_choices(fmt: str, precision: str) -> None:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if fmt in MOBILE_FORMATS:
+        check_precision(MOBILE_FORMATS[fmt], precision)
+        require(MOBILE_FORMATS[fmt])
     if fmt == "torchscript" and precision == "int8":
         raise UserError(
             "--format torchscript --precision int8: int8 is quantised with onnxruntime; use --format onnx for int8"
@@ -360,7 +365,7 @@ def export_checkpoint(
     label = (teacher or {}).get("weights")
     lw = teacher_lw(st.whiten, False, _teacher_meta(teacher, where), where=f"teacher {label}")  # single-scale
     reference = reference_encoder(net, lw)
-    module, swaps = export_encoder(net, lw, "fp32" if st.precision == "int8" else st.precision)
+    module, swaps = export_encoder(net, lw, "fp32" if st.precision == "int8" or st.fmt == "coreml" else st.precision)
     out.parent.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out) as tmp:
         log(
@@ -369,14 +374,31 @@ def export_checkpoint(
         )
         example = torch.from_numpy(probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
         calibration = partial(_calibration, st, student, size, log)
-        tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
-        int8 = None
-        if st.precision == "int8":
-            int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log)
-        results = _verification(st, student, reference, runner, size, lw, verify_data_fn or default_verify_data, log)
+        int8 = details = None
+        if st.fmt in MOBILE_FORMATS:  # aml.export.formats: export, then the format's own run (or structural check)
+            mobile = MOBILE_FORMATS[st.fmt]
+            tmp_model = tmp / f"model{FORMATS[st.fmt]}"
+            details = mobile.export(module, size, st.precision, calibration, tmp_model)
+            dim = int(reference.lw.out_features if lw is not None else net.dim)
+            equivalence, runner = verify_format(
+                mobile, tmp_model, torch_runner(reference), size, gate=st.precision == "fp32", dim=dim,
+                mean=net.mean, std=net.std,
+            )  # fmt: skip
+        else:
+            tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
+            equivalence = verify.equivalence(
+                torch_runner(reference), runner, size, gate=st.precision == "fp32", mean=net.mean, std=net.std
+            )
+            if st.precision == "int8":
+                int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log)
+        fetch = verify_data_fn or default_verify_data
+        results = _verification(st, student, equivalence, reference, runner, size, lw, fetch, log)
         info = _sidecar_info(st, student, out, reference, lw, size, swaps, results)
         if int8 is not None:
             info["int8"] = int8
+        if details is not None:
+            traced = None if st.fmt == "executorch" else [size, size]
+            info["export"] |= {"opset": None, "traced_at": traced} | details
         if st.binary:
             info["output"]["binary"] = binary_output(info["dim"])
         _write(out, tmp_model, info)
@@ -394,22 +416,19 @@ def _calibration(st: ExportSettings, student: _Student, size: int, log: Callable
 def _verification(
     st: ExportSettings,
     student: _Student,
+    equivalence: dict[str, Any],
     reference: torch.nn.Module,
-    runner: verify.Runner,
+    runner: verify.Runner | None,
     size: int,
     lw: Lw | None,
     verify_data_fn: Callable[..., VerifyData],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The verification results: equivalence (a gate for fp32) and, for fp16 / int8, the retrieval gate; a
-    failed gate raises VerificationError with the numbers."""
+    """The verification results: the equivalence already measured (a gate for fp32) and, for fp16 / int8 of a
+    model this machine runs, the retrieval gate; a failed gate raises VerificationError with the numbers."""
     net, where = student.net, str(student.path)
-    results: dict[str, Any] = {
-        "equivalence": verify.equivalence(
-            torch_runner(reference), runner, size, gate=st.precision == "fp32", mean=net.mean, std=net.std
-        )
-    }
-    if st.precision != "fp32":
+    results: dict[str, Any] = {"equivalence": equivalence}
+    if st.precision != "fp32" and runner is not None:
         vd = verify_data_fn(student.config, st.verify_data, student.info.get("teacher") or {}, size, lw, where)
         ds = vd.dataset
         log(f"retrieval check on {ds.name}: {len(ds.qimlist)} queries, {vd.db.shape[0]} database vectors")
@@ -421,10 +440,10 @@ def _verification(
 
 
 def _write(out: Path, tmp_model: Path, info: dict[str, Any]) -> None:
-    """Move the verified model to `out` and write its sidecar, recording the model's sha256."""
+    """Move the verified model (a file, or an .mlpackage folder) to `out` and write its sidecar, recording the
+    model's sha256."""
     # The sidecar (with the new model's sha256) goes first: killed between the two renames, the old model
     # sits beside a sidecar naming another file's bytes, which `aml embed` refuses; never the reverse pair.
-    info["sha256"] = sha256_file(tmp_model)
+    info["sha256"] = sha256_path(tmp_model)
     write_sidecar(out, info)
-    with atomic_path(out) as final:
-        os.replace(tmp_model, final)
+    install(tmp_model, out)

@@ -1,0 +1,197 @@
+"""On-device formats side by side: onnxruntime fp32 / int8 and ExecuTorch (XNNPACK) fp32 / int8, per student.
+
+For each student, the export-ready encoder (`aml.export.encoder.export_encoder`) is written four ways by the
+exporters `aml export` uses (ONNX + `aml.export.quantize`, `aml.export.executorch_format`), int8 calibrated on
+CALIB real training images (UKBench objects 0-149). Then, at each thread count, batch-1 latency at `--size`
+(square), the four models timed interleaved (one run of each in turn, so a change of machine load hits them
+alike), the median of `--runs` after `--warmup`; onnxruntime sessions and the ExecuTorch threadpool get the same
+count. Ratios are to onnxruntime fp32 of the same run. Last, the fp32 gate (probe vectors vs torch) and the
+asymmetric mAP of every format on a real test set (UKBench objects 150-249: 400 queries, each against the other
+399) against a fixed database: the float32 torch student's own vectors, since no distilled checkpoint ships with
+the project (`--checkpoint`-free); the mAP column is what the export's retrieval gate compares (within 1 point of
+the torch fp32 student).
+
+Students: lite0 from its bundled ImageNet weights, mobilenetv2 and effnet-b3 from random weights (none installable
+offline) with BatchNorm statistics re-estimated on the calibration images, so vectors depend on the input.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mobile_latency.py            # writes results/mobile_latency.txt
+    .venv/bin/python benchmarks/mobile_latency.py --smoke                      # tiny: mobilenetv2, 96 px, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aml.export import verify  # noqa: E402
+from aml.export.encoder import export_encoder, reference_encoder  # noqa: E402
+from aml.export.executorch_format import export_pte  # noqa: E402
+from aml.export.onnx_export import export_onnx  # noqa: E402
+from aml.export.pipeline import calibration_batches, torch_runner  # noqa: E402
+from aml.export.quant_report import cpu_description  # noqa: E402
+from aml.export.quantize import quantize_int8  # noqa: E402
+from aml.io import atomic_write  # noqa: E402
+from aml.onnx_embed import embed_images, session  # noqa: E402
+from aml.pte_embed import pte_runner  # noqa: E402
+from aml.registry import create_model  # noqa: E402
+from aml.train.batchnorm import estimate_batchnorm  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "mobile_latency.txt"
+UKBENCH = REPO.parent / "shared" / "data" / "ukbench" / "groups.csv"
+STUDENTS = ("lite0", "mobilenetv2", "effnet-b3")
+RANDOM = {"lite0": False, "mobilenetv2": True, "effnet-b3": True}  # random weights where none are bundled
+FORMATS = ("ort-fp32", "ort-int8", "pte-fp32", "pte-int8")
+CALIB = 32
+
+
+def interleaved_ms(runners: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time (ms) of each callable, run in turn (a, b, c, a, b, c, ...) after `warmup` rounds."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for k in range(warmup + runs):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            if k >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def test_set(smoke: bool, tmp: Path) -> tuple[Any, list[str]]:
+    """(revisitop-layout test set, calibration image paths): UKBench, or a tiny synthetic set with --smoke."""
+    from aml.data.revisitop import load_revisitop
+    from aml.data.spec import parse_data_spec
+
+    if smoke or not UKBENCH.is_file():
+        from aml.data.synth import SynthConfig, generate_synth
+
+        cfg = SynthConfig(landmarks=4, views=2, val_landmarks=1, test_landmarks=3, db_views=2, distractors=0, size=96)
+        root = generate_synth(tmp / "synth", cfg)
+        bundle = parse_data_spec(f"synth:{root}")
+    else:
+        bundle = parse_data_spec(f"groups:{UKBENCH}")
+    return load_revisitop(*bundle.test), list(bundle.train.paths)
+
+
+def build(name: str, dim: int, calib: list[np.ndarray]) -> torch.nn.Module:
+    """The student network, eval mode; random-weight ones get BatchNorm statistics from the calibration images."""
+    net = create_model(name, role="student", dim=dim, random_init=RANDOM.get(name, True))
+    if RANDOM.get(name, True):
+        chunks = [[torch.from_numpy(c[0]) for c in calib[i : i + 8]] for i in range(0, min(len(calib), 16), 8)]
+        estimate_batchnorm(net, chunks, torch.device("cpu"))
+    return net.eval().requires_grad_(False)
+
+
+def export_all(net: torch.nn.Module, size: int, calib: list[np.ndarray], tmp: Path) -> dict[str, Path]:
+    """The four models of `net` in `tmp`: ONNX fp32 / int8 (aml export's recipe) and .pte fp32 / int8."""
+    enc, _ = export_encoder(net)
+    paths = {f: tmp / f"{f}{'.onnx' if f.startswith('ort') else '.pte'}" for f in FORMATS}
+    export_onnx(enc, paths["ort-fp32"], torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1)))
+    quantize_int8(paths["ort-fp32"], paths["ort-int8"], calib)
+    for precision in ("fp32", "int8"):
+        export_pte(enc, size, precision, lambda: calib, paths[f"pte-{precision}"])
+    return paths
+
+
+def runner(fmt: str, path: Path, threads: int) -> verify.Runner:
+    if fmt.startswith("pte"):
+        return pte_runner(path, threads)
+    sess = session(path, threads)
+    return lambda x: sess.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def bench_student(name: str, args: argparse.Namespace, ds: Any, calib_paths: list[str], tmp: Path) -> dict:
+    """Latency per thread count, the fp32 gates and the mAP of every format of one student."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    calib = calibration_batches(calib_paths, args.size, mean, std, CALIB)
+    net = build(name, args.dim, calib)
+    paths = export_all(net, args.size, calib, tmp)
+    x = verify.probe_batch(args.size, args.size, seed=0, batch=1)
+    row: dict[str, Any] = {"latency": {}, "size_mb": {f: p.stat().st_size / 2**20 for f, p in paths.items()}}
+    for threads in args.threads:
+        runs = {f: runner(f, p, threads) for f, p in paths.items()}
+        row["latency"][threads] = interleaved_ms({f: (lambda r=r: r(x)) for f, r in runs.items()}, args.runs, 2)
+    ref = torch_runner(reference_encoder(net))
+    runs = {f: runner(f, p, args.threads[0]) for f, p in paths.items()}
+    row["gate"] = {f: verify.equivalence(ref, runs[f], args.size, gate=True)["passed"] for f in FORMATS if "32" in f}
+    kw = dict(image_size=args.size, mean=mean, std=std, bbxs=ds.bbxs)
+    q_ref = embed_images(ref, ds.query_paths(), **kw)
+    same = ds.db_paths() == ds.query_paths()  # UKBench: every image a query against the others
+    db = q_ref if same else embed_images(ref, ds.db_paths(), image_size=args.size, mean=mean, std=std)
+    row["map"] = {f: verify.retrieval(ds, db, q_ref, embed_images(r, ds.query_paths(), **kw)) for f, r in runs.items()}
+    print(f"  {name} done", file=sys.stderr, flush=True)
+    return row
+
+
+def report(rows: dict[str, dict], args: argparse.Namespace, ds: Any) -> str:
+    """The results table: ms and ratio to onnxruntime fp32 per thread count, size, gate, mAP M."""
+    lines = [
+        f"batch-1 latency at {args.size}x{args.size}, median of {args.runs} interleaved runs (ms), D = {args.dim}; "
+        f"{cpu_description()}; torch {torch.__version__}; ratios are to ort-fp32 of the same run",
+        f"asymmetric mAP (M) on {ds.name}: {len(ds.qimlist)} queries against the torch fp32 student's database",
+        f"{'student':<12} {'thr':>3} " + " ".join(f"{f:>9}" for f in FORMATS) + "   " + " ".join(
+            f"{f + '/fp32':>13}" for f in FORMATS[1:]
+        ) + "   fastest",
+    ]  # fmt: skip
+    for name, row in rows.items():
+        for threads, ms in row["latency"].items():
+            best = min(ms, key=ms.get)
+            ratios = " ".join(f"{ms[f] / ms['ort-fp32']:>13.2f}" for f in FORMATS[1:])
+            lines.append(
+                f"{name:<12} {threads:>3} " + " ".join(f"{ms[f]:>9.1f}" for f in FORMATS) + f"   {ratios}   "
+                f"{best} x{ms[best] / ms['ort-fp32']:.2f}"
+            )
+        maps = row["map"]
+        ref = next(iter(maps.values()))["student_fp32_mAP"]["M"]
+        lines.append(
+            f"{name:<12}     size MB " + " ".join(f"{f} {row['size_mb'][f]:.1f}" for f in FORMATS)
+            + f"; fp32 gates {'passed' if all(row['gate'].values()) else 'FAILED'} ({', '.join(row['gate'])})"
+        )  # fmt: skip
+        lines.append(
+            f"{name:<12}     mAP M torch fp32 {ref:.2f}; "
+            + ", ".join(f"{f} {m['exported_mAP']['M']:.2f} ({m['max_mAP_difference']:.2f})" for f, m in maps.items())
+            + " (max |diff| over E/M/H)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--students", nargs="+", default=list(STUDENTS))
+    ap.add_argument("--size", type=int, default=362)
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts, each measured")
+    ap.add_argument("--dim", type=int, default=2048, help="projection dimension (the teacher's; AML: 2048)")
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true", help="mobilenetv2 at 96 px, D 32, 2 runs, synthetic test set")
+    ap.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(REPO)}; none with --smoke)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.students, args.size, args.dim, args.runs = ["mobilenetv2"], 96, 32, 2
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ds, calib_paths = test_set(args.smoke, Path(tmp))
+        for name in args.students:
+            d = Path(tmp) / name
+            d.mkdir()
+            rows[name] = bench_student(name, args, ds, calib_paths, d)
+    text = report(rows, args, ds)
+    print(text, end="")
+    out = args.out or (None if args.smoke else RESULTS)
+    if out is not None:
+        with atomic_write(out) as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
