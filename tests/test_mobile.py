@@ -143,7 +143,7 @@ def pte_export(tmp_path_factory):
     needs("executorch")
     d = tmp_path_factory.mktemp("pte")
     ckpt = save_student(d / "s.pt", "resnet18", config={"image_size": SIZE})
-    info = pipeline.export_checkpoint(ckpt, fmt="executorch", out=d / "enc.pte")
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="executorch"), out=d / "enc.pte")
     return ckpt, d / "enc.pte", info
 
 
@@ -183,10 +183,10 @@ def test_failed_gate_writes_no_mobile_file(tmp_path, monkeypatch):
     monkeypatch.setattr(verify, "MIN_COSINE", 1.5)
     out = tmp_path / "out"
     with pytest.raises(verify.VerificationError, match="nothing written"):
-        pipeline.export_checkpoint(ckpt, fmt="ort", out=out / "enc.ort")
+        pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="ort"), out=out / "enc.ort")
     assert not out.exists() or list(out.iterdir()) == []
     monkeypatch.setattr(verify, "MIN_COSINE", 0.9999)
-    info = pipeline.export_checkpoint(ckpt, fmt="ort", out=out / "enc.ort")
+    info = pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(fmt="ort"), out=out / "enc.ort")
     assert info["export"]["opset"] == 17 and sidecar_path(out / "enc.ort").is_file()
 
 
