@@ -46,6 +46,7 @@ from aml.io import atomic_write  # noqa: E402
 from aml.onnx_embed import embed_images, session  # noqa: E402
 from aml.pte_embed import pte_runner  # noqa: E402
 from aml.registry import create_model  # noqa: E402
+from aml.threads import benchmark_threads  # noqa: E402
 from aml.train.batchnorm import estimate_batchnorm  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "mobile_latency.txt"
@@ -178,6 +179,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.students, args.size, args.dim, args.runs = ["mobilenetv2"], 96, 32, 2
+    setting = benchmark_threads(None)  # the process's own; each measurement sets its thread count explicitly
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         ds, calib_paths = test_set(args.smoke, Path(tmp))
@@ -185,7 +187,7 @@ def main() -> None:
             d = Path(tmp) / name
             d.mkdir()
             rows[name] = bench_student(name, args, ds, calib_paths, d)
-    text = report(rows, args, ds)
+    text = setting + "\n" + report(rows, args, ds)
     print(text, end="")
     out = args.out or (None if args.smoke else RESULTS)
     if out is not None:

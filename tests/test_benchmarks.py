@@ -103,6 +103,12 @@ REPORTS: dict[str, list[str]] = {
         *(rf"{p}.*\s{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$" for p in ("40 px, one", "48 px", "40 px, scales", "40 px, t.*lw")),
         rf"40 px, teacher's PCA whitening \(pca\)\s+{TRIPLE}\s+{TRIPLE}\s+{TRIPLE}$",
     ],
+    "mobile_latency.py": [
+        r"student\s+thr\s+ort-fp32\s+ort-int8\s+pte-fp32\s+pte-int8\s+ort-int8/fp32",
+        *(rf"mobilenetv2\s+{t}(\s+{NUM}){{7}}\s+\S+ x{NUM}$" for t in (1, 2)),
+        r"fp32 gates passed",
+        rf"mAP M torch fp32 {NUM}; ort-fp32 {NUM}",
+    ],
     "real_photos.py": [
         r"test split\s+size\s+teacher\s+student\s+asym\s+asym/T\s+baseline$",
         *(rf"drawn-test\s+{s}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$" for s in ("224", "512", "ms")),
