@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[export,test,bench,serve]'
+	$(BIN)/pip install -q -e '.[export,test,bench,serve,mobile]'
 	touch $(STAMP)
 
 demo: $(STAMP)
