@@ -374,23 +374,9 @@ def export_checkpoint(
         )
         example = torch.from_numpy(probe_batch(size, size, seed=99, batch=1, mean=net.mean, std=net.std))
         calibration = partial(_calibration, st, student, size, log)
-        int8 = details = None
-        if st.fmt in MOBILE_FORMATS:  # aml.export.formats: export, then the format's own run (or structural check)
-            mobile = MOBILE_FORMATS[st.fmt]
-            tmp_model = tmp / f"model{FORMATS[st.fmt]}"
-            details = mobile.export(module, size, st.precision, calibration, tmp_model)
-            dim = int(reference.lw.out_features if lw is not None else net.dim)
-            equivalence, runner = verify_format(
-                mobile, tmp_model, torch_runner(reference), size, gate=st.precision == "fp32", dim=dim,
-                mean=net.mean, std=net.std,
-            )  # fmt: skip
-        else:
-            tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
-            equivalence = verify.equivalence(
-                torch_runner(reference), runner, size, gate=st.precision == "fp32", mean=net.mean, std=net.std
-            )
-            if st.precision == "int8":
-                int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log)
+        tmp_model, runner, equivalence, int8, details = _export_and_compare(
+            st, module, reference, example, size, tmp, calibration, log
+        )
         fetch = verify_data_fn or default_verify_data
         results = _verification(st, student, equivalence, reference, runner, size, lw, fetch, log)
         info = _sidecar_info(st, student, out, reference, lw, size, swaps, results)
@@ -403,6 +389,35 @@ def export_checkpoint(
             info["output"]["binary"] = binary_output(info["dim"])
         _write(out, tmp_model, info)
     return info
+
+
+def _export_and_compare(
+    st: ExportSettings,
+    module: torch.nn.Module,
+    reference: torch.nn.Module,
+    example: torch.Tensor,
+    size: int,
+    tmp: Path,
+    calibration: Callable[[], list[np.ndarray]],
+    log: Callable[[str], None],
+) -> tuple[Path, verify.Runner | None, dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """Write the model in `tmp` and compare it with torch on the probe images: (model path, its runner or None
+    where this machine cannot run it, the equivalence result, the int8 report (ONNX int8), the on-device
+    format's export fields (`aml.export.formats`))."""
+    gate, mean, std = st.precision == "fp32", reference.net.mean, reference.net.std
+    if st.fmt in MOBILE_FORMATS:  # the format's own export, then its run (or structural check)
+        mobile = MOBILE_FORMATS[st.fmt]
+        tmp_model = tmp / f"model{FORMATS[st.fmt]}"
+        details = mobile.export(module, size, st.precision, calibration, tmp_model)
+        dim = int(reference.lw.out_features if reference.lw is not None else reference.net.dim)
+        equivalence, runner = verify_format(
+            mobile, tmp_model, torch_runner(reference), size, gate=gate, dim=dim, mean=mean, std=std
+        )
+        return tmp_model, runner, equivalence, None, details
+    tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
+    equivalence = verify.equivalence(torch_runner(reference), runner, size, gate=gate, mean=mean, std=std)
+    int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log) if st.precision == "int8" else None
+    return tmp_model, runner, equivalence, int8, None
 
 
 def _calibration(st: ExportSettings, student: _Student, size: int, log: Callable[[str], None]) -> list[np.ndarray]:
