@@ -283,7 +283,7 @@ def test_export_writes_the_sidecar_before_the_model(monkeypatch):
     from aml.export import pipeline
 
     src = inspect.getsource(pipeline._write)
-    assert src.index("write_sidecar(out, info)") < src.index("os.replace(tmp_model, final)")
+    assert src.index("write_sidecar(out, info)") < src.index("install(tmp_model, out)")
     assert "sha256_file(tmp_model)" in src
 
 
