@@ -284,7 +284,7 @@ def test_export_writes_the_sidecar_before_the_model(monkeypatch):
 
     src = inspect.getsource(pipeline._write)
     assert src.index("write_sidecar(out, info)") < src.index("install(tmp_model, out)")
-    assert "sha256_file(tmp_model)" in src
+    assert src.index("sha256_path(tmp_model)") < src.index("write_sidecar(out, info)")
 
 
 # ------------------------------------------------------------------------------------------- teacher pairs
