@@ -130,7 +130,7 @@ def test_test_data_is_the_runs_test_set_and_sources_hold_nothing_out(sources, tm
     ds = load_revisitop(b.test.data_root, b.test.dataset_name)
     assert len(ds.imlist) == 6 and ds.qimlist == ds.imlist
     assert sorted(ds.gnd[0]["easy"]) == [1, 2] and ds.gnd[0]["junk"] == [0]
-    assert "(the run's test set)" in "\n".join(describe(b))
+    assert describe(b)[-1] == f"data: test set {b.test.data_root}/{b.test.dataset_name} (--test-data)"
     again = parse_test_spec(f"revisitop:{b.test.data_root}/{b.test.dataset_name}")
     assert again == b.test
     with pytest.raises(UserError, match="accepted forms"):

@@ -30,12 +30,12 @@ def parse_data_specs(specs: str | Sequence[str], test: str | None = None, *, che
     specs = [specs] if isinstance(specs, str) else list(specs) or ["synth"]
     bundles = [parse_data_spec(s, check_images=check_images, hold_out=test is None) for s in specs]
     if test is not None:
-        ref = parse_test_spec(test)
         bundles = [replace(b, test=None, held_out="") for b in bundles]
-        bundles[0] = replace(bundles[0], test=ref)
     if len(bundles) == 1:
-        return replace(bundles[0], sources=(source_info(specs[0], bundles[0], 0),))
-    return combine(specs, bundles)
+        out = replace(bundles[0], sources=(source_info(specs[0], bundles[0], 0),))
+    else:
+        out = combine(specs, bundles)
+    return out if test is None else replace(out, test=parse_test_spec(test))
 
 
 def source_info(spec: str, bundle: DataBundle, start: int) -> SourceInfo:
@@ -102,5 +102,7 @@ def describe(bundle: DataBundle) -> list[str]:
             what += f"; test set {s.test.data_root}/{s.test.dataset_name} ({used})"
         lines.append(f"data {s.spec}: {what}")
     if bundle.test is None:
-        lines.append("data: no test set (the run reports no test scores; pass a source that has one)")
+        lines.append("data: no test set (the run reports no test scores; pass --test-data or a source that has one)")
+    elif all(s.test != bundle.test for s in bundle.sources):
+        lines.append(f"data: test set {bundle.test.data_root}/{bundle.test.dataset_name} (--test-data)")
     return lines
