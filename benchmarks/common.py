@@ -147,12 +147,17 @@ def smoke_budget(base: dict[str, Any]) -> dict[str, Any]:
     return {**base, **SMOKE_TRAIN, "data": smoke_data()}
 
 
-def smoke_distill() -> list[str]:
-    """`aml distill` options of a smoke run's training (SMOKE_TRAIN on the tiny synthetic set)."""
-    args = ["--data", smoke_data()]
+def smoke_options() -> list[str]:
+    """SMOKE_TRAIN as `aml distill` options (networks, sizes, budget; no data)."""
+    args: list[str] = []
     for name, value in SMOKE_TRAIN.items():
         args += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
     return args
+
+
+def smoke_distill() -> list[str]:
+    """`aml distill` options of a smoke run's training (SMOKE_TRAIN on the tiny synthetic set)."""
+    return ["--data", smoke_data(), *smoke_options()]
 
 
 @functools.cache

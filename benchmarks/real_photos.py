@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, SMOKE_TRAIN, aml, header, parse, parser, scratch, write_results
+from common import REPO, RESULTS, aml, header, parse, parser, scratch, smoke_options, write_results
 from PIL import Image
 
 from aml.data.spec import parse_test_spec
@@ -80,8 +80,7 @@ def distill(out: Path, sources: list[str], test: str, smoke: bool, *extra: str) 
     for spec in sources:
         args += ["--data", spec]
     if smoke:
-        for name, value in SMOKE_TRAIN.items():
-            args += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
+        args += smoke_options()
     t = time.perf_counter()
     aml(*args)
     return time.perf_counter() - t
