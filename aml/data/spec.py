@@ -74,7 +74,7 @@ def parse_data_spec(spec: str, *, check_images: bool = True, hold_out: bool = Tr
     paths, labels, splits = read_groups_csv(path)
     if splits is None and not hold_out:
         splits = ["train"] * len(paths)
-    name = path.resolve().parent.name if path.stem in ("groups", "train", "test") else path.stem
+    name = _groups_name(path.resolve())
     return _split(name, str(path.resolve()), paths, labels, splits, check_images, beside=path.resolve().parent)
 
 
@@ -87,6 +87,11 @@ def _synth(root: Path, check_images: bool) -> DataBundle:
     train, val = read_sfm(root, SYNTH_PICKLE, name="synth", check_images=check_images)
     test = RevisitopRef(str(root), SYNTH_NAME) if gnd_file(root, SYNTH_NAME).is_file() else None
     return DataBundle(train, val, test)
+
+
+def _groups_name(csv_path: Path) -> str:
+    """A groups CSV's dataset name: its folder's for the generic file names (groups / train / test.csv)."""
+    return csv_path.parent.name if csv_path.stem in ("groups", "train", "test") else csv_path.stem
 
 
 def _safe(name: str) -> str:
@@ -174,7 +179,7 @@ def parse_test_spec(spec: str) -> RevisitopRef:
         if splits is not None:
             paths = [p for p, s in zip(paths, splits, strict=True) if s == "test"]
             labels = [lab for lab, s in zip(labels, splits, strict=True) if s == "test"]
-        name = path.parent.name if path.stem in ("groups", "train", "test") else path.stem
+        name = _groups_name(path)
         if not paths:
             raise UserError(f"{path}: no test rows; mark test images with split = test, or drop the split column")
     return cached_test_split(_safe(name), paths, object_keys(labels))
