@@ -142,7 +142,6 @@ def mlpackage_runner(path: Path) -> Runner | None:
 
 COREML = FormatExporter(
     name="coreml",
-    suffix=".mlpackage",
     precisions=("fp16", "fp32"),
     package="coremltools",
     pip="coremltools==9.0",

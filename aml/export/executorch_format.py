@@ -107,7 +107,6 @@ def export_pte(module: nn.Module, image_size: int, precision: str, calibration: 
 
 EXECUTORCH = FormatExporter(
     name="executorch",
-    suffix=".pte",
     precisions=("fp32", "int8"),
     package="executorch",
     pip="executorch==1.5.1",

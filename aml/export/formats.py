@@ -24,6 +24,7 @@ from torch import nn
 from aml.errors import UserError
 from aml.export import verify
 from aml.io import atomic_path, sha256_file
+from aml.sidecar import FORMATS
 
 Calibration = Callable[[], list[np.ndarray]]  # the int8 calibration batches, (1, 3, H, W) normalised, on demand
 # (module, image size, precision, calibration, path) -> what the sidecar's `export` records of the format
@@ -32,10 +33,10 @@ ExportFn = Callable[[nn.Module, int, str, Calibration, Path], dict[str, Any]]
 
 @dataclass(frozen=True)
 class FormatExporter:
-    """One on-device format: its file suffix, precisions, the package it needs and its export / load functions."""
+    """One on-device format: its precisions, the package it needs and its export / load functions (its file
+    suffix is `aml.sidecar.FORMATS`', the one table of suffixes)."""
 
     name: str
-    suffix: str
     precisions: tuple[str, ...]
     package: str  # the importable module the format needs (pip name in `pip`)
     pip: str
@@ -44,6 +45,10 @@ class FormatExporter:
     runner: Callable[[Path], verify.Runner | None]
     check: Callable[[Path, int, int], dict[str, Any]] | None = None  # structural check when it cannot run here
     numeric_check: str = ""  # how to run the numeric check where `runner` gives None
+
+    @property
+    def suffix(self) -> str:
+        return FORMATS[self.name]
 
 
 def missing_package(fmt: FormatExporter) -> str | None:

@@ -57,7 +57,6 @@ def ort_file_runner(path: Path) -> Runner:
 
 ORT = FormatExporter(
     name="ort",
-    suffix=".ort",
     precisions=("fp32", "fp16", "int8"),
     package="onnxruntime",
     pip="onnxruntime",

@@ -407,7 +407,7 @@ def _export_and_compare(
     gate, mean, std = st.precision == "fp32", reference.net.mean, reference.net.std
     if st.fmt in MOBILE_FORMATS:  # the format's own export, then its run (or structural check)
         mobile = MOBILE_FORMATS[st.fmt]
-        tmp_model = tmp / f"model{FORMATS[st.fmt]}"
+        tmp_model = tmp / f"model{mobile.suffix}"
         details = mobile.export(module, size, st.precision, calibration, tmp_model)
         dim = int(reference.lw.out_features if reference.lw is not None else reference.net.dim)
         equivalence, runner = verify_format(
