@@ -54,10 +54,6 @@ def source_info(spec: str, bundle: DataBundle, start: int) -> SourceInfo:
     )
 
 
-def _shift(a: np.ndarray, by: int) -> np.ndarray:
-    return a + by if a.size else a
-
-
 def combine(specs: Sequence[str], bundles: Sequence[DataBundle]) -> DataBundle:
     """Lay several sources' training (and validation) sets end to end; ids shifted so sources stay apart."""
     paths: list[str] = []
@@ -67,9 +63,9 @@ def combine(specs: Sequence[str], bundles: Sequence[DataBundle]) -> DataBundle:
         t, start = b.train, len(paths)
         shift = next_cluster - int(t.cluster.min()) if len(t) else 0
         paths += t.paths
-        clusters.append(_shift(t.cluster, shift))
-        qidxs.append(_shift(t.qidxs, start))
-        pidxs.append(_shift(t.pidxs, start))
+        clusters.append(t.cluster + shift)
+        qidxs.append(t.qidxs + start)
+        pidxs.append(t.pidxs + start)
         next_cluster = int(clusters[-1].max()) + 1 if len(t) else next_cluster
         infos.append(source_info(spec, b, start))
     name = "+".join(b.train.name for b in bundles)
