@@ -41,6 +41,7 @@ import numpy as np
 
 from aml.errors import UserError
 from aml.io import host_tag, sha256_lines, write_json
+from aml.lock import exclusive
 from aml.progress import progress_bar
 
 FORMAT = "aml-feature-cache"
@@ -303,37 +304,10 @@ class FeatureCache:
     @contextlib.contextmanager
     def _locked(self, progress: bool) -> Iterator[bool]:
         """Hold the build lock (waiting for another builder); yields False where file locks are unsupported."""
-        import fcntl
-
-        while True:
+        with contextlib.ExitStack() as stack:
             with self._disk():
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if progress:
-                        print(f"waiting for another process building {self.path} ...", file=sys.stderr)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    yield False
-                    return
-                raise
-            try:
-                same = os.stat(self.lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the holder removed the file we waited on: lock the current one
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self.lock_path)
-            os.close(fd)
+                locked = stack.enter_context(exclusive(self.lock_path, what=f"{self.path}", quiet=not progress))
+            yield locked
 
     def build(
         self, extract_rows: Callable[[np.ndarray], np.ndarray], *, chunk: int = 1024, progress: bool = True

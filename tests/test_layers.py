@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "aml.threads",
         "aml.progress",
         "aml.allocator",
+        "aml.lock",
         "aml.ort_session",
         "aml.nn",
         "aml.glam",
