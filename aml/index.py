@@ -4,17 +4,18 @@ Vectors are the interface: `build_index(vectors, kind, ...)` -> `Index`, `Index.
 (Q, D), topk) -> (scores, ids)`, `.add(vectors, names)`, `.save(dir)`. Torch-free (an ONNX query encoder
 searches without torch); `build_from_images` / `add_images` take teacher vectors through `TeacherVectors`.
 
-On disk, `DB/` holds `manifest.json` (written last: the teacher identity, image size, scales, whitening, the
-index type and parameters, counts, the faiss and format versions, and the names, byte sizes and sha256 of the
-files below), `index-G.faiss`, `images-G.txt` (one absolute path per line; ids = positions) and `whiten.npz` (the
+On disk, `DB/` holds `manifest.json` (written last: the teacher identity, image size, scales, whitening, the index
+type and parameters, counts, the faiss and format versions, and the names, byte sizes and sha256 of the files
+below), `index-G.faiss`, `images-G.txt` (one absolute path per line; ids = positions) and `whiten.npz` (the
 teacher's Lw, applied to database and queries alike). Every file is written as a temp file and renamed (a link
 planted under its name is replaced, never written through). A build writes a temp dir `.DB.aml-tmp-HOST-PID-RANDOM`
 beside DB/ and renames it; `add` (and `build --overwrite` of an index) writes generation G+1 files, then replaces
 the manifest atomically (names and vectors switch together), then removes the files of generation G that the new
 manifest does not list. `read_manifest` is the one check of a manifest (field types; file names plain names inside
-the folder; sizes; no link out of the folder), `Index.open` adds the sha256 (older manifests have none: sizes
-only); `check_out` is the one rule of what `build --out` may replace. Writers (`build_from_images`, `append`)
-hold `writing(DB)`, an `aml.lock.exclusive` lock `.DB.lock` beside the folder: a second writer waits.
+the folder; sizes; no link out of the folder), `Index.open` adds the sha256, before faiss parses a file (older
+manifests have none: sizes only); `check_out` is the one rule of what `build --out` may replace. Writers
+(`build_from_images`, `append`) hold `writing(DB)`, an `aml.lock.exclusive` lock `.DB.lock` beside the folder: a
+second `add` waits, a second `build` is refused.
 
 Types: `flat` (IndexFlatIP, float32), `flat16` (IndexScalarQuantizer QT_fp16, inner product), `ivfpq`
 (IndexIVFPQ, inner product, trained on a seeded sample of the vectors), `binary` (sign bits packed,
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -310,16 +310,23 @@ class Index:
     @classmethod
     def open(cls, directory: str | os.PathLike) -> Index:
         """An index directory, checked: manifest fields, every file present with its size and (when the manifest
-        records them; older ones do not) its sha256, read once while faiss parses it."""
+        records them; older ones do not) its sha256, hashed before faiss parses the file."""
         d = Path(directory)
         man = read_manifest(d)
-        digests = man.get("sha256") or {}
-        index = _read_faiss(d / man["files"]["index"], man["type"], digests.get("index"))
+        for role, name in man["files"].items():  # before faiss parses a byte of them
+            if "sha256" in man and sha256_file(d / name) != man["sha256"][role]:
+                raise UserError(
+                    f"{d / name}: damaged (its sha256 differs from the manifest's); rebuild with `{REBUILD}`"
+                )
+        path = d / man["files"]["index"]
+        faiss = load_faiss()
+        read = faiss.read_index_binary if man["type"] == "binary" else faiss.read_index
+        try:
+            index = read(str(path))
+        except RuntimeError as e:
+            raise UserError(f"{path}: faiss cannot read it ({_faiss_reason(e)}); rebuild with `{REBUILD}`") from None
         path = d / man["files"]["images"]
         raw = path.read_bytes()
-        _check_digest(path, hashlib.sha256(raw).hexdigest(), digests.get("images"))
-        if "whiten" in man["files"]:
-            _check_digest(d / man["files"]["whiten"], sha256_file(d / man["files"]["whiten"]), digests.get("whiten"))
         try:
             names = [ln for ln in raw.decode().splitlines() if ln]
         except UnicodeDecodeError:
@@ -438,42 +445,12 @@ def _inside(d: Path, f: Path) -> None:
                         f"{d}: remove the link and rebuild with `{REBUILD}`")  # fmt: skip
 
 
-def _check_digest(path: Path, got: str, want: str | None) -> None:
-    if want is not None and got != want:
-        raise UserError(f"{path}: damaged (its sha256 differs from the manifest's); rebuild with `{REBUILD}`")
-
-
 def _write_faiss(faiss_index: Any, kind: str, f: Any) -> None:
     """Serialise a faiss index into the open binary file `f` through Python (so a write error, a full disk
     included, is a Python OSError: faiss's own file writer only prints close errors)."""
     faiss = load_faiss()
     write = faiss.write_index_binary if kind == "binary" else faiss.write_index
     write(faiss_index, faiss.PyCallbackIOWriter(f.write))
-
-
-def _read_faiss(path: Path, kind: str, sha256: str | None) -> Any:
-    """Read a faiss index file once, hashing the bytes faiss parses (and any after them) against `sha256`."""
-    faiss = load_faiss()
-    read = faiss.read_index_binary if kind == "binary" else faiss.read_index
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-
-        def chunk(n: int) -> bytes:
-            b = f.read(n)
-            h.update(b)
-            return b
-
-        try:
-            index = read(faiss.PyCallbackIOReader(chunk))
-            error = None
-        except RuntimeError as e:
-            index, error = None, e
-        while b := f.read(1 << 20):
-            h.update(b)
-    _check_digest(path, h.hexdigest(), sha256)
-    if error is not None:
-        raise UserError(f"{path}: faiss cannot read it ({_faiss_reason(error)}); rebuild with `{REBUILD}`")
-    return index
 
 
 def lock_path(directory: str | os.PathLike) -> Path:
@@ -483,12 +460,13 @@ def lock_path(directory: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def writing(directory: str | os.PathLike, quiet: bool = False) -> Any:
-    """Hold the write lock of an index folder while the block runs: one `build` or `add` at a time, a second
-    waits (one line on stderr unless `quiet`)."""
+def writing(directory: str | os.PathLike, quiet: bool = False, wait: bool = True) -> Any:
+    """Hold the write lock of an index folder while the block runs: one `build` or `add` at a time; a second
+    waits (one line on stderr unless `quiet`) or, with `wait=False`, is refused in one line."""
     lock = lock_path(directory)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(lock, what=f"index {directory}", quiet=quiet):
+    fix = "wait for it to finish, or choose another --out"
+    with exclusive(lock, wait=wait, what=f"index {directory}", fix=fix, quiet=quiet):
         yield
 
 
@@ -601,12 +579,13 @@ def build_from_images(
     quiet: bool = False,
 ) -> Index | None:
     """Build DB `out` from the teacher vectors (`t`: a TeacherVectors) of `paths`, whitened with `lw`, under the
-    write lock of `out` (`check_out` first: a second build of the same `out` is refused before extracting); with
-    several ranks, rank 0 alone locks and writes (returns None elsewhere)."""
+    write lock of `out`, taken without waiting (a second build of the same `out` is refused at once, not after
+    the first one's extraction), then `check_out` before extracting; with several ranks, rank 0 alone locks and
+    writes (returns None elsewhere)."""
     if rank != 0:
         teacher_vectors(t, paths, rank, world)
         return None
-    with writing(out, quiet):
+    with writing(out, quiet, wait=False):
         check_out(out, overwrite)
         x = teacher_vectors(t, paths, rank, world)
         x = x if lw is None else lw.apply_np(x, dtype=x.dtype)

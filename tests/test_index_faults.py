@@ -144,7 +144,8 @@ def test_two_builds_into_one_new_out_keep_the_first(tmp_path, workers):
         d = tmp_path / f"db{trial}"
         (ok, tag, gets, n), (refused, _, loser_gets, msg) = workers("build", d, ("a", "c"))
         assert (ok, refused, n, gets) == ("ok", "refused", 40, 1), (ok, refused, msg)
-        assert "already exists; pass --overwrite" in msg and loser_gets == 0  # refused before extracting
+        assert loser_gets == 0, msg  # refused before extracting: at once, or after the first finished
+        assert "another aml process is writing index" in msg or "already exists; pass --overwrite" in msg, msg
         names, x = stored(d)
         assert names == names_of(tag) and np.allclose(x, vec(names), atol=1e-6)
         assert sorted(os.listdir(tmp_path)) == sorted(f"db{i}" for i in range(trial + 1))  # no temp, no lock
