@@ -4,12 +4,18 @@ Vectors are the interface: `build_index(vectors, kind, ...)` -> `Index`, `Index.
 (Q, D), topk) -> (scores, ids)`, `.add(vectors, names)`, `.save(dir)`. Torch-free (an ONNX query encoder
 searches without torch); `build_from_images` / `add_images` take teacher vectors through `TeacherVectors`.
 
-On disk, `DB/` holds `manifest.json` (written last: the teacher identity, image size, scales, whitening, the
-index type and parameters, counts, the faiss and format versions, and the names and byte sizes of the files
+On disk, `DB/` holds `manifest.json` (written last: the teacher identity, image size, scales, whitening, the index
+type and parameters, counts, the faiss and format versions, and the names, byte sizes and sha256 of the files
 below), `index-G.faiss`, `images-G.txt` (one absolute path per line; ids = positions) and `whiten.npz` (the
-teacher's Lw, applied to database and queries alike). A build writes a temp dir `.DB.aml-tmp-HOST-PID-RANDOM`
-beside DB/ and renames it; `add` writes generation G+1 files, then replaces the manifest atomically, then
-removes generation G. A directory without a readable manifest whose files match is never opened.
+teacher's Lw, applied to database and queries alike). Every file is written as a temp file and renamed (a link
+planted under its name is replaced, never written through). A build writes a temp dir `.DB.aml-tmp-HOST-PID-RANDOM`
+beside DB/ and renames it; `add` (and `build --overwrite` of an index) writes generation G+1 files, then replaces
+the manifest atomically (names and vectors switch together), then removes the files of generation G that the new
+manifest does not list. `read_manifest` is the one check of a manifest (field types; file names plain names inside
+the folder; sizes; no link out of the folder), `Index.open` adds the sha256, before faiss parses a file (older
+manifests have none: sizes only); `check_out` is the one rule of what `build --out` may replace. Writers
+(`build_from_images`, `append`) hold `writing(DB)`, an `aml.lock.exclusive` lock `.DB.lock` beside the folder: a
+second `add` waits, a second `build` is refused.
 
 Types: `flat` (IndexFlatIP, float32), `flat16` (IndexScalarQuantizer QT_fp16, inner product), `ivfpq`
 (IndexIVFPQ, inner product, trained on a seeded sample of the vectors), `binary` (sign bits packed,
@@ -26,12 +32,13 @@ encoder with an index is `aml.identity.check_compatible` against `index_identity
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import re
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +48,18 @@ from aml.binary import code_bytes, pack_bits
 from aml.errors import UserError, first_line
 from aml.faiss_gpu import faiss_gpus, gpu_count, load_faiss, to_gpu
 from aml.identity import check_compatible
-from aml.io import atomic_write, temp_dir, write_json
+from aml.io import atomic_write, scratch_dir, sha256_file, write_json
+from aml.lock import exclusive
 from aml.search import hamming_search, search, tie_sorted
 
 FORMAT = "aml-index"
 VERSION = 1
 KINDS = ("flat", "flat16", "ivfpq", "binary")
 MANIFEST = "manifest.json"
+WHITEN = "whiten.npz"
+REBUILD = "aml index build --overwrite"
+_REMAKE = "remove {d} and build it again with `aml index build`"  # a manifest not to trust: its files unknown
+_FILE_FIELDS = ("format", "version", "type", "dim", "count", "files", "bytes", "sha256", "generation", "faiss")
 BLOCK = 65536  # rows converted / added at a time
 TRAIN_PER_LIST = 64  # ivfpq k-means points per centroid, coarse lists and PQ codes (faiss: 39 to 256)
 
@@ -121,6 +133,7 @@ class Index:
         self.meta = dict(meta)
         self.dir: Path | None = None
         self.generation = 0
+        self.files: dict[str, str] = {}  # role: file name, of the folder it was opened from or saved to
         self._gpu: tuple[tuple, Any] | None = None  # (key, the GPU copy) once searched on GPUs
         self.searched_on, self.note = "cpu", ""
 
@@ -214,8 +227,8 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ files
     def manifest(self, files: dict[str, str], directory: Path) -> dict[str, Any]:
+        """The manifest of this index whose `files` (role: name) lie in `directory`: their sizes and sha256."""
         faiss = load_faiss()
-        sizes = {role: (directory / name).stat().st_size for role, name in files.items()}
         return {
             **self.meta,
             "format": FORMAT,
@@ -226,96 +239,115 @@ class Index:
             "generation": self.generation,
             "faiss": faiss.__version__,
             "files": files,
-            "bytes": sizes,
+            "bytes": {role: (directory / name).stat().st_size for role, name in files.items()},
+            "sha256": {role: sha256_file(directory / name) for role, name in files.items()},
         }
 
-    def _write_files(self, directory: Path, lw: Any = None) -> dict[str, str]:
-        faiss = load_faiss()
+    def _write_files(self, directory: Path, lw: Any, whiten: str | None) -> dict[str, str]:
+        """Write this generation's files into `directory` (each a temp file renamed onto its name: a link there is
+        replaced, never written through); `whiten`: the name of a whiten file already there to keep."""
         g = self.generation
         files = {"index": f"index-{g}.faiss", "images": f"images-{g}.txt"}
-        write = faiss.write_index_binary if self.kind == "binary" else faiss.write_index
-        write(self.faiss_index, str(directory / files["index"]))
-        with atomic_write(directory / files["images"]) as f:
-            f.write("".join(f"{n}\n" for n in self.names))
+        with atomic_write(directory / files["index"], "wb") as f:
+            _write_faiss(self.faiss_index, self.kind, f)
+        with atomic_write(directory / files["images"], "wb") as f:
+            f.write("".join(f"{n}\n" for n in self.names).encode())
         if lw is not None:
-            files["whiten"] = "whiten.npz"
-            with atomic_write(directory / files["whiten"], "wb") as f:
+            files["whiten"] = WHITEN
+            with atomic_write(directory / WHITEN, "wb") as f:
                 np.savez(f, m=lw.m, P=lw.P, key=lw.key, variant=lw.variant)
+        elif whiten:
+            files["whiten"] = whiten
         return files
 
+    def _commit(self, directory: Path, old: dict[str, Any] | None, lw: Any, whiten: str | None, shown: Path) -> None:
+        """Write generation G+1 of the index in `directory` (G: `old`'s, the manifest there; 0 without one), then
+        its manifest (replaced atomically: the switch), then remove the files of `old` the new one does not use.
+        On failure the new files are removed and the old manifest stays; a full disk is one line naming `shown`."""
+        self.generation = int(old.get("generation", 0)) + 1 if old else 0
+        files: dict[str, str] = {}
+        keep = set(old["files"].values()) if old else set()
+        try:
+            files = self._write_files(directory, lw, whiten)
+            write_json(directory / MANIFEST, self.manifest(files, directory))
+        except BaseException as e:
+            for name in {f"index-{self.generation}.faiss", f"images-{self.generation}.txt"} - keep:
+                (directory / name).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                state = "the index there is unchanged" if old else "nothing was written"
+                raise UserError(
+                    f"{shown}: the disk is full (no space left on device); free space and rerun ({state})"
+                ) from None
+            raise
+        self.files = files
+        for name in keep - set(files.values()):
+            (directory / name).unlink(missing_ok=True)
+
     def save(self, directory: str | os.PathLike | None = None, *, lw: Any = None, overwrite: bool = False) -> Path:
-        """Write the index: a new `directory` (temp dir + rename), or, when None, the next generation of the
-        directory it was opened from (new files, then the manifest replaced atomically, then old files removed)."""
+        """Write the index: a new `directory` (`aml.io.temp_dir` + rename), or with `overwrite` the next generation
+        of the index there (`check_out`: only an aml index is replaced, only its files are removed); `directory`
+        None: the next generation of the index it was opened from (refused if another writer moved it on). Not
+        locked: a writer that may race holds `writing(directory)` around open/build and save."""
         if directory is None:
             if self.dir is None:
                 raise ValueError("an index built in memory needs a directory to save to")
-            return self._save_next()
+            old = read_manifest(self.dir, check_files=False)
+            if int(old.get("generation", 0)) != self.generation:
+                raise UserError(f"{self.dir}: changed since it was opened (generation {old.get('generation')} now, "
+                                f"{self.generation} opened); open it again and add again")  # fmt: skip
+            self._commit(self.dir, old, None, old["files"].get("whiten"), self.dir)
+            return self.dir
         out = Path(directory)
-        if out.exists() and not overwrite:
-            raise UserError(f"{out}: already exists; pass --overwrite, or `aml index add` to append to it")
-        tmp = temp_dir(out)
-        try:
-            self.generation = 0
-            files = self._write_files(tmp, lw)
-            write_json(tmp / MANIFEST, self.manifest(files, tmp))
-            if out.exists():
-                old = tmp.with_name(f"{tmp.name}-old")  # a temp name too: a killed swap's leftover is removed
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        if check_out(out, overwrite):  # an index there: its next generation, in place
+            self._commit(out, read_manifest(out, check_files=False), lw, None, out)
+        else:
+            with scratch_dir(out) as tmp:
+                self._commit(tmp, None, lw, None, out)
+                os.replace(tmp, out)  # onto nothing, or onto an empty folder
         self.dir = out
         return out
 
-    def _save_next(self) -> Path:
-        d = self.dir
-        old = json.loads((d / MANIFEST).read_text())
-        self.generation += 1
-        files = self._write_files(d)
-        if "whiten" in old["files"]:
-            files["whiten"] = old["files"]["whiten"]
-        write_json(d / MANIFEST, self.manifest(files, d))
-        for role in ("index", "images"):
-            if old["files"][role] != files[role]:
-                (d / old["files"][role]).unlink(missing_ok=True)
-        return d
-
     @classmethod
     def open(cls, directory: str | os.PathLike) -> Index:
-        """An index directory, checked: manifest format and version, every file present with its size."""
-        faiss = load_faiss()
+        """An index directory, checked: manifest fields, every file present with its size and (when the manifest
+        records them; older ones do not) its sha256, hashed before faiss parses the file."""
         d = Path(directory)
         man = read_manifest(d)
+        for role, name in man["files"].items():  # before faiss parses a byte of them
+            if "sha256" in man and sha256_file(d / name) != man["sha256"][role]:
+                raise UserError(
+                    f"{d / name}: damaged (its sha256 differs from the manifest's); rebuild with `{REBUILD}`"
+                )
         path = d / man["files"]["index"]
+        faiss = load_faiss()
         read = faiss.read_index_binary if man["type"] == "binary" else faiss.read_index
         try:
             index = read(str(path))
         except RuntimeError as e:
-            raise UserError(f"{path}: faiss cannot read it ({first_line(e)}); rebuild the index") from None
-        names = [ln for ln in (d / man["files"]["images"]).read_text().splitlines() if ln]
+            raise UserError(f"{path}: faiss cannot read it ({_faiss_reason(e)}); rebuild with `{REBUILD}`") from None
+        path = d / man["files"]["images"]
+        raw = path.read_bytes()
+        try:
+            names = [ln for ln in raw.decode().splitlines() if ln]
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text; the image list is damaged, rebuild with `{REBUILD}`") from None
         if len(names) != man["count"] or index.ntotal != man["count"]:
             raise UserError(f"{d / MANIFEST}: count {man['count']} but {index.ntotal} vectors / {len(names)} names")
-        meta = {
-            k: v for k, v in man.items() if k not in ("format", "version", "type", "dim", "count", "files", "bytes")
-        }
-        meta.pop("generation", None)
-        meta.pop("faiss", None)
+        meta = {k: v for k, v in man.items() if k not in _FILE_FIELDS}
         out = cls(index, man["type"], man["dim"], names, meta)
-        out.dir, out.generation = d, int(man.get("generation", 0))
+        out.dir, out.generation, out.files = d, int(man.get("generation", 0)), dict(man["files"])
         return out
 
     def lw(self) -> Any:
         """The whitening stored with the index (aml.whiten.Lw), or None."""
-        if self.dir is None or not (self.dir / "whiten.npz").is_file():
+        name = self.files.get("whiten")
+        if self.dir is None or not name:
             return None
         from aml.whiten import Lw
 
-        with np.load(self.dir / "whiten.npz", allow_pickle=False) as z:
-            return Lw(z["m"], z["P"], str(self.dir / "whiten.npz"), str(z["key"]), str(z["variant"]))
+        path = self.dir / name
+        with np.load(path, allow_pickle=False) as z:
+            return Lw(z["m"], z["P"], str(path), str(z["key"]), str(z["variant"]))
 
 
 def _faiss_reason(e: Exception) -> str:
@@ -324,8 +356,48 @@ def _faiss_reason(e: Exception) -> str:
     return re.sub(r"^Error: '.*?' failed: ", "", text)[:160]
 
 
-def read_manifest(d: Path) -> dict[str, Any]:
-    """The manifest of index directory `d`, validated (one-line UserError naming what is wrong)."""
+def _is_int(lo: int) -> Any:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_map(value_ok: Any) -> Any:
+    return lambda v: isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items())
+
+
+def _plain_name(v: Any) -> bool:
+    """A file name inside the index folder: no separator, not '.', '..' or empty, not absolute."""
+    return isinstance(v, str) and v not in ("", ".", "..") and not any(c in v for c in "/\\\0")
+
+
+_NUMBER = (int, float)
+# manifest field: (its check, what it must be); the optional ones are checked when present
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "type": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "dim": (_is_int(1), "an integer >= 1"),
+    "count": (_is_int(0), "an integer >= 0"),
+    "teacher": (lambda v: isinstance(v, dict), "an object (the teacher identity)"),
+    "files": (_is_map(lambda x: isinstance(x, str)), "an object of file names"),
+    "bytes": (_is_map(_is_int(0)), "an object of byte sizes"),
+}
+_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "generation": (_is_int(0), "an integer >= 0"),
+    "sha256": (_is_map(lambda x: isinstance(x, str) and re.fullmatch("[0-9a-f]{64}", x)), "an object of sha256 hex"),
+    "params": (_is_map(_is_int(1)), "an object of integers >= 1"),
+    "image_size": (_is_int(1), "an integer >= 1"),
+    "scales": (
+        lambda v: isinstance(v, list) and v and all(isinstance(x, _NUMBER) and x > 0 for x in v),
+        "a list of positive numbers",
+    ),  # fmt: skip
+    "whitening": (lambda v: v is None or isinstance(v, str), "a name or null"),
+    "source": (lambda v: isinstance(v, dict), "an object"),
+    "cache_dtype": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_manifest(d: Path, *, check_files: bool = True) -> dict[str, Any]:
+    """The manifest of index directory `d`, validated: fields and their types, file names plain names inside `d`,
+    and (`check_files`) every file present, of its recorded size, no link out of `d`. A one-line UserError naming
+    the manifest, the field and the fix otherwise."""
     path = d / MANIFEST
     if not d.is_dir():
         raise UserError(f"{d}: index directory not found; build it with `aml index build --out {d}`")
@@ -333,23 +405,92 @@ def read_manifest(d: Path) -> dict[str, Any]:
         raise UserError(
             f"{path}: missing: {d} is not a complete aml index (an interrupted build?); rerun `aml index build`"
         )
+    _inside(d, path)
     try:
-        man = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({str(e)[:80]}); the index is corrupt, rebuild it") from None
+        man = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not readable JSON ({first_line(e)[:80]}); the index is corrupt, rebuild it") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise UserError(f"{path}: not an aml index manifest (format {FORMAT!r} expected); rebuild the index")
     v = man.get("version")
     if not isinstance(v, int) or v > VERSION:
         raise UserError(f"{path}: index format version {v}; this aml reads up to {VERSION}: upgrade aml or rebuild")
-    missing = [k for k in ("type", "dim", "count", "files", "bytes", "teacher") if k not in man]
-    if missing or man["type"] not in KINDS:
-        raise UserError(f"{path}: field '{missing[0] if missing else 'type'}' missing or invalid; rebuild the index")
-    for role, name in man["files"].items():
-        f = d / name
-        if not f.is_file() or f.stat().st_size != man["bytes"].get(role):
-            raise UserError(f"{f}: missing or of the wrong size for the manifest; the index is corrupt, rebuild it")
+    for field, (ok, what) in (_FIELDS | {k: c for k, c in _OPTIONAL.items() if k in man}).items():
+        if field not in man or not ok(man[field]):
+            got = "missing" if field not in man else f"{json.dumps(man[field])[:60]} is not {what}"
+            raise UserError(f"{path}: field '{field}': {got}; the manifest is damaged: {_REMAKE.format(d=d)}")
+    files, remake = man["files"], _REMAKE.format(d=d)
+    for role in dict.fromkeys(("index", "images", *files)):
+        name = files.get(role)
+        if name is None or not _plain_name(name):
+            got = "missing" if name is None else f"{json.dumps(name)[:60]} is not a plain file name inside {d}"
+            raise UserError(f"{path}: field 'files.{role}': {got}; the manifest is damaged: {remake}")
+        for field in ("bytes", "sha256"):
+            if field in man and role not in man[field]:
+                raise UserError(f"{path}: field '{field}.{role}': missing; the manifest is damaged: {remake}")
+    if check_files:
+        for role, name in files.items():
+            f = d / name
+            _inside(d, f)
+            if not f.is_file() or f.stat().st_size != man["bytes"][role]:
+                raise UserError(f"{f}: missing or of the wrong size for the manifest; the index is damaged, rebuild "
+                                f"with `{REBUILD}`")  # fmt: skip
     return man
+
+
+def _inside(d: Path, f: Path) -> None:
+    """A UserError unless `f`, links resolved, lies in folder `d` (a planted link out of the folder is not read)."""
+    if f.is_symlink() and Path(os.path.realpath(f)).parent != Path(os.path.realpath(d)):
+        raise UserError(f"{f}: a link out of the index folder ({os.path.realpath(f)}); aml reads no file outside "
+                        f"{d}: remove the link and rebuild with `{REBUILD}`")  # fmt: skip
+
+
+def _write_faiss(faiss_index: Any, kind: str, f: Any) -> None:
+    """Serialise a faiss index into the open binary file `f` through Python (so a write error, a full disk
+    included, is a Python OSError: faiss's own file writer only prints close errors)."""
+    faiss = load_faiss()
+    write = faiss.write_index_binary if kind == "binary" else faiss.write_index
+    write(faiss_index, faiss.PyCallbackIOWriter(f.write))
+
+
+def lock_path(directory: str | os.PathLike) -> Path:
+    """The write lock of index folder `directory`: `.NAME.lock` beside it (the folder may not exist yet)."""
+    d = Path(os.path.abspath(directory))
+    return d.parent / f".{d.name}.lock"
+
+
+@contextlib.contextmanager
+def writing(directory: str | os.PathLike, quiet: bool = False, wait: bool = True) -> Any:
+    """Hold the write lock of an index folder while the block runs: one `build` or `add` at a time; a second
+    waits (one line on stderr unless `quiet`) or, with `wait=False`, is refused in one line."""
+    lock = lock_path(directory)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fix = "wait for it to finish, or choose another --out"
+    with exclusive(lock, wait=wait, what=f"index {directory}", fix=fix, quiet=quiet):
+        yield
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> bool:
+    """Before any work: whether `aml index build --out` may write `out`. Nothing there, or an empty folder: a new
+    index (False). An aml index: replaced only with `overwrite` (True: its next generation, in place). Anything
+    else (a file, a folder that is not an index, an index whose manifest is unreadable): a one-line UserError."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"{out}: --out: is a file, not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return False
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"{out}: --out: exists and is not an aml index (no {MANIFEST}); aml replaces only an index "
+                        "folder: choose another --out")  # fmt: skip
+    if not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or `aml index add` to append to it")
+    try:
+        read_manifest(out, check_files=False)
+    except UserError as e:
+        raise UserError(f"{e} (--overwrite removes only the files a valid manifest lists)") from None
+    return True
 
 
 def train_sample(n: int, params: dict[str, int]) -> np.ndarray:
@@ -435,31 +576,74 @@ def build_from_images(
     overwrite: bool = False,
     rank: int = 0,
     world: int = 1,
+    quiet: bool = False,
 ) -> Index | None:
-    """Build DB `out` from the teacher vectors (`t`: a TeacherVectors) of `paths`, whitened with `lw`; with
-    several ranks, rank 0 alone writes (returns None elsewhere)."""
-    x = teacher_vectors(t, paths, rank, world)
-    if x is None:
+    """Build DB `out` from the teacher vectors (`t`: a TeacherVectors) of `paths`, whitened with `lw`, under the
+    write lock of `out`, taken without waiting (a second build of the same `out` is refused at once, not after
+    the first one's extraction), then `check_out` before extracting; with several ranks, rank 0 alone locks and
+    writes (returns None elsewhere)."""
+    if rank != 0:
+        teacher_vectors(t, paths, rank, world)
         return None
-    x = x if lw is None else lw.apply_np(x, dtype=x.dtype)
-    st = t.settings
-    meta = {
-        "teacher": t.identity,
-        "image_size": st.image_size,
-        "scales": list(st.scales),
-        "whitening": None if lw is None else lw.name,
-        "cache_dtype": t.dtype,
-        "source": {"teacher": t.teacher, "weights": t.weights, "random_init": t.random_init},
-    }
-    index = build_index(x, kind, [os.path.abspath(p) for p in paths], meta=meta, **(params or {}))
-    index.save(out, lw=lw, overwrite=overwrite)
+    with writing(out, quiet, wait=False):
+        check_out(out, overwrite)
+        x = teacher_vectors(t, paths, rank, world)
+        x = x if lw is None else lw.apply_np(x, dtype=x.dtype)
+        st = t.settings
+        meta = {
+            "teacher": t.identity,
+            "image_size": st.image_size,
+            "scales": list(st.scales),
+            "whitening": None if lw is None else lw.name,
+            "cache_dtype": t.dtype,
+            "source": {"teacher": t.teacher, "weights": t.weights, "random_init": t.random_init},
+        }
+        index = build_index(x, kind, [os.path.abspath(p) for p in paths], meta=meta, **(params or {}))
+        index.save(out, lw=lw, overwrite=overwrite)
     return index
 
 
+def append(
+    directory: str | os.PathLike,
+    names: Sequence[str],
+    vectors_of: Callable[[Index, list[int]], np.ndarray],
+    *,
+    skip_existing: bool = False,
+    where: str = "",
+    quiet: bool = False,
+) -> tuple[Index, int, int]:
+    """Append images `names` to index folder `directory` under its write lock: open it, refuse names it holds or
+    that repeat (`skip_existing`: skip them), add `vectors_of(index, rows)` for the other rows of `names`, and
+    commit the next generation (names and vectors in one manifest switch). Returns (index, added, skipped)."""
+    d = Path(directory)
+    with writing(d, quiet):
+        index = Index.open(d)
+        seen, rows = set(index.names), []
+        for i, name in enumerate(names):
+            if name not in seen:
+                rows.append(i)
+                seen.add(name)
+        skipped = len(names) - len(rows)
+        if skipped and not skip_existing:
+            kept = set(rows)
+            first = next(n for i, n in enumerate(names) if i not in kept)
+            raise UserError(
+                f"{where or d}: {skipped} of {len(names)} images are already in index {d} or listed twice (first: "
+                f"{first}); pass --skip-existing to add only the others"
+            )
+        if rows:
+            index.add(vectors_of(index, rows), [names[i] for i in rows])
+            index.save()
+    return index, len(rows), skipped
+
+
 def add_images(
-    index: Index,
+    directory: str | os.PathLike,
     paths: list[str],
     *,
+    skip_existing: bool = False,
+    where: str = "",
+    quiet: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
@@ -467,37 +651,40 @@ def add_images(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     backend: str = "auto",
-) -> int:
-    """Append the teacher vectors of `paths` to an opened index with the settings of its manifest (the teacher
-    identity is checked), then save its next generation; returns the number added."""
-    from aml.io import aml_home
-    from aml.settings import ExtractSettings
-    from aml.teacher_vectors import TeacherVectors
+) -> tuple[Index, int, int]:
+    """`append` the teacher vectors of `paths` (named by absolute path) to index `directory`, extracted with the
+    settings of its manifest (the teacher identity is checked first) and whitened with its Lw."""
 
-    src, meta = index.meta.get("source") or {}, index.meta
-    settings = ExtractSettings(
-        meta["image_size"], tuple(meta["scales"]), batch_size, workers, device, progress, backend
-    )
-    t = TeacherVectors(
-        src.get("teacher") or meta["teacher"]["name"],
-        settings,
-        cache_dir=cache_dir or aml_home() / "cache",
-        weights=weights or src.get("weights"),
-        random_init=bool(src.get("random_init")),
-        dtype=meta.get("cache_dtype") or "float16",
-    )
-    check_compatible(
-        t.identity,
-        meta["teacher"],
-        what=f"teacher {src.get('teacher') or meta['teacher']['name']} now is",
-        where=f"index {index.dir} was built with",
-        fix="pass --teacher-weights with the original weights",
-    )
-    x = t.get(paths)
-    lw = index.lw()
-    index.add(x if lw is None else lw.apply_np(x, dtype=x.dtype), [os.path.abspath(p) for p in paths])
-    index.save()
-    return len(paths)
+    def vectors_of(index: Index, rows: list[int]) -> np.ndarray:
+        from aml.io import aml_home
+        from aml.settings import ExtractSettings
+        from aml.teacher_vectors import TeacherVectors
+
+        src, meta = index.meta.get("source") or {}, index.meta
+        settings = ExtractSettings(
+            meta["image_size"], tuple(meta["scales"]), batch_size, workers, device, progress, backend
+        )
+        t = TeacherVectors(
+            src.get("teacher") or meta["teacher"]["name"],
+            settings,
+            cache_dir=cache_dir or aml_home() / "cache",
+            weights=weights or src.get("weights"),
+            random_init=bool(src.get("random_init")),
+            dtype=meta.get("cache_dtype") or "float16",
+        )
+        check_compatible(
+            t.identity,
+            meta["teacher"],
+            what=f"teacher {src.get('teacher') or meta['teacher']['name']} now is",
+            where=f"index {index.dir} was built with",
+            fix="pass --teacher-weights with the original weights",
+        )
+        x = t.get([paths[i] for i in rows])
+        lw = index.lw()
+        return x if lw is None else lw.apply_np(x, dtype=x.dtype)
+
+    names = [os.path.abspath(p) for p in paths]
+    return append(directory, names, vectors_of, skip_existing=skip_existing, where=where, quiet=quiet)
 
 
 def query_vectors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
@@ -71,16 +72,19 @@ def _ivfpq_options(f):
 @cache_dtype_option("Teacher cache dtype (default float16, shared with `aml evaluate`).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
+@click.option("--overwrite", is_flag=True, help="Replace the aml index in --out (its own files only).")
 def build(
     teacher, teacher_weights, random_init, images, settings, whiten, kind, params, cache_dtype, cache_dir, out,
     overwrite,
 ) -> None:  # fmt: skip
     """Index the teacher's vectors of an image list (under torchrun: sharded across ranks, rank 0 writes)."""
     from aml.data.images import read_image_list
-    from aml.index import build_from_images
+    from aml.index import build_from_images, check_out
+    from aml.io import check_writable_dir
     from aml.whiten import teacher_lw
 
+    check_writable_dir(out, "--out")
+    check_out(out, overwrite)  # before any work; again under the lock before extracting
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and settings.device == "auto":
         import torch
@@ -91,7 +95,8 @@ def build(
     _check_images(paths, images)
     t = _teacher(teacher, teacher_weights, random_init, settings, cache_dtype, cache_dir)
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
-    index = build_from_images(t, paths, kind, out, lw=lw, params=params, overwrite=overwrite, rank=rank, world=world)
+    index = build_from_images(t, paths, kind, out, lw=lw, params=params, overwrite=overwrite, rank=rank, world=world,
+                              quiet=not settings.progress)  # fmt: skip
     if index is not None:
         click.echo(f"{out}: {len(index)} x {index.dim} {kind} index of {t.identity['name']} ({settings.image_size} px)")
 
@@ -102,18 +107,22 @@ def build(
 @runtime_options
 @click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights file (when the index names one).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Teacher cache folder (default $AML_HOME/cache).")
+@click.option("--skip-existing", is_flag=True, help="Skip images the index already holds (default: refuse the list).")
 @quiet_option()
-def add(db, images, batch_size, workers, device, backend, teacher_weights, cache_dir, quiet) -> None:
-    """Append images to an index with the teacher settings its manifest records (atomically)."""
+def add(db, images, batch_size, workers, device, backend, teacher_weights, cache_dir, skip_existing, quiet) -> None:
+    """Append images to an index with the teacher settings its manifest records (atomically; one writer at a time,
+    a second waits). Images it already holds (same absolute path) are refused, or skipped with --skip-existing."""
     from aml.data.images import read_image_list
-    from aml.index import Index, add_images
+    from aml.index import add_images, read_manifest
 
-    index = Index.open(db)
+    read_manifest(Path(db))  # a missing or damaged index: said before the list is read
     paths = read_image_list(images)
     _check_images(paths, images)
-    n = add_images(index, paths, batch_size=batch_size, workers=workers, device=device,
-                   backend=backend, weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
-    click.echo(f"{db}: +{n} images, {len(index)} in all")
+    index, n, skipped = add_images(db, paths, skip_existing=skip_existing, where=images, quiet=quiet,
+                                   batch_size=batch_size, workers=workers, device=device, backend=backend,
+                                   weights=teacher_weights, cache_dir=cache_dir, progress=not quiet)  # fmt: skip
+    note = f" ({skipped} already in the index, skipped)" if skipped else ""
+    click.echo(f"{db}: +{n} images{note}, {len(index)} in all")
 
 
 @command.command("info")
@@ -121,8 +130,6 @@ def add(db, images, batch_size, workers, device, backend, teacher_weights, cache
 @json_option("the manifest")
 def info(db, json_out) -> None:
     """Describe an index: teacher identity, type, parameters, counts."""
-    from pathlib import Path
-
     from aml.identity import describe
     from aml.index import index_identity, read_manifest
 
