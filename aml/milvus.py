@@ -196,7 +196,7 @@ class MilvusIndex:
         man = json.loads(meta["manifest"])
         self.kind, self.dim, self.count = man["type"], int(man["dim"]), int(man["count"])
         self.generation, self._lw = int(man.get("generation", 0)), _lw(meta)
-        drop = ("format", "version", "type", "dim", "count", "files", "bytes", "generation", "faiss")
+        drop = ("format", "version", "type", "dim", "count", "files", "bytes", "generation", "faiss", "sha256")
         self.meta = {k: v for k, v in man.items() if k not in drop}
         self.client.load_collection(collection)
         self.names = self._names()
