@@ -59,7 +59,8 @@ MANIFEST = "manifest.json"
 WHITEN = "whiten.npz"
 REBUILD = "aml index build --overwrite"
 _REMAKE = "remove {d} and build it again with `aml index build`"  # a manifest not to trust: its files unknown
-_FILE_FIELDS = ("format", "version", "type", "dim", "count", "files", "bytes", "sha256", "generation", "faiss")
+# the manifest fields about its files, not the vectors (what a pushed collection or `info` leaves out)
+FILE_FIELDS = ("format", "version", "type", "dim", "count", "files", "bytes", "sha256", "generation", "faiss")
 BLOCK = 65536  # rows converted / added at a time
 TRAIN_PER_LIST = 64  # ivfpq k-means points per centroid, coarse lists and PQ codes (faiss: 39 to 256)
 
@@ -333,7 +334,7 @@ class Index:
             raise UserError(f"{path}: not UTF-8 text; the image list is damaged, rebuild with `{REBUILD}`") from None
         if len(names) != man["count"] or index.ntotal != man["count"]:
             raise UserError(f"{d / MANIFEST}: count {man['count']} but {index.ntotal} vectors / {len(names)} names")
-        meta = {k: v for k, v in man.items() if k not in _FILE_FIELDS}
+        meta = {k: v for k, v in man.items() if k not in FILE_FIELDS}
         out = cls(index, man["type"], man["dim"], names, meta)
         out.dir, out.generation, out.files = d, int(man.get("generation", 0)), dict(man["files"])
         return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from aml.errors import UserError, first_line
 from aml.identity import check_compatible
-from aml.index import Index, index_identity
+from aml.index import FILE_FIELDS, Index, index_identity
 from aml.io import sha256_lines
 from aml.serve.backend import Source, index_generation, index_manifest
 
@@ -196,8 +196,7 @@ class MilvusIndex:
         man = json.loads(meta["manifest"])
         self.kind, self.dim, self.count = man["type"], int(man["dim"]), int(man["count"])
         self.generation, self._lw = int(man.get("generation", 0)), _lw(meta)
-        drop = ("format", "version", "type", "dim", "count", "files", "bytes", "generation", "faiss", "sha256")
-        self.meta = {k: v for k, v in man.items() if k not in drop}
+        self.meta = {k: v for k, v in man.items() if k not in FILE_FIELDS}
         self.client.load_collection(collection)
         self.names = self._names()
         self.searched_on, self.note = f"milvus {man['milvus']['index_type']}", ""
