@@ -109,10 +109,9 @@ def command(
         check_writable_file(out, "--out")
     from aml.settings import IMAGE_SIZE
 
-    image_size, db_size, sizes = image_sizes(checkpoint, query=image_size, database=db_image_size, fallback=IMAGE_SIZE)
-    if not quiet:
-        checked = " (the retrieval check's)" if precision != "fp32" else " (no retrieval check at fp32)"
-        click.echo(sizes.replace("database at", f"database{checked} at"), err=True)
+    image_size, db_size, sizes = image_sizes(
+        checkpoint, query=image_size, database=db_image_size, fallback=IMAGE_SIZE, query_option="--image-size"
+    )
     settings = ExportSettings(
         fmt=fmt,
         precision=precision,
@@ -126,6 +125,8 @@ def command(
         latency_runs=latency_runs,
     )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    checked = " (the retrieval check's)" if precision != "fp32" else " (no retrieval check at fp32)"
+    log(sizes.replace("database at", f"database{checked} at"))
     info = export_checkpoint(checkpoint, settings, out=out, log=log)
     if not quiet:
         _print_checks(info)

@@ -65,7 +65,6 @@ def command(
         fallback_from="as the index",
         query_option="--image-size",
     )  # the database's size is the index's: it was built at that size
-    click.echo(sizes, err=True)
     q, ident = query_vectors(
         encoder, paths, index, bbxs=bbxs, weights=encoder_weights, image_size=size, scales=given_scales,
         device=device,
@@ -77,6 +76,7 @@ def command(
     )  # fmt: skip
     if warning:
         click.echo(warning, err=True)
+    click.echo(sizes, err=True)
     s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming, device=search_device)
     if index.note:
         click.echo(f"note: {index.note}", err=True)
