@@ -261,9 +261,22 @@ def _teacher_sides(dataset: Revisitop, t: TeacherVectors, lw: Lw | None, distrac
     return {"teacher": (_whiten(t.get(dataset.query_paths(), dataset.bbxs), lw), t_db, t_dis)}, (t_db, t_dis)
 
 
+EXPORTED = (".onnx", ".ort", ".pte")  # exported encoders `evaluate_models` takes as the student (aml.onnx_embed)
+
+
+@dataclass(frozen=True)
+class StudentEncoder:
+    """The student as `evaluate_models` runs it: `embed(paths, bbxs)` -> (N, D) vectors at the query settings,
+    its `meta` (its own meta['Lw'], if any) and the teacher Lw key folded into an exported graph (or None)."""
+
+    embed: Any
+    meta: Mapping[str, Any]
+    folded: str | None = None
+
+
 def _student_sides(
     dataset: Revisitop,
-    s_net: Any,
+    enc: StudentEncoder,
     settings: ExtractSettings,
     lw: Lw | None,
     teacher_db: tuple[np.ndarray | None, np.ndarray | None],
@@ -272,20 +285,19 @@ def _student_sides(
 ) -> tuple[dict[str, Side], str | None]:
     """The asymmetric side (student queries vs the teacher database, both whitened with the teacher's `lw`) and
     the student's symmetric side (with the student's own Lw of the same name when it has one), and the name of
-    that own Lw (or None)."""
-    from aml.extract import extract
-
+    that own Lw (or None). An exported student with the teacher's Lw folded in is not whitened again."""
     sides: dict[str, Side] = {}
-    s_q = extract(s_net, dataset.query_paths(), settings, bbxs=dataset.bbxs)
+    s_lw = None if enc.folded else lw  # a folded Lw: the student's vectors come out whitened
+    s_q = enc.embed(dataset.query_paths(), dataset.bbxs)
     if "asymmetric" in rows:
-        sides["asymmetric"] = (_whiten(s_q, lw), *teacher_db)
+        sides["asymmetric"] = (_whiten(s_q, s_lw), *teacher_db)
     own = None
     if "student" in rows:
-        lw_s = lw
-        if lw is not None and lw.key in (s_net.meta.get("Lw") or {}):
-            lw_s = own = Lw.from_meta(s_net.meta, settings.multiscale, lw.key)
-        s_db = _whiten(extract(s_net, dataset.db_paths(), settings), lw_s)
-        s_dis = _whiten(extract(s_net, distractors, settings), lw_s) if distractors else None
+        lw_s = s_lw
+        if s_lw is not None and s_lw.key in (enc.meta.get("Lw") or {}):
+            lw_s = own = Lw.from_meta(enc.meta, settings.multiscale, s_lw.key)
+        s_db = _whiten(enc.embed(dataset.db_paths(), None), lw_s)
+        s_dis = _whiten(enc.embed(distractors, None), lw_s) if distractors else None
         sides["student"] = (_whiten(s_q, lw_s), s_db, s_dis)
     return sides, None if own is None else own.name
 
@@ -319,14 +331,44 @@ def _binary_rows(
     return out, f"databases as {info}", warnings
 
 
-def _student_net(student: str, weights: str | None, random_init: bool, dim: int) -> Any:
-    """The student network: a checkpoint file, or a registry name (random-init on request, at the teacher's dim)."""
+def _student_net(
+    student: str, weights: str | None, random_init: bool, dim: int, settings: ExtractSettings, lw: Lw | None
+) -> StudentEncoder:
+    """The student at the query `settings`: an exported encoder (EXPORTED: onnxruntime, or ExecuTorch for .pte)
+    or a network (a checkpoint file, or a registry name: random-init on request, at the teacher's dim)."""
+    from aml.extract import extract
     from aml.registry import create_model
 
+    if student.lower().endswith(EXPORTED):
+        return _exported_student(student, settings, lw)
     is_file = os.path.isfile(student)
-    return create_model(
+    net = create_model(
         student, role="student", weights=weights, random_init=random_init and not is_file, dim=None if is_file else dim
     )
+    return StudentEncoder(lambda paths, bbxs: extract(net, paths, settings, bbxs=bbxs), net.meta)
+
+
+def _exported_student(path: str, settings: ExtractSettings, lw: Lw | None) -> StudentEncoder:
+    """An exported encoder as the student (its sidecar's normalisation and msp); one folded with the teacher's
+    Lw needs the same Lw (`lw`) on the teacher's side, or the two sides would not be comparable."""
+    if path.lower().endswith(".pte"):
+        from aml.pte_embed import PteEncoder as Encoder
+    else:
+        from aml.onnx_embed import OnnxEncoder as Encoder
+    enc = Encoder(path)
+    folded = (enc.info.get("whiten") or {}).get("dataset")
+    if folded and (lw is None or lw.key != folded):
+        raise UserError(
+            f"{path}: exported with the teacher's Lw {folded} folded in; pass --whiten {folded} so the teacher's "
+            "database is whitened alike, or evaluate an export without --whiten"
+        )
+
+    def embed(paths: list[str], bbxs: Any) -> np.ndarray:
+        if not paths:
+            return np.empty((0, int(enc.info["dim"])), dtype=np.float32)
+        return enc.embed(paths, image_size=settings.image_size, scales=settings.scales, bbxs=bbxs)
+
+    return StudentEncoder(embed, {}, folded or None)
 
 
 def _settings_info(settings: ExtractSettings, lw: Lw | None, whiten: str | None) -> dict[str, Any]:
@@ -343,6 +385,7 @@ def evaluate_models(
     student: str,
     settings: ExtractSettings,
     *,
+    query_settings: ExtractSettings | None = None,
     teacher_weights: str | None = None,
     student_weights: str | None = None,
     random_init: bool = False,
@@ -358,7 +401,9 @@ def evaluate_models(
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) scores.
 
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
-    Both sides are extracted with `settings` (its device also runs the search). Teacher vectors (database,
+    The teacher is extracted with `settings` (its device also runs the search), the student with
+    `query_settings` (default: `settings`; another image size is the asymmetric deployment's); the student may
+    also be an exported encoder (EXPORTED, run by onnxruntime or ExecuTorch). Teacher vectors (database,
     queries, distractors) come from the feature cache in `cache_dir` (default $AML_HOME/cache) stored as
     `cache_dtype`, so a second student costs only its own extraction. `whiten` (a `--whiten` value:
     `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to the teacher and
@@ -375,11 +420,14 @@ def evaluate_models(
         teacher, settings, cache_dir=cache, weights=teacher_weights, random_init=random_init, dtype=cache_dtype
     )
     lw = teacher_lw(whiten, settings.multiscale, lambda: t.net().meta)
+    qs = query_settings or settings
     info = _settings_info(settings, lw, whiten)
+    if qs.image_size != settings.image_size:
+        info["query image size"] = qs.image_size
     sides, teacher_db = _teacher_sides(dataset, t, lw, distractors, rows)
     if "student" in rows or "asymmetric" in rows:
-        s_net = _student_net(student, student_weights, random_init, t.identity["dim"])
-        found, own = _student_sides(dataset, s_net, settings, lw, teacher_db, distractors, rows)
+        enc = _student_net(student, student_weights, random_init, t.identity["dim"], qs, lw)
+        found, own = _student_sides(dataset, enc, qs, lw, teacher_db, distractors, rows)
         sides.update(found)
         if own is not None:
             info["Lw"] += f", student's own {own} on the student row"

@@ -76,3 +76,23 @@ def check_compatible(
     if force:
         return f"warning: --force: going on anyway: {text}"
     raise UserError(f"{text}; {fix}{'' if force is None else ', or --force'}")
+
+
+def recorded_image_size(model: str) -> tuple[int | None, str]:
+    """The image size a model was made for, and where it is recorded: an exported encoder's sidecar
+    ('image_size'), a checkpoint's training config (its test size, else its training size); (None, '') for a
+    registry name or a file that records none. Torch is imported only to read a checkpoint."""
+    from pathlib import Path
+
+    from aml.sidecar import read_sidecar, sidecar_path
+
+    if sidecar_path(model).is_file():
+        return int(read_sidecar(model)["image_size"]), "its sidecar"
+    if not Path(model).is_file():
+        return None, ""
+    from aml.registry import read_torch_file
+
+    obj = read_torch_file(model)
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    size = (config.get("test_image_size") or config.get("image_size")) if isinstance(config, Mapping) else None
+    return (int(size), "the checkpoint") if size else (None, "")

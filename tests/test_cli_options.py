@@ -84,3 +84,39 @@ def test_commands_import_no_sibling_command_and_help_comes_from_docstrings():
         assert not siblings, (name, siblings)
     assert tuple(cli.COMMANDS) == COMMANDS
     assert cli.short_help("extract") == "Embed a list of images with a model or checkpoint into an .npy file."
+
+
+def test_image_sizes_follow_the_artefact(tmp_path):
+    """Queries at the size the student records (a checkpoint's test, else training size; an export's sidecar),
+    the database at the index's, else the queries'; each option wins over what is recorded; the line says why."""
+    import torch
+
+    from aml.commands._options import image_sizes
+    from aml.identity import recorded_image_size
+    from aml.sidecar import REQUIRED, write_sidecar
+
+    torch.save({"config": {"image_size": 224, "test_image_size": None}}, tmp_path / "a.pt")
+    torch.save({"config": {"image_size": 224, "test_image_size": 362}}, tmp_path / "b.pt")
+    torch.save({"state_dict": {}}, tmp_path / "c.pt")
+    (tmp_path / "e.onnx").write_bytes(b"")
+    write_sidecar(tmp_path / "e.onnx", {**dict.fromkeys(REQUIRED), "image_size": 128})
+    assert recorded_image_size(str(tmp_path / "a.pt")) == (224, "the checkpoint")
+    assert recorded_image_size(str(tmp_path / "b.pt")) == (362, "the checkpoint")
+    assert recorded_image_size(str(tmp_path / "c.pt")) == (None, "")
+    assert recorded_image_size(str(tmp_path / "e.onnx")) == (128, "its sidecar")
+    assert recorded_image_size("lite0") == (None, "")
+
+    a = str(tmp_path / "a.pt")
+    assert image_sizes(a, fallback=1024) == (
+        224,
+        224,
+        "queries at 224 px (from the checkpoint), database at 224 px (as the queries)",
+    )
+    assert image_sizes(a, index_size=512, fallback=1024)[1:] == (
+        512, "queries at 224 px (from the checkpoint), database at 512 px (from the index)"
+    )  # fmt: skip
+    assert image_sizes("lite0", fallback=1024)[:2] == (1024, 1024)
+    assert image_sizes(a, both=300, index_size=512, fallback=1)[:2] == (300, 300)
+    assert image_sizes(a, query=100, database=200, both=300, fallback=1) == (
+        100, 200, "queries at 100 px (--query-image-size), database at 200 px (--db-image-size)"
+    )  # fmt: skip

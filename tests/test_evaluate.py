@@ -373,6 +373,54 @@ def test_cli_from_models(tmp_path, run_cli, one_thread):
     assert code == 2 and "1 of 10 images are missing (first: " in err and "im3.jpg" in err
 
 
+def test_models_query_size_and_an_exported_student(tmp_path, run_cli, one_thread):
+    """The student's queries at their own size against the teacher's database at another (the asymmetric
+    deployment), and an exported .onnx student scoring as its checkpoint does; the CLI prints both sizes."""
+    from test_export import save_student
+
+    from aml.evaluate import evaluate_models
+    from aml.export import pipeline
+    from aml.registry import create_model
+
+    ds = image_dataset(tmp_path)
+    t = create_model("lite2", random_init=True)
+    ckpt = save_student(tmp_path / "s.pt", "lite0", dim=t.dim, config={"image_size": 24})
+    kw = dict(cache_dir=tmp_path / "cache", rows=("asymmetric",), **MODEL_KW)
+    res = evaluate_models(ds, "lite2", str(ckpt), SETTINGS, query_settings=SETTINGS.replace(image_size=24), **kw)
+    s = create_model(str(ckpt))
+    s_q = direct_vectors(s, ds.query_paths(), ds.bbxs)  # at 32: what the default (one size) would give
+    s_q24 = extract_at(s, ds.query_paths(), 24, ds.bbxs)
+    t_db = direct_vectors(t, ds.db_paths())
+    assert not np.allclose(s_q, s_q24, atol=1e-3)
+    assert_same_result(res.result["asymmetric"], evaluate_features(ds, s_q24, t_db))
+    assert res.result["settings"]["image size"] == 32 and res.result["settings"]["query image size"] == 24
+
+    onnx_path = tmp_path / "s.onnx"
+    pipeline.export_checkpoint(ckpt, pipeline.ExportSettings(), out=onnx_path)
+    res_onnx = evaluate_models(
+        ds, "lite2", str(onnx_path), SETTINGS, query_settings=SETTINGS.replace(image_size=24), **kw
+    )
+    assert_same_result(res_onnx.result["asymmetric"], res.result["asymmetric"])
+
+    base = ("evaluate", "models", "--dataset", "imgs", "--data-root", tmp_path, "--teacher", "lite2", "--random-init")
+    rest = ("--workers", "0", "--cache-dir", tmp_path / "cache", "--quiet", "--device", "cpu", "--row", "asymmetric")
+    code, out, err = run_cli(*base, "--student", onnx_path, *rest)
+    assert code == 2 and "teacher-under-test" in err  # the sidecar's teacher is checked like a checkpoint's
+    code, out, err = run_cli(*base, "--student", onnx_path, "--force", "--db-image-size", 32, *rest)
+    assert code == 0, err
+    assert "queries at 24 px (from its sidecar), database at 32 px (--db-image-size)" in err
+    code, out, err = run_cli(*base, "--student", ckpt, "--force", "--image-size", 32, "--query-image-size", 24, *rest)
+    assert code == 0 and "queries at 24 px (--query-image-size), database at 32 px (--image-size)" in err
+    code, out, err = run_cli(*base, "--student", "lite0", *rest)
+    assert code == 0 and "queries at 1024 px (the default), database at 1024 px (as the queries)" in err
+
+
+def extract_at(model, paths, size, bbxs=None):
+    from aml.extract import extract
+
+    return extract(model, paths, SETTINGS.replace(image_size=size), bbxs=bbxs)
+
+
 # ---- --show: the worst and best queries drawn --------------------------------------------------------------
 
 

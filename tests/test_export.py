@@ -355,5 +355,23 @@ def test_export_cli(tmp_path, run_cli):
     code, out, err = run_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "e.onnx", "--image-size", "32")
     assert code == 0, err
     assert "verified" in out and "equivalence gate" in out and (tmp_path / "e.onnx.json").is_file()
+    assert "queries at 32 px (--image-size), database (no retrieval check at fp32) at 32 px (as the queries)" in err
     code, _, err = run_cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--precision", "int8")
     assert code == 2 and err.startswith("error: ") and "int8" in err and "Traceback" not in err
+
+
+def test_retrieval_check_database_at_its_own_size(tiny_set, tmp_path):
+    """`db_image_size` (--db-image-size): the retrieval check's teacher database at another size than the
+    encoder's queries (the asymmetric deployment); unset, at the encoder's size."""
+    d, ckpt, ds, db = tiny_set
+    asked = []
+
+    def fetch(config, verify_data, identity, image_size, lw, where):
+        asked.append(image_size)
+        return pipeline.VerifyData(ds, db)
+
+    for db_size in (40, None):
+        st = pipeline.ExportSettings(precision="fp16", db_image_size=db_size, map_tolerance=100.0)
+        info = pipeline.export_checkpoint(ckpt, st, out=tmp_path / f"e{db_size}.onnx", verify_data_fn=fetch)
+        assert info["image_size"] == SIZE
+    assert asked == [40, SIZE]

@@ -186,3 +186,28 @@ def test_ukbench_split_on_real_groups(tmp_path):
         expect = sorted(j for j, n in enumerate(ds.imlist) if int(n[-5:]) // 4 == num // 4 and j != i)
         assert sorted(ds.gnd[i]["easy"]) == expect and len(expect) == 3
         assert ds.gnd[i]["junk"] == [i]
+
+
+def test_data_lists_follow_evaluate_order(tmp_path, run_cli):
+    """`aml data lists SPEC --out DIR`: the database and query lists (and query boxes) in the order `aml evaluate`
+    scores them, readable by `--images` / `--bbx`; from a folder and from the revisitop set it was written to."""
+    from aml.commands._options import read_images
+    from aml.data.revisitop import load_revisitop
+
+    for lab, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            _img(tmp_path / "photos" / lab / f"{i}.png", colour=(40 * i, 80, 20))
+    env = {"AML_HOME": tmp_path / "home"}
+    code, out, err = run_cli("data", "lists", f"folder:{tmp_path / 'photos'}", "--out", tmp_path / "l", env=env)
+    assert code == 0, err
+    name, root = out.split("--dataset ")[1].split("`")[0].split(" --data-root ")
+    ds = load_revisitop(root, name)
+    db, _ = read_images(str(tmp_path / "l" / "db.txt"), None)
+    queries, boxes = read_images(str(tmp_path / "l" / "queries.txt"), str(tmp_path / "l" / "queries.bbx"))
+    assert db == ds.db_paths() and queries == ds.query_paths() and len(db) == 5
+    assert boxes == [tuple(float(v) for v in b) for b in ds.bbxs]
+    code, out2, err = run_cli("data", "lists", f"revisitop:{root}/{name}", "--out", tmp_path / "r", env=env)
+    assert code == 0, err
+    assert all((tmp_path / "r" / f).read_text() == (tmp_path / "l" / f).read_text() for f in ("db.txt", "queries.bbx"))
+    code, _, err = run_cli("data", "lists", f"revisitop:{tmp_path}/nothing", "--out", tmp_path / "x", env=env)
+    assert code == 2 and "gnd_nothing.pkl: not found" in err and len(err.strip().splitlines()) == 1

@@ -285,8 +285,9 @@ def test_compatibility_check_refuses_and_force_accepts(ukbench, tmp_path, home, 
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b.jsonl").exists()
     code, out, err = run_cli(*base, "--encoder", bad, "--out", tmp_path / "b.jsonl", "--force", env=env)
     assert code == 0 and "warning: --force" in err and len((tmp_path / "b.jsonl").read_text().splitlines()) == 8
+    # another query size than the index's is the asymmetric deployment: allowed, and both sizes are printed
     code, out, err = run_cli(*base, "--encoder", good, "--image-size", 64, "--out", tmp_path / "s.jsonl", env=env)
-    assert code == 2 and "image_size" in err
+    assert code == 0 and "queries at 64 px (--image-size), database at 96 px (from the index)" in err
 
 
 def test_bad_inputs_are_one_line(ukbench, tmp_path, home, run_cli):

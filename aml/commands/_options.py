@@ -336,3 +336,66 @@ def trust_pickle_option(f: F) -> F:
 def quiet_option(help: str = "No progress output (errors and the result are still printed).") -> Callable[[F], F]:
     """`--quiet`."""
     return click.option("--quiet", is_flag=True, help=help)
+
+
+# ------------------------------------------------------------------------------------------------ image sizes
+def size_options(*, both: bool = True) -> Callable[[F], F]:
+    """`--query-image-size` and `--db-image-size` (the asymmetric deployment: each side at its own size); with
+    `both`, `--image-size` sets the two at once. Unset: `image_sizes` picks them from the artefacts."""
+    opts = [
+        click.option(
+            "--query-image-size",
+            type=click.IntRange(min=1),
+            help="Longest side of the query images (default: the size the student records).",
+        ),
+        click.option(
+            "--db-image-size",
+            type=click.IntRange(min=1),
+            help="Longest side of the database images (default: the index's, else the queries' size).",
+        ),
+    ]
+    if both:
+        opts.insert(
+            0,
+            click.option(
+                "--image-size",
+                type=click.IntRange(min=1),
+                help="Longest side of queries and database alike (default: the size the student records).",
+            ),
+        )
+    return _stack(*opts)
+
+
+def image_sizes(
+    student: str,
+    *,
+    query: int | None = None,
+    database: int | None = None,
+    both: int | None = None,
+    index_size: int | None = None,
+    fallback: int,
+    fallback_from: str = "the default",
+    query_option: str = "--query-image-size",
+) -> tuple[int, int, str]:
+    """(query size, database size, the line saying where each came from). Queries: --query-image-size, else
+    --image-size (`both`), else the size `student` records (`aml.identity.recorded_image_size`), else `fallback`
+    (`fallback_from` says what it is; `query_option`: the option that gave `query`);
+    the database: --db-image-size, else --image-size, else the index's (`index_size`), else the queries'."""
+    from aml.identity import recorded_image_size
+
+    if query:
+        q, q_from = query, query_option
+    elif both:
+        q, q_from = both, "--image-size"
+    else:
+        recorded, where = recorded_image_size(student)
+        q, q_from = (recorded, f"from {where}") if recorded else (fallback, fallback_from)
+    if database:
+        d, d_from = database, "--db-image-size"
+    elif both:
+        d, d_from = both, "--image-size"
+    elif index_size:
+        d, d_from = int(index_size), "from the index"
+    else:
+        d, d_from = q, "as the queries"
+    return q, d, f"queries at {q} px ({q_from}), database at {d} px ({d_from})"

@@ -157,3 +157,34 @@ def info(specs: tuple[str, ...], test_data: str | None) -> None:
             click.echo(f"{part.name}: {len(part)} images, {part.num_clusters} clusters, {part.num_pairs} pairs")
     if b.test is not None:
         click.echo(f"test: --dataset {b.test.dataset_name} --data-root {b.test.data_root}")
+
+
+@command.command("lists")
+@click.argument("spec")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the lists into.")
+@trust_pickle_option
+def lists(spec: str, out: str) -> None:
+    """Write a test set's image lists in the order `aml evaluate` uses: OUT/db.txt (imlist order), OUT/queries.txt
+    (qimlist order) and OUT/queries.bbx (a query box per line, empty: the whole image), one absolute path a
+    line, for `aml index build --images`, `aml search --images --bbx`, `aml embed` or another tool. SPEC:
+    folder:DIR, groups:CSV (as `--test-data` takes them) or revisitop:DATA_ROOT/NAME."""
+    from pathlib import Path
+
+    from aml.data.revisitop import load_revisitop
+    from aml.data.spec import parse_test_spec
+    from aml.io import atomic_write, check_writable_dir
+
+    check_writable_dir(out, "--out")
+    ref = parse_test_spec(spec)
+    ds = load_revisitop(ref.data_root, ref.dataset_name)
+    ds.check_images()
+    boxes = ["" if b is None else " ".join(f"{float(v):g}" for v in b) for b in ds.bbxs]
+    files = {"db.txt": ds.db_paths(), "queries.txt": ds.query_paths(), "queries.bbx": boxes}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        with atomic_write(Path(out) / name) as f:
+            f.write("".join(f"{r}\n" for r in rows))
+    click.echo(
+        f"{out}: db.txt ({len(ds.imlist)} database images), queries.txt ({len(ds.qimlist)} queries), queries.bbx; "
+        f"the order of `aml evaluate --dataset {ref.dataset_name} --data-root {ref.data_root}`"
+    )

@@ -18,18 +18,23 @@ from aml.commands._options import (
     _stack,
     cache_dtype_option,
     collect,
+    extract_settings,
+    image_options,
+    image_sizes,
     json_option,
     model_options,
+    quiet_option,
     random_init_option,
+    runtime_options,
     search_device_option,
-    settings_options,
+    size_options,
     threads_option,
     trust_pickle_option,
     whiten_option,
     write_json_out,
 )
 from aml.errors import UserError
-from aml.evaluate import BINARY_ROWS, ROWS, TEST_IMAGE_SIZE
+from aml.evaluate import BINARY_ROWS, EXPORTED, ROWS, TEST_IMAGE_SIZE
 
 FEATURE_OPTIONS = ("--db-features", "--query-features", "--distractor-features", "--database-dtype")
 MODEL_OPTIONS = ("--teacher", "--student")
@@ -232,8 +237,14 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
     if student in {m["name"] for m in list_models()} or not Path(student).is_file():
         return  # a registered backbone records no teacher; a missing file is reported when the student loads
     ident = model_identity(teacher, teacher_weights, random_init, weights_option="--teacher-weights")
-    obj = read_torch_file(student)
-    have, fields = recorded_teacher(obj.get("meta") if isinstance(obj, dict) else None)
+    if student.lower().endswith(EXPORTED):  # an exported encoder: its sidecar records the teacher
+        from aml.sidecar import read_sidecar
+
+        meta = {"aml": {"teacher": read_sidecar(student).get("teacher")}}
+    else:
+        obj = read_torch_file(student)
+        meta = obj.get("meta") if isinstance(obj, dict) else None
+    have, fields = recorded_teacher(meta)
     warning = check_compatible(
         have,
         ident,
@@ -252,7 +263,13 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
 @model_options("teacher", required=True)
 @model_options("student", required=True)
 @random_init_option()
-@settings_options(default=TEST_IMAGE_SIZE)
+@image_options(
+    size_help="Longest side of queries and database alike (default: the size the student records, else "
+    f"{TEST_IMAGE_SIZE})."
+)
+@runtime_options
+@size_options(both=False)
+@quiet_option()
 @whiten_option(" of the teacher, on both sides (the student row: its own Lw of that name if it has one)")
 @click.option(
     "--distractors",
@@ -272,10 +289,13 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
 def models(
     dataset, data_root, topk, binary_rows, report, teacher, teacher_weights, student, student_weights, random_init,
-    settings, whiten, distractors, rows, cache_dir, cache_dtype, show_row, force,
+    image_size, scales, batch_size, workers, device, backend, query_image_size, db_image_size, quiet, whiten,
+    distractors, rows, cache_dir, cache_dtype, show_row, force,
 ) -> None:  # fmt: skip
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) side by
-    side; the teacher's vectors are cached, --device runs the extraction and the search."""
+    side; the teacher's vectors are cached, --device runs the extraction and the search. The student is a
+    registry name, a checkpoint or an exported encoder (.onnx, .pte); queries default to the size it records,
+    the database to the queries' size."""
     from aml.cache import DEFAULT_DTYPE
     from aml.data.images import read_image_list
     from aml.data.revisitop import load_revisitop
@@ -285,9 +305,14 @@ def models(
     ds = load_revisitop(data_root, dataset)
     _check_show(report.show, ds, show_row, rows)
     _check_pair(teacher, teacher_weights, student, random_init, force)
+    q_size, db_size, sizes = image_sizes(
+        student, query=query_image_size, database=db_image_size, both=image_size, fallback=TEST_IMAGE_SIZE
+    )
+    click.echo(sizes, err=True)
+    settings = extract_settings(db_size, scales, batch_size, workers, device, quiet, backend)
     dis_paths = read_image_list(distractors, "distractor list") if distractors else []
     ev = evaluate_models(
-        ds, teacher, student, settings,
+        ds, teacher, student, settings, query_settings=settings.replace(image_size=q_size),
         teacher_weights=teacher_weights, student_weights=student_weights, random_init=random_init, whiten=whiten,
         cache_dir=cache_dir, cache_dtype=cache_dtype or DEFAULT_DTYPE, topk=topk, distractors=dis_paths,
         rows=rows or ROWS, keep_rankings=bool(report.show), binary_rows=binary_rows,

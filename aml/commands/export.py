@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from aml.commands._options import out_option, quiet_option, threads_option, trust_pickle_option, whiten_option
+from aml.commands._options import (
+    image_sizes,
+    out_option,
+    quiet_option,
+    threads_option,
+    trust_pickle_option,
+    whiten_option,
+)
 from aml.errors import UserError
 from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PRECISIONS
 
@@ -31,6 +38,12 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
     "--image-size",
     type=click.IntRange(min=16),
     help="Longest image side the encoder expects (default: the checkpoint's test/training size).",
+)
+@click.option(
+    "--db-image-size",
+    type=click.IntRange(min=16),
+    help="fp16 / int8: longest side of the retrieval check's teacher database (default: the encoder's size; "
+    "another size is the asymmetric deployment's, e.g. the size of your index).",
 )
 @click.option(
     "--verify-data",
@@ -75,6 +88,7 @@ def command(
     whiten: str | None,
     out: str | None,
     image_size: int | None,
+    db_image_size: int | None,
     verify_data: str | None,
     calib_images: str | None,
     calib_count: int,
@@ -93,11 +107,17 @@ def command(
         from aml.io import check_writable_file
 
         check_writable_file(out, "--out")
+    from aml.settings import IMAGE_SIZE
+
+    image_size, db_size, sizes = image_sizes(
+        checkpoint, query=image_size, database=db_image_size, fallback=IMAGE_SIZE, query_option="--image-size"
+    )
     settings = ExportSettings(
         fmt=fmt,
         precision=precision,
         whiten=whiten,
         image_size=image_size,
+        db_image_size=db_size,
         binary=binary,
         verify_data=verify_data,
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
@@ -105,6 +125,8 @@ def command(
         latency_runs=latency_runs,
     )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    checked = " (the retrieval check's)" if precision != "fp32" else " (no retrieval check at fp32)"
+    log(sizes.replace("database at", f"database{checked} at"))
     info = export_checkpoint(checkpoint, settings, out=out, log=log)
     if not quiet:
         _print_checks(info)

@@ -7,7 +7,14 @@ from typing import Any
 import click
 import numpy as np
 
-from aml.commands._options import image_options, images_options, read_images, search_device_option, threads_option
+from aml.commands._options import (
+    image_options,
+    image_sizes,
+    images_options,
+    read_images,
+    search_device_option,
+    threads_option,
+)
 
 
 @click.command("search")
@@ -17,7 +24,7 @@ from aml.commands._options import image_options, images_options, read_images, se
 @click.option("--encoder", required=True, help="Query encoder: aml checkpoint, registry name, or exported .onnx.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Weights file for a registry name.")
 @images_options
-@image_options(size_help="Query longest side (default: the index's).")
+@image_options(size_help="Query longest side (default: the size the encoder records, else the index's).")
 @click.option("--topk", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), help="ivfpq: lists searched (default: the manifest's).")
 @click.option("--hamming", is_flag=True, help="binary: binarise the queries, Hamming search (default: asymmetric).")
@@ -39,7 +46,7 @@ def command(
 ) -> None:  # fmt: skip
     """Search the index for each query image; write one JSON line per query, best first."""
     from aml.errors import UserError
-    from aml.identity import check_compatible
+    from aml.identity import IDENTITY_FIELDS, check_compatible
     from aml.index import index_identity, query_vectors
     from aml.milvus import open_searched
 
@@ -49,16 +56,27 @@ def command(
     index.gpus_for(search_device, topk, hamming=hamming)  # a device that cannot search it: refused before the work
     paths, bbxs = read_images(images, bbx)
     given_scales = scales if scales != (1.0,) else None
+    db_size = index.meta["image_size"]
+    size, _, sizes = image_sizes(
+        encoder,
+        query=image_size,
+        index_size=db_size,
+        fallback=db_size,
+        fallback_from="as the index",
+        query_option="--image-size",
+    )  # the database's size is the index's: it was built at that size
     q, ident = query_vectors(
-        encoder, paths, index, bbxs=bbxs, weights=encoder_weights, image_size=image_size, scales=given_scales,
+        encoder, paths, index, bbxs=bbxs, weights=encoder_weights, image_size=size, scales=given_scales,
         device=device,
     )  # fmt: skip
-    warning = check_compatible(
+    warning = check_compatible(  # the two sides' sizes may differ (the asymmetric deployment): printed above
         ident, index_identity(index.meta), what=f"encoder {encoder} is for", where=f"index {db} holds", force=force,
-        fix="use an encoder distilled from that teacher, at the index's image size and whitening",
+        fix="use an encoder distilled from that teacher, at the index's whitening",
+        fields=[f for f in IDENTITY_FIELDS if f != "image_size"],
     )  # fmt: skip
     if warning:
         click.echo(warning, err=True)
+    click.echo(sizes, err=True)
     s, ids = index.search(q, topk, nprobe=nprobe, hamming=hamming, device=search_device)
     if index.note:
         click.echo(f"note: {index.note}", err=True)

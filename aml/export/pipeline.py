@@ -32,7 +32,7 @@ from aml.export.mobile import MOBILE_FORMATS
 from aml.export.onnx_export import OPSET, check_onnx, export_onnx
 from aml.export.quantize import Int8Recipe, quantize_int8
 from aml.export.torchscript_export import export_torchscript, load_torchscript
-from aml.identity import check_compatible
+from aml.identity import check_compatible, recorded_image_size
 from aml.io import aml_home, scratch_dir, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
@@ -286,9 +286,10 @@ class ExportSettings:
 
     `fmt` (FORMATS) and `precision` (PRECISIONS); `whiten` (a `--whiten` value: `aml.whiten.FIRST`, a key of the
     teacher's meta['Lw'], or an Lw file) folds the teacher's single-scale Lw into the graph; `image_size`: None
-    takes the checkpoint's test or training size, else `aml.settings.IMAGE_SIZE`; `binary` records in the
-    sidecar (`output.binary`, `aml.sidecar.binary_output`) that the consumer binarises the float vectors at
-    zero (the graph stays float). fp16 / int8: `verify_data` (DIR/NAME, revisitop layout; None: the training
+    takes the checkpoint's test or training size, else `aml.settings.IMAGE_SIZE`; `db_image_size`: the
+    retrieval gate's teacher database at another size than the queries (None: the queries' size); `binary`
+    records in the sidecar (`output.binary`, `aml.sidecar.binary_output`) that the consumer binarises the float
+    vectors at zero (the graph stays float). fp16 / int8: `verify_data` (DIR/NAME, revisitop layout; None: the training
     data's test split) and `map_tolerance` for the retrieval gate; int8: `calib_images` (None: the training
     images), `calib_count` of them drawn, `latency_runs` paired fp32 / int8 timings (0: none).
     """
@@ -297,6 +298,7 @@ class ExportSettings:
     precision: str = "fp32"
     whiten: str | None = None
     image_size: int | None = None
+    db_image_size: int | None = None
     binary: bool = False
     verify_data: str | None = None
     calib_images: Sequence[str] | None = None
@@ -336,8 +338,9 @@ class _Student:
         return self.net.meta.get("aml") or {}
 
     def image_size(self, given: int | None) -> int:
-        """`given`, else the checkpoint's test or training size, else `aml.settings.IMAGE_SIZE`."""
-        return int(given or self.config.get("test_image_size") or self.config.get("image_size") or IMAGE_SIZE)
+        """`given`, else the checkpoint's test or training size (`aml.identity.recorded_image_size`), else
+        `aml.settings.IMAGE_SIZE`."""
+        return int(given or recorded_image_size(str(self.path))[0] or IMAGE_SIZE)
 
 
 def export_checkpoint(
@@ -444,7 +447,8 @@ def _verification(
     net, where = student.net, str(student.path)
     results: dict[str, Any] = {"equivalence": equivalence}
     if st.precision != "fp32" and runner is not None:
-        vd = verify_data_fn(student.config, st.verify_data, student.info.get("teacher") or {}, size, lw, where)
+        db_size = st.db_image_size or size
+        vd = verify_data_fn(student.config, st.verify_data, student.info.get("teacher") or {}, db_size, lw, where)
         ds = vd.dataset
         log(f"retrieval check on {ds.name}: {len(ds.qimlist)} queries, {vd.db.shape[0]} database vectors")
         results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std, st.map_tolerance)
