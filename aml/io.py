@@ -57,11 +57,22 @@ def no_space(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE)
 
 
-def no_space_error(path: str | os.PathLike, e: BaseException) -> UserError:
+class NoSpaceError(UserError, OSError):
+    """A write that failed on a full device: a UserError (one line, `error: PATH: no space left on the device`)
+    and an OSError with errno ENOSPC / EDQUOT and the user's path as `filename`, for callers that clean up on it."""
+
+    def __init__(self, path: str | os.PathLike, cause: BaseException) -> None:
+        code = cause.errno if isinstance(cause, OSError) and cause.errno in NO_SPACE else errno.ENOSPC
+        OSError.__init__(self, code, os.strerror(code), str(path))
+        self.message = f"{path}: no space left on the device ({first_line(cause)}); free some space or write elsewhere"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def no_space_error(path: str | os.PathLike, e: BaseException) -> NoSpaceError:
     """The one-line error of a write of `path` that failed on a full device (`no_space(e)`)."""
-    return UserError(
-        f"{path}: no space left on the device ({first_line(e)}); free some space or write to another device"
-    )
+    return NoSpaceError(path, e)
 
 
 def host_tag() -> str:

@@ -107,6 +107,8 @@ def test_a_full_device_is_one_line_naming_the_path(tmp_path, error):
         raise error
     msg = str(e.value)
     assert msg.startswith(f"{target}: no space left on the device") and "\n" not in msg and TMP_TAG not in msg
+    assert isinstance(e.value, OSError) and e.value.filename == str(target)  # callers cleaning up on ENOSPC see it
+    assert e.value.errno == (errno.EDQUOT if getattr(error, "errno", None) == errno.EDQUOT else errno.ENOSPC)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.npy"]
 
 
