@@ -48,7 +48,7 @@ from aml.binary import code_bytes, pack_bits
 from aml.errors import UserError, first_line
 from aml.faiss_gpu import faiss_gpus, gpu_count, load_faiss, to_gpu
 from aml.identity import check_compatible
-from aml.io import atomic_write, scratch_dir, sha256_file, write_json
+from aml.io import atomic_write, read_npz, scratch_dir, sha256_file, write_json
 from aml.lock import exclusive
 from aml.search import hamming_search, search, tie_sorted
 
@@ -347,8 +347,8 @@ class Index:
         from aml.whiten import Lw
 
         path = self.dir / name
-        with np.load(path, allow_pickle=False) as z:
-            return Lw(z["m"], z["P"], str(path), str(z["key"]), str(z["variant"]))
+        z = read_npz(path, ("m", "P", "key", "variant"))
+        return Lw(z["m"], z["P"], str(path), str(z["key"]), str(z["variant"]))
 
 
 def _faiss_reason(e: Exception) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import math
@@ -10,14 +12,67 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from aml.errors import UserError
+from aml.errors import UserError, first_line
 
 TMP_TAG = ".aml-tmp-"  # temp files are `.NAME.aml-tmp-HOST-PID-RANDOM` beside NAME
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full device or an exhausted quota: "no space left on the device"
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's `tofile` on a short write (no errno)
+_TORCH_WRITE = ("file write failed", "unexpected pos")  # torch.save's writer when the device fills up
+
+
+@functools.cache
+def umask() -> int:
+    """This process's umask, read once (from /proc where it is, else by setting and restoring it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_open_gives(path: Path, folder: bool = False, like: Path | None = None) -> None:
+    """Give `path` (made 0600 / 0700 by mkstemp / mkdtemp) the mode `open()` / `mkdir()` would: that of the
+    file `like` it replaces, else 0666 (folders 0777) less the umask."""
+    try:
+        mode = stat.S_IMODE(like.stat().st_mode) if like is not None and like.is_file() else None
+    except OSError:
+        mode = None
+    with contextlib.suppress(OSError):  # a file system without modes (some network mounts) keeps its own
+        os.chmod(path, mode if mode is not None else (0o777 if folder else 0o666) & ~umask())
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether a failed write means the device (or the user's quota) is full: ENOSPC / EDQUOT, numpy's short
+    write, torch's failed file write."""
+    if isinstance(e, OSError):
+        return e.errno in NO_SPACE or (e.errno is None and bool(_SHORT_WRITE.search(str(e))))
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE)
+
+
+class NoSpaceError(UserError, OSError):
+    """A write that failed on a full device: a UserError (one line, `error: PATH: no space left on the device`)
+    and an OSError with errno ENOSPC / EDQUOT and the user's path as `filename`, for callers that clean up on it."""
+
+    def __init__(self, path: str | os.PathLike, cause: BaseException) -> None:
+        code = cause.errno if isinstance(cause, OSError) and cause.errno in NO_SPACE else errno.ENOSPC
+        OSError.__init__(self, code, os.strerror(code), str(path))
+        self.message = f"{path}: no space left on the device ({first_line(cause)}); free some space or write elsewhere"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def no_space_error(path: str | os.PathLike, e: BaseException) -> NoSpaceError:
+    """The one-line error of a write of `path` that failed on a full device (`no_space(e)`)."""
+    return NoSpaceError(path, e)
 
 
 def host_tag() -> str:
@@ -64,18 +119,21 @@ def check_writable_dir(path: str | os.PathLike, option: str) -> None:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temp files of `path` left by killed writers on this host (their PID no longer runs)."""
+    """Delete the temp files and folders in `path`'s folder left by killed writers on this host (their PID no
+    longer runs): those of `path` and of any other name there (a killed export of `-int8.onnx` is cleaned by the
+    next write into the folder, whatever it writes). A temp is never resumed, so a dead writer's is garbage."""
     path = Path(path)
-    prefix = f".{path.name}{TMP_TAG}{host_tag()}-"
+    marker = f"{TMP_TAG}{host_tag()}-"
     removed = []
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(prefix):
+        at = entry.name.rfind(marker)
+        if not entry.name.startswith(".") or at <= 1:
             continue
-        pid = entry.name[len(prefix) :].partition("-")[0]
+        pid = entry.name[at + len(marker) :].partition("-")[0]
         if not pid.isdigit() or pid_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
@@ -91,11 +149,13 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 def temp_dir(path: str | os.PathLike) -> Path:
     """A new hidden temp folder beside `path` (`.NAME.aml-tmp-HOST-PID-RANDOM`) to build `path` in and rename;
-    those a killed builder of the same `path` left behind are removed first."""
+    the temps killed writers left in that folder are removed first (`remove_stale_temps`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_TAG}{host_tag()}-{os.getpid()}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_TAG}{host_tag()}-{os.getpid()}-", dir=path.parent))
+    _as_open_gives(tmp, folder=True)  # mkdtemp's 0700 -> what mkdir gives (it may become the built folder)
+    return tmp
 
 
 @contextlib.contextmanager
@@ -113,8 +173,10 @@ def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    The temp file is `.NAME.aml-tmp-HOST-PID-RANDOM`; those a killed writer of the same `path` left behind (its
-    PID gone) are removed first, so a killed write costs disk space only until the next write of the file.
+    The temp file is `.NAME.aml-tmp-HOST-PID-RANDOM`; those killed writers left in the folder (their PID gone)
+    are removed first, so a killed write costs disk space only until the next write into the folder. It
+    gets the mode `open()` would give (the replaced file's, else 0666 less the umask), not mkstemp's 0600. A full
+    device (ENOSPC, EDQUOT, a short write, torch's failed write) is one UserError naming `path`, never the temp.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,11 +185,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        _as_open_gives(tmp, like=path)
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None:  # e.g. ENOSPC from a write: name the file the user asked for
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    except (OSError, RuntimeError) as e:
+        if no_space(e):
+            raise no_space_error(path, e) from e
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename) == str(tmp)):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # name the user's file, not the temp
         raise
     finally:
         if tmp.exists():
@@ -164,6 +229,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented strict JSON."""
     with atomic_write(path) as f:
         f.write(json_text(obj, indent=2) + "\n")
+
+
+def read_npz(path: str | os.PathLike | IO[bytes], keys: tuple[str, ...], name: str = "") -> dict[str, Any]:
+    """The arrays `keys` of an .npz file (a path or an open binary file called `name`), never unpickled
+    (`allow_pickle=False`); a file that is not a plain .npz, lacks a key or holds object (pickled) arrays is one
+    UserError naming the file."""
+    import zipfile
+
+    import numpy as np
+
+    name = name or str(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise UserError(f"{name}: array '{missing[0]}' missing; rewrite the file with aml")
+            return {k: z[k] for k in keys}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # pickled arrays: ValueError
+        why = "it holds pickled objects, not plain arrays (refused: loading them could run code)"
+        why = why if "allow_pickle" in str(e) else f"not a readable .npz ({first_line(e)})"
+        raise UserError(f"{name}: {why}; rewrite the file with aml") from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

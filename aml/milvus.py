@@ -27,7 +27,7 @@ import numpy as np
 from aml.errors import UserError, first_line
 from aml.identity import check_compatible
 from aml.index import FILE_FIELDS, Index, index_identity
-from aml.io import sha256_lines
+from aml.io import read_npz, sha256_lines
 from aml.serve.backend import Source, index_generation, index_manifest
 
 MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
@@ -176,8 +176,8 @@ def _lw(meta: dict[str, str]) -> Any:
     from aml.whiten import Lw
 
     data = base64.b64decode("".join(meta[f"whiten/{i}"] for i in range(int(meta["whiten"]))))
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return Lw(z["m"], z["P"], "milvus:whiten.npz", str(z["key"]), str(z["variant"]))
+    z = read_npz(io.BytesIO(data), ("m", "P", "key", "variant"), "milvus:whiten.npz")
+    return Lw(z["m"], z["P"], "milvus:whiten.npz", str(z["key"]), str(z["variant"]))
 
 
 NAMES_PAGE = 10_000  # names read per query when a collection is opened

@@ -1,9 +1,11 @@
 """Search results a person can look at: each query (its box drawn) beside its top hits with their scores.
 
-`draw_results(out, queries, bbxs, hits, scores, labels=None, captions=None)` writes a PNG (PIL) or an HTML
-page (relative image paths), chosen by the suffix. `labels` (Q, k) of 'positive' / 'junk' / 'negative' frame
-each hit green / grey / red; `gnd_labels(gnd, ids)` makes them from revisitop ground truth and database
-positions, `name_ids` maps result names onto a dataset's imlist. `aml search --show` draws its results with
+`draw_results(out, queries, bbxs, hits, scores, labels=None, captions=None)` writes a PNG (PIL) or an HTML page,
+chosen by the suffix (`check_show_path` checks it before the work), each with a legend of the frames. The page links
+its images relatively where they lie below its folder (the folder can move as a whole), else by absolute `file://`
+URI (`image_url`: URL-quoted, so `#`, `?`, `%` in names are kept). `labels` (Q, k) of 'positive' / 'junk' /
+'negative' frame each hit green / grey / red; `gnd_labels(gnd, ids)` makes them from revisitop ground truth and
+database positions, `name_ids` maps result names onto a dataset's imlist. `aml search --show` draws its results with
 them; `aml evaluate --show` draws an evaluation's worst and best queries (`worst_and_best`, `draw_extremes`).
 """
 
@@ -14,14 +16,41 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aml.io import atomic_path, atomic_write
+from aml.errors import UserError
+from aml.io import atomic_path, atomic_write, check_writable_file
 
 COLOURS = {"positive": (0, 170, 0), "junk": (150, 150, 150), "negative": (210, 0, 0), None: (255, 255, 255)}
+QUERY_COLOUR = (255, 210, 0)  # the query's frame and its box
+SUFFIXES = (".png", ".html", ".htm")
+LEGEND = (  # (colour, meaning) as the legend of a drawing shows them
+    (QUERY_COLOUR, "query (its box drawn)"),
+    (COLOURS["positive"], "positive"),
+    (COLOURS["junk"], "junk (ignored)"),
+    (COLOURS["negative"], "negative"),
+    (COLOURS[None], "no ground truth"),
+)
 THUMB = 112
+
+
+def check_show_path(path: str | os.PathLike, option: str = "--show") -> None:
+    """Before the work: `path` is a writable .png / .html file, or a one-line UserError naming it."""
+    if Path(path).suffix.lower() not in SUFFIXES:
+        raise UserError(f"{option} {path}: expected a .png or .html file")
+    check_writable_file(path, option)
+
+
+def image_url(path: str | os.PathLike, page_dir: str | os.PathLike) -> str:
+    """The link from an HTML page in `page_dir` to image `path`: relative (URL-quoted) where the image lies
+    below `page_dir`, else its absolute `file://` URI; never HTML-escaped (the caller escapes)."""
+    target, base = Path(os.path.abspath(path)), Path(os.path.abspath(page_dir))
+    if target.is_relative_to(base):
+        return quote(target.relative_to(base).as_posix())
+    return target.as_uri()
 
 
 def gnd_labels(gnd: Sequence[dict[str, Any]], ids: np.ndarray) -> list[list[str | None]]:
@@ -76,7 +105,7 @@ def _thumb(path: str, bbx: Sequence[float] | None, size: int) -> Image.Image:
 
     img = _open_rgb(path)
     if bbx is not None:
-        ImageDraw.Draw(img).rectangle(list(bbx), outline=(255, 210, 0), width=max(2, max(img.size) // 100))
+        ImageDraw.Draw(img).rectangle(list(bbx), outline=QUERY_COLOUR, width=max(2, max(img.size) // 100))
     img.thumbnail((size, size))
     return img
 
@@ -101,10 +130,16 @@ def draw_results(
     k = max((len(h) for h in hits), default=0)
     pad, text = 6, 14
     cell = thumb + 2 * pad
-    canvas = Image.new("RGB", ((k + 1) * cell + pad, max(len(queries), 1) * (cell + text)), (255, 255, 255))
+    legend = _legend(labels is not None)
+    width = max((k + 1) * cell + pad, 110 * len(legend) + pad)
+    canvas = Image.new("RGB", (width, text + 2 * pad + max(len(queries), 1) * (cell + text)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    for i, (colour, meaning) in enumerate(legend):  # the legend: one swatch and its meaning each
+        x = pad + 110 * i
+        draw.rectangle([x, pad, x + 10, pad + 10], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 14, pad), meaning, fill=(0, 0, 0))
     for r, q in enumerate(queries):
-        y = r * (cell + text)
+        y = text + 2 * pad + r * (cell + text)
         im = _thumb(q, bbxs[r], thumb)
         canvas.paste(im, (pad, y + pad))
         draw.text((pad, y + cell - 2), captions[r][: cell // 6], fill=(0, 0, 0))
@@ -120,24 +155,41 @@ def draw_results(
     return out
 
 
+def _legend(labelled: bool) -> tuple[tuple[tuple[int, int, int], str], ...]:
+    """The legend entries of a drawing: the query's frame, and the label frames where hits are labelled."""
+    return LEGEND if labelled else ((QUERY_COLOUR, "query (its box drawn)"), (COLOURS[None], "hit (no ground truth)"))
+
+
+def _hex(colour: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*colour)
+
+
 def _html(out, queries, bbxs, hits, scores, labels, thumb, captions) -> Path:
     def img(path: str, border: tuple[int, int, int], title: str) -> str:
-        rel = os.path.relpath(os.path.abspath(path), out.parent.resolve())
-        colour = "#{:02x}{:02x}{:02x}".format(*border)
+        url = html.escape(image_url(path, out.parent), quote=True)
         return (
-            f'<figure><img src="{html.escape(rel)}" style="max-width:{thumb}px;max-height:{thumb}px;'
-            f'border:4px solid {colour}"><figcaption>{html.escape(title)}</figcaption></figure>'
+            f'<figure><a href="{url}"><img src="{url}" alt="{html.escape(Path(path).name, quote=True)}" '
+            f'style="max-width:{thumb}px;max-height:{thumb}px;border:4px solid {_hex(border)}"></a>'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>"
         )
 
-    rows = []
+    legend = "".join(
+        f'<span class="key"><span class="swatch" style="background:{_hex(c)}"></span>{html.escape(m)}</span>'
+        for c, m in _legend(labels is not None)
+    )
+    rows = [f'<div class="legend">Frames: {legend}; under each hit its score and name.</div>']
     for r, q in enumerate(queries):
         box = f" box {tuple(round(v) for v in bbxs[r])}" if bbxs[r] is not None else ""
-        cells = [img(q, (255, 210, 0), captions[r] + box)]
+        cells = [img(q, QUERY_COLOUR, captions[r] + box)]
         for c, h in enumerate(hits[r]):
             label = labels[r][c] if labels is not None else None
             cells.append(img(h, COLOURS[label], f"{scores[r][c]:.3f} {Path(h).stem}"))
         rows.append(f'<div class="row">{"".join(cells)}</div>')
-    style = "figure{display:inline-block;margin:4px;font:11px sans-serif;text-align:center}.row{white-space:nowrap}"
+    style = (
+        "figure{display:inline-block;margin:4px;font:11px sans-serif;text-align:center}.row{white-space:nowrap}"
+        ".legend{font:12px sans-serif;margin:4px}.key{margin-right:12px}.swatch{display:inline-block;width:10px;"
+        "height:10px;border:1px solid #000;margin-right:4px}"
+    )
     with atomic_write(out) as f:
         f.write(f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>\n")
         f.write("\n".join(rows))

@@ -8,6 +8,7 @@ are named here once.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ SIDECAR_VERSION = 1
 # `aml export --binary`: the sidecar's output.binary says the encoder's float vectors are to be binarised by the
 # consumer (`aml embed` writes the codes; `aml search` keeps the float queries, scored against a binary index
 # asymmetrically). The graph itself stays float: its equivalence gate, multi-scale and asymmetric use need that.
-BINARY_RULE = "bit = value > 0; numpy.packbits order: component 0 is the most significant bit of byte 0 (aml.binary)"
+BINARY_RULE = (
+    "bit = value > 2^-25 (compared in float32); numpy.packbits order: component 0 is the most significant bit of "
+    "byte 0 (aml.binary)"
+)
 REQUIRED = ("format", "precision", "mean", "std", "image_size", "dim", "msp", "whiten", "teacher", "verification")
 
 
@@ -63,7 +67,49 @@ def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not readable JSON ({e}); re-export the model") from e
-    missing = [k for k in REQUIRED if k not in info] if isinstance(info, dict) else list(REQUIRED)
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: not a JSON object ({type(info).__name__}); re-export the model with `aml export`")
+    missing = [k for k in REQUIRED if k not in info]
     if missing:
         raise UserError(f"{path}: field '{missing[0]}' missing; re-export the model with `aml export`")
+    for field, problem in _problems(info):
+        raise UserError(f"{path}: field '{field}': {problem}; re-export the model with `aml export`")
     return info
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _problems(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The fields of a sidecar whose values a reader cannot use: (field, what is wrong), in REQUIRED order."""
+    bad = []
+    if info["format"] not in FORMATS:
+        bad.append(("format", f"{info['format']!r} is not one of {', '.join(FORMATS)}"))
+    if info["precision"] not in PRECISIONS:
+        bad.append(("precision", f"{info['precision']!r} is not one of {', '.join(PRECISIONS)}"))
+    for key in ("mean", "std"):
+        v = info[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(_number(x) for x in v)):
+            bad.append((key, f"{v!r} is not 3 finite numbers (one per RGB channel)"))
+        elif key == "std" and min(v) <= 0:
+            bad.append((key, f"{v!r} holds a value <= 0"))
+    for key in ("image_size", "dim"):
+        v = info[key]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            bad.append((key, f"{v!r} is not a positive whole number"))
+    if not (_number(info["msp"]) and info["msp"] > 0):
+        bad.append(("msp", f"{info['msp']!r} is not a finite number > 0"))
+    w = info["whiten"]
+    if w is not None and not (isinstance(w, dict) and all(isinstance(w.get(k), str) for k in ("dataset", "variant"))):
+        bad.append(("whiten", f"{w!r} is neither null nor an object with string 'dataset' and 'variant'"))
+    for key in ("teacher", "verification", "output"):
+        v = info.get(key)
+        if v is not None and not isinstance(v, dict):
+            bad.append((key, f"{v!r} is neither null nor an object"))
+    binary = (info.get("output") or {}).get("binary") if isinstance(info.get("output"), dict) else None
+    if binary and not (isinstance(binary, dict) and binary.get("bits") == info["dim"]):
+        bad.append(("output.binary", f"{binary!r} does not record {info['dim']} bits (the 'dim')"))
+    if "sha256" in info and not (isinstance(info["sha256"], str) and len(info["sha256"]) == 64):
+        bad.append(("sha256", f"{info['sha256']!r} is not a hex sha256"))
+    return bad

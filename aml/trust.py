@@ -48,8 +48,19 @@ def set_trust_pickle(on: bool = True) -> None:
 
 
 def opt_in_hint() -> str:
-    """How a user opts in to loading a file that needs full unpickling (the end of every refusal)."""
-    return f"if you trust this file, pass --trust-pickle (or {ENV}=1) to load it anyway (that runs any code it holds)"
+    """How a user opts in to loading a file that needs full unpickling (the end of every refusal): the
+    `--trust-pickle` flag only where the running command has it, else `AML_TRUST_PICKLE=1` (and, outside a
+    command, `set_trust_pickle(True)`)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        how = f"set {ENV}=1 (or call aml.trust.set_trust_pickle(True))"
+    elif any("--trust-pickle" in p.opts for p in ctx.command.params):
+        how = f"pass --trust-pickle (or set {ENV}=1)"
+    else:
+        how = f"set {ENV}=1 in the environment"
+    return f"if you trust this file, {how} to load it anyway (that runs any code it holds)"
 
 
 def _warn(path: Path, why: str) -> None:

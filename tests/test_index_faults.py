@@ -360,3 +360,33 @@ def test_add_cli_refuses_or_skips_indexed_images(tmp_path, run_cli):
     assert code == 2 and "3 of 3 images are already in index" in err and len(err.splitlines()) == 1
     code, out, err = run_cli("index", "add", tmp_path / "db", "--images", lst, "--skip-existing", "--quiet")
     assert code == 0 and "+0 images (3 already in the index, skipped), 3 in all" in out, err
+
+
+# ------------------------------------------------------------------------------------------------ planted files
+def test_a_pickled_whiten_file_in_the_index_is_one_line(tmp_path):
+    d = tmp_path / "db"
+    make_index(d)
+    np.savez(d / "whiten.npz", m=np.zeros(DIM), P=np.array([{"payload": 1}], dtype=object), key="k", variant="v")
+    man = json.loads((d / "manifest.json").read_text())
+    files, sizes = (
+        {**man["files"], "whiten": "whiten.npz"},
+        {**man["bytes"], "whiten": (d / "whiten.npz").stat().st_size},
+    )
+    edit_manifest(d, sha256=None, files=files, bytes=sizes)  # a manifest written before digests
+    with pytest.raises(UserError, match="whiten.npz: it holds pickled objects"):
+        Index.open(d).lw()
+
+
+def test_a_binary_index_of_raw_vectors_warns(tmp_path, run_cli):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p}\n" for p in paths))
+    code, out, err = run_cli(*build_cli(lst, tmp_path / "db", "--type", "binary", "--random-init"))
+    assert code == 0, err
+    assert "warning:" in err and "binary index" in err and "bits are set" in err  # raw GeM of ReLU maps: all ones

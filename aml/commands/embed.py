@@ -33,9 +33,10 @@ def command(
 
     import numpy as np
 
-    from aml.io import atomic_write
+    from aml.io import atomic_write, check_writable_file
     from aml.onnx_embed import OnnxEncoder
 
+    check_writable_file(out, "--out")  # before the work: never found after embedding, never the temp file
     paths, bbxs = read_images(images, bbx)
     if model_path.endswith(".pte"):  # ExecuTorch program: its Python runtime (aml.pte_embed)
         from aml.pte_embed import PteEncoder as OnnxEncoder

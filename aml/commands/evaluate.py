@@ -125,13 +125,11 @@ def _common(f: Any) -> Any:
 
 def _check_show(show: str | None, ds: Any, row: str, rows: tuple[str, ...], dis: Any = None) -> None:
     """Before any work: the --show file and what it draws (the row; every database item needs its image)."""
-    from aml.io import check_writable_file
+    from aml.show import check_show_path
 
     if show is None:
         return
-    if Path(show).suffix.lower() not in (".png", ".html", ".htm"):
-        raise UserError(f"--show {show}: expected a .png or .html file")
-    check_writable_file(show, "--show")
+    check_show_path(show, "--show")
     if dis:
         raise UserError("--show: distractor features have no images to draw; drop --distractor-features or --show")
     if row and rows and row not in rows:

@@ -78,6 +78,7 @@ def build(
     overwrite,
 ) -> None:  # fmt: skip
     """Index the teacher's vectors of an image list (under torchrun: sharded across ranks, rank 0 writes)."""
+    from aml.binary import balance_warning
     from aml.data.images import read_image_list
     from aml.index import build_from_images, check_out
     from aml.io import check_writable_dir
@@ -99,6 +100,8 @@ def build(
                               quiet=not settings.progress)  # fmt: skip
     if index is not None:
         click.echo(f"{out}: {len(index)} x {index.dim} {kind} index of {t.identity['name']} ({settings.image_size} px)")
+        if kind == "binary" and (warning := balance_warning(index.stored(), index.dim, f"{out} (binary index)")):
+            click.echo(warning, err=True)
 
 
 @command.command("add")

@@ -14,6 +14,7 @@ from aml.commands._options import (
     read_images,
     search_device_option,
     threads_option,
+    trust_pickle_option,
 )
 
 
@@ -34,24 +35,33 @@ from aml.commands._options import (
     "Where faiss searches: auto (faiss-gpu on every GPU when installed, else the CPU), cpu, cuda (the first GPU), "
     "cuda:N, or cuda:all (every GPU, the index sharded across them)."
 )
+@trust_pickle_option
 @click.option("--force", is_flag=True, help="Search even when the encoder was trained for another teacher.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results, JSON lines.")
 @click.option("--show", type=click.Path(dir_okay=False), help="Also draw the results: a .png or .html file.")
 @click.option("--show-k", type=click.IntRange(min=1), default=8, show_default=True, help="Hits drawn per query.")
+@click.option(
+    "--show-n", type=click.IntRange(min=1), help="Queries drawn: the first N of the list (default: every query)."
+)
 @click.option("--dataset", help="revisitop dataset name: frame hits as positive / junk / negative.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding DATASET/gnd_DATASET.pkl.")
 def command(
     db, milvus, collection, encoder, encoder_weights, images, bbx, image_size, scales, topk, nprobe, hamming, device,
-    search_device, force, out, show, show_k, dataset, data_root,
+    search_device, force, out, show, show_k, show_n, dataset, data_root,
 ) -> None:  # fmt: skip
     """Search the index for each query image; write one JSON line per query, best first."""
     from aml.errors import UserError
     from aml.identity import IDENTITY_FIELDS, check_compatible
     from aml.index import index_identity, query_vectors
+    from aml.io import check_writable_file
     from aml.milvus import open_searched
+    from aml.show import check_show_path
 
     if dataset and not data_root:
         raise UserError("--dataset: needs --data-root DIR (the folder holding DATASET/gnd_DATASET.pkl)")
+    check_writable_file(out, "--out")  # the outputs before the work: never found after the search
+    if show:
+        check_show_path(show, "--show")
     index, db = open_searched(db, milvus, collection)  # an `aml index` directory or its Milvus copy
     index.gpus_for(search_device, topk, hamming=hamming)  # a device that cannot search it: refused before the work
     paths, bbxs = read_images(images, bbx)
@@ -85,8 +95,10 @@ def command(
         f"{out}: {len(paths)} queries, top {min(topk, len(index))} of {len(index)} ({index.kind}, {index.searched_on})"
     )
     if show:
-        _draw(show, paths, bbxs, index, s[:, :show_k], ids[:, :show_k], dataset, data_root)
-        click.echo(f"{show}: {len(paths)} queries drawn{f' ({dataset} ground truth)' if dataset else ''}")
+        n = min(show_n or len(paths), len(paths))
+        drawn = None if bbxs is None else bbxs[:n]
+        _draw(show, paths[:n], drawn, index, s[:n, :show_k], ids[:n, :show_k], dataset, data_root)
+        click.echo(f"{show}: {n} of {len(paths)} queries drawn{f' ({dataset} ground truth)' if dataset else ''}")
 
 
 def _write_results(out: str, paths: list[str], index: Any, s: np.ndarray, ids: np.ndarray) -> None:

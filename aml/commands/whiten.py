@@ -17,6 +17,7 @@ from aml.commands._options import (
     out_option,
     quiet_option,
     random_init_option,
+    trust_pickle_option,
 )
 
 
@@ -35,6 +36,7 @@ from aml.commands._options import (
 @click.option("--key", help="Dataset key of the Lw in the file (default: the training set's name).")
 @cache_dtype_option("Teacher feature cache storage (shared with training and evaluation).")
 @out_option("Whitening file to write (e.g. LW.pt).", required=True)
+@trust_pickle_option
 @quiet_option()
 def command(
     teacher: str,
@@ -56,10 +58,11 @@ def command(
     """Learn the teacher's whitening on a training set and write it as a whitening file."""
     from aml.cache import DEFAULT_DTYPE
     from aml.data.spec import parse_data_spec
-    from aml.io import aml_home
+    from aml.io import aml_home, check_writable_file
     from aml.teacher_vectors import TeacherVectors
     from aml.whiten import learn_teacher_lw
 
+    check_writable_file(out, "--out")  # before the teacher's vectors are extracted
     train = parse_data_spec(data_spec).train
     variants = {"ss": (1.0,)}
     if scales != (1.0,):
