@@ -68,7 +68,8 @@ def _bits(names: Sequence[str]) -> int:
 
 
 def label_matrix(gnd: Sequence[Mapping], n_db: int) -> np.ndarray:
-    """(Q, n_db) int8 labels: bit 1 easy, 2 hard, 4 junk (0: negative, e.g. every distractor)."""
+    """(Q, n_db) int8 labels: bit 1 easy, 2 hard, 4 junk (0: negative, e.g. every distractor); `n_db` may stop
+    after the last image the ground truth names."""
     labels = np.zeros((len(gnd), n_db), dtype=np.int8)
     for key, bit in _BITS.items():
         lists = [np.asarray(g[key], dtype=np.int64).reshape(-1) for g in gnd]
@@ -150,8 +151,21 @@ def score_rankings(
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
         raise ValueError(f"ranks must be (Q={len(gnd)}, K), got shape {ranks.shape}")
-    labels = label_matrix(gnd, n_db)
-    ranked = np.take_along_axis(labels, ranks.astype(np.intp, copy=False), axis=1)  # (Q, K) by position
+    idx = ranks.astype(np.intp, copy=False)
+    if idx.size and (idx.max() >= n_db or idx.min() < -n_db):
+        raise IndexError(f"ranks hold database indices outside [0, {n_db})")
+    idx = np.where(idx < 0, idx + n_db, idx)  # numpy's indexing, as a (Q, n_db) label matrix read it
+    # Only the images named by the ground truth have labels: the matrix stops after the last one (1M distractors
+    # would make it 70 MB to fill and scan), every index beyond it is a negative.
+    listed = [np.asarray(g[key], dtype=np.int64).reshape(-1) for g in gnd for key in _BITS]
+    width = min(n_db, 1 + max((int(x.max()) for x in listed if x.size), default=-1))
+    labels = label_matrix(gnd, width)
+    if width == n_db:
+        ranked = np.take_along_axis(labels, idx, axis=1)  # (Q, K) label bits by position
+    else:
+        inside = idx < width
+        ranked = np.zeros(idx.shape, np.int8)
+        ranked[inside] = labels[np.nonzero(inside)[0], idx[inside]]
     row, pos = np.nonzero(ranked)  # row-major: sorted by (query, position)
     code = ranked[row, pos]
     out = {}

@@ -16,11 +16,14 @@ through `aml.faiss_gpu`; topk up to its MAX_K). Binary codes are searched on the
 Measured (benchmarks/eval_speed.py's data, 1M x 2048-d float16, 70 queries, top 10,000, one thread, the
 earlier blockwise-merge search in the same process): 6.7 vs 16.6 CPU seconds, the same ranking. What is left
 is the float32 GEMM (2.9e11 flops, ~5 s at one core's ~57 GFLOPS); float16 is cast by torch into one reused
-buffer (0.65 s per 1M rows; numpy's cast is ~9x slower) and `top_k` costs ~0.3 s.
+buffer (0.65 s per 1M rows; numpy's cast is ~9x slower) and `top_k` costs ~0.3 s. The casts run with torch on
+one thread (`_torch_one_thread`): with its OpenMP threads awake between OpenBLAS's products, both pools spun for the
+same cores (2 threads on 2 cores: half the wall and CPU time, paired on a loaded machine, the same results).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -105,6 +108,22 @@ def _to_float32(dim: int, scale: float | None) -> Callable[[np.ndarray, np.ndarr
     return convert
 
 
+@contextlib.contextmanager
+def _torch_one_thread() -> Iterator[None]:
+    """torch on one thread while a CPU search runs (if torch is loaded), then back to its count: its float16 casts,
+    between two OpenBLAS products, otherwise wake torch's OpenMP threads, which spin for the cores OpenBLAS's
+    threads need next (2 threads on 2 cores: about twice the wall and CPU time). numpy's product keeps its threads."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else 1
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
 def _blocks(parts: list[np.ndarray], dim: int, scale: float | None, block: int | None) -> Iterator[tuple[int, Any]]:
     """(offset, float32 rows) blocks of the concatenated parts (one reused buffer)."""
     block = block or max(256, BLOCK_BYTES // (4 * dim))
@@ -127,10 +146,11 @@ def _scores(q: np.ndarray, parts: list[np.ndarray], n: int, scale: float | None,
             s[:, off : off + x.shape[0]] = qt @ torch.from_numpy(x).to(dev).T
         return s.cpu().numpy()
     s = np.empty((q.shape[0], n), np.float32)
-    for off, x in _blocks(parts, q.shape[1], scale, block):
-        s[:, off : off + x.shape[0]] = (x @ q.T).T  # measured faster than q @ x.T (OpenBLAS, M = Q small)
-        if scale is not None:
-            s[:, off : off + x.shape[0]] *= np.float32(scale)
+    with _torch_one_thread():
+        for off, x in _blocks(parts, q.shape[1], scale, block):
+            s[:, off : off + x.shape[0]] = (x @ q.T).T  # measured faster than q @ x.T (OpenBLAS, M = Q small)
+            if scale is not None:
+                s[:, off : off + x.shape[0]] *= np.float32(scale)
     return s
 
 

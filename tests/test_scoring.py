@@ -136,6 +136,13 @@ def test_distractors_are_negatives():
     check_against_reference(ranks, g["gnd"], n_db + 3000)
 
 
+def test_an_index_outside_the_database_is_refused():
+    """The label matrix stops after the last listed image; an index past the database is still an error."""
+    assert one([3, 9], easy=[3], n_db=10)["E"].ap[0] == 1.0
+    with pytest.raises(IndexError, match="outside"):
+        one([3, 10], easy=[3], n_db=10)
+
+
 # ---- hand-made cases ------------------------------------------------------------------------------------
 
 

@@ -145,3 +145,28 @@ def test_one_device_parser():
         with pytest.raises(UserError, match=f"--device {bad}: unknown device; use auto, cpu, cuda or cuda:N$"):
             parse_device(bad)
     assert check_device("cuda:1") == "cuda:1"
+
+
+def test_cpu_search_runs_torch_on_one_thread_and_restores_it(data, monkeypatch):
+    """Between OpenBLAS's products, the float16 casts run with torch on one thread (its OpenMP threads would spin
+    for OpenBLAS's cores); the count comes back after the search, and the ranking is the float32 one."""
+    torch = pytest.importorskip("torch")
+    import aml.search as core
+
+    q, db = data
+    seen, convert = [], core._to_float32
+
+    def spy(dim, scale):
+        inner = convert(dim, scale)
+        return lambda x, buf: (seen.append(torch.get_num_threads()), inner(x, buf))[1]
+
+    monkeypatch.setattr(core, "_to_float32", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = search(q, db.astype(np.float16), 50, device="cpu", block=256)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+    assert_same_ranking(got, brute(q, db.astype(np.float16), 50))

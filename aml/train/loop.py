@@ -17,20 +17,20 @@ from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, write_json
 from aml.progress import progress_bar, write_line
-from aml.registry import create_model, model_identity
+from aml.registry import model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
 from aml.train.batches import Embedder, ImageTensors, StepImages
-from aml.train.batchnorm import estimate_on_images, set_train_mode
+from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
-from aml.train.head_init import head_for, run_start
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
 from aml.train.quick_eval import QuickEval
 from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed
+from aml.train.student import build_student, start_student
 from aml.train.warmup import Warmup
 
 
@@ -121,52 +121,18 @@ class Trainer:
         self.teacher.release()
 
     def _build_student(self, *, fresh: bool) -> None:
-        """The student with a projection head to the teacher's dimension; a fresh random-weight student gets
-        its BatchNorm statistics from training images."""
-        cfg = self.cfg
-        student = create_model(
-            cfg.student,
-            role="student",
-            weights=cfg.student_weights,
-            dim=self.identity["dim"],
-            head=head_for(recipe.head_init(cfg)),
-            glam=cfg.glam,
-            layernorm=recipe.head_norm(cfg) == "layernorm",
-            random_init=cfg.random_student(),
-            weights_option="--student-weights",
-        )
-        student.meta["aml"]["teacher"] = self.identity
-        self.student = student.to(self.device).to(memory_format=torch.channels_last)
-        if cfg.random_student() and fresh:  # no BatchNorm statistics: set from `bn_images` training images
-            estimate_on_images(self.student, self.train.paths, count=cfg.bn_images, size=cfg.image_size,
-                               batch_size=cfg.batch_size, seed=cfg.seed, device=self.device)  # fmt: skip
+        """The student with a projection head to the teacher's dimension (`student.build_student`)."""
+        self.student = build_student(self.cfg, self.identity, self.train.paths, self.device, fresh=fresh)
 
     def _init_head(self) -> dict[str, Any] | None:
-        """Fit the fresh student's head to the teacher in closed form (`recipe.head_init`), before epoch 1.
+        """Fit the fresh student's head to the teacher in closed form (`student.start_student`), before epoch 1.
 
         Under DDP only rank 0 fits: DistributedDataParallel copies rank 0's weights to every rank."""
-        cfg = self.cfg
         if not self.dist.main:
             return None
-        info = run_start(
-            self.student,
-            recipe.head_init(cfg),
-            student_name=cfg.student,
-            student_weights=cfg.student_weights,
-            random_student=cfg.random_student(),
-            teacher_identity=self.identity,
-            bn_images=cfg.bn_images,
-            paths=self.train.paths,
-            teacher_vectors=self.train_teacher,
-            teacher_net=self.teacher.net,
-            image_size=cfg.image_size,
-            count=cfg.init_images,
-            flip=cfg.init_flip,
-            seed=cfg.seed,
-            device=self.device,
-        )
+        info = start_student(self.cfg, self.student, self.identity, self.train.paths, self.train_teacher,
+                             self.teacher.net, self.device)  # fmt: skip
         self.teacher.release()
-        self.student.to(memory_format=torch.channels_last)
         return info
 
     def _wrap_model(self) -> None:
