@@ -324,7 +324,7 @@ def test_search_show_n_draws_the_first_queries(tmp_path, image_list, run_cli, mo
     db_names = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
 
     class Fake:
-        names, meta, kind, searched_on, note = db_names, {}, "flat", "cpu", ""
+        names, meta, kind, searched_on, note = db_names, {"image_size": 32}, "flat", "cpu", ""
 
         def __len__(self):
             return 3
