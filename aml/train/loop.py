@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aml.data.sources import describe, parse_data_specs, source_shares
 from aml.errors import UserError
 from aml.extract import auto_workers, extract, resolve_device
 from aml.io import aml_home, write_json
+from aml.losses import LABEL_FREE
 from aml.progress import progress_bar, write_line
 from aml.registry import create_model, model_identity
 from aml.settings import ExtractSettings
@@ -30,7 +32,7 @@ from aml.train.head_init import head_for, run_start
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
 from aml.train.quick_eval import QuickEval
-from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed
+from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed, run_lock
 from aml.train.warmup import Warmup
 
 
@@ -49,14 +51,19 @@ class Trainer:
         """`given`: the config fields the user set (command-line options); with `resume`, only those are compared
         with the checkpoint's config (None: every field). `overwrite`: clear a finished run in `cfg.out` first."""
         self.progress = progress
-        recipe.check(cfg)
+        if not resume:  # a resumed run's loss and recipe are its checkpoint's: checked once merged
+            recipe.check(cfg)
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
         checkpoint = None
         if resume:
             self.checkpoint_path = self.run_dir / "last.pt"
             checkpoint = load_checkpoint(self.checkpoint_path)
-            cfg = merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]), given)
+            try:
+                saved = TrainConfig.from_dict(checkpoint["config"])
+            except UserError as e:
+                raise UserError(f"{self.checkpoint_path}: {e}") from None
+            cfg = recipe.check(merge_resumed(cfg, saved, given))
         model_identity(cfg.teacher, cfg.teacher_weights, cfg.random_init, weights_option="--teacher-weights")
         self._set_device(cfg)
         self.cfg = cfg.replace(out=str(self.run_dir))
@@ -204,6 +211,23 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _check_weights(self, epoch: int, step: int) -> None:
+        """Stop a run whose optimiser step left NaN or inf in the student (every rank holds the same weights)."""
+        params = [p for p in self.student.parameters() if p.is_floating_point()]
+        if torch.stack([p.detach().isfinite().all() for p in params]).all():
+            return
+        name = next(n for n, p in self.student.named_parameters() if not p.detach().isfinite().all())
+        self._diverged(epoch, step, f"the student's weights hold NaN or inf ({name})")
+
+    def _diverged(self, epoch: int, step: int, cause: str) -> None:
+        """The one-line error of a diverged run: where, why, and the fix; nothing of this epoch is saved."""
+        kept = self.run_dir / "last.pt"
+        keep = f"{kept} (the last good epoch) is kept" if kept.exists() else "no checkpoint was written"
+        raise UserError(
+            f"{self.run_dir}: training diverged at epoch {epoch + 1}, step {step + 1}: {cause}; lower --lr (now "
+            f"{self.cfg.lr:g}) and start again (--overwrite); {keep}"
+        )
+
     # ---------------------------------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch of the objective's steps (this rank's share); returns its log record."""
@@ -212,6 +236,13 @@ class Trainer:
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         warmup = self.warmup.apply(epoch)
         ep = self.objective.epoch(rng, self._student_vectors)
+        if not ep.batches:
+            raise UserError(
+                f"--data {' --data '.join(cfg.data)}: epoch {epoch + 1} has no training steps (no tuples formed from "
+                f"{len(self.train)} images, {self.train.num_clusters} labels; {ep.plan.dropped} tuples dropped for "
+                f"too few negatives); give more images per label and more labels, or use a label-free loss "
+                f"({', '.join(LABEL_FREE)})"
+            )
         usable = len(ep.batches) // self.dist.world * self.dist.world or len(ep.batches)
         batches = ep.batches[:usable][self.dist.rank :: self.dist.world]
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
@@ -232,9 +263,14 @@ class Trainer:
             with sync:
                 loss = self.objective(ep, b, imgs, self.embed)
                 self.scaler.scale(loss / cfg.update_every).backward()
+            value = float(loss.detach())
+            # fp16: the scaler skips such steps itself; under DDP the weights check below stops every rank alike
+            if not math.isfinite(value) and cfg.amp != "fp16" and self.dist.world == 1:
+                self._diverged(epoch, step, f"the loss is {value}")
             if last:
                 self._step()
-            total += float(loss.detach())
+                self._check_weights(epoch, step)
+            total += value
             n_images += len(imgs)
             lr, speed = self.optimizer.param_groups[0]["lr"], n_images / (time.perf_counter() - t1)
             bar.set_postfix_str(f"loss {total / (step + 1):.4f} lr {lr:.2e} {speed:.1f} img/s", refresh=False)
@@ -319,5 +355,7 @@ def distill(
     given: frozenset[str] | None = None,
 ) -> Path:
     """Run a distillation and return its run directory (checkpoints, log.jsonl, config.json); `overwrite` and
-    `given` as in `Trainer`."""
-    return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, given=given).fit()
+    `given` as in `Trainer`. The run folder is locked (`run_lock`): a second run into it is refused."""
+    cfg = cfg.replace(out=cfg.out or str(default_run_dir(cfg)))
+    with run_lock(Path(cfg.out)):
+        return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, given=given).fit()
