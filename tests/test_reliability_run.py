@@ -98,7 +98,7 @@ def test_non_finite_vectors_stop_extraction_naming_the_cause(tmp_path):
     assert np.allclose(np.linalg.norm(extract(net, paths, settings), axis=1), 1, atol=1e-5)
     with torch.no_grad():
         next(net.parameters()).fill_(float("nan"))
-    with pytest.raises(UserError, match=r"2 of 2 vectors are not unit vectors, first .*a\.png.*weights hold NaN"):
+    with pytest.raises(UserError, match=r"2 of 2 vectors are NaN or inf, first .*a\.png.*weights hold NaN"):
         extract(net, paths, settings)
 
 
@@ -165,8 +165,10 @@ def test_a_16_bit_png_reads_as_its_8_bit_copy(tmp_path):
 def test_a_too_small_image_is_refused_naming_the_file(tmp_path, home):
     net = create_model("lite2")  # its pretrained features vanish below 32 px (a norm 0.973 vector)
     paths = [str(_image(tmp_path / "ok.png", (64, 48))), str(_image(tmp_path / "dot.png", (1, 1)))]
-    with pytest.raises(UserError, match=r"first .*dot\.png \(norm 0\.97.*1x1 px as loaded.*at least 32 px"):
+    with pytest.raises(UserError, match=r"dot\.png: a 1x1 px image, too small .*norm 0\.97.*at least 32 px"):
         extract(net, paths, ExtractSettings(64, workers=0, device="cpu", progress=False))
+    ok = extract(net, paths[:1], ExtractSettings(64, workers=0, device="cpu", progress=False))
+    assert abs(float(np.linalg.norm(ok)) - 1) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- one writer per run
@@ -252,6 +254,7 @@ def test_data_split_is_never_half_written_and_names_stay_under_out(tmp_path, run
     _image(lab / "e" / "e1.png", seed=99)
     for bad in ("../x", "..", "a/b", "."):
         one_line(run_cli("data", "split", "--folder", lab, "--out", out, "--name", bad), "not a plain name")
+    one_line(run_cli("data", "split", "--folder", tmp_path / "no", "--out", out, "--name", "../x"), "not a plain name")
     assert not (tmp_path / "x").exists()
     code, _, err = run_cli("data", "split", "--folder", lab, "--out", out, "--name", "ds")
     assert code == 0, err
