@@ -32,6 +32,7 @@ from aml.whiten import Lw
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+MIN_SIDE = 32  # the networks' stride: an image whose longest side is shorter may give a vanishing vector
 MEMORY_FORMAT = torch.channels_last  # the faster layout for these networks' convolutions, on the CPU and on a GPU
 
 __all__ = [
@@ -187,7 +188,37 @@ def extract(
     finally:
         job.bar.close()
         model.train(was_training)
+    check_vectors(out, paths, model)
     return out
+
+
+UNIT_TOL = 1e-2  # a row whose norm is further than this from 1 is not a descriptor (aml.evaluate's check too)
+
+
+def check_vectors(out: np.ndarray, paths: Sequence[str], model: nn.Module) -> None:
+    """UserError naming the first image whose vector is not finite (and the cause: the model's weights when they
+    hold NaN or inf), or not of unit norm while the image file is smaller than MIN_SIDE (its features vanish: a
+    pretrained lite2 gives every such image the same vector, of norm 0.973). A non-unit vector of a larger image
+    passes (a random-init EfficientNet gives 0.973 on any image, which tests rely on)."""
+    norms = np.linalg.norm(out, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        i = int(bad[0])
+        what = f"{bad.size} of {len(paths)} vectors are NaN or inf, first {paths[i]}"
+        weights = model.state_dict().items()
+        name = next((k for k, v in weights if v.is_floating_point() and not v.isfinite().all()), None)
+        if name is not None:
+            raise UserError(
+                f"{what}: the model's weights hold NaN or inf ({name}); use a model from a run that did not diverge"
+            )
+        raise UserError(f"{what}: the network overflowed on this image; remove it from the list")
+    for i in np.flatnonzero(~(np.abs(norms - 1) <= UNIT_TOL)).tolist():
+        w, h = header_size(paths[i])
+        if max(w, h) < MIN_SIDE:
+            raise UserError(
+                f"{paths[i]}: a {w}x{h} px image, too small for the network (its vector has norm {norms[i]:.4g}, "
+                f"not 1); use images of at least {MIN_SIDE} px, or remove it from the list"
+            )
 
 
 def loaded_sizes(paths: Sequence[str], bbxs: Sequence[Bbx] | None, image_size: int) -> np.ndarray:

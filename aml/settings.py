@@ -58,6 +58,22 @@ def check_backend(backend: str, option: str = "--backend") -> str:
     return backend
 
 
+# The largest scale: a scale above 1 upsamples the loaded image, and memory grows with the square of the scale
+# (cirtorch's multi-scale uses at most 1; sqrt(2) in some of its tables).
+MAX_SCALE = 2.0
+
+
+def check_scales(scales: tuple[float, ...], option: str = "--multiscale") -> tuple[float, ...]:
+    """`scales` if there are some and each is a number in (0, MAX_SCALE], else a one-line UserError."""
+    bad = [s for s in scales if not 0 < s <= MAX_SCALE]  # also NaN
+    if not scales or bad:
+        raise UserError(
+            f"{option} {','.join(f'{s:g}' for s in scales)}: scales must be in (0, {MAX_SCALE:g}] (a scale above 1 "
+            "upsamples the image; memory grows with its square)"
+        )
+    return scales
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """How images become vectors: longest side `image_size`, `scales`, images per forward (`batch_size`,
@@ -74,7 +90,7 @@ class ExtractSettings:
 
     def __post_init__(self) -> None:
         check_backend(self.backend)
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "scales", check_scales(tuple(float(s) for s in self.scales)))
         object.__setattr__(self, "image_size", int(self.image_size))
         if self.workers is not None and self.workers < 0:
             object.__setattr__(self, "workers", None)

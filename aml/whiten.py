@@ -51,6 +51,19 @@ class Lw:
             raise UserError(f"{self.source}: Lw with m of {m.size} values and P {P.shape}; P must be (d, {m.size})")
         if self.variant not in VARIANTS:
             raise ValueError(f"Lw variant {self.variant!r}; expected one of {VARIANTS}")
+        for field, a in (("m", m), ("P", P)):
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad:
+                raise UserError(
+                    f"{self.source}: {field}: {bad} of {a.size} values are NaN or inf; the whitening is damaged, "
+                    "learn it again (aml whiten) or drop --whiten"
+                )
+        zero = np.flatnonzero(~P.any(axis=1))
+        if zero.size:
+            raise UserError(
+                f"{self.source}: P: {zero.size} of {P.shape[0]} rows are all zero (a singular whitening: whitened "
+                "vectors would be zero); learn it again (aml whiten) or drop --whiten"
+            )
         object.__setattr__(self, "m", m)
         object.__setattr__(self, "P", P)
 

@@ -26,10 +26,12 @@ from aml.settings import (
     BATCH_SIZE,
     CPU_BATCH,
     DEVICES,
+    MAX_SCALE,
     MULTISCALE,
     ORT_MIN_IMAGES,
     ExtractSettings,
     check_device,
+    check_scales,
 )
 from aml.whiten import FIRST
 
@@ -55,8 +57,11 @@ def parse_scales(text: str) -> tuple[float, ...]:
         scales = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"'{text}': expected comma-separated numbers, e.g. {MULTISCALE_TEXT}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise click.BadParameter(f"'{text}': expected positive scales, e.g. {MULTISCALE_TEXT}")
+    if not _checked(check_scales, scales):
+        raise click.BadParameter(
+            f"'{text}': expected scales in (0, {MAX_SCALE:g}] (above 1 upsamples the image; memory grows with its "
+            f"square), e.g. {MULTISCALE_TEXT}"
+        )
     return tuple(2**-0.5 if math.isclose(s, 2**-0.5, abs_tol=1e-4) else s for s in scales)
 
 

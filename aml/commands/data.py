@@ -74,8 +74,16 @@ def _split(
 ) -> None:
     from pathlib import Path
 
-    from aml.data.folders import parse_ranges, read_groups_csv, read_label_folder, write_object_split
+    from aml.data.folders import (
+        check_dataset_name,
+        parse_ranges,
+        read_groups_csv,
+        read_label_folder,
+        write_object_split,
+    )
 
+    if name is not None:
+        check_dataset_name(name)  # before reading anything
     if (groups is None) == (folder is None):
         raise UserError("aml data split: give exactly one of --groups CSV or --folder DIR")
     if test_folder is not None and (groups is not None or train_objects or test_objects):

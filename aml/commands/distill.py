@@ -193,7 +193,9 @@ def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | 
     from aml.train.loop import distill
 
     preset = preset or ("aml" if opts["data"] else "demo")
-    cfg = check(config_from_options(preset, opts))  # before any work
+    cfg = config_from_options(preset, opts)
+    # before any work; a resumed run's loss is its checkpoint's, so what the loss makes of it is checked once merged
+    cfg = cfg.validate(CHOICES) if resume else check(cfg)
     given = given_fields(click.get_current_context())
     if baseline is None:
         baseline = preset == "demo" and not resume

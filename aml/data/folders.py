@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from aml.data.images import check_unique, header_size
 from aml.data.trainset import RevisitopRef, TrainSet
 from aml.errors import UserError
 
@@ -124,8 +124,9 @@ def read_groups_csv(path: str | os.PathLike) -> tuple[list[str], list[str], list
         )
     ci, co = header.index("image"), header.index("object")
     cs = header.index("split") if "split" in header else None
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
-    for ln, r in enumerate(body, start=2):
+    numbered = [(ln, r) for ln, r in enumerate(rows[1:], start=2) if any(c.strip() for c in r)]
+    body = [r for _, r in numbered]
+    for ln, r in numbered:
         if len(r) < len(header) or not r[ci].strip() or not r[co].strip():
             raise UserError(
                 f"{path}: line {ln}: {','.join(r)!r} has an empty or missing field; every row needs {','.join(header)}"
@@ -137,6 +138,7 @@ def read_groups_csv(path: str | os.PathLike) -> tuple[list[str], list[str], list
     base = path.parent
     images = [r[ci].strip() for r in body]
     paths = [_resolve(base, im) for im in images]
+    check_unique(paths, [ln for ln, _ in numbered], path, "image")
     splits = [r[cs].strip() for r in body] if cs is not None else None
     return paths, [r[co].strip() for r in body], splits
 
@@ -263,6 +265,7 @@ def write_test_split(
             f"{len(missing)} of {len(paths)} test images are missing, first: "
             f"{', '.join(missing[:5])}; check the CSV / folder"
         )
+    sizes = [header_size(p) for p in paths]  # an unreadable image: one line, before anything is written
     names = image_names(paths)
     jpg = Path(data_root) / name / "jpg"
     jpg.mkdir(parents=True, exist_ok=True)
@@ -272,12 +275,8 @@ def write_test_split(
             dst.unlink()
         if copy:
             shutil.copyfile(src, dst)
-        else:
-            os.symlink(os.path.abspath(src), dst)
-    sizes = []
-    for p in paths:
-        with Image.open(p) as im:
-            sizes.append(im.size)
+        else:  # to the file itself: a source that is a link of an earlier split stays valid when that is replaced
+            os.symlink(os.path.realpath(src), dst)
     write_revisitop(data_root, name, names, names, query_all_gnd(cluster, sizes))
     return RevisitopRef(str(data_root), name)
 
@@ -295,21 +294,37 @@ def write_object_split(
 ) -> tuple[TrainSet, RevisitopRef, Path]:
     """Split labelled images by object and write the test part in revisitop layout at `data_root/name/`, plus
     `data_root/name/groups.csv` (`image,object,split`, all images): `groups:` on it trains on this split."""
-    from aml.io import atomic_write
+    from aml.io import atomic_write, scratch_dir
 
+    check_dataset_name(name)
+    folder = Path(data_root) / name
+    if folder.exists() and any(folder.iterdir()) and not (folder / "groups.csv").is_file():
+        raise UserError(
+            f"{folder}: exists and is not a split written by aml data split (no groups.csv); choose another --name "
+            "or --out"
+        )
     train, test_paths, test_keys = split_by_object(
         paths, labels, name, splits=splits, train_objects=train_objects, test_objects=test_objects
     )
     if not test_paths:
         raise UserError(f"{name}: the test split is empty; choose test objects that exist")
-    ref = write_test_split(data_root, name, test_paths, test_keys, copy=copy)
-    folder = Path(data_root) / name
-    csv_path = folder / "groups.csv"
-    with atomic_write(csv_path) as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "object", "split"])
-        for p, k in zip(train.paths, train.cluster.tolist(), strict=True):
-            w.writerow([os.path.abspath(p), k, "train"])
-        for nm, k in zip(image_names(test_paths), test_keys.tolist(), strict=True):
-            w.writerow([f"jpg/{nm}.jpg", k, "test"])
-    return train, ref, csv_path
+    with scratch_dir(folder) as tmp:  # built beside, renamed into place: never half written
+        write_test_split(tmp, name, test_paths, test_keys, copy=copy)
+        with atomic_write(tmp / name / "groups.csv") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["image", "object", "split"])
+            for p, k in zip(train.paths, train.cluster.tolist(), strict=True):
+                w.writerow([os.path.abspath(p), k, "train"])
+            for nm, k in zip(image_names(test_paths), test_keys.tolist(), strict=True):
+                w.writerow([f"jpg/{nm}.jpg", k, "test"])
+        if folder.exists():  # an earlier split (or an empty folder): moved into the scratch folder, removed with it
+            os.replace(folder, tmp / "replaced")
+        os.replace(tmp / name, folder)
+    return train, RevisitopRef(str(data_root), name), folder / "groups.csv"
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it is a plain folder name (DATA_ROOT/NAME stays under DATA_ROOT), else a one-line UserError."""
+    if not name or name in (".", "..") or "/" in name or (os.altsep and os.altsep in name) or "\0" in name:
+        raise UserError(f"--name {name!r}: not a plain name (no '/', '.' or '..'); the set is written to --out/NAME")
+    return name

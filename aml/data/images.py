@@ -28,10 +28,23 @@ def _unreadable(path: str | os.PathLike, e: Exception) -> UserError:
     return UserError(f"{path}: cannot read image ({type(e).__name__}: {e}); fix or remove it from the list")
 
 
+# Integer modes of more than 8 bits (16-bit grayscale PNG, TIFF): PIL's convert("RGB") clips them to 255 (white).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """An image of a 16-bit integer mode as 8-bit grayscale ('L'): 0..65535 -> 0..255 (x / 257, rounded), the
+    exact inverse of 8-bit x 257; other modes unchanged."""
+    if im.mode not in WIDE_MODES:
+        return im
+    a = np.asarray(im).astype(np.float32)
+    return Image.fromarray(np.rint(np.clip(a, 0, 65535) / 257).astype(np.uint8), mode="L")
+
+
 def _open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_8bit(im).convert("RGB")
     except _UNREADABLE as e:
         raise _unreadable(path, e) from e
 
@@ -97,11 +110,28 @@ def read_image_list(path: str | os.PathLike, what: str = "image list") -> list[s
         text = None
     if text is None or "\0" in text:
         raise UserError(f"{p}: the {what} is not a text list (binary content); give a text file, one image path a line")
-    lines = [ln.strip() for ln in text.splitlines()]
-    paths = [ln if os.path.isabs(ln) else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    lines = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1)]
+    kept = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    paths = [ln if os.path.isabs(ln) else str(p.parent / ln) for _, ln in kept]
     if not paths:
         raise UserError(f"{p}: the {what} is empty; one image path per line ('#' starts a comment)")
+    check_unique(paths, [n for n, _ in kept], p, "image")
     return paths
+
+
+def check_unique(paths: Sequence[str], lines: Sequence[int], where: str | os.PathLike, what: str) -> None:
+    """UserError naming the file and the line numbers of the first image listed twice (a duplicate would match
+    itself: a test set scored as perfect, a database answering twice)."""
+    seen: dict[str, int] = {}
+    for path, line in zip(paths, lines, strict=True):
+        key = os.path.normpath(path)
+        if key in seen:
+            n = sum(os.path.normpath(q) == key for q in paths)
+            raise UserError(
+                f"{where}: lines {seen[key]} and {line} list the same {what} {path} ({n} times in all); list each "
+                "image once"
+            )
+        seen[key] = line
 
 
 def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:

@@ -36,6 +36,10 @@ from aml.io import aml_home, temp_dir
 SYNTH_VERSION = 1  # bump when the generator's output changes: cached default sets are keyed by it
 SYNTH_PICKLE = "retrieval-SfM-synth.pkl"
 SYNTH_NAME = "synth"
+# Bounds of `aml data synth` (SynthConfig.check): peak memory at MAX_SIZE measured 0.57 GB (one landmark),
+# MAX_IMAGES is about SfM-120k's image count.
+MAX_SIZE = 2048
+MAX_IMAGES = 200_000
 META = "synth-meta.json"
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "distractor": 3}
 TRAIN_PLAN = (
@@ -76,6 +80,24 @@ class SynthConfig:
             raise UserError(f"synth: views = {self.views}; need at least 2 views per landmark to form pairs")
         if self.size < 32:
             raise UserError(f"synth: size = {self.size}; use at least 32 px")
+        if self.size > MAX_SIZE:
+            raise UserError(
+                f"synth: size = {self.size}; at most {MAX_SIZE} px (a scene is drawn at 1.5x the size, memory grows "
+                f"with its square: 0.57 GB at {MAX_SIZE} px)"
+            )
+        if self.images() > MAX_IMAGES:
+            raise UserError(
+                f"synth: {self.images()} images; at most {MAX_IMAGES} (SfM-120k's size: a set this large is real "
+                "data's job, and generating it would take days); lower --landmarks / --views / --db-views"
+            )
+
+    def images(self) -> int:
+        """How many images the set holds (training, validation, test queries and database, distractors)."""
+        return (
+            (self.landmarks + self.val_landmarks) * self.views
+            + self.test_landmarks * (self.queries + self.db_views)
+            + self.distractors * self.distractor_views
+        )
 
 
 def _rng(cfg: SynthConfig, split: str, k: int, view: int = -1) -> np.random.Generator:

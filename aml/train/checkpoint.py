@@ -43,6 +43,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     for key in ("state_dict", "meta", "optimizer", "config", "epoch"):
         if key not in ck:
             raise UserError(f"{path}: field '{key}' missing; this is not an aml training checkpoint")
+    if not isinstance(ck["config"], dict):
+        raise UserError(
+            f"{path}: config: a {type(ck['config']).__name__}, not a dict of options; the checkpoint is damaged, "
+            "start a new run"
+        )
     return ck
 
 

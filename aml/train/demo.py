@@ -10,6 +10,7 @@ from aml.data.sources import parse_data_specs
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import DEMO_BASELINE, TrainConfig
 from aml.train.loop import Trainer
+from aml.train.run_dir import default_run_dir, run_lock
 
 
 def run_with_baseline(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -19,10 +20,13 @@ def run_with_baseline(cfg: TrainConfig, *, progress: bool = True, overwrite: boo
     distilled student asymmetric and symmetric, and the baseline student (trained without the teacher) queried
     against the teacher's database and on its own.
     """
-    main = Trainer(cfg, progress=progress, overwrite=overwrite)
-    run_dir = main.fit()
-    base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"], out=str(Path(run_dir) / "baseline-sym"))
-    base_dir = Trainer(base_cfg, progress=progress, overwrite=overwrite).fit()
+    cfg = cfg.replace(out=cfg.out or str(default_run_dir(cfg)))
+    with run_lock(Path(cfg.out)):
+        main = Trainer(cfg, progress=progress, overwrite=overwrite)
+        run_dir = main.fit()
+        base_cfg = cfg.replace(**DEMO_BASELINE, eval_every=DEMO_BASELINE["epochs"], out=str(run_dir / "baseline-sym"))
+        with run_lock(Path(base_cfg.out)):
+            base_dir = Trainer(base_cfg, progress=progress, overwrite=overwrite).fit()
     rows: dict[str, Any] = {}
     if main.evaluator is not None:
         rows[f"teacher {cfg.teacher} (symmetric)"] = main.evaluator.teacher()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
+from aml.train.divergence import diverged, no_steps, non_finite_weight
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
 from aml.train.quick_eval import QuickEval
-from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed
+from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed, run_lock
 from aml.train.student import build_student, start_student
 from aml.train.warmup import Warmup
 
@@ -49,14 +51,19 @@ class Trainer:
         """`given`: the config fields the user set (command-line options); with `resume`, only those are compared
         with the checkpoint's config (None: every field). `overwrite`: clear a finished run in `cfg.out` first."""
         self.progress = progress
-        recipe.check(cfg)
+        if not resume:  # a resumed run's loss and recipe are its checkpoint's: checked once merged
+            recipe.check(cfg)
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
         checkpoint = None
         if resume:
             self.checkpoint_path = self.run_dir / "last.pt"
             checkpoint = load_checkpoint(self.checkpoint_path)
-            cfg = merge_resumed(cfg, TrainConfig.from_dict(checkpoint["config"]), given)
+            try:
+                saved = TrainConfig.from_dict(checkpoint["config"])
+            except UserError as e:
+                raise UserError(f"{self.checkpoint_path}: {e}") from None
+            cfg = recipe.check(merge_resumed(cfg, saved, given))
         model_identity(cfg.teacher, cfg.teacher_weights, cfg.random_init, weights_option="--teacher-weights")
         self._set_device(cfg)
         self.cfg = cfg.replace(out=str(self.run_dir))
@@ -178,6 +185,8 @@ class Trainer:
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         warmup = self.warmup.apply(epoch)
         ep = self.objective.epoch(rng, self._student_vectors)
+        if not ep.batches:
+            raise no_steps(cfg.data, epoch, self.train, ep.plan.dropped)
         usable = len(ep.batches) // self.dist.world * self.dist.world or len(ep.batches)
         batches = ep.batches[:usable][self.dist.rank :: self.dist.world]
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
@@ -198,9 +207,15 @@ class Trainer:
             with sync:
                 loss = self.objective(ep, b, imgs, self.embed)
                 self.scaler.scale(loss / cfg.update_every).backward()
+            value = float(loss.detach())
+            # fp16: the scaler skips such steps itself; under DDP the weights check below stops every rank alike
+            if not math.isfinite(value) and cfg.amp != "fp16" and self.dist.world == 1:
+                raise diverged(self.run_dir, cfg.lr, epoch, step, f"the loss is {value}")
             if last:
                 self._step()
-            total += float(loss.detach())
+                if bad := non_finite_weight(self.student):  # every rank holds the same weights: all stop alike
+                    raise diverged(self.run_dir, cfg.lr, epoch, step, f"the student's weights hold NaN or inf ({bad})")
+            total += value
             n_images += len(imgs)
             lr, speed = self.optimizer.param_groups[0]["lr"], n_images / (time.perf_counter() - t1)
             bar.set_postfix_str(f"loss {total / (step + 1):.4f} lr {lr:.2e} {speed:.1f} img/s", refresh=False)
@@ -285,5 +300,7 @@ def distill(
     given: frozenset[str] | None = None,
 ) -> Path:
     """Run a distillation and return its run directory (checkpoints, log.jsonl, config.json); `overwrite` and
-    `given` as in `Trainer`."""
-    return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, given=given).fit()
+    `given` as in `Trainer`. The run folder is locked (`run_lock`): a second run into it is refused."""
+    cfg = cfg.replace(out=cfg.out or str(default_run_dir(cfg)))
+    with run_lock(Path(cfg.out)):
+        return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, given=given).fit()

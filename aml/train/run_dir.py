@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aml.errors import UserError
 from aml.io import TMP_TAG, atomic_write, check_writable_dir, json_text
+from aml.lock import exclusive
 from aml.progress import write_line
 from aml.train.config import TrainConfig
 
@@ -15,6 +19,28 @@ from aml.train.config import TrainConfig
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
 # The files a run writes into its folder (what `overwrite=True` removes; anything else there is kept).
 RUN_FILES = ("last.pt", "log.jsonl", "config.json", "epoch_[0-9][0-9][0-9]*.pt")
+LOCK = ".aml-run.lock"  # held (aml.lock.exclusive) by the one process that writes a run folder
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """While the block runs, `run_dir` is this process's alone: a second `aml distill` into it is refused with
+    one line (never waits: two runs would interleave their checkpoints and log). Under torchrun only rank 0 (the
+    one writer) holds it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    check_writable_dir(run_dir, "--out")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(run_dir / LOCK, wait=False, what=f"the run folder {run_dir}",
+                       fix="wait for that run to finish, or choose another --out"):  # fmt: skip
+            yield
+    finally:
+        if created:  # a run refused before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
