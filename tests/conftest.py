@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,6 +101,26 @@ TINY = SynthConfig(
     size=48,
     seed=3,
 )
+
+
+def one_line(result: tuple[int, str, str], *needles: str) -> None:
+    """A CLI result (from `run_cli`) that is exactly one `error: ...` line, exit 2, no traceback, naming `needles`."""
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def image_list(tmp_path):
+    """A list file naming one 40x30 grey PNG beside it."""
+    from PIL import Image
+
+    Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.png\n")
+    return lst
 
 
 @pytest.fixture(scope="module")

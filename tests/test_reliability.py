@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_cfg
+from conftest import TINY, one_line, tiny_cfg
 from PIL import Image
 
 from aml import trust
@@ -41,22 +41,6 @@ def _untrusted(monkeypatch):
 def data(tiny_data):
     """The trainer tests' tiny synthetic set (conftest), under the name these tests use."""
     return tiny_data
-
-
-@pytest.fixture
-def image_list(tmp_path):
-    Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
-    lst = tmp_path / "list.txt"
-    lst.write_text("a.png\n")
-    return lst
-
-
-def one_line(result, *needles):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def click_error(result, *needles):

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import click
+import conftest
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,20 +33,8 @@ REPO = str(Path(__file__).resolve().parents[1])
 
 
 def one_line(result, *needles):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    assert TMP_TAG not in err, err  # never the hidden temp file
-    for n in needles:
-        assert n in err, err
-
-
-@pytest.fixture
-def image_list(tmp_path):
-    Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
-    lst = tmp_path / "list.txt"
-    lst.write_text("a.png\n")
-    return lst
+    conftest.one_line(result, *needles)
+    assert TMP_TAG not in result[2], result[2]  # never the hidden temp file
 
 
 # ------------------------------------------------------------------------------------------- outputs first

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import distill_args, tiny_cfg
+from conftest import distill_args, one_line, tiny_cfg
 from PIL import Image
 
 from aml.data.folders import read_groups_csv, write_object_split
@@ -26,14 +26,6 @@ from aml.train.run_dir import LOCK
 from aml.whiten import Lw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_line(result, *needles):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def _image(path: Path, size=(40, 30), seed=0) -> Path:
