@@ -164,6 +164,7 @@ class Trainer:
             flip=cfg.init_flip,
             seed=cfg.seed,
             device=self.device,
+            progress=self.progress,
         )
         self.teacher.release()
         self.student.to(memory_format=torch.channels_last)
