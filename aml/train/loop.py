@@ -23,13 +23,13 @@ from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
 from aml.train.batches import Embedder, ImageTensors, StepImages
 from aml.train.batchnorm import estimate_on_images, set_train_mode
-from aml.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from aml.train.checkpoint import Keeper, load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
 from aml.train.head_init import head_for, run_start
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
-from aml.train.quick_eval import QuickEval
+from aml.train.quick_eval import QuickEval, validation_eval
 from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed
 from aml.train.warmup import Warmup
 
@@ -68,6 +68,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.student, cfg, self.objective.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.start_epoch = 0
+        self.keeper = Keeper(self.run_dir, resume=checkpoint is not None)
         if checkpoint is not None:
             parts = dict(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler)
             self.start_epoch = restore(checkpoint, self.checkpoint_path, objective=self.objective, **parts)
@@ -118,6 +119,8 @@ class Trainer:
                 bundle.test, eval_teacher, ExtractSettings(cfg.eval_size(), device=str(self.device))
             )
             eval_teacher.release()
+        val = bundle.val if cfg.eval_every is not None else None  # validation: best.pt's choice, never the test
+        self.validator = validation_eval(val, self._teacher_at, cfg.eval_size(), str(self.device), cfg.seed)
         self.teacher.release()
 
     def _build_student(self, *, fresh: bool) -> None:
@@ -290,11 +293,16 @@ class Trainer:
                 last = epoch + 1 == cfg.epochs
                 if self.evaluator is not None and self.dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
                     stats["eval"] = self.evaluator.run(self.student)
+                if self.validator is not None and self.dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    stats["val"] = self.validator.run(self.student)
                 if self.dist.main:
-                    save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
+                    path = save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
+                    self.keeper.update(epoch + 1, path, stats)
                     append_log(self.run_dir, stats, show=self.progress)
                 epochs.update()
                 self.dist.barrier()
+            if self.dist.main:
+                self.keeper.finish()
         finally:
             epochs.close()
             shutdown(self.dist)
@@ -306,6 +314,9 @@ class Trainer:
         stats: dict[str, Any] = {"epoch": 0, "init": self.init_info, **self.objective.start_info()}
         if self.evaluator is not None and (recipe.head_init(self.cfg) != "random" or self.cfg.epochs == 0):
             stats["eval"] = self.evaluator.run(self.student)
+        if self.validator is not None:
+            stats["val"] = self.validator.run(self.student)
+        self.keeper.start(self.checkpoint_state(stats))
         if self.cfg.epochs == 0:
             save_checkpoint(self.run_dir, 0, self.checkpoint_state(stats))
         append_log(self.run_dir, stats, show=self.progress)
