@@ -153,11 +153,12 @@ def _dense_fit(student, teacher, paths, size, method):
     return acc.procrustes() if method == "local-procrustes" else acc.lstsq()
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "torch-batched", "onnxruntime"])
 @pytest.mark.parametrize("method", ["local-procrustes", "lstsq"])
 def test_streamed_fit_equals_the_closed_form_on_all_pairs_at_once(method, backend, tmp_path, monkeypatch):
-    """The fit streams (sums only, O(D^2) memory), one image per forward on the CPU, and reads the maps from
-    onnxruntime when it may: the map equals the closed form on every pair of every image stacked at once."""
+    """The fit streams (sums only, O(D^2) memory), one image per forward on the CPU (same-size batches with their
+    mirrors elsewhere), and reads the maps from onnxruntime when it may: the map equals the closed form on every
+    pair of every image stacked at once."""
     from aml.train import head_init
 
     monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
@@ -166,6 +167,8 @@ def test_streamed_fit_equals_the_closed_form_on_all_pairs_at_once(method, backen
         monkeypatch.setattr(head_init, "ORT_MIN_IMAGES", 1)  # the tiny fit takes the fast path too
     else:
         monkeypatch.setattr(head_init.ort_backend, "available", lambda: False)
+    if backend == "torch-batched":  # an accelerator's path: images of one size and their mirrors in one forward
+        monkeypatch.setattr(head_init, "_per_image", lambda dev: False)
     paths = _random_images(tmp_path, 14)
     teacher = create_model("resnet18", role="teacher", random_init=True)
     student = create_model("resnet18", role="student", dim=512, head=head_for(method), random_init=True)
@@ -178,7 +181,7 @@ def test_streamed_fit_equals_the_closed_form_on_all_pairs_at_once(method, backen
     w = student.fc.weight if method == "local-procrustes" else student.proj[0].weight[:, :, 0, 0]
     got = w.detach().T.numpy()
     assert info["pairs"] == 14 * 2 * 25  # 5 x 5 maps, mirrored
-    tol = 1e-5 if backend == "torch" else 2e-4  # onnxruntime's maps differ from torch's in float rounding only
+    tol = 1e-5 if backend == "torch" else 2e-4  # other kernels: the maps differ from torch's in float rounding only
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 

@@ -90,6 +90,12 @@ def _batches(
         yield b, torch.stack([images[int(idx[j])] for j in b])
 
 
+def _per_image(dev: torch.device) -> bool:
+    """One image per forward on the CPU: batches only slow eager torch and onnxruntime down there (measured: lite2
+    at 362 px, one thread, 4 images in one forward cost 1.8x four forwards of one); batches elsewhere."""
+    return dev.type == "cpu"
+
+
 def _views(maps: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor], apart: bool) -> torch.Tensor:
     """The maps of every view, stacked: one forward per view (`apart`), else one for all."""
     return torch.cat([maps(v) for v in views]) if apart else maps(torch.cat(views))
@@ -211,9 +217,7 @@ def _accumulate(
     mirror = flip and teacher is not None
     s_maps = _trunk(student, dev, len(idx))
     t_maps = _trunk(teacher, dev, len(idx)) if teacher is not None else None
-    # on the CPU one image per forward: batches only slow eager torch and onnxruntime down there (measured, lite2
-    # at 362 px, one thread: 4 images in one forward cost 1.8x 4 forwards of one)
-    per_image = dev.type == "cpu"
+    per_image = _per_image(dev)
     bar = progress_bar(len(idx), f"closed-form start ({method})", "img", enabled=progress)
     try:
         for pos, x in _batches(paths, idx, image_size, student, 1 if per_image else _FIT_BATCH):
