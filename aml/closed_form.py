@@ -21,11 +21,13 @@ LSTSQ_LAMBDA = 1e-6  # "least squares": ridge with a vanishing penalty, relative
 
 
 class CrossCovariance:
-    """Running sums `S^T T`, `S^T S`, `||T||^2` (float64) and the pair count over batches of (B, Ds), (B, Dt)."""
+    """Running sums `S^T T`, `S^T S`, `||T||^2` (float64) and the pair count over batches of (B, Ds), (B, Dt):
+    O(Ds (Ds + Dt)) memory whatever the number of pairs. `second_moment=False` keeps `S^T T` alone (all that
+    Procrustes needs: half the work per batch); ridge, lstsq and relative_error then refuse."""
 
-    def __init__(self, ds: int, dt: int) -> None:
+    def __init__(self, ds: int, dt: int, *, second_moment: bool = True) -> None:
         self.st = np.zeros((ds, dt), dtype=np.float64)
-        self.ss = np.zeros((ds, ds), dtype=np.float64)
+        self.ss = np.zeros((ds, ds), dtype=np.float64) if second_moment else None
         self.tt = 0.0
         self.n = 0
 
@@ -35,7 +37,8 @@ class CrossCovariance:
         if s.ndim != 2 or t.ndim != 2 or len(s) != len(t):
             raise ValueError(f"pairs must be (B, Ds) and (B, Dt) with the same B, got {s.shape} and {t.shape}")
         self.st += s.T @ t
-        self.ss += s.T @ s
+        if self.ss is not None:
+            self.ss += s.T @ s
         self.tt += float((t * t).sum())
         self.n += len(s)
 
@@ -47,9 +50,9 @@ class CrossCovariance:
 
     def ridge(self, lam: float) -> np.ndarray:
         """Ridge regression W (Ds, Dt) = (S^T S + lam * mean(diag(S^T S)) I)^-1 S^T T (lam relative to the scale)."""
-        self._check()
-        scale = float(np.trace(self.ss)) / len(self.ss) or 1.0
-        a = self.ss + lam * scale * np.eye(len(self.ss))
+        ss = self._second_moment()
+        scale = float(np.trace(ss)) / len(self.ss) or 1.0
+        a = ss + lam * scale * np.eye(len(ss))
         return np.linalg.solve(a, self.st).astype(np.float32)
 
     def lstsq(self) -> np.ndarray:
@@ -58,14 +61,20 @@ class CrossCovariance:
 
     def relative_error(self, w: np.ndarray) -> float:
         """`||S W - T||^2 / ||T||^2` over every pair added, from the sums alone (0: a perfect fit)."""
-        self._check()
+        ss = self._second_moment()
         w = np.asarray(w, dtype=np.float64)
-        err = float(np.sum(w * (self.ss @ w))) - 2.0 * float(np.sum(w * self.st)) + self.tt
+        err = float(np.sum(w * (ss @ w))) - 2.0 * float(np.sum(w * self.st)) + self.tt
         return max(err, 0.0) / max(self.tt, 1e-300)
 
     def _check(self) -> None:
         if self.n == 0:
             raise ValueError("no pairs were added; the fit needs at least one (student, teacher) pair")
+
+    def _second_moment(self) -> np.ndarray:
+        self._check()
+        if self.ss is None:
+            raise ValueError("S^T S was not accumulated (second_moment=False); ridge and lstsq need it")
+        return self.ss
 
 
 def procrustes(s: np.ndarray, t: np.ndarray) -> np.ndarray:

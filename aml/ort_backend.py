@@ -80,44 +80,62 @@ def cache_dir() -> Path:
     return aml_home() / "cache" / "onnx"
 
 
-class OrtForward:
-    """A model's ONNX graph on onnxruntime, called like the model: normalised (B, 3, H, W) -> (B, D) tensor."""
+class Trunk(nn.Module):
+    """A RetrievalNet's trunk as a module: normalised (B, 3, H, W) -> (B, C, h, w) maps (`RetrievalNet.trunk`)."""
 
-    def __init__(self, session: Any, model: nn.Module, path: Path, export_s: float | None) -> None:
-        self.session, self.path, self.export_s = session, path, export_s
+    def __init__(self, net: RetrievalNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.trunk(x)
+
+
+class OrtForward:
+    """A model's ONNX graph on onnxruntime, called like the model: normalised (B, 3, H, W) -> (B, D) tensor; with
+    `maps`, like its trunk: -> (B, C, h, w) feature maps (what a closed-form start fits)."""
+
+    def __init__(self, session: Any, model: nn.Module, path: Path, export_s: float | None, maps: bool = False) -> None:
+        self.session, self.path, self.export_s, self.maps = session, path, export_s, maps
         self.input = session.get_inputs()[0].name
         self.msp, self.dim = model.msp, int(model.dim)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """(B, D) float32 vectors of a normalised (B, 3, H, W) float32 batch."""
+        """(B, D) float32 vectors (or maps) of a normalised (B, 3, H, W) float32 batch."""
         return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run(x.detach().cpu().numpy()))
 
     def difference(self, model: nn.Module) -> float:
-        """Largest |difference| to `model`'s vectors (eval mode) on the probe batch."""
+        """Largest |difference| to `model`'s vectors (eval mode) on the probe batch; for maps, relative to the
+        largest |value| of the torch maps."""
         x = probe_batch(*PROBE, seed=0, batch=1, mean=model.mean, std=model.std)
         was_training = model.training
         try:
             with torch.inference_mode():
-                want = model.eval()(torch.from_numpy(x)).float().numpy()
+                m = model.eval()
+                want = (m.trunk if self.maps else m)(torch.from_numpy(x)).float().numpy()
         finally:
             model.train(was_training)
         got = self.run(x)
-        return float(np.abs(got - want).max()) if got.shape == want.shape and np.isfinite(got).all() else float("inf")
+        if got.shape != want.shape or not np.isfinite(got).all():
+            return float("inf")
+        scale = max(float(np.abs(want).max()), 1e-12) if self.maps else 1.0
+        return float(np.abs(got - want).max()) / scale
 
 
-def _export(model: nn.Module, path: Path) -> float:
-    """Write `model`'s fp32 graph to `path` atomically; returns the seconds it took."""
+def _export(model: nn.Module, path: Path, maps: bool = False) -> float:
+    """Write `model`'s fp32 graph (of its trunk's maps with `maps`) to `path` atomically; returns the seconds."""
     from aml.export.encoder import export_encoder
+    from aml.export.friendly import make_export_friendly
     from aml.export.onnx_export import export_onnx
 
     t = time.perf_counter()
-    module, _ = export_encoder(model, None, "fp32")
+    module = Trunk(make_export_friendly(model)[0]).eval() if maps else export_encoder(model, None, "fp32")[0]
     example = torch.from_numpy(probe_batch(*PROBE, seed=0, batch=1, mean=model.mean, std=model.std))
     with atomic_path(path) as tmp:
-        export_onnx(module, tmp, example)
+        export_onnx(module, tmp, example, maps=maps)
     return time.perf_counter() - t
 
 
@@ -145,9 +163,12 @@ def remembered() -> int:
         return len(_memo)
 
 
-def ort_forward(model: nn.Module, *, threads: int = 1, required: bool = False, log: bool = False) -> OrtForward | None:
+def ort_forward(
+    model: nn.Module, *, threads: int = 1, required: bool = False, log: bool = False, maps: bool = False
+) -> OrtForward | None:
     """The onnxruntime forward of `model`'s current weights (`threads` intra-op threads), from this process's
-    memo, the disk cache, or a fresh export; checked against torch on the probe batch.
+    memo, the disk cache, or a fresh export; checked against torch on the probe batch. `maps`: the graph of
+    its trunk's feature maps (`RetrievalNet.trunk`) instead of its vectors (a graph of its own).
 
     When the model does not export or its graph does not match: a one-line UserError if `required` (an explicit
     `--backend onnxruntime`), else a warning on stderr and None (auto falls back to torch). `log` prints the
@@ -156,14 +177,14 @@ def ort_forward(model: nn.Module, *, threads: int = 1, required: bool = False, l
     why = None if exportable(model) else f"{type(model).__name__} is not a float32 RetrievalNet on the CPU"
     fwd, seen = None, False
     if why is None:
-        key = (model_digest(model), threads)
+        key = (model_digest(model) + ("-maps" if maps else ""), threads)
         with _lock:
             seen = key in _memo
             if seen:
                 _memo.move_to_end(key)
                 fwd, why = _memo[key]
         if not seen:
-            fwd, why = _build(model, cache_dir() / f"{key[0]}.onnx", threads, log)
+            fwd, why = _build(model, cache_dir() / f"{key[0]}.onnx", threads, log, maps)
             with _lock:
                 _memo[key] = (fwd, why)
                 while len(_memo) > _MEMO_SIZE:
@@ -176,7 +197,9 @@ def ort_forward(model: nn.Module, *, threads: int = 1, required: bool = False, l
     return fwd
 
 
-def _build(model: nn.Module, path: Path, threads: int, log: bool) -> tuple[OrtForward | None, str | None]:
+def _build(
+    model: nn.Module, path: Path, threads: int, log: bool, maps: bool = False
+) -> tuple[OrtForward | None, str | None]:
     """(forward, None), or (None, why not): the cached graph if it loads and matches, else a fresh export."""
     from aml.ort_session import session
 
@@ -185,14 +208,14 @@ def _build(model: nn.Module, path: Path, threads: int, log: bool) -> tuple[OrtFo
         export_s = None
         if fresh or not path.is_file():
             try:
-                export_s = _export(model, path)
+                export_s = _export(model, path, maps)
             except Exception as e:  # noqa: BLE001 - the exporter raises many types; the reason is reported
                 return None, f"the model does not export to ONNX ({first_line(e)})"
             if log:
                 print(f"onnxruntime backend: exported the model in {export_s:.1f} s (once; cached in {path.parent})",
                       file=sys.stderr)  # fmt: skip
         try:
-            fwd = OrtForward(session(path, threads), model, path, export_s)
+            fwd = OrtForward(session(path, threads), model, path, export_s, maps)
             diff = fwd.difference(model)
         except Exception as e:  # noqa: BLE001 - a corrupt or half-written file: onnxruntime's own exception types
             why = f"{path} does not load ({first_line(e)})"

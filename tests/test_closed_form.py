@@ -65,3 +65,18 @@ def test_fit_without_pairs_is_an_error():
         CrossCovariance(3, 3).procrustes()
     with pytest.raises(ValueError, match="same B"):
         CrossCovariance(3, 3).add(np.zeros((2, 3)), np.zeros((3, 3)))
+
+
+def test_procrustes_alone_needs_no_second_moment():
+    """`second_moment=False` keeps S^T T alone (all Procrustes reads): the same rotation, and the solves that need
+    S^T S refuse instead of answering wrongly."""
+    rng = np.random.default_rng(5)
+    s, t = rng.standard_normal((60, 6)), rng.standard_normal((60, 4))
+    full, light = CrossCovariance(6, 4), CrossCovariance(6, 4, second_moment=False)
+    full.add(s, t)
+    light.add(s, t)
+    assert light.ss is None
+    np.testing.assert_array_equal(light.procrustes(), full.procrustes())
+    for solve in (light.lstsq, lambda: light.ridge(0.1), lambda: light.relative_error(np.zeros((6, 4)))):
+        with pytest.raises(ValueError, match="second_moment=False"):
+            solve()

@@ -114,3 +114,105 @@ def test_a_rerun_reads_the_fitted_start_from_the_cache(tiny_data, tmp_path, home
     assert torch.equal(first.student.fc.weight, again.student.fc.weight)
     other = Trainer(tiny_cfg(tiny_data, tmp_path / "c", epochs=0, init_images=5), progress=False)
     assert "cached" not in other.init_info  # another fit: another key
+
+
+def _random_images(folder, n, seed=0):
+    """`n` random photos of two shapes (portrait and landscape), so a fit meets more than one image size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i}.png"))
+        shape = (160, 192, 3) if i % 3 else (192, 160, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def _dense_fit(student, teacher, paths, size, method):
+    """The closed form on every location pair stacked at once (the reference the streamed fit must equal):
+    torch maps, image by image, the image and its mirror."""
+    from aml.closed_form import CrossCovariance
+    from aml.nn import l2n
+    from aml.train.batches import ImageTensors
+    from aml.train.head_init import _common_grid, _rows
+
+    images = ImageTensors(paths, size, student.mean, student.std)
+    s_rows, t_rows = [], []
+    with torch.inference_mode():
+        for i in range(len(paths)):
+            for x in (images[i][None], images[i][None].flip(-1)):
+                a, b = _common_grid(student.eval().trunk(x), teacher.eval().trunk(x))
+                a, b = _rows(a), _rows(b)
+                if method == "local-procrustes":
+                    a, b = l2n(a.clamp(min=1e-6)), l2n(b.clamp(min=1e-6))
+                s_rows.append(a.numpy())
+                t_rows.append(b.numpy())
+    acc = CrossCovariance(student.out_channels, teacher.out_channels)
+    acc.add(np.concatenate(s_rows), np.concatenate(t_rows))
+    return acc.procrustes() if method == "local-procrustes" else acc.lstsq()
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-batched", "onnxruntime"])
+@pytest.mark.parametrize("method", ["local-procrustes", "lstsq"])
+def test_streamed_fit_equals_the_closed_form_on_all_pairs_at_once(method, backend, tmp_path, monkeypatch):
+    """The fit streams (sums only, O(D^2) memory), one image per forward on the CPU (same-size batches with their
+    mirrors elsewhere), and reads the maps from onnxruntime when it may: the map equals the closed form on every
+    pair of every image stacked at once."""
+    from aml.train import head_init
+
+    monkeypatch.setenv("AML_HOME", str(tmp_path / "home"))
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        monkeypatch.setattr(head_init, "ORT_MIN_IMAGES", 1)  # the tiny fit takes the fast path too
+    else:
+        monkeypatch.setattr(head_init.ort_backend, "available", lambda: False)
+    if backend == "torch-batched":  # an accelerator's path: images of one size and their mirrors in one forward
+        monkeypatch.setattr(head_init, "_per_image", lambda dev: False)
+    paths = _random_images(tmp_path, 14)
+    teacher = create_model("resnet18", role="teacher", random_init=True)
+    student = create_model("resnet18", role="student", dim=512, head=head_for(method), random_init=True)
+    with torch.no_grad():  # another backbone than the teacher's: the relation is not the identity
+        for w in student.features.parameters():
+            w.mul_(1.0 + 0.2 * torch.randn_like(w))
+    want = _dense_fit(student, teacher, paths, 160, method)
+    t = np.zeros((len(paths), 512), dtype=np.float32)
+    info = init_head(student, method, paths=paths, teacher_vectors=t, teacher_net=lambda: teacher, image_size=160)
+    w = student.fc.weight if method == "local-procrustes" else student.proj[0].weight[:, :, 0, 0]
+    got = w.detach().T.numpy()
+    assert info["pairs"] == 14 * 2 * 25  # 5 x 5 maps, mirrored
+    tol = 1e-5 if backend == "torch" else 2e-4  # other kernels: the maps differ from torch's in float rounding only
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+
+
+def test_the_residual_reads_a_bounded_seeded_sample(monkeypatch):
+    """A fit on more than RESIDUAL_IMAGES images keeps that many pooled vectors for its residual, drawn under the
+    seed; smaller fits keep all."""
+    from aml.train import head_init
+
+    monkeypatch.setattr(head_init, "RESIDUAL_IMAGES", 5)
+    a = head_init._residual_positions(12, 0)
+    assert len(a) == 5 and a.tolist() == sorted(set(a.tolist())) and a.max() < 12
+    assert a.tolist() == head_init._residual_positions(12, 0).tolist()
+    assert head_init._residual_positions(4, 0).tolist() == [0, 1, 2, 3]
+
+
+def test_the_fit_shows_progress_and_a_cached_fit_says_so(tmp_path, monkeypatch, capsys):
+    """The fit draws the one progress bar (a line at start and end in a log), and a start read from the cache
+    says so in one line naming the file."""
+    from aml.train.head_init import cached_init_head
+
+    monkeypatch.setenv("AML_PROGRESS_INTERVAL", "0")
+    paths = _random_images(tmp_path, 6)
+    t = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
+    kw = dict(paths=paths, teacher_vectors=t, teacher_net=None, image_size=64, progress=True)
+    student = create_model("resnet18", role="student", dim=512, head="linear", random_init=True)
+    first = cached_init_head(student, "procrustes", cache_dir=tmp_path / "cache", key={}, **kw)
+    out = capsys.readouterr()
+    assert "closed-form start (procrustes): 6/6 img" in out.err and "cached" not in first
+    assert "read from the cache" not in out.out
+    again = cached_init_head(student, "procrustes", cache_dir=tmp_path / "cache", key={}, **kw)
+    out = capsys.readouterr()
+    (line,) = [x for x in out.out.splitlines() if "read from the cache" in x]
+    assert again["cached"] and str(tmp_path / "cache" / "head-init-") in line and "6 images" in line
+    assert "closed-form start (procrustes): " not in out.err  # nothing fitted, no bar

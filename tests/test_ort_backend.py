@@ -62,9 +62,9 @@ def exports(monkeypatch):
     calls = []
     real = ort_backend._export
 
-    def counting(model, path):
+    def counting(model, path, maps=False):
         calls.append(path)
-        return real(model, path)
+        return real(model, path, maps)
 
     monkeypatch.setattr(ort_backend, "_export", counting)
     return calls

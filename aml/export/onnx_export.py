@@ -21,9 +21,11 @@ from aml.sidecar import INPUT, OUTPUT
 OPSET = 17
 
 
-def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:
-    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch/height/width."""
+def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, maps: bool = False) -> None:
+    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch/height/width; `maps`:
+    the output is (B, C, h, w) feature maps, whose h and w are dynamic too."""
     module.eval()
+    out_axes = {0: "batch", 2: "map_height", 3: "map_width"} if maps else {0: "batch"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # the exporter's own deprecation notices; a TracerWarning about data-dependent control flow is
         # harmless here only because verification re-runs the graph at other sizes and fails loudly
@@ -41,7 +43,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tenso
             input_names=[INPUT],
             output_names=[OUTPUT],
             do_constant_folding=True,
-            dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch"}},
+            dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: out_axes},
         )
 
 

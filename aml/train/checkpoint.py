@@ -1,9 +1,15 @@
-"""Training checkpoints: atomic per-epoch files plus `last.pt`, enough to rebuild the student alone."""
+"""Training checkpoints: atomic per-epoch files plus `last.pt`, enough to rebuild the student alone; `start.pt`
+(epoch 0, the closed-form start) and `best.pt` (the best epoch on the validation data), kept by `Keeper`.
+
+`best.pt` is chosen on the run's validation data (`aml.train.quick_eval.validation_eval`), never on its test set:
+a run without validation data keeps no `best.pt`. The scores behind the choice are in `best.json`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,26 +17,99 @@ import torch
 from torch import nn
 
 from aml.errors import UserError, first_line
-from aml.io import atomic_path
+from aml.io import atomic_path, write_json
 from aml.registry import load_into
 from aml.trust import torch_load
 
 FORMAT = 1  # bumped when the checkpoint layout changes
+SCORE = ("asymmetric", "mAP", "M")  # the validation score best.pt is chosen on: asymmetric mAP, protocol M
+
+
+def _write(path: Path, epoch: int, state: dict[str, Any]) -> Path:
+    """`state` as checkpoint `path`, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({**state, "epoch": epoch, "aml_format": FORMAT}, tmp)
+    return path
+
+
+def _same_bytes(src: Path, dst: Path) -> None:
+    """Point `dst` at `src`'s bytes (a hard link, else a copy), replacing it atomically."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, state: dict[str, Any]) -> Path:
     """Write `epoch_NNN.pt` atomically, then point `last.pt` at the same bytes (atomic rename)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"epoch_{epoch:03d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save({**state, "epoch": epoch, "aml_format": FORMAT}, tmp)
-    with atomic_path(run_dir / "last.pt") as tmp:
-        tmp.unlink()
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
+    path = _write(run_dir / f"epoch_{epoch:03d}.pt", epoch, state)
+    _same_bytes(path, run_dir / "last.pt")
     return path
+
+
+def validation_score(metrics: dict[str, Any]) -> float | None:
+    """The validation score of an epoch's metrics (`metrics['val']`, SCORE), None when it was not measured."""
+    value: Any = metrics.get("val")
+    for key in SCORE:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+class Keeper:
+    """The checkpoints a user can trust: `start.pt` (epoch 0), `best.pt` (the best validation score so far, the
+    start included) and, at the end, a warning when the last validation score is below the start's. The scores
+    live in `best.json`, so a resumed run keeps comparing with its own start and best."""
+
+    def __init__(self, run_dir: Path, *, resume: bool) -> None:
+        self.run_dir, self.path = run_dir, run_dir / "best.json"
+        self.record: dict[str, Any] = dict.fromkeys(("start", "best", "best_epoch", "last", "last_epoch"))
+        if resume and self.path.is_file():
+            try:
+                self.record.update(json.loads(self.path.read_text()))
+            except (OSError, ValueError):  # unreadable: best.pt is chosen again from here on
+                pass
+
+    def start(self, state: dict[str, Any]) -> Path:
+        """Write `start.pt` (the student before epoch 1; `state['metrics']` its scores); it is best.pt so far."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = _write(self.run_dir / "start.pt", 0, state)
+        score = validation_score(state.get("metrics") or {})
+        self.record.update(start=score, best=None, best_epoch=None, last=score, last_epoch=0)
+        self.update(0, path, state.get("metrics") or {})
+        return path
+
+    def update(self, epoch: int, path: Path, metrics: dict[str, Any]) -> None:
+        """After checkpoint `path` of `epoch`: point best.pt at it when its validation score is the best so far."""
+        score = validation_score(metrics)
+        if score is None:
+            return
+        self.record.update(last=score, last_epoch=epoch)
+        if self.record["best"] is None or score > self.record["best"]:
+            _same_bytes(path, self.run_dir / "best.pt")
+            self.record.update(best=score, best_epoch=epoch)
+        write_json(self.path, self.record)
+
+    def warning(self) -> str | None:
+        """The end-of-run line when the last validation score is below the start's (None otherwise)."""
+        r = self.record
+        if r["start"] is None or r["last"] is None or not r["last"] < r["start"]:
+            return None
+        return (
+            f"warning: the student after epoch {r['last_epoch']} scores {r['last']:.2f} on the validation data "
+            f"(asymmetric mAP M), below the start's {r['start']:.2f}; {self.run_dir / 'best.pt'} keeps the best "
+            f"(epoch {r['best_epoch']}, {r['best']:.2f})"
+        )
+
+    def finish(self) -> None:
+        """Print `warning()` on stderr, if any."""
+        line = self.warning()
+        if line:
+            print(line, file=sys.stderr)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -24,13 +24,13 @@ from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
 from aml.train.batches import Embedder, ImageTensors, StepImages
 from aml.train.batchnorm import set_train_mode
-from aml.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from aml.train.checkpoint import Keeper, load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
 from aml.train.divergence import diverged, no_steps, non_finite_weight
 from aml.train.objective import TrainData, build_objective
 from aml.train.optim import make_optimizer
-from aml.train.quick_eval import QuickEval
+from aml.train.quick_eval import quick_check, validation_eval
 from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed, run_lock
 from aml.train.student import build_student, start_student
 from aml.train.warmup import Warmup
@@ -75,6 +75,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.student, cfg, self.objective.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.start_epoch = 0
+        self.keeper = Keeper(self.run_dir, resume=checkpoint is not None)
         if checkpoint is not None:
             parts = dict(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler)
             self.start_epoch = restore(checkpoint, self.checkpoint_path, objective=self.objective, **parts)
@@ -118,13 +119,9 @@ class Trainer:
         self.identity = self.teacher.identity
         self.train_teacher = self.teacher.get(self.train.paths)  # (N, D) teacher vectors of the training images
         self.objective = build_objective(cfg, TrainData(self.train, self.train_teacher, self.device), fresh=fresh)
-        self.evaluator = None
-        if bundle.test is not None and cfg.eval_every is not None:
-            eval_teacher = self.teacher if cfg.eval_size() == cfg.image_size else self._teacher_at(cfg.eval_size())
-            self.evaluator = QuickEval(
-                bundle.test, eval_teacher, ExtractSettings(cfg.eval_size(), device=str(self.device))
-            )
-            eval_teacher.release()
+        checks, size, device = cfg.eval_every is not None, cfg.eval_size(), str(self.device)
+        self.evaluator = quick_check(bundle.test if checks else None, self._teacher_at, size, device)  # reported
+        self.validator = validation_eval(bundle.val if checks else None, self._teacher_at, size, device, cfg.seed)
         self.teacher.release()
 
     def _build_student(self, *, fresh: bool) -> None:
@@ -138,7 +135,7 @@ class Trainer:
         if not self.dist.main:
             return None
         info = start_student(self.cfg, self.student, self.identity, self.train.paths, self.train_teacher,
-                             self.teacher.net, self.device)  # fmt: skip
+                             self.teacher.net, self.device, progress=self.progress)  # fmt: skip
         self.teacher.release()
         return info
 
@@ -268,24 +265,35 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 stats = self.train_epoch(epoch)
                 last = epoch + 1 == cfg.epochs
-                if self.evaluator is not None and self.dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
-                    stats["eval"] = self.evaluator.run(self.student)
+                if self.dist.main and cfg.eval_every is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    self._check(stats, test=True)
                 if self.dist.main:
-                    save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
+                    path = save_checkpoint(self.run_dir, epoch + 1, self.checkpoint_state(stats))
+                    self.keeper.update(epoch + 1, path, stats)
                     append_log(self.run_dir, stats, show=self.progress)
                 epochs.update()
                 self.dist.barrier()
+            if self.dist.main:
+                self.keeper.finish()
         finally:
             epochs.close()
             shutdown(self.dist)
         return self.run_dir
 
+    def _check(self, stats: dict[str, Any], *, test: bool) -> None:
+        """The student's scores into `stats`: `val` on the validation data (best.pt's choice) and, with `test`,
+        `eval` on the test set (reported, never chosen on)."""
+        if test and self.evaluator is not None:
+            stats["eval"] = self.evaluator.run(self.student)
+        if self.validator is not None:
+            stats["val"] = self.validator.run(self.student)
+
     def _log_start(self) -> None:
         """Epoch 0: the closed-form start, its residual and (unless random) its test-set scores; a zero-epoch run
         saves this student as its checkpoint."""
         stats: dict[str, Any] = {"epoch": 0, "init": self.init_info, **self.objective.start_info()}
-        if self.evaluator is not None and (recipe.head_init(self.cfg) != "random" or self.cfg.epochs == 0):
-            stats["eval"] = self.evaluator.run(self.student)
+        self._check(stats, test=recipe.head_init(self.cfg) != "random" or self.cfg.epochs == 0)
+        self.keeper.start(self.checkpoint_state(stats))
         if self.cfg.epochs == 0:
             save_checkpoint(self.run_dir, 0, self.checkpoint_state(stats))
         append_log(self.run_dir, stats, show=self.progress)

@@ -18,7 +18,7 @@ from aml.train.config import TrainConfig
 # Fields a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "out", "eval_every"}
 # The files a run writes into its folder (what `overwrite=True` removes; anything else there is kept).
-RUN_FILES = ("last.pt", "log.jsonl", "config.json", "epoch_[0-9][0-9][0-9]*.pt")
+RUN_FILES = ("last.pt", "start.pt", "best.pt", "best.json", "log.jsonl", "config.json", "epoch_[0-9][0-9][0-9]*.pt")
 LOCK = ".aml-run.lock"  # held (aml.lock.exclusive) by the one process that writes a run folder
 
 
@@ -99,6 +99,8 @@ def log_line(stats: dict[str, Any]) -> str:
             )
     if ev:
         line += f", asym mAP M {ev['asymmetric']['mAP']['M']:.2f}, sym mAP M {ev['student']['mAP']['M']:.2f}"
+    if stats.get("val"):
+        line += f", validation asym mAP M {stats['val']['asymmetric']['mAP']['M']:.2f}"
     return line
 
 

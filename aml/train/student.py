@@ -49,9 +49,11 @@ def start_student(
     teacher_vectors: np.ndarray,
     teacher_net: nn.Module | None,
     device: torch.device,
+    *,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit the fresh student's head to the teacher in closed form (`recipe.head_init`, `head_init.run_start`);
-    returns the start's record (checkpoint `init`, log.jsonl's epoch 0)."""
+    """Fit the fresh student's head to the teacher in closed form (`recipe.head_init`, `head_init.run_start`) with
+    a progress bar unless `progress` is False; returns the start's record (checkpoint `init`, log.jsonl's epoch 0)."""
     info = run_start(
         student,
         recipe.head_init(cfg),
@@ -68,6 +70,7 @@ def start_student(
         flip=cfg.init_flip,
         seed=cfg.seed,
         device=device,
+        progress=progress,
     )
     student.to(memory_format=torch.channels_last)
     return info
