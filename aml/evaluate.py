@@ -21,6 +21,7 @@ from aml.binary import balance_warning, check_codes, code_bytes, pack_bits
 from aml.cache import DEFAULT_DTYPE
 from aml.data.revisitop import Revisitop
 from aml.errors import UserError
+from aml.exported import is_exported, open_exported
 from aml.io import aml_home
 from aml.scoring import KAPPAS, ProtocolScores, score_rankings, summary
 from aml.search import search
@@ -261,9 +262,6 @@ def _teacher_sides(dataset: Revisitop, t: TeacherVectors, lw: Lw | None, distrac
     return {"teacher": (_whiten(t.get(dataset.query_paths(), dataset.bbxs), lw), t_db, t_dis)}, (t_db, t_dis)
 
 
-EXPORTED = (".onnx", ".ort", ".pte")  # exported encoders `evaluate_models` takes as the student (aml.onnx_embed)
-
-
 @dataclass(frozen=True)
 class StudentEncoder:
     """The student as `evaluate_models` runs it: `embed(paths, bbxs)` -> (N, D) vectors at the query settings,
@@ -334,12 +332,12 @@ def _binary_rows(
 def _student_net(
     student: str, weights: str | None, random_init: bool, dim: int, settings: ExtractSettings, lw: Lw | None
 ) -> StudentEncoder:
-    """The student at the query `settings`: an exported encoder (EXPORTED: onnxruntime, or ExecuTorch for .pte)
+    """The student at the query `settings`: an exported encoder (`aml.exported`: onnxruntime, or ExecuTorch for .pte)
     or a network (a checkpoint file, or a registry name: random-init on request, at the teacher's dim)."""
     from aml.extract import extract
     from aml.registry import create_model
 
-    if student.lower().endswith(EXPORTED):
+    if is_exported(student):
         return _exported_student(student, settings, lw)
     is_file = os.path.isfile(student)
     net = create_model(
@@ -351,11 +349,7 @@ def _student_net(
 def _exported_student(path: str, settings: ExtractSettings, lw: Lw | None) -> StudentEncoder:
     """An exported encoder as the student (its sidecar's normalisation and msp); one folded with the teacher's
     Lw needs the same Lw (`lw`) on the teacher's side, or the two sides would not be comparable."""
-    if path.lower().endswith(".pte"):
-        from aml.pte_embed import PteEncoder as Encoder
-    else:
-        from aml.onnx_embed import OnnxEncoder as Encoder
-    enc = Encoder(path)
+    enc = open_exported(path)
     folded = (enc.info.get("whiten") or {}).get("dataset")
     if folded and (lw is None or lw.key != folded):
         raise UserError(
@@ -403,7 +397,7 @@ def evaluate_models(
     Models are registry names or checkpoint files; `random_init` (tests) applies to names without weights.
     The teacher is extracted with `settings` (its device also runs the search), the student with
     `query_settings` (default: `settings`; another image size is the asymmetric deployment's); the student may
-    also be an exported encoder (EXPORTED, run by onnxruntime or ExecuTorch). Teacher vectors (database,
+    also be an exported encoder (`aml.exported`, run by onnxruntime or ExecuTorch). Teacher vectors (database,
     queries, distractors) come from the feature cache in `cache_dir` (default $AML_HOME/cache) stored as
     `cache_dtype`, so a second student costs only its own extraction. `whiten` (a `--whiten` value:
     `whiten.FIRST`, a meta['Lw'] key or an Lw file) applies the teacher's learned whitening to the teacher and

@@ -46,6 +46,7 @@ import numpy as np
 
 from aml.binary import code_bytes, pack_bits
 from aml.errors import UserError, first_line
+from aml.exported import is_exported, open_exported
 from aml.faiss_gpu import faiss_gpus, gpu_count, load_faiss, to_gpu
 from aml.identity import check_compatible
 from aml.io import atomic_write, read_npz, scratch_dir, sha256_file, write_json
@@ -700,17 +701,15 @@ def query_vectors(
     device: str = "auto",
     workers: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(Q, D) query vectors of `paths` by `encoder` (an exported .onnx: torch-free; else an aml checkpoint or a
-    registry name), at the index's image size and scales unless given, whitened with the index's Lw as the
-    asymmetric protocol does; and the encoder's identity (the teacher it was trained for) for the check."""
+    """(Q, D) query vectors of `paths` by `encoder` (an exported .onnx / .ort: torch-free, or .pte; else an aml
+    checkpoint or a registry name), at the index's image size and scales unless given, whitened with the index's
+    Lw as the asymmetric protocol does; and the encoder's identity (the teacher it was trained for) for the check."""
     meta = index.meta
     size = int(image_size or meta["image_size"])
     scales = tuple(scales or meta.get("scales") or (1.0,))
     lw = index.lw()
-    if encoder.endswith(".onnx"):
-        from aml.onnx_embed import OnnxEncoder
-
-        enc = OnnxEncoder(encoder)
+    if is_exported(encoder):
+        enc = open_exported(encoder)
         folded = enc.info.get("whiten")
         x = enc.embed(paths, image_size=size, scales=scales, bbxs=bbxs)
         teacher = enc.info.get("teacher") or {}

@@ -121,3 +121,17 @@ def test_embed_errors_are_one_line(exported, tmp_path, run_cli):
     lone.write_bytes(model.read_bytes())
     code, _, err = run_cli("embed", "--model", str(lone), *args)
     assert code == 2 and "sidecar not found" in err
+
+
+@pytest.mark.parametrize(("name", "runtime"), [("m.onnx", "onnx"), ("m.ORT", "onnx"), ("m.pte", "pte")])
+def test_exported_encoders_open_by_suffix_in_one_place(name, runtime, monkeypatch):
+    """`aml.exported.open_exported`, used by embed, evaluate and search: a .pte runs in ExecuTorch's runtime, the
+    others in onnxruntime; a checkpoint or registry name is not an exported encoder."""
+    from aml import exported, pte_embed
+
+    opened = []
+    monkeypatch.setattr(onnx_embed, "OnnxEncoder", lambda path, threads=None: opened.append(("onnx", path)))
+    monkeypatch.setattr(pte_embed, "PteEncoder", lambda path, threads=None: opened.append(("pte", path)))
+    assert exported.is_exported(name) and not exported.is_exported("run/last.pt")
+    exported.open_exported(name)
+    assert opened == [(runtime, name)]

@@ -43,6 +43,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "aml.ort_backend",
         "aml.onnx_embed",
         "aml.pte_embed",
+        "aml.exported",
         "aml.teacher_vectors",
         "aml.cache",
         "aml.closed_form",

@@ -33,14 +33,12 @@ def command(
 
     import numpy as np
 
+    from aml.exported import open_exported
     from aml.io import atomic_write, check_writable_file
-    from aml.onnx_embed import OnnxEncoder
 
     check_writable_file(out, "--out")  # before the work: never found after embedding, never the temp file
     paths, bbxs = read_images(images, bbx)
-    if model_path.endswith(".pte"):  # ExecuTorch program: its Python runtime (aml.pte_embed)
-        from aml.pte_embed import PteEncoder as OnnxEncoder
-    enc = OnnxEncoder(model_path)
+    enc = open_exported(model_path)  # a .pte runs in ExecuTorch's Python runtime, the others in onnxruntime
     vecs = enc.embed(paths, image_size=image_size, scales=scales, bbxs=bbxs)
     what = f"{vecs.shape[0]} x {vecs.shape[1]} float32"
     if enc.binary:

@@ -34,7 +34,8 @@ from aml.commands._options import (
     write_json_out,
 )
 from aml.errors import UserError
-from aml.evaluate import BINARY_ROWS, EXPORTED, ROWS, TEST_IMAGE_SIZE
+from aml.evaluate import BINARY_ROWS, ROWS, TEST_IMAGE_SIZE
+from aml.exported import is_exported
 
 FEATURE_OPTIONS = ("--db-features", "--query-features", "--distractor-features", "--database-dtype")
 MODEL_OPTIONS = ("--teacher", "--student")
@@ -235,7 +236,7 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
     if student in {m["name"] for m in list_models()} or not Path(student).is_file():
         return  # a registered backbone records no teacher; a missing file is reported when the student loads
     ident = model_identity(teacher, teacher_weights, random_init, weights_option="--teacher-weights")
-    if student.lower().endswith(EXPORTED):  # an exported encoder: its sidecar records the teacher
+    if is_exported(student):  # an exported encoder: its sidecar records the teacher
         from aml.sidecar import read_sidecar
 
         meta = {"aml": {"teacher": read_sidecar(student).get("teacher")}}
