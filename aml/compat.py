@@ -9,7 +9,8 @@ queries against the old database), the upgrade benchmark from its runs.
 - update gain G = (M(new -> old) - M(old / old)) / (M(new* / new*) - M(old / old)): the share of the
   independently trained new model's gain that searching the old database with the new model brings (needs new*);
 - kept = (M(new / new) - M(old / old)) / (M(new* / new*) - M(old / old)): the share of new*'s own gain the
-  upgraded model keeps when it indexes its own database (the issue's target: at least KEEP).
+  upgraded model keeps when it indexes its own database (the issue's target, `keeps_gain`: at least KEEP);
+- G and kept are None when new* is no better than old / old (no gain to share).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ PROTOCOL = "M"  # the protocol the verdict reads (Medium: every positive; UKBenc
 
 
 def _ratio(num: float, den: float) -> float | None:
-    """num / den, or None when den is 0 or either is not finite (new* no better than old: no gain to share)."""
-    if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
+    """num / den, or None when den is not positive or either is not finite (new* no better than old / old: no
+    gain to share)."""
+    if not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
         return None
     return num / den
 
@@ -62,6 +64,15 @@ class CompatReport:
         return _ratio(self.new_new - self.old_old, self.independent - self.old_old)
 
     @property
+    def keeps_gain(self) -> bool | None:
+        """The issue's target on its own: new / new - old / old >= KEEP x (new* / new* - old / old), read as written
+        (when new* is no better than old / old, any new / new above KEEP x that shortfall meets it); None without
+        new*."""
+        if self.independent is None:
+            return None
+        return self.new_new - self.old_old >= KEEP * (self.independent - self.old_old)
+
+    @property
     def independent_compatible(self) -> bool | None:
         """new* searched against the old database beats old / old (None when new* -> old was not measured)."""
         return None if self.independent_old is None else self.independent_old > self.old_old
@@ -78,6 +89,7 @@ class CompatReport:
             "new* compatible": self.independent_compatible,
             "G": self.update_gain,
             "kept": self.kept,
+            "keeps gain": self.keeps_gain,
         }
 
 
@@ -150,6 +162,8 @@ def verdict(r: CompatReport, protocol: str = PROTOCOL) -> str:
         line += f"; G {_fmt(r.update_gain, '.3f')}, kept {_fmt(r.kept, '.3f')} of new*'s own gain"
         if r.kept is not None:
             line += f" ({'at least' if r.kept >= KEEP else 'below'} {KEEP:g})"
+        else:
+            line += f" (new* / new* {r.independent:.2f}: no gain over old / old to share)"
     if r.independent_compatible is not None:
         word = "compatible" if r.independent_compatible else "NOT compatible"
         line += f"; new* alone is {word} (new* -> old {r.independent_old:.2f})"

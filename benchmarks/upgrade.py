@@ -169,11 +169,17 @@ def report(rows: list[dict[str, Any]], stars: dict[str, dict[str, dict[str, floa
                 f"{rep.new_old:>8.2f} {g:>7} {kept:>7}  {'yes' if rep.compatible else 'no'}"
             )
             if method == "recipe":
-                ok = rep.compatible and rep.kept is not None and rep.kept >= KEEP
+                ok = rep.compatible and rep.keeps_gain
+                gain = (
+                    f"kept {rep.kept:.3f} of new*'s gain"
+                    if rep.kept is not None
+                    else f"new* {rep.independent:.2f} has no gain over old/old"
+                )
                 checks.append(
                     f"{name}: recipe {'meets' if ok else 'does not meet'} the target (compatible: "
                     f"{'yes' if rep.compatible else 'no'}, new->old {rep.new_old:.2f} vs old/old {rep.old_old:.2f}; "
-                    f"kept {'-' if rep.kept is None else f'{rep.kept:.3f}'} of new*'s gain, target >= {KEEP:g})"
+                    f"{gain}; new/new - old/old >= {KEEP:g} x (new*/new* - old/old): "
+                    f"{'yes' if rep.keeps_gain else 'no'})"
                 )
         cross = star["new*->old"]
         if cross is not None:

@@ -25,7 +25,8 @@ def test_report_arithmetic_matches_hand_computed_values():
     assert r.compatible  # 45 > 40
     assert r.update_gain == pytest.approx(5 / 20)  # (45 - 40) / (60 - 40)
     assert r.kept == pytest.approx(18 / 20)  # (58 - 40) / (60 - 40) = 0.9: the target exactly
-    assert r.kept >= KEEP and r.independent_compatible is False  # new* alone: 2 < 40
+    assert r.kept >= KEEP and r.keeps_gain and r.independent_compatible is False  # new* alone: 2 < 40
+    assert not compat_report(40.0, 57.9, 45.0, independent=60.0).keeps_gain  # 17.9 < 0.9 x 20
     d = r.as_dict()
     assert d["G"] == pytest.approx(0.25) and d["kept"] == pytest.approx(0.9) and d["compatible"] is True
     line = verdict(r)
@@ -41,6 +42,11 @@ def test_an_independently_trained_new_model_is_reported_incompatible():
     # equal scores are not compatible (strictly above), and without new* there is no G
     assert not compat_report(40.0, 50.0, 40.0).compatible and compat_report(40.0, 50.0, 41.0).update_gain is None
     assert compat_report(40.0, 50.0, 41.0, independent=40.0).update_gain is None  # new* no better: no gain to share
+    worse = compat_report(40.0, 50.0, 41.0, independent=38.0)  # new* worse than old / old: G and kept undefined
+    assert worse.update_gain is None and worse.kept is None and worse.compatible and worse.keeps_gain
+    assert "(new* / new* 38.00: no gain over old / old to share)" in verdict(worse)
+    assert not compat_report(40.0, 38.0, 41.0, independent=38.0).keeps_gain  # 38 - 40 = -2 < 0.9 x (38 - 40) = -1.8
+    assert compat_report(40.0, 38.5, 41.0, independent=38.0).keeps_gain  # -1.5 >= -1.8
 
 
 def _rows(old, new, cross, h=float("nan")):
