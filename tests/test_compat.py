@@ -125,3 +125,24 @@ def test_cli_prints_the_compatibility_report_and_writes_it_as_json(tmp_path, run
     assert m["G"] is None if den == 0 else math.isclose(m["G"], (m["new->old"] - m["old/old"]) / den)
     assert "compatibility (mAP x100" in out and "new* / new*" in out
     assert ("upgrade compatible" if m["compatible"] else "upgrade NOT compatible") in out
+
+
+def test_bct_run_trains_and_checkpoints_its_own_proxies_and_resumes(tiny_data, tmp_path, home):
+    from conftest import tiny_cfg
+
+    from aml.train.checkpoint import load_checkpoint
+    from aml.train.loop import Trainer, distill
+
+    cfg = tiny_cfg(
+        tiny_data, tmp_path / "run", loss="bct", proxies="teacher-trained", warmup_epochs=0, batch_size=4,
+        per_class=2, eval_every=None, epochs=2,
+    )  # fmt: skip
+    distill(cfg.replace(epochs=1), progress=False)
+    first = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert first["own_proxies"].shape == first["proxies"].shape == (6, 512)
+    assert not torch.equal(first["own_proxies"], first["proxies"])  # trained from the teacher's, which stay frozen
+    trainer = Trainer(cfg, resume=True, progress=False)
+    torch.testing.assert_close(trainer.objective.own_proxies.detach().cpu(), first["own_proxies"], rtol=0, atol=0)
+    trainer.fit()
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert torch.equal(last["proxies"], first["proxies"]) and not torch.equal(last["own_proxies"], first["own_proxies"])
