@@ -438,3 +438,30 @@ def evaluate_models(
         if warnings:
             out["warnings"] = warnings
     return ModelsEvaluation(out, rankings)
+
+
+def evaluate_independent(
+    dataset: Revisitop,
+    old: str,
+    independent: str,
+    settings: ExtractSettings,
+    *,
+    old_weights: str | None = None,
+    independent_weights: str | None = None,
+    random_init: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    cache_dtype: str = DEFAULT_DTYPE,
+    topk: int | None = None,
+) -> dict[str, Any]:
+    """The independently trained new model (new*, as it is: its own head, frozen) of a compatibility report:
+    {"student": new* / new*, "asymmetric": new* queries against the old model's database, or None when their
+    dimensions differ}. Both models' vectors come through the teacher cache (`TeacherVectors`)."""
+    cache = Path(cache_dir) if cache_dir is not None else aml_home() / "cache"
+    kw = dict(cache_dir=cache, random_init=random_init, dtype=cache_dtype)
+    new = TeacherVectors(independent, settings, weights=independent_weights, **kw)
+    q, db = new.get(dataset.query_paths(), dataset.bbxs), new.get(dataset.db_paths())
+    out: dict[str, Any] = {"student": evaluate_search(dataset, q, db, topk=topk, device=settings.device).result}
+    old_db = TeacherVectors(old, settings, weights=old_weights, **kw).get(dataset.db_paths())
+    same = old_db.shape[1] == q.shape[1]
+    out["asymmetric"] = evaluate_search(dataset, q, old_db, topk=topk, device=settings.device).result if same else None
+    return out

@@ -309,8 +309,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
     return out
 
 
-def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
-    """The issue's claims checked on Medium asymmetric mAP (means over seeds), one line each."""
+def findings(rows: dict[str, dict[str, Any]], chance: float, teacher: float | None = None) -> list[str]:
+    """The issue's claims checked on Medium asymmetric mAP (means over seeds), one line each; with the teacher's
+    own mAP M, first the compatibility report's verdict per method (`compat_findings`)."""
     asym = {m: _stats(r["asymmetric"]["M"])[0] for m, r in rows.items()}
     lines = []
     ranked = sorted(asym, key=asym.get, reverse=True)
@@ -366,7 +367,27 @@ def findings(rows: dict[str, dict[str, Any]], chance: float) -> list[str]:
             f"(`{without}`): asymmetric {a:.2f} -> {b:.2f} ({b - a:+.2f} points; {spread}), symmetric "
             f"{sym_m[without]:.2f} -> {sym_m[with_labels]:.2f}"
         )
-    return lines + glam_findings(rows)
+    return (compat_findings(rows, teacher) if teacher is not None else []) + lines + glam_findings(rows)
+
+
+def compat_findings(rows: dict[str, dict[str, Any]], teacher: float) -> list[str]:
+    """The compatibility report (aml.compat, docs/REFERENCE.md §9) read as an upgrade, the teacher the old model and
+    the student the new one (mAP M, seed means): which methods are compatible (new -> old above old / old)."""
+    from aml.compat import compat_report
+
+    reps = {
+        m: compat_report(teacher, _stats(r["symmetric"]["M"])[0], _stats(r["asymmetric"]["M"])[0])
+        for m, r in rows.items()
+    }
+    yes = [m for m, r in reps.items() if r.compatible]
+    closest = max(reps, key=lambda m: reps[m].new_old) if reps else None
+    return [
+        f"compatibility report (the teacher as the old model, the student as the new one; aml.compat): new -> old "
+        f"above old / old {teacher:.2f} for {len(yes)} of {len(reps)} methods"
+        + (f" ({', '.join(f'{m} {reps[m].new_old:.2f}' for m in yes)})" if yes else "")
+        + (f", closest {closest} {reps[closest].new_old:.2f}" if not yes and reps else "")
+        + "; this student is the smaller model, so the upgrade's question is asked by benchmarks/upgrade.py"
+    ]
 
 
 def versus(rows: dict[str, dict[str, Any]], first: str, second: str) -> tuple[float, float, str]:
@@ -486,7 +507,7 @@ def write_report(
                 f"| {method} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {statistics.median(r['seconds']):.0f} |"
             )
         md += ["", "Findings (computed from the table):", ""]
-        md += [f"- {line}" for line in findings(rows, chance["M"])]
+        md += [f"- {line}" for line in findings(rows, chance["M"], teacher["M"])]
         md.append("")
     closed = start_findings(summary)
     if closed:

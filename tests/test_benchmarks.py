@@ -37,6 +37,7 @@ OPTIONS: dict[str, tuple[list[str], dict[str, str]]] = {
     "demo_recipe.py": (["--out", "{out}/demo_recipe.txt"], {"demo_recipe.txt": r"mean of 2 seeds"}),
     "demo_table.py": (["--out", "{out}/demo.txt"], {"demo.txt": r"teacher resnet18 \(symmetric\)"}),
     "test_protocols.py": (["--out", "{out}/protocols.txt"], {"protocols.txt": r"teacher's PCA whitening"}),
+    "upgrade.py": (["--out", "{out}/upgrade.txt"], {"upgrade.txt": r"new\* as it is against the old database"}),
     "methods.py": (
         ["--out", "{out}"],
         {
@@ -122,6 +123,15 @@ REPORTS: dict[str, list[str]] = {
         r"^failed requests: 0$",
     ],
     "train_speed.py": [rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"],
+    "upgrade.py": [
+        r"test set\s+method\s+old/old\s+new\*/new\*\s+new/new\s+new->old\s+G\s+kept\s+compatible$",
+        *(
+            rf"synth\s+{m}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+(-|{NUM})\s+(-|{NUM})\s+(yes|no)$"
+            for m in ("recipe", "0 epochs")
+        ),
+        r"^synth: recipe (meets|does not meet) the target \(compatible: (yes|no), new->old",
+        rf"^synth: new\* as it is against the old database: new\*->old {NUM} vs old/old {NUM}: (NOT )?compatible$",
+    ],
 }
 
 

@@ -53,6 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "aml.search",
         "aml.index",
         "aml.show",
+        "aml.compat",
         "aml.losses.*",
         "aml.export",  # the package's __init__.py, run by every import of an export module
         "aml.export.encoder",  # the four that ort_backend loads: bottom-layer code only

@@ -45,13 +45,15 @@ def close(got: torch.Tensor, want, **kw) -> None:
 
 
 def tensor_inputs(name: str, anchor_teacher: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> dict:
-    """The keyword tensors loss `name` reads, as its spec says (proxies: the teacher's class means of `anchor_teacher`,
-    frozen, with the images in classes 0, 0, 1, 1, ...)."""
+    """The keyword tensors loss `name` reads, as its spec says (proxies, and own_proxies where read: the teacher's
+    class means of `anchor_teacher`, frozen, with the images in classes 0, 0, 1, 1, ...)."""
     spec = LOSSES[name]
     kw = {"anchor_teacher": anchor_teacher} if "anchor_teacher" in spec.inputs else {}
     if spec.kind == "class":
         labels = torch.arange(len(anchor_teacher)) // 2
         kw.update(labels=labels, proxies=class_proxies(anchor_teacher, labels.numpy(), int(labels.max()) + 1))
+        if "own_proxies" in spec.inputs:  # `bct`: the student's own proxies, here a frozen copy of the teacher's
+            kw["own_proxies"] = kw["proxies"].clone()
     return {**kw, "ref": ref} if "ref" in spec.inputs else kw
 
 
@@ -470,13 +472,14 @@ def test_spec_table_names_kinds_and_inputs():
     assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd", "contr+csd"} <= set(LOSSES)
     assert all(spec.name == name for name, spec in LOSSES.items())
     assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd"}
-    assert {n for n, s in LOSSES.items() if s.kind == "class"} == {"normsoftmax"}
-    assert {n for n, s in LOSSES.items() if "proxies" in s.inputs} == {"normsoftmax"}
+    assert {n for n, s in LOSSES.items() if s.kind == "class"} == {"normsoftmax", "bct"}
+    assert {n for n, s in LOSSES.items() if "proxies" in s.inputs} == {"normsoftmax", "bct"}
+    assert {n for n, s in LOSSES.items() if "own_proxies" in s.inputs} == {"bct"}
     assert {n for n, s in LOSSES.items() if "anchor_teacher" in s.inputs} == {"contr+", "contr+csd"}
     assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
     assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd"}
-    assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {"csd", "contr+csd", "normsoftmax"}
+    assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {"csd", "contr+csd", "normsoftmax", "bct"}
     assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd"}
     assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd")
 

@@ -154,10 +154,10 @@ def test_report_files_and_readme_block(results, tmp_path, monkeypatch):
     assert (tmp_path / "results" / "methods-synth.png").read_bytes()[:4] == b"\x89PNG"
     page = tmp_path / "docs" / "RESULTS.md"
     page.parent.mkdir()
-    page.write_text(f"# x\n{methods.README_START}\nold\n{methods.README_END}\ntail\n")
+    page.write_text(f"# x\n{methods.README_START}\nstale block\n{methods.README_END}\ntail\n")
     methods.update_readme(["synth", "ukbench"])
     new = page.read_text()
-    assert text.strip() in new and "old" not in new and new.endswith("tail\n")
+    assert text.strip() in new and "stale block" not in new and new.endswith("tail\n")
     assert "](../benchmarks/results/methods-synth.png)" in new
 
 
@@ -222,3 +222,14 @@ def test_findings_compare_the_label_refined_csd_target_with_the_same_csd(results
         "the label-refined CSD target (`csd labels`, label_weight 0.5) vs the same CSD without it (`csd t0.03`): "
         "asymmetric 27.00 -> 31.00 (+4.00 points; seed std 2.00 / 1.00), symmetric 40.00 -> 40.00"
     ) in lines
+
+
+def test_findings_open_with_the_compatibility_report(results):
+    rows = methods.summarise(results)["lite0"]  # seed means: asymmetric a + 1 (sym 3.5), symmetric 40
+    line = methods.findings(rows, chance=3.0, teacher=27.5)[0]
+    assert line.startswith(
+        "compatibility report (the teacher as the old model, the student as the new one; aml.compat): new -> old "
+        "above old / old 27.50 for 2 of 11 methods (contr+csd 29.00, contr+10csd 28.00);"
+    )
+    assert "for 0 of 11 methods, closest contr+csd 29.00;" in methods.findings(rows, chance=3.0, teacher=60.0)[0]
+    assert not methods.findings(rows, chance=3.0)[0].startswith("compatibility report")

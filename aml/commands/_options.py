@@ -136,17 +136,31 @@ _ROLES = {
     "model": ("--model", "model_name", "--weights", "Registry name (see `aml models`) or checkpoint file."),
     "teacher": ("--teacher", "teacher", "--teacher-weights", "Teacher: registry name or checkpoint (database side)."),
     "student": ("--student", "student", "--student-weights", "Student: registry name or checkpoint (query side)."),
+    "independent": (
+        "--new-independent",
+        "new_independent",
+        "--new-independent-weights",
+        "An upgrade's independently trained new model (new*, as it is: its own head): registry name or checkpoint; "
+        "adds new* / new*, new* -> old and G to the compatibility report.",
+    ),
 }
 
 
-def model_options(role: str, *, required: bool = False, default_help: str = "") -> Callable[[F], F]:
-    """`--ROLE NAME|CHECKPOINT` and `--ROLE-weights FILE` (role: model, teacher or student)."""
+def model_options(
+    role: str, *, required: bool = False, default_help: str = "", alias: str | None = None
+) -> Callable[[F], F]:
+    """`--ROLE NAME|CHECKPOINT` and `--ROLE-weights FILE` (role: model, teacher or student); `alias` is a second
+    name of both (`--old`: `--old` and `--old-weights`)."""
     name, dest, weights, text = _ROLES[role]
     extra = f" ({default_help})" if default_help else ""
+    names, weight_names = (name, alias) if alias else (name,), (weights, f"{alias}-weights") if alias else (weights,)
     return _stack(
-        click.option(name, dest, required=required, help=text[:-1] + extra + "."),
-        click.option(weights, type=click.Path(dir_okay=False), help=f"Local weights file for {name}."),
-    )
+        click.option(*names, dest, required=required, help=text[:-1] + extra + "."),
+        click.option(
+            *weight_names, weights.lstrip("-").replace("-", "_"), type=click.Path(dir_okay=False),
+            help=f"Local weights file for {name}.",
+        ),
+    )  # fmt: skip
 
 
 def random_init_option(help: str = "Seeded random weights where none are given (tests).") -> Callable[[F], F]:

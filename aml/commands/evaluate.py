@@ -14,6 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
+from aml.cache import DEFAULT_DTYPE
 from aml.commands._options import (
     _stack,
     cache_dtype_option,
@@ -38,7 +39,7 @@ from aml.evaluate import BINARY_ROWS, ROWS, TEST_IMAGE_SIZE
 from aml.exported import is_exported
 
 FEATURE_OPTIONS = ("--db-features", "--query-features", "--distractor-features", "--database-dtype")
-MODEL_OPTIONS = ("--teacher", "--student")
+MODEL_OPTIONS = ("--teacher", "--student", "--old", "--new")
 
 
 class _Evaluate(click.Group):
@@ -150,6 +151,10 @@ def _report(ds: Any, result: dict[str, Any], n_dis: int, ranking: Any, what: str
         click.echo(format_table(result))
     if "binary" in result:
         click.echo(format_table(result["binary"], title="database as sign bits (aml.binary)", layout="rows"))
+    if result.get("compatibility"):
+        from aml.compat import format_report
+
+        click.echo(format_report({p: _compat(r) for p, r in result["compatibility"].items()}))
     if r.json_out:
         write_json_out(r.json_out, _json_safe(result))
     if r.show:
@@ -158,6 +163,13 @@ def _report(ds: Any, result: dict[str, Any], n_dis: int, ranking: Any, what: str
         ap = ranking.scores["M"].ap
         _, drawn = draw_extremes(r.show, ds, db_paths, ranking.ids, ranking.sims, ap, n=r.show_n, k=r.show_k)
         click.echo(f"{r.show}: {len(drawn)} queries of {what} drawn (worst and best by AP, medium protocol)")
+
+
+def _compat(d: dict[str, Any]) -> Any:
+    """A report back from its `as_dict` form."""
+    from aml.compat import compat_report
+
+    return compat_report(d["old/old"], d["new/new"], d["new->old"], d["new*/new*"], d["new*->old"])
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -259,8 +271,9 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
 
 @command.command("models")
 @_common
-@model_options("teacher", required=True)
-@model_options("student", required=True)
+@model_options("teacher", required=True, alias="--old", default_help="--old: an upgrade's old model")
+@model_options("student", required=True, alias="--new", default_help="--new: an upgrade's new model")
+@model_options("independent")
 @random_init_option()
 @image_options(
     size_help="Longest side of queries and database alike (default: the size the student records, else "
@@ -287,15 +300,15 @@ def _check_pair(teacher: str, teacher_weights: str | None, student: str, random_
 )
 @click.option("--force", is_flag=True, help="Evaluate a student distilled for another teacher anyway (warns).")
 def models(
-    dataset, data_root, topk, binary_rows, report, teacher, teacher_weights, student, student_weights, random_init,
-    image_size, scales, batch_size, workers, device, backend, query_image_size, db_image_size, quiet, whiten,
-    distractors, rows, cache_dir, cache_dtype, show_row, force,
+    dataset, data_root, topk, binary_rows, report, teacher, teacher_weights, student, student_weights,
+    new_independent, new_independent_weights, random_init, image_size, scales, batch_size, workers, device, backend,
+    query_image_size, db_image_size, quiet, whiten, distractors, rows, cache_dir, cache_dtype, show_row, force,
 ) -> None:  # fmt: skip
     """Teacher/teacher and student/student (symmetric) and student-query/teacher-database (asymmetric) side by
-    side; the teacher's vectors are cached, --device runs the extraction and the search. The student is a
-    registry name, a checkpoint or an exported encoder (.onnx, .pte); queries default to the size it records,
-    the database to the queries' size."""
-    from aml.cache import DEFAULT_DTYPE
+    side, and the compatibility report of the upgrade old (teacher) -> new (student), with new* when given
+    (aml.compat); the teacher's vectors are cached, --device runs the extraction and the search. The student is a
+    registry name, a checkpoint or an exported encoder (.onnx, .ort, .pte); queries default to the size it
+    records, the database to the queries' size."""
     from aml.data.images import read_image_list
     from aml.data.revisitop import load_revisitop
     from aml.evaluate import evaluate_models
@@ -318,5 +331,32 @@ def models(
     )  # fmt: skip
     for warning in ev.result.get("warnings", []):
         click.echo(warning, err=True)
+    result = _with_compat(ev.result, ds, teacher, teacher_weights, new_independent, new_independent_weights, dict(
+        settings=settings, random_init=random_init, cache_dir=cache_dir, cache_dtype=cache_dtype or DEFAULT_DTYPE,
+        topk=topk))  # fmt: skip
     ranking = ev.rankings.get(show_row)
-    _report(ds, ev.result, len(dis_paths), ranking, f"the {show_row} row", ds.db_paths() + dis_paths, report)
+    _report(ds, result, len(dis_paths), ranking, f"the {show_row} row", ds.db_paths() + dis_paths, report)
+
+
+def _with_compat(
+    result: dict[str, Any], ds: Any, old: str, old_weights: str | None, new_star: str | None,
+    new_star_weights: str | None, kw: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """`result` with the upgrade's compatibility report ("compatibility": {protocol: report}) and new*'s scores
+    ("new*") when every row ran and `new_star` (--new-independent) is given; the report is printed after the
+    table (`_report`)."""
+    from aml.compat import reports_of
+    from aml.evaluate import evaluate_independent
+
+    if any(row not in result for row in ROWS):
+        return result
+    star = None
+    if new_star:
+        settings = kw.pop("settings")
+        star = evaluate_independent(
+            ds, old, new_star, settings, old_weights=old_weights, independent_weights=new_star_weights, **kw
+        )
+    out = {**result, "compatibility": {p: r.as_dict() for p, r in reports_of(result, star).items()}}
+    if star is not None:
+        out["new*"] = {"model": new_star, **star}
+    return out

@@ -28,6 +28,8 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 |           |       |   label_weight w > 0: target mixed with the query's label  | label_weight 0          |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
 | normsoftmax | class | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
+| bct       | class | own NormSoftmax + teacher-proxy NormSoftmax + reg (upgrade) | temperature 0.05, weight_own 1, |
+|           |       |   (Shen et al.'s backward-compatible training)            | weight_influence 1, weight_reg 1 |
 
 The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
 labels, `spec.pairs` (aml/losses/pairs.py, Metrix, docs/REFERENCE.md §8), which `--mixup` trains with.
@@ -35,6 +37,7 @@ labels, `spec.pairs` (aml/losses/pairs.py, Metrix, docs/REFERENCE.md §8), which
 
 from __future__ import annotations
 
+from aml.losses.bct import bct
 from aml.losses.combined import combine
 from aml.losses.contrastive import contr, contr_plus, sym
 from aml.losses.csd import csd
@@ -58,6 +61,7 @@ _SPECS = (
     loss_spec("darkrank", darkrank, "batch", per_sample=False),
     loss_spec("csd", csd, "batch", per_sample=False),
     loss_spec("normsoftmax", normsoftmax_loss, "class"),
+    loss_spec("bct", bct, "class"),
 )
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSSES["contr+csd"] = combine("contr+csd", {"contr+": 1.0, "csd": 1.0}, LOSSES)
@@ -88,4 +92,5 @@ __all__ = [
     "soft_ms",
     "soft_triplet",
     "normsoftmax",
+    "bct",
 ]

@@ -11,7 +11,9 @@ ref_labels)`):
   the asymmetric case is: the references are the teacher's (`csd`: the teacher vectors of the epoch's pool);
 - `ref_labels` (P,): the labels of `ref`'s images (`ref_labels`);
 - `proxies` (C, D): the class proxies a classification loss classifies by (`normsoftmax`; its objective owns
-  them: learned, or the teacher's).
+  them: learned, or the teacher's);
+- `own_proxies` (C, D): the student's own trainable proxies beside the teacher's `proxies` (`bct`'s new
+  classifier; its objective owns them, started at the teacher's).
 A new loss that reads one of these needs its own file and its line in the spec table, nothing in the trainer.
 """
 
@@ -30,7 +32,7 @@ from aml.errors import UserError
 
 KINDS = ("tuple", "batch", "class")
 # the keyword inputs a training step provides by name (tensors, never constants)
-STEP_INPUTS = ("anchor_teacher", "labels", "ref", "ref_labels", "proxies")
+STEP_INPUTS = ("anchor_teacher", "labels", "ref", "ref_labels", "proxies", "own_proxies")
 
 
 @dataclass(frozen=True)

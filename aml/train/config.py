@@ -216,6 +216,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=8,
         image_size=224,
     ),
+    # The model upgrade (backward-compatible training, docs/TRAINING.md "Model upgrades"): the old model (lite0)
+    # is the frozen teacher whose database stays, the new, stronger backbone (lite2) the student, started by the
+    # closed form (local Procrustes, so new -> old works from step 0), then `bct`: its own NormSoftmax (its own
+    # classifier, started at the teacher's proxies), the NormSoftmax over the teacher's trained proxies (BCT's
+    # influence loss) and `reg` on the same class-balanced batches, every weight 1 (not tuned); no warm-up (the
+    # head starts fitted). The budget is the methods benchmark's.
+    "upgrade": dict(
+        teacher="lite0",
+        student="lite2",
+        init_flip=False,
+        init_images=400,
+        loss="bct",
+        proxies="teacher-trained",
+        warmup_epochs=0,
+        epochs=2,
+        lr=1e-5,
+        lr_decay=math.exp(-0.1),
+        query_size=200,
+        pool_size=2000,
+        batch_size=8,
+        image_size=224,
+    ),
 }
 
 # The no-teacher baseline of the demo: the same student and recipe with the symmetric loss, on a smaller

@@ -264,6 +264,8 @@ class ClassObjective(Objective):
         else:  # filled from the checkpoint by `restore`
             proxies = torch.zeros(self.num_classes, dim, device=data.device)
         self.register_buffer("proxies", proxies, persistent=cfg.proxies != "teacher-mean")
+        if "own_proxies" in spec.inputs:  # `bct`: the student's own classifier, trained, started at the teacher's
+            self.own_proxies = nn.Parameter(proxies.clone())
 
     def plan(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
         return plan_classes(self.cfg, self.data.train, self.labels, rng)
@@ -272,7 +274,8 @@ class ClassObjective(Objective):
         """`fn(student, teacher, labels=class ids, proxies=self.proxies)`."""
         step = Step(epoch, b)
         s = embed(images)
-        kw = step.read(self.spec.inputs, proxies=self.proxies)
+        own = {"own_proxies": self.own_proxies} if "own_proxies" in self.spec.inputs else {}
+        kw = step.read(self.spec.inputs, proxies=self.proxies, **own)
         return self.spec.fn(s, step.anchor_teacher, **kw, **self.constants)
 
     def checkpoint(self) -> dict[str, Any]:

@@ -53,6 +53,11 @@ def check(cfg: TrainConfig) -> TrainConfig:
             f"--mixup {cfg.mixup}: loss '{cfg.loss}' is not pair-based; use --loss "
             f"{' | '.join(PAIR_BASED)}, or --mixup none"
         )
+    if "own_proxies" in spec.inputs and cfg.proxies == "learned":
+        raise UserError(
+            f"--proxies learned: loss '{cfg.loss}' classifies by the teacher's proxies beside its own; use --proxies "
+            "teacher-trained or teacher-mean"
+        )
     if spec.kind == "class" and cfg.batch_size < cfg.per_class:
         raise UserError(
             f"--batch-size {cfg.batch_size}: a class-balanced batch holds batch_size // per_class classes of "
