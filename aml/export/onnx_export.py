@@ -21,8 +21,10 @@ from aml.sidecar import INPUT, OUTPUT
 OPSET = 17
 
 
-def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:
-    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch/height/width."""
+def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor, static_shape: bool = False) -> None:
+    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch / height / width
+    (`static_shape`: height and width fixed to the example's, batch dynamic)."""
+    sides = {} if static_shape else {2: "height", 3: "width"}
     module.eval()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # the exporter's own deprecation notices; a TracerWarning about data-dependent control flow is
@@ -41,7 +43,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tenso
             input_names=[INPUT],
             output_names=[OUTPUT],
             do_constant_folding=True,
-            dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch"}},
+            dynamic_axes={INPUT: {0: "batch", **sides}, OUTPUT: {0: "batch"}},
         )
 
 
