@@ -400,3 +400,17 @@ def test_export_cli(tmp_path, run_cli):
     assert "verified" in out and "equivalence gate" in out and (tmp_path / "e.onnx.json").is_file()
     code, _, err = run_cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--precision", "int8")
     assert code == 2 and err.startswith("error: ") and "int8" in err and "Traceback" not in err
+
+
+def test_pad_static_pads_bottom_right_and_refuses_a_larger_image():
+    from aml.errors import UserError
+    from aml.sidecar import is_static, pad_static
+
+    x = np.ones((2, 3, 30, 48), np.float32)
+    y = pad_static(x, 48)
+    assert y.shape == (2, 3, 48, 48) and np.array_equal(y[..., :30, :], x) and not y[..., 30:, :].any()
+    assert pad_static(y, 48) is y
+    with pytest.raises(UserError, match="static-shape model takes 48x48.*--image-size 48"):
+        pad_static(np.ones((1, 3, 49, 40), np.float32), 48, "enc.onnx")
+    assert is_static({"preprocessing": {"static_shape": True}})
+    assert not is_static({"preprocessing": {"static_shape": "yes"}}) and not is_static({})
