@@ -134,16 +134,19 @@ def test_coreml_package_is_checked_for_names_shapes_and_metadata(exported):
 
 
 STUDENTS = ("lite0", "mobilenetv2", "effnet-b3")  # the bundled students (random weights, lively BatchNorm)
+# the teachers' dimension: the absolute gate (1e-4 per component) is for unit vectors of this size; at D = 16 the
+# components are ~11x larger and effnet-b3's .pte differs by 4.5e-4 at cosine 0.9999997
+STUDENT_DIM = 2048
 
 
 @pytest.fixture(scope="module")
 def students():
-    """name -> (export-ready encoder, torch reference) of a random-init, lively 16-d student."""
+    """name -> (export-ready encoder, torch reference) of a random-init, lively STUDENT_DIM-d student."""
     made: dict = {}
 
     def get(name: str):
         if name not in made:
-            net = lively(create_model(name, role="student", dim=16, random_init=True), SIZE).eval()
+            net = lively(create_model(name, role="student", dim=STUDENT_DIM, random_init=True), SIZE).eval()
             made[name] = export_encoder(net)[0], reference_encoder(net)
         return made[name]
 
@@ -162,7 +165,7 @@ def test_every_format_of_every_student_passes_its_gate(students, tmp_path, name,
     precision = "fp16" if fmt == "coreml" else "fp32"
     f.export(enc, SIZE, precision, calibration, path)
     torch_run = pipeline.torch_runner(ref)
-    eq, run = verify_format(f, path, torch_run, SIZE, gate=precision == "fp32", dim=16, mean=MEAN, std=STD)
+    eq, run = verify_format(f, path, torch_run, SIZE, gate=precision == "fp32", dim=STUDENT_DIM, mean=MEAN, std=STD)
     if run is None:
         assert eq["structure"]["passed"] and eq["structure"]["metadata"]["preprocessing"]["input"]["name"] == "images"
         return
