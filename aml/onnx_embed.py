@@ -24,7 +24,7 @@ from aml.data.images import Bbx, check_bbxs, load_image, same_shape_groups, to_a
 from aml.errors import UserError, first_line
 from aml.io import sha256_file
 from aml.ort_session import session
-from aml.sidecar import read_sidecar, sidecar_path
+from aml.sidecar import is_static, pad_static, read_sidecar, sidecar_path
 from aml.threads import intra_op_threads
 
 EPS = 1e-6
@@ -155,6 +155,8 @@ class OnnxEncoder:
         return bool((self.info.get("output") or {}).get("binary"))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if is_static(self.info):  # `aml export --static-shape`: padded to the one size it takes
+            x = pad_static(x, int(self.info["image_size"]), str(self.path))
         return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def embed(

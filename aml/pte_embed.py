@@ -15,7 +15,7 @@ import numpy as np
 
 from aml.errors import UserError
 from aml.onnx_embed import OnnxEncoder, Runner, check_pair
-from aml.sidecar import read_sidecar
+from aml.sidecar import is_static, pad_static, read_sidecar
 from aml.threads import intra_op_threads
 
 MAX_BATCH = 4  # the largest batch a .pte takes (ExecuTorch plans its memory for the upper bound)
@@ -59,6 +59,8 @@ class PteEncoder(OnnxEncoder):
             raise UserError(f"{path}: ExecuTorch cannot load it ({e}); re-export the model") from e
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if is_static(self.info):  # `aml export --static-shape`: padded to the one size it takes
+            return self.run(pad_static(x, int(self.info["image_size"]), str(self.path)))
         side = max(x.shape[-2:])
         top = int(self.info["image_size"])
         if side > max(top, MIN_SIDE + 1) or min(x.shape[-2:]) < MIN_SIDE:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aml.errors import UserError
 from aml.io import write_json
 
@@ -22,6 +24,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 INPUT, OUTPUT = "images", "vectors"  # the exported graph's input and output names (the sidecar records them)
 CALIB_COUNT = 32  # int8 calibration images drawn (seeded) from the calibration list
 LATENCY_RUNS = 7  # paired fp32 / int8 runs an int8 export times (batch 1, its image size, 1 thread)
+MAP_TOLERANCE = 1.0  # points of asymmetric mAP the fp16 / int8 retrieval gate accepts by default (--map-tolerance)
 MAX_INT8_RATIO = 0.6  # int8 is recommended when it runs in at most this share of the fp32 time
 SIDECAR_VERSION = 1
 # `aml export --binary`: the sidecar's output.binary says the encoder's float vectors are to be binarised by the
@@ -48,6 +51,62 @@ def write_sidecar(model_path: str | os.PathLike, info: dict[str, Any]) -> Path:
     path = sidecar_path(model_path)
     write_json(path, {"sidecar_version": SIDECAR_VERSION, **info})
     return path
+
+
+# How `aml.data.images` loads an image (the rule an app must repeat), recorded in every sidecar's `preprocessing`
+COLOUR = "sRGB as stored: 8-bit RGB (PIL Image.convert('RGB')); no EXIF orientation applied, no ICC conversion"
+RESIZE = "longest side to image_size, aspect ratio kept, never upscaled (PIL thumbnail, Lanczos)"
+STATIC_PAD = "then padded at the bottom and right to image_size x image_size with 0 after normalisation (mean colour)"
+
+
+def is_static(info: dict[str, Any]) -> bool:
+    """Whether a sidecar's model takes only image_size x image_size inputs (`aml export --static-shape`)."""
+    pre = info.get("preprocessing")
+    return isinstance(pre, dict) and pre.get("static_shape") is True
+
+
+def pad_static(x: np.ndarray, size: int, where: str = "model") -> np.ndarray:
+    """A normalised (B, 3, h, w) batch padded at the bottom and right with 0 to (B, 3, size, size): the input of a
+    static-shape model (STATIC_PAD); a UserError when a side is larger than `size`."""
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        raise UserError(
+            f"{where}: an image of {h}x{w} px; this static-shape model takes {size}x{size}: embed at --image-size "
+            f"{size} or less, or re-export with a larger --image-size"
+        )
+    return np.pad(x, ((0, 0), (0, 0), (0, size - h), (0, size - w))) if (h, w) != (size, size) else x
+
+
+def preprocessing(
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    dim: int,
+    *,
+    static_shape: bool,
+    whitened: bool,
+    bounds: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """The sidecar's `preprocessing`: everything an app needs to turn an image into the model's input and read
+    its output (the same block for every format); `bounds` are a format's batch / side limits, if any."""
+    size = int(image_size)
+    shape: list[Any] = ["batch", 3, size, size] if static_shape else ["batch", 3, "height", "width"]
+    return {
+        "colour_space": COLOUR,
+        "channel_order": "RGB",
+        "resize": f"{RESIZE}; {STATIC_PAD}" if static_shape else RESIZE,
+        "image_size": size,
+        "value_range": [0.0, 1.0],
+        "scale": "pixel / 255",
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "normalise": "(pixel / 255 - mean[c]) / std[c] per RGB channel c",
+        "layout": "NCHW",
+        "static_shape": bool(static_shape),
+        "input": {"name": INPUT, "dtype": "float32", "shape": shape, "bounds": bounds},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", int(dim)], "l2_normalised": True},
+        "whitening_included": bool(whitened),
+    }
 
 
 def binary_output(dim: int) -> dict[str, Any]:

@@ -15,7 +15,9 @@ Students: lite0 from its bundled ImageNet weights, mobilenetv2 and effnet-b3 fro
 offline) with BatchNorm statistics re-estimated on the calibration images, so vectors depend on the input.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mobile_latency.py            # writes results/mobile_latency.txt
-    .venv/bin/python benchmarks/mobile_latency.py --smoke                      # tiny: mobilenetv2, 96 px, seconds
+    .venv/bin/python benchmarks/mobile_latency.py --smoke      # tiny: mobilenetv2, static 64 px, 1 run
+    .venv/bin/python benchmarks/mobile_latency.py --students lite0 --formats pte-int8 --threads 1 --runs 1 \
+        --out /tmp/m.txt                                                      # one format's mAP (and ort-fp32's)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from aml.io import atomic_write  # noqa: E402
 from aml.onnx_embed import embed_images, session  # noqa: E402
 from aml.pte_embed import pte_runner  # noqa: E402
 from aml.registry import create_model  # noqa: E402
+from aml.sidecar import pad_static  # noqa: E402
 from aml.threads import benchmark_threads  # noqa: E402
 from aml.train.batchnorm import estimate_batchnorm  # noqa: E402
 
@@ -94,15 +97,32 @@ def build(name: str, dim: int, calib: list[np.ndarray]) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def export_all(net: torch.nn.Module, size: int, calib: list[np.ndarray], tmp: Path) -> dict[str, Path]:
-    """The four models of `net` in `tmp`: ONNX fp32 / int8 (aml export's recipe) and .pte fp32 / int8."""
+def export_all(
+    net: torch.nn.Module,
+    size: int,
+    calib: list[np.ndarray],
+    tmp: Path,
+    formats: tuple[str, ...] = FORMATS,
+    static_shape: bool = False,
+) -> dict[str, Path]:
+    """The models of `net` in `tmp` named in `formats` (ort-fp32 always: the ratios' base): ONNX fp32 / int8
+    (aml export's recipe) and .pte fp32 / int8."""
     enc, _ = export_encoder(net)
-    paths = {f: tmp / f"{f}{'.onnx' if f.startswith('ort') else '.pte'}" for f in FORMATS}
-    export_onnx(enc, paths["ort-fp32"], torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1)))
-    quantize_int8(paths["ort-fp32"], paths["ort-int8"], calib)
+    formats = tuple(f for f in FORMATS if f in formats or f == "ort-fp32")
+    paths = {f: tmp / f"{f}{'.onnx' if f.startswith('ort') else '.pte'}" for f in formats}
+    example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1))
+    export_onnx(enc, paths["ort-fp32"], example, static_shape)
+    if "ort-int8" in paths:
+        quantize_int8(paths["ort-fp32"], paths["ort-int8"], calib)
     for precision in ("fp32", "int8"):
-        export_pte(enc, size, precision, lambda: calib, paths[f"pte-{precision}"])
+        if f"pte-{precision}" in paths:
+            export_pte(enc, size, precision, lambda: calib, paths[f"pte-{precision}"], static_shape)
     return paths
+
+
+def padded(run: verify.Runner, size: int) -> verify.Runner:
+    """`run` on batches padded to size x size (`aml.sidecar.pad_static`), as a static-shape model takes them."""
+    return lambda x: run(pad_static(x, size))
 
 
 def runner(fmt: str, path: Path, threads: int) -> verify.Runner:
@@ -117,15 +137,22 @@ def bench_student(name: str, args: argparse.Namespace, ds: Any, calib_paths: lis
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     calib = calibration_batches(calib_paths, args.size, mean, std, CALIB)
     net = build(name, args.dim, calib)
-    paths = export_all(net, args.size, calib, tmp)
+    paths = export_all(net, args.size, calib, tmp, tuple(args.formats), args.static_shape)
     x = verify.probe_batch(args.size, args.size, seed=0, batch=1)
     row: dict[str, Any] = {"latency": {}, "size_mb": {f: p.stat().st_size / 2**20 for f, p in paths.items()}}
     for threads in args.threads:
         runs = {f: runner(f, p, threads) for f, p in paths.items()}
-        row["latency"][threads] = interleaved_ms({f: (lambda r=r: r(x)) for f, r in runs.items()}, args.runs, 2)
+        calls = {f: (lambda r=r: r(x)) for f, r in runs.items()}
+        row["latency"][threads] = interleaved_ms(calls, args.runs, args.warmup)
     ref = torch_runner(reference_encoder(net))
     runs = {f: runner(f, p, args.threads[0]) for f, p in paths.items()}
-    row["gate"] = {f: verify.equivalence(ref, runs[f], args.size, gate=True)["passed"] for f in FORMATS if "32" in f}
+    if args.static_shape:  # every runner, torch included, sees the padded input a static model takes
+        ref, runs = padded(ref, args.size), {f: padded(r, args.size) for f, r in runs.items()}
+    row["gate"] = {
+        f: verify.equivalence(ref, runs[f], args.size, gate=True, static_shape=args.static_shape)["passed"]
+        for f in paths
+        if "32" in f
+    }
     kw = dict(image_size=args.size, mean=mean, std=std, bbxs=ds.bbxs)
     q_ref = embed_images(ref, ds.query_paths(), **kw)
     same = ds.db_paths() == ds.query_paths()  # UKBench: every image a query against the others
@@ -138,7 +165,8 @@ def bench_student(name: str, args: argparse.Namespace, ds: Any, calib_paths: lis
 def report(rows: dict[str, dict], args: argparse.Namespace, ds: Any) -> str:
     """The results table: ms and ratio to onnxruntime fp32 per thread count, size, gate, mAP M."""
     lines = [
-        f"batch-1 latency at {args.size}x{args.size}, median of {args.runs} interleaved runs (ms), D = {args.dim}; "
+        f"batch-1 latency at {args.size}x{args.size}{' (static shape)' if args.static_shape else ''}, median of "
+        f"{args.runs} interleaved runs (ms), D = {args.dim}; "
         f"{cpu_description()}; torch {torch.__version__}; ratios are to ort-fp32 of the same run",
         f"asymmetric mAP (M) on {ds.name}: {len(ds.qimlist)} queries against the torch fp32 student's database",
         f"{'student':<12} {'thr':>3} " + " ".join(f"{f:>9}" for f in FORMATS) + "   " + " ".join(
@@ -148,15 +176,15 @@ def report(rows: dict[str, dict], args: argparse.Namespace, ds: Any) -> str:
     for name, row in rows.items():
         for threads, ms in row["latency"].items():
             best = min(ms, key=ms.get)
-            ratios = " ".join(f"{ms[f] / ms['ort-fp32']:>13.2f}" for f in FORMATS[1:])
+            ratios = " ".join(f"{ms[f] / ms['ort-fp32']:>13.2f}" if f in ms else f"{'-':>13}" for f in FORMATS[1:])
             lines.append(
-                f"{name:<12} {threads:>3} " + " ".join(f"{ms[f]:>9.1f}" for f in FORMATS) + f"   {ratios}   "
-                f"{best} x{ms[best] / ms['ort-fp32']:.2f}"
-            )
+                f"{name:<12} {threads:>3} " + " ".join(f"{ms[f]:>9.1f}" if f in ms else f"{'-':>9}" for f in FORMATS)
+                + f"   {ratios}   {best} x{ms[best] / ms['ort-fp32']:.2f}"
+            )  # fmt: skip
         maps = row["map"]
         ref = next(iter(maps.values()))["student_fp32_mAP"]["M"]
         lines.append(
-            f"{name:<12}     size MB " + " ".join(f"{f} {row['size_mb'][f]:.1f}" for f in FORMATS)
+            f"{name:<12}     size MB " + " ".join(f"{f} {mb:.1f}" for f, mb in row["size_mb"].items())
             + f"; fp32 gates {'passed' if all(row['gate'].values()) else 'FAILED'} ({', '.join(row['gate'])})"
         )  # fmt: skip
         lines.append(
@@ -174,11 +202,17 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts, each measured")
     ap.add_argument("--dim", type=int, default=2048, help="projection dimension (the teacher's; AML: 2048)")
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--smoke", action="store_true", help="mobilenetv2 at 96 px, D 32, 2 runs, synthetic test set")
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="ort-fp32 is always run")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    ap.add_argument("--static-shape", action="store_true", help="height and width fixed to --size (aml export's)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="mobilenetv2 at 64 px, static shape, D 32, 1 run, synthetic test set"
+    )
     ap.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(REPO)}; none with --smoke)")
     args = ap.parse_args()
     if args.smoke:
-        args.students, args.size, args.dim, args.runs = ["mobilenetv2"], 96, 32, 2
+        args.students, args.size, args.dim, args.runs, args.warmup = ["mobilenetv2"], 64, 32, 1, 0
+        args.static_shape = True  # ExecuTorch lowers a static graph in about 2/3 of the dynamic one's time
     setting = benchmark_threads(None)  # the process's own; each measurement sets its thread count explicitly
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

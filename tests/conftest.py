@@ -112,6 +112,15 @@ def one_line(result: tuple[int, str, str], *needles: str) -> None:
         assert n in err, err
 
 
+def valid_sidecar() -> dict:
+    """A sidecar that passes `read_sidecar` (no sha256: the model pair is checked apart)."""
+    return {
+        "format": "onnx", "precision": "fp32", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "image_size": 32, "dim": 8, "msp": 1.0, "whiten": None, "teacher": None, "verification": {},
+        "output": {"name": "vectors"},
+    }  # fmt: skip
+
+
 @pytest.fixture
 def image_list(tmp_path):
     """A list file naming one 40x30 grey PNG beside it."""

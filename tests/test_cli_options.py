@@ -90,16 +90,17 @@ def test_image_sizes_follow_the_artefact(tmp_path):
     """Queries at the size the student records (a checkpoint's test, else training size; an export's sidecar),
     the database at the index's, else the queries'; each option wins over what is recorded; the line says why."""
     import torch
+    from conftest import valid_sidecar
 
     from aml.commands._options import image_sizes
     from aml.identity import recorded_image_size
-    from aml.sidecar import REQUIRED, write_sidecar
+    from aml.sidecar import write_sidecar
 
     torch.save({"config": {"image_size": 224, "test_image_size": None}}, tmp_path / "a.pt")
     torch.save({"config": {"image_size": 224, "test_image_size": 362}}, tmp_path / "b.pt")
     torch.save({"state_dict": {}}, tmp_path / "c.pt")
     (tmp_path / "e.onnx").write_bytes(b"")
-    write_sidecar(tmp_path / "e.onnx", {**dict.fromkeys(REQUIRED), "image_size": 128})
+    write_sidecar(tmp_path / "e.onnx", {**valid_sidecar(), "image_size": 128})
     assert recorded_image_size(str(tmp_path / "a.pt")) == (224, "the checkpoint")
     assert recorded_image_size(str(tmp_path / "b.pt")) == (362, "the checkpoint")
     assert recorded_image_size(str(tmp_path / "c.pt")) == (None, "")

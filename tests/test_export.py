@@ -262,6 +262,7 @@ def test_low_precision_exports_report_cosine_and_map(tiny_set, precision):
     assert rt["n_queries"] == 4 and set(rt["exported_mAP"]) == {"E", "M", "H"}
     assert low < rt["query_cosine"]["cosine_min"] <= 1.0 + 1e-9
     assert info["precision"] == precision
+    assert rt["tolerance"] == 100.0 and read_sidecar(out)["gates"]["map_tolerance"] == 100.0
     if precision == "int8":
         import onnx
 
@@ -312,10 +313,17 @@ def test_retrieval_gate_fails_with_the_numbers(tiny_set):
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     same = verify.retrieval(ds, db, q, q)
     assert same["passed"] and same["max_mAP_difference"] == 0
+    assert same["noise"] == {"queries": 4, "one_query_points": 25.0, "largest_query_points": 0.0, "queries_changed": 0}
+    note = verify.summary_lines({"retrieval": same})[-1]  # 4 queries: one query is 25 points > 1 point
+    assert note.startswith("  note: on 4 queries one query's AP moves mAP by up to 25.00 points")
+    assert "the gate is noisy here" in note and "--map-tolerance POINTS" in note
     worse = verify.retrieval(ds, db, q, -q, tolerance=1.0)
     assert not worse["passed"] and worse["max_mAP_difference"] > 1.0
     msg = verify.failure_message("ckpt.pt", {"retrieval": worse})
     assert "asymmetric mAP exported vs fp32 student" in msg and "nothing written" in msg
+    assert worse["noise"]["queries_changed"] >= 1 and worse["noise"]["largest_query_points"] > 0
+    assert "one query's AP moves mAP by up to 25.00 points" in msg and "--verify-data" in msg
+    assert "--calib-count" in msg and "--map-tolerance POINTS" in msg
     assert f"{worse['exported_mAP']['M']:.2f} vs {worse['student_fp32_mAP']['M']:.2f}" in msg
 
 
@@ -350,6 +358,41 @@ def test_whiten_folds_teacher_lw_and_blocks_multiscale_embed(tmp_path):
         OnnxEncoder(out).embed(["unused.jpg"], scales=(1.0, 0.5))
 
 
+def test_static_shape_onnx_is_one_size_and_embed_pads_to_it(tmp_path, run_cli):
+    """--static-shape: the ONNX input is (batch, 3, S, S), gated at S x S; the sidecar says so and how to pad, and
+    `aml embed` pads each image as the sidecar says (vectors equal torch on the padded input)."""
+    ckpt = save_student(tmp_path / "s.pt", "mobilenetv2")
+    code, out, err = run_cli("export", "--checkpoint", ckpt, "--static-shape", "--map-tolerance", "2.5")
+    assert code == 0, err
+    path = tmp_path / "s-fp32-s.onnx"
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["batch", 3, SIZE, SIZE]
+    side = read_sidecar(path)
+    pre = side["preprocessing"]
+    assert pre["static_shape"] and pre["input"]["shape"] == ["batch", 3, SIZE, SIZE] and "padded" in pre["resize"]
+    assert pre["input"]["bounds"] == {"batch": [1, None], "side": [SIZE, SIZE]}
+    assert side["input"]["dynamic"] == ["batch"]
+    assert side["gates"]["map_tolerance"] == 2.5 and json.loads(sidecar_path(path).read_text()) == side
+    assert [p["size"] for p in side["verification"]["equivalence"]["probes"]] == [[SIZE, SIZE]]
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8)).save(img)
+    (tmp_path / "list.txt").write_text(f"{img}\n")
+    code, _, err = run_cli("embed", "--model", path, "--images", tmp_path / "list.txt", "--out", tmp_path / "v.npy")
+    from aml.data.images import load_image, to_array
+
+    x = to_array(load_image(img, SIZE), pre["mean"], pre["std"])[None]  # 48 x 24 after the thumbnail
+    padded = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    padded[..., : x.shape[2], : x.shape[3]] = x
+    with torch.no_grad():
+        want = create_model(ckpt).eval()(torch.from_numpy(padded)).numpy()
+    assert code == 0, err
+    assert np.abs(np.load(tmp_path / "v.npy") - want).max() <= 1e-4
+    code, _, err = run_cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--static-shape")
+    assert code == 2 and "--static-shape" in err and "Traceback" not in err
+    code, _, err = run_cli("export", "--checkpoint", ckpt, "--map-tolerance", "-1")
+    assert code == 2 and "--map-tolerance" in err
+
+
 def test_export_cli(tmp_path, run_cli):
     ckpt = save_student(tmp_path / "s.pt", "resnet18")
     code, out, err = run_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "e.onnx", "--image-size", "32")
@@ -375,3 +418,17 @@ def test_retrieval_check_database_at_its_own_size(tiny_set, tmp_path):
         info = pipeline.export_checkpoint(ckpt, st, out=tmp_path / f"e{db_size}.onnx", verify_data_fn=fetch)
         assert info["image_size"] == SIZE
     assert asked == [40, SIZE]
+
+
+def test_pad_static_pads_bottom_right_and_refuses_a_larger_image():
+    from aml.errors import UserError
+    from aml.sidecar import is_static, pad_static
+
+    x = np.ones((2, 3, 30, 48), np.float32)
+    y = pad_static(x, 48)
+    assert y.shape == (2, 3, 48, 48) and np.array_equal(y[..., :30, :], x) and not y[..., 30:, :].any()
+    assert pad_static(y, 48) is y
+    with pytest.raises(UserError, match="static-shape model takes 48x48.*--image-size 48"):
+        pad_static(np.ones((1, 3, 49, 40), np.float32), 48, "enc.onnx")
+    assert is_static({"preprocessing": {"static_shape": True}})
+    assert not is_static({"preprocessing": {"static_shape": "yes"}}) and not is_static({})

@@ -244,10 +244,11 @@ def test_no_space_while_writing_results_names_the_path(tmp_path, image_list, run
 
 # ------------------------------------------------------------------------------------------- export pair
 def test_embed_refuses_a_model_that_is_not_its_sidecars(tmp_path):
+    from conftest import valid_sidecar
+
     from aml.io import sha256_file
     from aml.onnx_embed import OnnxEncoder
     from aml.sidecar import write_sidecar
-    from tests.test_reliability_io import valid_sidecar
 
     model = tmp_path / "enc.onnx"
     model.write_bytes(b"new model bytes")

@@ -20,6 +20,7 @@ import click
 import conftest
 import numpy as np
 import pytest
+from conftest import valid_sidecar
 from PIL import Image
 
 from aml import trust
@@ -168,15 +169,6 @@ def test_a_planted_npz_is_one_line(tmp_path, kind):
     good = tmp_path / "good.npz"
     np.savez(good, m=np.zeros(2), P=np.eye(2), key="k", variant="ss")
     assert str(read_npz(good, ("m", "P", "key", "variant"))["key"]) == "k"
-
-
-def valid_sidecar() -> dict:
-    """A sidecar that passes `read_sidecar` (no sha256: the model pair is checked apart)."""
-    return {
-        "format": "onnx", "precision": "fp32", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "image_size": 32, "dim": 8, "msp": 1.0, "whiten": None, "teacher": None, "verification": {},
-        "output": {"name": "vectors"},
-    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""`aml export`: a student checkpoint -> a verified ONNX / TorchScript query encoder and its JSON sidecar."""
+"""`aml export`: a student checkpoint -> a verified query encoder (ONNX, TorchScript, ExecuTorch, Core ML, ORT) and its
+JSON sidecar."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aml.commands._options import (
     whiten_option,
 )
 from aml.errors import UserError
-from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PRECISIONS
+from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAP_TOLERANCE, MAX_INT8_RATIO, PRECISIONS
 
 
 @click.command("export")
@@ -70,6 +71,21 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAX_INT8_RATIO, PREC
     show_default=True,
     help="Calibration images drawn (seeded) from the list.",
 )
+@click.option(
+    "--map-tolerance",
+    type=click.FloatRange(min=0),
+    default=MAP_TOLERANCE,
+    show_default=True,
+    metavar="POINTS",
+    help="fp16/int8: the largest asymmetric mAP loss (points, any of E/M/H) the retrieval check accepts against "
+    "the fp32 student; recorded in the sidecar. On n test queries one query moves mAP by up to 100/n points.",
+)
+@click.option(
+    "--static-shape",
+    is_flag=True,
+    help="Fix the input's height and width to the image size (batch stays dynamic; default name gets -s): images "
+    "are padded to it at the bottom / right, as the sidecar's preprocessing says. Not for torchscript.",
+)
 @threads_option
 @click.option(
     "--latency-runs",
@@ -94,6 +110,8 @@ def command(
     calib_count: int,
     latency_runs: int,
     binary: bool,
+    map_tolerance: float,
+    static_shape: bool,
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT's student as a query encoder; verification must pass or nothing is written."""
@@ -123,6 +141,8 @@ def command(
         calib_images=read_image_list(calib_images, "calibration list") if calib_images else None,
         calib_count=calib_count,
         latency_runs=latency_runs,
+        map_tolerance=map_tolerance,
+        static_shape=static_shape,
     )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     checked = " (the retrieval check's)" if precision != "fp32" else " (no retrieval check at fp32)"

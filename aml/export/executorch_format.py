@@ -7,8 +7,11 @@ of `aml.export.friendly` makes each stride-2 size ceil(i / 2) = (i + (-i mod 2))
 interval arithmetic takes as i // 2 (the mod as 0): five halvings keep it >= 2 only from 64.
 
 int8: PT2E static quantisation with ExecuTorch's XNNPACKQuantizer (symmetric int8, per-channel weights) on the
-backbone and the student head (`QUANTIZED_MODULES`); GeM, L2N and a folded whitening stay float32, as in the ONNX
-int8 recipe (`aml.export.quantize`). Calibration runs the prepared graph on the real images the caller passes.
+backbone and the student's 1x1 projection, with the float32 nodes of the ONNX int8 recipe (`aml.export.quantize`):
+the stem (the first convolution, which reads the normalised image, up to the second convolution's input; unless
+it ends in a max-pool, `STEM_POOLS`) and the head after the last convolution (GeM, L2N, a folded whitening), by
+a node filter over the exported graph (`float_node_names`). Calibration runs the prepared graph on the real
+images the caller passes.
 
 The packages (executorch, torchao) are optional: they are imported where used, never at import time.
 """
@@ -27,57 +30,108 @@ from aml.export.verify import probe_batch
 from aml.io import atomic_write
 from aml.pte_embed import MAX_BATCH, MIN_SIDE, pte_runner
 
-QUANTIZED_MODULES = ("net.features", "net.glam", "net.proj")  # Encoder submodules quantised for int8
 
-
-def dynamic_shapes(image_size: int) -> tuple[dict[int, Any], ...]:
-    """torch.export dynamic shapes of the encoder's one input: batch, height and width."""
+def dynamic_shapes(image_size: int, static_shape: bool = False) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic shapes of the encoder's one input: batch, height and width (`static_shape`: batch
+    only; height and width are the example's)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if static_shape:
+        return ({0: batch},)
     side = max(int(image_size), MIN_SIDE + 1)
     h = torch.export.Dim("height", min=MIN_SIDE, max=side)
     w = torch.export.Dim("width", min=MIN_SIDE, max=side)
-    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH), 2: h, 3: w},)
+    return ({0: batch, 2: h, 3: w},)
 
 
-def _in_scope(node: Any, scope: tuple[str, ...]) -> bool:
-    """Whether a graph node comes from one of the modules named in `scope` (its nn_module_stack); a node without
-    one (a weight, the input) is in scope: the quantiser asks about every node of an operator's pattern."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack or node.op != "call_function":
-        return True
-    return any(fqn == name or fqn.startswith(name + ".") for fqn, _ in stack.values() for name in scope)
+def side_bounds(image_size: int, static_shape: bool = False) -> list[int]:
+    """[shortest, longest] image side a .pte takes."""
+    return [int(image_size)] * 2 if static_shape else [MIN_SIDE, max(int(image_size), MIN_SIDE + 1)]
 
 
-def _quantizer(module: nn.Module) -> Any:
-    """XNNPACKQuantizer for the backbone and head of `module` (everything when it has none of QUANTIZED_MODULES)."""
+CONVS = ("conv1d", "conv2d", "convolution")  # aten operators the stem / head rule counts as convolutions
+STEM_POOLS = ("max_pool2d", "max_pool2d_with_indices")  # a stem ending in one is quantised (as in ONNX int8)
+# what XNNPACKQuantizer fuses into a convolution's pattern (it annotates a conv followed by a ReLU only as conv + ReLU)
+FUSED = ("batch_norm", "_native_batch_norm_legit_no_training", "relu", "relu_", "hardtanh", "hardtanh_")
+
+
+def _op(node: Any) -> str:
+    """The aten operator name of a call_function node ("conv2d" for torch.ops.aten.conv2d.default), else ""."""
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return name.split(".")[0]
+
+
+def _ancestors(node: Any) -> set[Any]:
+    """`node` and every node it depends on."""
+    seen: set[Any] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack += n.all_input_nodes
+    return seen
+
+
+def float_node_names(graph: torch.fx.Graph, float_stem: bool = True) -> set[str]:
+    """Operator nodes the quantiser must leave float32: the head (after the last convolution and the BatchNorm /
+    activation fused with it, `FUSED`) and, with
+    `float_stem`, the stem (the first convolution and what follows it up to the second one's input) unless the
+    stem holds a max-pool; the rule of `aml.export.quantize.float_nodes`, on a torch.export graph."""
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    convs = [n for n in ops if _op(n) in CONVS]
+    if not convs:
+        return set()
+    body, last = _ancestors(convs[-1]), convs[-1]
+    while len(last.users) == 1 and _op(next(iter(last.users))) in FUSED:  # the last conv's BN / activation
+        last = next(iter(last.users))
+        body.add(last)
+    if float_stem and len(convs) > 1:
+        first_input = convs[1].all_input_nodes[0]
+        stem = _ancestors(first_input) & {n for n in ops}
+        if not any(_op(n) in STEM_POOLS for n in stem):
+            body -= stem
+    return {n.name for n in ops if n not in body}
+
+
+def _quantizer(excluded: set[str]) -> Any:
+    """XNNPACKQuantizer (symmetric int8, per-channel weights) for every operator node not named in `excluded`."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
     q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    names = dict(module.named_modules())
-    scope = tuple(n for n in QUANTIZED_MODULES if names.get(n) is not None)
-    # set_module_name left the convolutions float here (executorch 1.5.1): a node filter on the module stack
-    return q.set_filter_function(lambda node: _in_scope(node, scope)) if scope else q
+    # set_module_name left the convolutions float here (executorch 1.5.1): a node filter instead; the quantiser
+    # asks about every node of an operator's pattern, weights and the input (no call_function) included
+    return q.set_filter_function(lambda node: node.op != "call_function" or node.name not in excluded)
 
 
 def quantize_pt2e(
-    module: nn.Module, example: torch.Tensor, image_size: int, calibration: Calibration
+    module: nn.Module,
+    example: torch.Tensor,
+    image_size: int,
+    calibration: Calibration,
+    float_stem: bool = True,
+    static_shape: bool = False,
 ) -> torch.export.ExportedProgram:
-    """The int8 ExportedProgram of `module`: prepared, calibrated on `calibration()` batches, converted."""
+    """The int8 ExportedProgram of `module` (stem and head float32, `float_node_names`): prepared, calibrated on
+    `calibration()` batches, converted."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    shapes = dynamic_shapes(image_size)
+    shapes = dynamic_shapes(image_size, static_shape)
     graph = torch.export.export(module, (example,), dynamic_shapes=shapes).module()
-    prepared = prepare_pt2e(graph, _quantizer(module))
+    prepared = prepare_pt2e(graph, _quantizer(float_node_names(graph.graph, float_stem)))
     with torch.no_grad():
         for batch in calibration():
             prepared(torch.from_numpy(batch))
     return torch.export.export(convert_pt2e(prepared), (example,), dynamic_shapes=shapes)
 
 
-def export_pte(module: nn.Module, image_size: int, precision: str, calibration: Calibration, path: Path) -> dict:
-    """Write `module` as an XNNPACK-delegated .pte at `path` (atomically); returns the sidecar's export fields."""
+def export_pte(
+    module: nn.Module, image_size: int, precision: str, calibration: Calibration, path: Path, static_shape: bool = False
+) -> dict:
+    """Write `module` as an XNNPACK-delegated .pte at `path` (atomically; `static_shape`: height and width fixed
+    to `image_size`); returns the sidecar's export fields."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.version import __version__ as et_version
@@ -88,9 +142,10 @@ def export_pte(module: nn.Module, image_size: int, precision: str, calibration: 
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=UserWarning)
         if precision == "int8":
-            program = quantize_pt2e(module, example, image_size, calibration)
+            program = quantize_pt2e(module, example, image_size, calibration, static_shape=static_shape)
         else:
-            program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(image_size))
+            shapes = dynamic_shapes(image_size, static_shape)
+            program = torch.export.export(module, (example,), dynamic_shapes=shapes)
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     with atomic_write(path, "wb") as f:
         lowered.write_to_file(f)
@@ -100,8 +155,12 @@ def export_pte(module: nn.Module, image_size: int, precision: str, calibration: 
         "executorch": et_version,
         "delegate": "XnnpackBackend",
         "delegated_subgraphs": delegated,
-        "quantizer": "XNNPACKQuantizer symmetric int8, per-channel weights (PT2E)" if precision == "int8" else None,
-        "dynamic": {"batch": [1, MAX_BATCH], "side": [MIN_SIDE, max(int(image_size), MIN_SIDE + 1)]},
+        "quantizer": (
+            "XNNPACKQuantizer symmetric int8, per-channel weights (PT2E); stem and head float32"
+            if precision == "int8"
+            else None
+        ),
+        "dynamic": {"batch": [1, MAX_BATCH], "side": side_bounds(image_size, static_shape)},
     }
 
 

@@ -27,8 +27,8 @@ from aml.io import atomic_path, sha256_file
 from aml.sidecar import FORMATS
 
 Calibration = Callable[[], list[np.ndarray]]  # the int8 calibration batches, (1, 3, H, W) normalised, on demand
-# (module, image size, precision, calibration, path) -> what the sidecar's `export` records of the format
-ExportFn = Callable[[nn.Module, int, str, Calibration, Path], dict[str, Any]]
+# (module, image size, precision, calibration, path, static shape) -> what the sidecar's `export` records of the format
+ExportFn = Callable[[nn.Module, int, str, Calibration, Path, bool], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class FormatExporter:
     export: ExportFn
     # a runner of a written model, or None where this machine cannot run it (Core ML off macOS)
     runner: Callable[[Path], verify.Runner | None]
-    check: Callable[[Path, int, int], dict[str, Any]] | None = None  # structural check when it cannot run here
+    # structural check (path, image size, dim, static shape) where it cannot run here
+    check: Callable[[Path, int, int, bool], dict[str, Any]] | None = None
     numeric_check: str = ""  # how to run the numeric check where `runner` gives None
 
     @property
@@ -81,6 +82,7 @@ def verify_format(
     dim: int,
     mean: Sequence[float],
     std: Sequence[float],
+    static_shape: bool = False,
 ) -> tuple[dict[str, Any], verify.Runner | None]:
     """The equivalence result of a written model against `reference` (torch) on the probe images, and its runner.
 
@@ -88,8 +90,9 @@ def verify_format(
     and the record of how to run the numeric one; the runner is then None."""
     run = fmt.runner(path)
     if run is not None:
-        return verify.equivalence(reference, run, image_size, gate=gate, mean=mean, std=std), run
-    structure = fmt.check(path, image_size, dim) if fmt.check is not None else {}
+        eq = verify.equivalence(reference, run, image_size, gate=gate, mean=mean, std=std, static_shape=static_shape)
+        return eq, run
+    structure = fmt.check(path, image_size, dim, static_shape) if fmt.check is not None else {}
     return {"probes": [], "gated": False, "structure": structure, "numeric_check": fmt.numeric_check}, None
 
 

@@ -21,9 +21,13 @@ from aml.sidecar import INPUT, OUTPUT
 OPSET = 17
 
 
-def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, maps: bool = False) -> None:
-    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch/height/width; `maps`:
-    the output is (B, C, h, w) feature maps, whose h and w are dynamic too."""
+def export_onnx(
+    module: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, static_shape: bool = False, maps: bool = False
+) -> None:
+    """Trace `module` on `example` (B, 3, H, W) and write an ONNX graph with dynamic batch / height / width
+    (`static_shape`: height and width fixed to the example's, batch dynamic); `maps`: the output is (B, C, h, w)
+    feature maps, whose h and w are dynamic too."""
+    sides = {} if static_shape else {2: "height", 3: "width"}
     module.eval()
     out_axes = {0: "batch", 2: "map_height", 3: "map_width"} if maps else {0: "batch"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -43,7 +47,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: torch.Tenso
             input_names=[INPUT],
             output_names=[OUTPUT],
             do_constant_folding=True,
-            dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: out_axes},
+            dynamic_axes={INPUT: {0: "batch", **sides}, OUTPUT: out_axes},
         )
 
 

@@ -29,12 +29,15 @@ def onnx_to_ort(onnx_path: Path, ort_path: Path) -> None:
     ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED)
 
 
-def export_ort(module: nn.Module, image_size: int, precision: str, calibration: Calibration, path: Path) -> dict:
-    """Write `module` as ONNX (int8: quantised by `aml.export.quantize`) beside `path`, then the .ort at `path`."""
+def export_ort(
+    module: nn.Module, image_size: int, precision: str, calibration: Calibration, path: Path, static_shape: bool = False
+) -> dict:
+    """Write `module` as ONNX (int8: quantised by `aml.export.quantize`) beside `path`, then the .ort at `path`
+    (`static_shape`: height and width fixed to `image_size`)."""
     example = torch.from_numpy(probe_batch(image_size, image_size, seed=99, batch=1))
     fp32 = path.with_name(f"{path.stem}-fp32.onnx")
     model = path.with_suffix(".onnx") if precision == "int8" else fp32
-    export_onnx(module, fp32, example)
+    export_onnx(module, fp32, example, static_shape=static_shape)
     if precision == "int8":
         from aml.export.quantize import quantize_int8
 

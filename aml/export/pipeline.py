@@ -37,9 +37,21 @@ from aml.io import aml_home, scratch_dir, sha256_file
 from aml.net import RetrievalNet
 from aml.onnx_embed import embed_images, l2n, session
 from aml.probe import probe_batch
+from aml.pte_embed import MAX_BATCH, MIN_SIDE
 from aml.registry import create_model, read_torch_file
 from aml.settings import IMAGE_SIZE, ExtractSettings
-from aml.sidecar import CALIB_COUNT, FORMATS, INPUT, LATENCY_RUNS, OUTPUT, PRECISIONS, binary_output, write_sidecar
+from aml.sidecar import (
+    CALIB_COUNT,
+    FORMATS,
+    INPUT,
+    LATENCY_RUNS,
+    OUTPUT,
+    PRECISIONS,
+    binary_output,
+    pad_static,
+    preprocessing,
+    write_sidecar,
+)
 from aml.teacher_vectors import TeacherVectors
 from aml.whiten import Lw, teacher_lw
 
@@ -156,12 +168,21 @@ def _retrieval_gate(
     mean: Sequence[float],
     std: Sequence[float],
     tolerance: float,
+    static_shape: bool = False,
 ) -> dict[str, Any]:
     ds = vd.dataset
     kw = dict(image_size=image_size, mean=mean, std=std, bbxs=ds.bbxs)
-    q_ref = embed_images(torch_runner(reference), ds.query_paths(), **kw)
+    ref = torch_runner(reference)
+    if static_shape:  # both see the padded input the static model takes (aml.sidecar.STATIC_PAD)
+        ref, exported = _padded(ref, image_size), _padded(exported, image_size)
+    q_ref = embed_images(ref, ds.query_paths(), **kw)
     q_exp = embed_images(exported, ds.query_paths(), **kw)
     return verify.retrieval(ds, vd.db, q_ref, q_exp, tolerance=tolerance)
+
+
+def _padded(run: verify.Runner, size: int) -> verify.Runner:
+    """`run` on batches padded to size x size, as a static-shape model takes them."""
+    return lambda x: run(pad_static(x, size))
 
 
 def _check_choices(fmt: str, precision: str) -> None:
@@ -194,6 +215,7 @@ def _export_graph(
     example: torch.Tensor,
     tmp: Path,
     calibration: Callable[[], list[np.ndarray]],
+    static_shape: bool = False,
 ) -> tuple[Path, verify.Runner]:
     """Export `module` into `tmp` (int8: fp32 ONNX, then quantised on `calibration()` batches); returns the
     model file and a runner of it."""
@@ -202,7 +224,7 @@ def _export_graph(
         export_torchscript(module, model, example)
         return model, torch_runner(load_torchscript(model))
     fp32_path = tmp / "fp32.onnx" if precision == "int8" else model
-    export_onnx(module, fp32_path, example)
+    export_onnx(module, fp32_path, example, static_shape=static_shape)
     if precision == "int8":
         quantize_int8(fp32_path, model, calibration())
     check_onnx(model)
@@ -244,6 +266,7 @@ def _sidecar_info(
 ) -> dict[str, Any]:
     """The sidecar of an export (everything but the model file's sha256)."""
     net, info_aml = student.net, student.info
+    dim = int(reference.lw.out_features if lw is not None else net.dim)
     return {
         "format": st.fmt,
         "precision": st.precision,
@@ -254,11 +277,24 @@ def _sidecar_info(
             "name": INPUT,
             "layout": "NCHW RGB",
             "dtype": "float32",
-            "dynamic": ["batch", "height", "width"],
+            "dynamic": ["batch"] if st.static_shape else ["batch", "height", "width"],
         },
         "output": {"name": OUTPUT, "dtype": "float32", "l2_normalised": True},
+        "preprocessing": preprocessing(
+            size,
+            net.mean,
+            net.std,
+            dim,
+            static_shape=st.static_shape,
+            whitened=lw is not None,
+            bounds=_bounds(st, size),
+        ),
+        "gates": {
+            "equivalence": {"min_cosine": verify.MIN_COSINE, "max_abs_diff": verify.MAX_ABS_DIFF},
+            "map_tolerance": st.map_tolerance,
+        },
         "image_size": size,
-        "dim": int(reference.lw.out_features if lw is not None else net.dim),
+        "dim": dim,
         "msp": 1.0 if lw is not None else float(net.msp),
         "whiten": None if lw is None else {"folded": "teacher Lw", "variant": lw.variant, "dataset": lw.key},
         "teacher": info_aml.get("teacher"),
@@ -280,6 +316,14 @@ def _sidecar_info(
     }
 
 
+def _bounds(st: ExportSettings, size: int) -> dict[str, list[int | None]]:
+    """The batch and image-side limits of the exported model ([low, high]; None: no limit)."""
+    if st.fmt in ("executorch", "coreml"):  # memory planned / flexible shapes up to the bounds
+        side: list[int | None] = [size, size] if st.static_shape else [MIN_SIDE, max(size, MIN_SIDE + 1)]
+        return {"batch": [1, MAX_BATCH], "side": side}
+    return {"batch": [1, None], "side": [size, size] if st.static_shape else [1, None]}
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     """What an export writes and how it is checked (the `aml export` options).
@@ -291,7 +335,9 @@ class ExportSettings:
     records in the sidecar (`output.binary`, `aml.sidecar.binary_output`) that the consumer binarises the float
     vectors at zero (the graph stays float). fp16 / int8: `verify_data` (DIR/NAME, revisitop layout; None: the training
     data's test split) and `map_tolerance` for the retrieval gate; int8: `calib_images` (None: the training
-    images), `calib_count` of them drawn, `latency_runs` paired fp32 / int8 timings (0: none).
+    images), `calib_count` of them drawn, `latency_runs` paired fp32 / int8 timings (0: none). `static_shape`
+    fixes the input's height and width to the image size (batch stays dynamic); the sidecar's `preprocessing`
+    then says to pad images to it (`aml.sidecar.STATIC_PAD`), and the gates run on padded inputs.
     """
 
     fmt: str = "onnx"
@@ -305,14 +351,21 @@ class ExportSettings:
     calib_count: int = CALIB_COUNT
     map_tolerance: float = verify.MAP_TOLERANCE
     latency_runs: int = LATENCY_RUNS
+    static_shape: bool = False
 
     def __post_init__(self) -> None:
         _check_choices(self.fmt, self.precision)
+        if self.static_shape and self.fmt == "torchscript":
+            raise UserError("--format torchscript --static-shape: a traced TorchScript module has no input shape; "
+                            "drop --static-shape or use --format onnx")  # fmt: skip
+        if not self.map_tolerance >= 0:
+            raise UserError(f"--map-tolerance {self.map_tolerance}: expected points >= 0, e.g. 1.0")
 
     def file_suffix(self) -> str:
         """The default output name's ending, e.g. `-int8-w-b.onnx` (precision, whitened, binary, format)."""
         whitened, binary = "-w" if self.whiten is not None else "", "-b" if self.binary else ""
-        return f"-{self.precision}{whitened}{binary}{FORMATS[self.fmt]}"
+        static = "-s" if self.static_shape else ""
+        return f"-{self.precision}{whitened}{binary}{static}{FORMATS[self.fmt]}"
 
 
 @dataclass(frozen=True)
@@ -411,14 +464,17 @@ def _export_and_compare(
     if st.fmt in MOBILE_FORMATS:  # the format's own export, then its run (or structural check)
         mobile = MOBILE_FORMATS[st.fmt]
         tmp_model = tmp / f"model{mobile.suffix}"
-        details = mobile.export(module, size, st.precision, calibration, tmp_model)
+        details = mobile.export(module, size, st.precision, calibration, tmp_model, st.static_shape)
         dim = int(reference.lw.out_features if reference.lw is not None else reference.net.dim)
         equivalence, runner = verify_format(
-            mobile, tmp_model, torch_runner(reference), size, gate=gate, dim=dim, mean=mean, std=std
-        )
+            mobile, tmp_model, torch_runner(reference), size, gate=gate, dim=dim, mean=mean, std=std,
+            static_shape=st.static_shape,
+        )  # fmt: skip
         return tmp_model, runner, equivalence, None, details
-    tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration)
-    equivalence = verify.equivalence(torch_runner(reference), runner, size, gate=gate, mean=mean, std=std)
+    tmp_model, runner = _export_graph(st.fmt, st.precision, module, example, tmp, calibration, st.static_shape)
+    equivalence = verify.equivalence(
+        torch_runner(reference), runner, size, gate=gate, mean=mean, std=std, static_shape=st.static_shape
+    )
     int8 = _int8_report(tmp / "fp32.onnx", tmp_model, size, st.latency_runs, log) if st.precision == "int8" else None
     return tmp_model, runner, equivalence, int8, None
 
@@ -451,7 +507,9 @@ def _verification(
         vd = verify_data_fn(student.config, st.verify_data, student.info.get("teacher") or {}, db_size, lw, where)
         ds = vd.dataset
         log(f"retrieval check on {ds.name}: {len(ds.qimlist)} queries, {vd.db.shape[0]} database vectors")
-        results["retrieval"] = _retrieval_gate(reference, runner, vd, size, net.mean, net.std, st.map_tolerance)
+        results["retrieval"] = _retrieval_gate(
+            reference, runner, vd, size, net.mean, net.std, st.map_tolerance, st.static_shape
+        )
     failure = verify.failure_message(where, results)
     if failure:
         raise verify.VerificationError(failure)
