@@ -116,6 +116,14 @@ REPORTS: dict[str, list[str]] = {
         r"^asym >= 0.95 x teacher at 224 and 512: (met|not met: .+)$",
         r"^seconds: recipe \d+, baseline \d+, evaluation \d+$",
     ],
+    "selection.py": [
+        r"candidate\s+split\s+asym M\s+sym M\s+teacher\s+ratio$",
+        *(rf"{c}\s+val(\s+{NUM}){{4}}$" for c in ("demo", "lw0")),
+        rf"demo\s+test(\s+{NUM}){{4}}$",
+        r"chosen on validation: (demo|lw0) \(",
+        rf"test: chosen {NUM} = {NUM} x teacher {NUM} \(demo preset {NUM} = {NUM} x teacher\); >= 0\.95 x teacher: "
+        r"(met|not met)$",
+    ],
     "serve_load.py": [
         r"phase\s+requests\s+wall s\s+q/s\s+p50 ms\s+p99 ms\s+errors\s+gens",
         rf"steady\s+\d+\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+0\s",
