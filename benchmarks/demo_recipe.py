@@ -23,11 +23,12 @@ from typing import Any
 from common import REPO, RESULTS, header, parse, parser, smoke_budget, synth_test_set, work_dir, write_results
 
 from aml.allocator import keep_freed_memory
+from aml.train.config import PRESETS
 
 RESULT = RESULTS / "demo_recipe.txt"
 # Variant name -> (what it is, in words; TrainConfig fields changed from the demo preset).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("the demo: csd label_weight 0.5, tau_s 0.03, k 256, lr 2e-5", {}),
+    "demo": (f"the demo: csd label_weight 0.5, tau_s 0.03, k 256, lr {PRESETS['demo']['lr']:g}", {}),
     "no-labels": ("the same without the label term (label_weight 0)", {"loss_args": {"tau_s": 0.03}}),
     "former": ("the former demo: csd k 64, tau_s 0.05, lr 1e-5", {"loss_args": {"k": 64, "tau_s": 0.05}, "lr": 1e-5}),
 }
@@ -77,8 +78,6 @@ def main() -> None:
     args = parse(ap, dict(variants="demo", seeds="0,1"))
     keep_freed_memory()
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
-
-    from aml.train.config import PRESETS
 
     setting = header(args)
     print(setting, flush=True)
