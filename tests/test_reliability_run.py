@@ -4,7 +4,9 @@ unbounded synthetic sets and scales, duplicated rows, a damaged checkpoint confi
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,46 @@ def test_data_split_is_never_half_written_and_names_stay_under_out(tmp_path, run
     with pytest.raises(UserError, match="not a split written by aml data split"):
         write_object_split([str(p) for p in sorted(lab.rglob("*.png"))], list("aabbccddee"), out, "mine")
     assert (out / "mine" / "keep.txt").read_text() == "x"
+
+
+def _lock_worker(tasks, barrier, results) -> None:
+    """A child process: for each run folder, wait for the other worker, then enter `run_lock` at the same moment
+    and hold it a while (a distill's whole run), reporting whether it held or was refused."""
+    from aml.errors import UserError
+    from aml.train.run_dir import run_lock
+
+    while (d := tasks.get()) is not None:
+        barrier.wait(timeout=120)
+        try:
+            with run_lock(Path(d)):
+                (Path(d) / "log.jsonl").write_text("mine\n")
+                time.sleep(0.3)
+            results.put(("held", ""))
+        except UserError as e:
+            results.put(("refused", str(e)))
+
+
+def test_two_runs_into_one_folder_at_once_one_is_refused(tmp_path):
+    """Two processes entering one run folder at the same moment, over 10 trials: exactly one runs, the other gets
+    the one-line refusal; the lock file is gone afterwards."""
+    ctx = mp.get_context("spawn")
+    tasks, barrier, results = [ctx.Queue(), ctx.Queue()], ctx.Barrier(2), ctx.Queue()
+    ps = [ctx.Process(target=_lock_worker, args=(q, barrier, results), daemon=True) for q in tasks]
+    for p in ps:
+        p.start()
+    try:
+        for trial in range(10):
+            d = tmp_path / f"run{trial}"
+            for q in tasks:
+                q.put(str(d))
+            got = sorted(results.get(timeout=120) for _ in tasks)
+            assert [g[0] for g in got] == ["held", "refused"], got
+            assert "another aml process is writing the run folder" in got[1][1] and "\n" not in got[1][1]
+            assert (d / "log.jsonl").read_text() == "mine\n" and not (d / LOCK).exists()
+    finally:
+        for q in tasks:
+            q.put(None)
+        for p in ps:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
