@@ -111,7 +111,7 @@ def export_all(
     formats = tuple(f for f in FORMATS if f in formats or f == "ort-fp32")
     paths = {f: tmp / f"{f}{'.onnx' if f.startswith('ort') else '.pte'}" for f in formats}
     example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1))
-    export_onnx(enc, paths["ort-fp32"], example, static_shape)
+    export_onnx(enc, paths["ort-fp32"], example, static_shape=static_shape)
     if "ort-int8" in paths:
         quantize_int8(paths["ort-fp32"], paths["ort-int8"], calib)
     for precision in ("fp32", "int8"):
