@@ -108,6 +108,8 @@ def export_all(
     """The models of `net` in `tmp` named in `formats` (ort-fp32 always: the ratios' base): ONNX fp32 / int8
     (aml export's recipe) and .pte fp32 / int8."""
     enc, _ = export_encoder(net)
+    if static_shape:  # the calibration images as the static graph takes every input (aml.sidecar.pad_static)
+        calib = [pad_static(c, size) for c in calib]
     formats = tuple(f for f in FORMATS if f in formats or f == "ort-fp32")
     paths = {f: tmp / f"{f}{'.onnx' if f.startswith('ort') else '.pte'}" for f in formats}
     example = torch.from_numpy(verify.probe_batch(size, size, seed=99, batch=1))

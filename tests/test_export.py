@@ -432,3 +432,21 @@ def test_pad_static_pads_bottom_right_and_refuses_a_larger_image():
         pad_static(np.ones((1, 3, 49, 40), np.float32), 48, "enc.onnx")
     assert is_static({"preprocessing": {"static_shape": True}})
     assert not is_static({"preprocessing": {"static_shape": "yes"}}) and not is_static({})
+
+
+def test_static_shape_int8_calibrates_on_padded_images(tiny_set):
+    """--static-shape --precision int8: the calibration images are padded to the fixed size as every input is
+    (non-square images would not fit the static graph)."""
+    from PIL import Image
+
+    d, ckpt, ds, db = tiny_set
+    calib = []
+    for i, (w, h) in enumerate([(60, 40), (40, 60), (50, 30), (30, 50)]):  # not size x size
+        calib.append(str(d / f"calib{i}.png"))
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(calib[-1])
+    out = d / "enc-int8-s.onnx"
+    settings = pipeline.ExportSettings(
+        precision="int8", calib_images=calib, calib_count=4, map_tolerance=100.0, static_shape=True
+    )
+    info = pipeline.export_checkpoint(ckpt, settings, out=out, verify_data_fn=_fixed(ds, db))
+    assert out.is_file() and info["preprocessing"]["static_shape"] is True

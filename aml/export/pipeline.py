@@ -480,9 +480,12 @@ def _export_and_compare(
 
 
 def _calibration(st: ExportSettings, student: _Student, size: int, log: Callable[[str], None]) -> list[np.ndarray]:
-    """The int8 calibration batches: `st.calib_count` images of the calibration list, loaded at `size`."""
+    """The int8 calibration batches: `st.calib_count` images of the calibration list, loaded at `size` (padded
+    to size x size for a static-shape graph, as every input it takes)."""
     paths = _calibration_images(student.config, st.calib_images, str(student.path))
     batches = calibration_batches(paths, size, student.net.mean, student.net.std, st.calib_count)
+    if st.static_shape:
+        batches = [pad_static(b, size) for b in batches]
     log(f"calibrating int8 on {len(batches)} images")
     return batches
 
