@@ -153,10 +153,11 @@ def students():
     return get
 
 
-# effnet-b3's ExecuTorch lowering takes about two minutes of CPU: marked slow, outside `make test` (the ExecuTorch
-# path runs there on lite0 and mobilenetv2); `.venv/bin/python -m pytest -m slow` runs it.
+# The ExecuTorch lowering of effnet-b3 and lite0 takes about two and one minutes of CPU: marked slow, outside
+# `make test` (the ExecuTorch path runs there on mobilenetv2); `.venv/bin/python -m pytest -m slow` runs them.
+SLOW = {("effnet-b3", "executorch"), ("lite0", "executorch")}
 EVERY = [
-    pytest.param(name, fmt, marks=[pytest.mark.slow] if (name, fmt) == ("effnet-b3", "executorch") else [])
+    pytest.param(name, fmt, marks=[pytest.mark.slow] if (name, fmt) in SLOW else [])
     for name in STUDENTS
     for fmt in ("executorch", "ort", "coreml")
 ]
