@@ -4,10 +4,14 @@ the trainer tests' tiny synthetic set and their tiny `TrainConfig`."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import multiprocessing as mp
 import os
+import queue
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +201,33 @@ def torchrun(*args: object, timeout: float = 300, env: dict | None = None) -> su
 def aml_torchrun(*args: object, **kw) -> subprocess.CompletedProcess:
     """`aml ARGS` under two gloo processes (the repository's cli.py as torchrun's script)."""
     return torchrun(REPO / "cli.py", *args, **kw)
+
+
+@contextlib.contextmanager
+def paired_workers(target) -> Iterator[Callable[[list], list]]:
+    """Two spawned processes running `target(tasks, barrier, results)` (each takes tasks from its queue until None,
+    waits on the shared barrier so both act at once, and puts one result per task): yields `run(tasks)`, one task
+    per worker, returning their two results sorted; the workers are stopped when the block ends."""
+    ctx = mp.get_context("spawn")
+    queues, barrier, results = [ctx.Queue(), ctx.Queue()], ctx.Barrier(2), ctx.Queue()
+    ps = [ctx.Process(target=target, args=(q, barrier, results), daemon=True) for q in queues]
+    for p in ps:
+        p.start()
+
+    def run(tasks: list) -> list:
+        for q, task in zip(queues, tasks, strict=True):
+            q.put(task)
+        try:
+            return sorted(results.get(timeout=120) for _ in tasks)
+        except queue.Empty:
+            pytest.fail("a worker did not answer")
+
+    try:
+        yield run
+    finally:
+        for q in queues:
+            q.put(None)
+        for p in ps:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing as mp
 import os
-import queue
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import paired_workers
 
 from aml import index as aml_index
 from aml.errors import UserError
@@ -102,27 +101,8 @@ def _worker(tasks, barrier, results) -> None:
 
 @pytest.fixture(scope="module")
 def workers():
-    ctx = mp.get_context("spawn")
-    tasks, barrier, results = [ctx.Queue(), ctx.Queue()], ctx.Barrier(2), ctx.Queue()
-    ps = [ctx.Process(target=_worker, args=(q, barrier, results), daemon=True) for q in tasks]
-    for p in ps:
-        p.start()
-
-    def run(op: str, d: Path, tags: tuple[str, str]) -> list[tuple]:
-        for q, tag in zip(tasks, tags, strict=True):
-            q.put((op, str(d), tag))
-        try:
-            return sorted(results.get(timeout=120) for _ in tags)
-        except queue.Empty:
-            pytest.fail("a worker did not answer")
-
-    yield run
-    for q in tasks:
-        q.put(None)
-    for p in ps:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+    with paired_workers(_worker) as run:
+        yield lambda op, d, tags: run([(op, str(d), tag) for tag in tags])
 
 
 def test_two_adds_at_once_keep_every_image_with_its_vector(tmp_path, workers):

@@ -4,7 +4,6 @@ unbounded synthetic sets and scales, duplicated rows, a damaged checkpoint confi
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import distill_args, one_line, tiny_cfg
+from conftest import distill_args, one_line, paired_workers, tiny_cfg
 from PIL import Image
 
 from aml.data.folders import read_groups_csv, write_object_split
@@ -284,24 +283,10 @@ def _lock_worker(tasks, barrier, results) -> None:
 def test_two_runs_into_one_folder_at_once_one_is_refused(tmp_path):
     """Two processes entering one run folder at the same moment, over 10 trials: exactly one runs, the other gets
     the one-line refusal; the lock file is gone afterwards."""
-    ctx = mp.get_context("spawn")
-    tasks, barrier, results = [ctx.Queue(), ctx.Queue()], ctx.Barrier(2), ctx.Queue()
-    ps = [ctx.Process(target=_lock_worker, args=(q, barrier, results), daemon=True) for q in tasks]
-    for p in ps:
-        p.start()
-    try:
+    with paired_workers(_lock_worker) as run:
         for trial in range(10):
             d = tmp_path / f"run{trial}"
-            for q in tasks:
-                q.put(str(d))
-            got = sorted(results.get(timeout=120) for _ in tasks)
+            got = run([str(d), str(d)])
             assert [g[0] for g in got] == ["held", "refused"], got
             assert "another aml process is writing the run folder" in got[1][1] and "\n" not in got[1][1]
             assert (d / "log.jsonl").read_text() == "mine\n" and not (d / LOCK).exists()
-    finally:
-        for q in tasks:
-            q.put(None)
-        for p in ps:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
