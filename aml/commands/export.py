@@ -62,7 +62,7 @@ from aml.sidecar import CALIB_COUNT, FORMATS, LATENCY_RUNS, MAP_TOLERANCE, MAX_I
     is_flag=True,
     help="Mark the encoder's output as binary codes: only the sidecar changes (output.binary; default name gets "
     "-b); the graph still outputs float vectors, and `aml embed` with this model writes packed sign bits "
-    "(bit = value > 0, uint8 (N, D/8)) instead of float32 rows.",
+    "(bit = value > 2^-25, uint8 (N, D/8)) instead of float32 rows.",
 )
 @click.option(
     "--calib-count",

@@ -28,7 +28,7 @@ from aml.commands._options import (
 @click.option(
     "--binary",
     is_flag=True,
-    help="Write OUT as packed sign bits instead of float32 vectors: uint8 (N, D/8), bit = value > 0 of each "
+    help="Write OUT as packed sign bits instead of float32 vectors: uint8 (N, D/8), bit = value > 2^-25 of each "
     "(whitened, if --whiten) vector, numpy.packbits order (aml.binary.pack_bits); warns when almost every bit "
     "is 1 (or 0).",
 )
