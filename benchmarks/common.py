@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +66,16 @@ def parser(doc: str, results: Path | None = None) -> argparse.ArgumentParser:
             "--out", type=Path, help=f"Results file (default: {results.relative_to(REPO)}; smoke: a scratch file)."
         )
     return ap
+
+
+def names_of(value: str, known: Iterable[str], option: str, what: str) -> list[str]:
+    """The comma-separated names of `value`, each one of `known`, or SystemExit naming `option` and the choices."""
+    known = list(known)
+    names = value.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {what} {unknown[0]!r}; use {', '.join(known)}")
+    return names
 
 
 def parse(ap: argparse.ArgumentParser, smoke: dict[str, Any], argv: Sequence[str] | None = None) -> argparse.Namespace:

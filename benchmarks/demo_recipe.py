@@ -20,7 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, header, parse, parser, smoke_budget, synth_test_set, work_dir, write_results
+from common import (
+    REPO,
+    RESULTS,
+    header,
+    names_of,
+    parse,
+    parser,
+    smoke_budget,
+    synth_test_set,
+    work_dir,
+    write_results,
+)
 
 from aml.allocator import keep_freed_memory
 from aml.train.config import PRESETS
@@ -81,10 +92,7 @@ def main() -> None:
 
     setting = header(args)
     print(setting, flush=True)
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--variants: unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
+    variants = names_of(args.variants, VARIANTS, "--variants", "variant")
     seeds = [int(s) for s in args.seeds.split(",")]
     # a smoke run: the demo preset at the tiny budget, on the tiny synthetic set
     budget = smoke_budget(PRESETS["demo"]) if args.smoke else PRESETS["demo"]

@@ -28,6 +28,7 @@ from common import (
     REPO,
     RESULTS,
     header,
+    names_of,
     parse,
     parser,
     smoke_budget,
@@ -143,10 +144,7 @@ def main() -> None:
 
     setting = header(args)
     print(setting, flush=True)
-    names = args.candidates.split(",")
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        raise SystemExit(f"--candidates: unknown candidate {unknown[0]!r}; use {', '.join(CANDIDATES)}")
+    names = names_of(args.candidates, CANDIDATES, "--candidates", "candidate")
     base = {**PRESETS["demo"], **BASE}
     budget = smoke_budget(base) if args.smoke else base
     root = Path(smoke_data().partition(":")[2]) if args.smoke else ensure_default_synth()

@@ -211,10 +211,7 @@ def main() -> None:
     work = common.work_dir(args, REPO / "runs" / "upgrade")
     available = datasets(args.smoke)
     names = [d for d in args.datasets.split(",") if d in available]
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown method {unknown[0]!r}; use {', '.join(METHODS)}")
+    methods = common.names_of(args.methods, METHODS, "--methods", "method")
     rows, stars = [], {}
     for name in names:
         stars[name] = independent(work, name, args.smoke, args.report_only)
