@@ -28,7 +28,8 @@ _TORCH_WRITE = ("file write failed", "unexpected pos")  # torch.save's writer wh
 
 @functools.cache
 def umask() -> int:
-    """This process's umask, read once (from /proc where it is, else by setting and restoring it)."""
+    """This process's umask, read at each call (a program may change it): from /proc where it is, else by setting
+    and restoring it."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
