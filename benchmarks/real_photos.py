@@ -26,6 +26,7 @@ from common import REPO, RESULTS, aml, header, parse, parser, scratch, smoke_opt
 from PIL import Image
 
 from aml.data.spec import parse_test_spec
+from aml.io import atomic_write
 
 SHARED = REPO.parent / "shared" / "data"
 CALTECH_PER_CLASS = 10  # of the 3969 Caltech-101 photos: 1010, enough variety at a tenth of the cost
@@ -36,28 +37,41 @@ SMOKE = dict(work=None)
 def _groups(path: Path, rows: list[tuple[str, str, str]]) -> str:
     """Write a groups CSV (image, object, split) and return its data spec."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("image,object,split\n" + "".join(f"{i},{o},{s}\n" for i, o, s in rows))
+    with atomic_write(path) as f:  # runs side by side write the same file: a reader never sees half of it
+        f.write("image,object,split\n" + "".join(f"{i},{o},{s}\n" for i, o, s in rows))
     return f"groups:{path}"
+
+
+def training_sources(work: Path, caltech_per_class: int = CALTECH_PER_CLASS) -> dict[str, str]:
+    """The real training sources on ../shared/data by name (`--data` specs): the two landmark train folders,
+    UKBench objects 0-149, `caltech_per_class` Caltech-101 photos a class (0: all), the unlabelled scenes."""
+    lm = SHARED / "real" / "landmarks"
+    cal = SHARED / "real" / "objects" / "caltech101"
+    rows = [(str(p), c.name, "train") for c in sorted(cal.iterdir())
+            for p in sorted(c.iterdir())[: caltech_per_class or None]]  # fmt: skip
+    return {
+        "wonders7": f"folder:{lm / 'wonders7-train'}",
+        "vn5": f"folder:{lm / 'vn5-train'}",
+        "ukbench": ukbench_groups(work),
+        "caltech": _groups(work / f"caltech{caltech_per_class}" / "groups.csv", rows),
+        "scenes": f"images:{SHARED / 'real' / 'scenes'}",
+    }
+
+
+def ukbench_groups(work: Path) -> str:
+    """A groups spec of the 1000 UKBench photos (object = photo // 4): objects 0-149 are training rows, 150-249
+    the test rows."""
+    rows = [(str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg"), str(i // 4), "train" if i < 600 else "test")
+            for i in range(1000)]  # fmt: skip
+    return _groups(work / "ukbench" / "groups.csv", rows)
 
 
 def real_sources(work: Path) -> tuple[list[str], dict[str, str]]:
     """The training sources (`--data` specs) and the test splits (name -> test spec) on ../shared/data."""
     lm = SHARED / "real" / "landmarks"
-    ukb = [(str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg"), str(i // 4)) for i in range(1000)]
-    ukb_csv = work / "ukbench" / "groups.csv"
-    ukbench = _groups(ukb_csv, [(p, o, "train" if int(o) < 150 else "test") for p, o in ukb])
-    cal = SHARED / "real" / "objects" / "caltech101"
-    rows = [(str(p), c.name, "train") for c in sorted(cal.iterdir()) for p in sorted(c.iterdir())[:CALTECH_PER_CLASS]]
-    sources = [
-        f"folder:{lm / 'wonders7-train'}",
-        f"folder:{lm / 'vn5-train'}",
-        ukbench,
-        _groups(work / "caltech" / "groups.csv", rows),
-        f"images:{SHARED / 'real' / 'scenes'}",
-    ]
     tests = {"wonders7-test": f"folder:{lm / 'wonders7-test'}", "vn5-test": f"folder:{lm / 'vn5-test'}"}
-    tests["ukbench-test"] = f"groups:{ukb_csv}"
-    return sources, tests
+    tests["ukbench-test"] = ukbench_groups(work)
+    return list(training_sources(work).values()), tests
 
 
 def smoke_sources(work: Path) -> tuple[list[str], dict[str, str]]:

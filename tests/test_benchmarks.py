@@ -116,6 +116,12 @@ REPORTS: dict[str, list[str]] = {
         r"^asym >= 0.95 x teacher at 224 and 512: (met|not met: .+)$",
         r"^seconds: recipe \d+, baseline \d+, evaluation \d+$",
     ],
+    "real_selection.py": [
+        r"candidate\s+fold\s+size\s+teacher\s+student\s+asym\s+ratio\s+train s$",
+        *(rf"{c}\s+no-test\s+{s}(\s+{NUM}){{4}}\s+\d+$" for c in ("real", "tau0.1") for s in ("40", "48")),
+        rf"^mean ratio real: {NUM}$",
+        r"^chosen on validation: (real|tau0\.1) \(",
+    ],
     "selection.py": [
         r"candidate\s+split\s+asym M\s+sym M\s+teacher\s+ratio$",
         *(rf"{c}\s+val(\s+{NUM}){{4}}$" for c in ("demo", "lw0")),

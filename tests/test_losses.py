@@ -409,6 +409,13 @@ def test_combined_default_weights_give_the_sum(tuples):
     torch.testing.assert_close(LOSSES["contr+csd"](a, p, n, anchor_teacher=at, ref=ref), want)
 
 
+def test_csd_plus_reg_is_the_weighted_sum_of_its_batch_members(tuples):
+    a, _, _, at = tuples
+    ref = unit(20, D, seed=23, dtype=a.dtype)
+    got = LOSSES["csd+reg"](a, at, ref=ref, tau_s=0.1, weight_reg=4.0)
+    torch.testing.assert_close(got, LOSSES["csd"](a, at, ref=ref, tau_s=0.1) + 4.0 * LOSSES["reg"](a, at))
+
+
 def test_combined_constants_and_weights_reach_their_members(tuples):
     a, p, n, at = tuples
     ref = unit(20, D, seed=23, dtype=a.dtype)
@@ -471,20 +478,26 @@ def test_combined_refuses_an_unknown_constant(tuples):
 def test_spec_table_names_kinds_and_inputs():
     assert {"contr", "contr+", "reg", "triplet", "ms", "rkd", "darkrank", "sym", "csd", "contr+csd"} <= set(LOSSES)
     assert all(spec.name == name for name, spec in LOSSES.items())
-    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd"}
+    assert {n for n, s in LOSSES.items() if s.kind == "batch"} == {"reg", "rkd", "darkrank", "csd", "csd+reg"}
     assert {n for n, s in LOSSES.items() if s.kind == "class"} == {"normsoftmax", "bct"}
     assert {n for n, s in LOSSES.items() if "proxies" in s.inputs} == {"normsoftmax", "bct"}
     assert {n for n, s in LOSSES.items() if "own_proxies" in s.inputs} == {"bct"}
     assert {n for n, s in LOSSES.items() if "anchor_teacher" in s.inputs} == {"contr+", "contr+csd"}
-    assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd"}
+    assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd", "csd+reg"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
-    assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd"}
-    assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {"csd", "contr+csd", "normsoftmax", "bct"}
-    assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd"}
-    assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd")
+    assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd", "csd+reg"}
+    assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {
+        "csd",
+        "contr+csd",
+        "csd+reg",
+        "normsoftmax",
+        "bct",
+    }
+    assert {n for n, s in LOSSES.items() if not s.per_sample} == {"rkd", "darkrank", "csd", "contr+csd", "csd+reg"}
+    assert LABEL_FREE == ("reg", "rkd", "darkrank", "csd", "csd+reg")
 
 
-@pytest.mark.parametrize("name", [n for n in LOSSES if n != "contr+csd"])
+@pytest.mark.parametrize("name", [n for n in LOSSES if n not in ("contr+csd", "csd+reg")])  # combinations: above
 def test_spec_matches_its_function(name):
     """A function takes exactly the tensor inputs its spec says it reads; its constants are the spec's defaults."""
     spec = LOSSES[name]

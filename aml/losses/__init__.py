@@ -27,6 +27,7 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 | csd       | batch | contextual similarity distillation (KL, teacher top-K)   | k 256, tau_s 1, tau_t 0.01 |
 |           |       |   label_weight w > 0: target mixed with the query's label  | label_weight 0          |
 | contr+csd | tuple | combine({"contr+": 1, "csd": 1}); weight_contr_plus, weight_csd | union of both |
+| csd+reg   | batch | combine({"csd": 1, "reg": 1}); weight_csd, weight_reg    | those of csd               |
 | normsoftmax | class | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 | bct       | class | own NormSoftmax + teacher-proxy NormSoftmax + reg (upgrade) | temperature 0.05, weight_own 1, |
 |           |       |   (Shen et al.'s backward-compatible training)            | weight_influence 1, weight_reg 1 |
@@ -65,6 +66,7 @@ _SPECS = (
 )
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSSES["contr+csd"] = combine("contr+csd", {"contr+": 1.0, "csd": 1.0}, LOSSES)
+LOSSES["csd+reg"] = combine("csd+reg", {"csd": 1.0, "reg": 1.0}, LOSSES)
 
 # The losses that train without (query, positive) labels, e.g. on `--data images:DIR`.
 LABEL_FREE: tuple[str, ...] = tuple(n for n, s in LOSSES.items() if not s.needs_labels)

@@ -1,0 +1,154 @@
+"""The real-photo recipe's constants chosen on validation folds of the training photos only (issue 25's selection
+protocol for real photos).
+
+Every candidate is `aml distill --preset real` with some constants changed (or its sources: more Caltech photos).
+Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
+on the source it left out, a domain it never saw, as the held-out set the product is checked on:
+
+- noUKB: trained without UKBench, scored on UKBench objects 0-149 (600 photos: 150 objects, every photo a query
+  against the others; 150 objects of distractors, more than the test split's 100, so harder than it);
+- noVN: trained without the Vietnamese landmarks, scored on `vn5-train` (208 photos, 5 landmarks).
+
+Score = asymmetric mAP M over the teacher's symmetric mAP M at 224 px and at 512 px (UKBench photos are 320 px,
+never upscaled: 320). The choice is the best mean ratio over the folds and both sizes. No test split is read
+(`folds` is given training photos only; tests/test_real_selection.py fails when one is). The choice is then
+trained on every source and scored on the test splits by benchmarks/real_photos.py. Writes
+`benchmarks/results/real_selection.txt`. Runs are resumable (a run folder with its score.json is read), so the
+folds can be run side by side: `--folds noUKB --threads 1 &` and `--folds noVN --threads 1`, then all at once to
+write the whole report.
+
+    .venv/bin/python benchmarks/real_selection.py --threads 1 --folds noUKB   # ~5 min a candidate, idle core
+    .venv/bin/python benchmarks/real_selection.py --smoke                     # tiny random nets, drawn photos
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from common import REPO, RESULTS, header, names_of, parse, parser, work_dir, write_results
+from real_photos import SHARED, _groups, distill, scores, smoke_sources, training_sources
+
+from aml.data.spec import parse_test_spec
+
+RESULT = RESULTS / "real_selection.txt"
+# Candidate name -> (what it is, in words; `aml distill` options added to the preset; Caltech photos a class in
+# the sources, 0: all 3969). "real" is the preset as it is.
+CANDIDATES: dict[str, tuple[str, list[str], int]] = {
+    "real": ("the real preset: 2 epochs x 400 images, lr 2e-5, csd tau_s 0.03", [], 10),
+    "lr6e-5": ("lr 6e-5", ["--lr", "6e-5"], 10),
+    "ep6": ("6 epochs", ["--epochs", "6"], 10),
+    "tau0.1": ("csd tau_s 0.1", ["--loss-arg", "tau_s=0.1"], 10),
+    "cal-all": ("every Caltech-101 photo (3969) instead of 10 a class", [], 0),
+    "csd+reg": ("csd + reg (1/2 |s(x) - t(x)|^2 on every image), weights 1 and 1", ["--loss", "csd+reg"], 10),
+    "k1024": ("csd context k 1024 (256)", ["--loss-arg", "k=1024"], 10),
+    "tau0.3": ("csd tau_s 0.3", ["--loss-arg", "tau_s=0.3"], 10),
+    "tau1": ("csd tau_s 1 (CSD's own default)", ["--loss-arg", "tau_s=1"], 10),
+    "tau0.1-ep6": ("csd tau_s 0.1, 6 epochs", ["--loss-arg", "tau_s=0.1", "--epochs", "6"], 10),
+    "cal-all-tau0.1": ("every Caltech-101 photo, csd tau_s 0.1", ["--loss-arg", "tau_s=0.1"], 0),
+    "cal-all-tau0.05": ("every Caltech-101 photo, csd tau_s 0.05", ["--loss-arg", "tau_s=0.05"], 0),
+}
+SIZES = ("224", "512")
+
+
+class Fold(NamedTuple):
+    """One validation fold: the training sources (`--data` specs) and the held-out validation set (a test spec)."""
+
+    sources: list[str]
+    val: str
+
+
+def folds(work: Path, caltech_per_class: int) -> dict[str, Fold]:
+    """The leave-one-source-out folds of the real training sources; training photos only (no test split)."""
+    src = training_sources(work, caltech_per_class)
+    ukb = [(str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg"), str(i // 4), "test") for i in range(600)]
+    return {
+        "noUKB": Fold([s for n, s in src.items() if n != "ukbench"], _groups(work / "ukbench-val" / "groups.csv", ukb)),
+        "noVN": Fold([s for n, s in src.items() if n != "vn5"], src["vn5"]),
+    }
+
+
+def smoke_folds(work: Path, caltech_per_class: int) -> dict[str, Fold]:
+    """Drawn stand-ins: trained on one drawn folder and unlabelled photos, scored on another drawn folder."""
+    sources, tests = smoke_sources(work)
+    return {"no-test": Fold(sources, tests["drawn-test"])}
+
+
+def train_and_score(run: Path, fold: Fold, options: list[str], sizes: tuple[str, ...], smoke: bool) -> dict:
+    """Train the preset with `options` on the fold's sources into `run`, then score it on the fold's validation
+    set at each size (unless `run` holds its score.json); {size: {teacher, student, asymmetric}, seconds}."""
+    done = run / "score.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    seconds = distill(run, fold.sources, fold.val, smoke, "--overwrite", *options)
+    ref = tuple(parse_test_spec(fold.val))
+    result = {size: scores(run / "last.pt", ref, size, run, smoke) for size in sizes}
+    result["seconds"] = seconds
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def ratio(score: dict, size: str) -> float:
+    """Asymmetric mAP over the teacher's symmetric mAP at one size."""
+    return score[size]["asymmetric"] / max(score[size]["teacher"], 1e-9)
+
+
+def main() -> None:
+    ap = parser(__doc__, results=RESULT)
+    ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"Some of {', '.join(CANDIDATES)}.")
+    ap.add_argument("--folds", default="noUKB,noVN", help="Some of noUKB, noVN.")
+    ap.add_argument("--work", type=Path, help="Run folders, resumable (default: runs/real-selection).")
+    args = parse(ap, dict(candidates="real,tau0.1", folds="no-test"))
+    import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
+
+    setting = header(args)
+    print(setting, flush=True)
+    names = names_of(args.candidates, CANDIDATES, "--candidates", "candidate")
+    work = work_dir(args, REPO / "runs" / "real-selection")
+    if not args.smoke and not SHARED.is_dir():
+        raise SystemExit(f"{SHARED}: not found; the real photos live in ../shared/data beside the project")
+    make = smoke_folds if args.smoke else folds
+    fold_names = names_of(args.folds, make(work / "data", 10), "--folds", "fold")
+    sizes = ("40", "48") if args.smoke else SIZES
+    t0 = time.perf_counter()
+    table: dict[str, dict[str, dict]] = {}
+    for name in names:
+        _, options, per_class = CANDIDATES[name]
+        by_fold = make(work / "data", per_class)
+        table[name] = {f: train_and_score(work / f / name, by_fold[f], options, sizes, args.smoke) for f in fold_names}
+    mean = {n: statistics.mean(ratio(s, z) for s in table[n].values() for z in sizes) for n in names}
+    chosen = max(mean, key=mean.__getitem__)
+    lines = [
+        "--preset real (lite2 -> lite0, ImageNet weights, closed-form start, csd) with the changes below, trained "
+        "on the real training sources less one (fold) and scored on the one left out: noUKB = UKBench objects "
+        "0-149 (600 photos), noVN = vn5-train (208 photos); every photo a query against the others; mAP M x100;",
+        "ratio = asymmetric (student -> teacher) / teacher (symmetric); 512 px is 320 for UKBench (never upscaled); "
+        "no test split is read",
+        *(f"{n}: {CANDIDATES[n][0]}" for n in names),
+        "",
+        f"{'candidate':<18} {'fold':<5} {'size':>4} {'teacher':>7} {'student':>7} {'asym':>6} {'ratio':>6} "
+        f"{'train s':>7}",
+        *(
+            f"{n:<18} {f:<5} {z:>4} {s[z]['teacher']:>7.2f} {s[z]['student']:>7.2f} {s[z]['asymmetric']:>6.2f} "
+            f"{ratio(s, z):>6.3f} {s['seconds']:>7.0f}"
+            for n in names
+            for f, s in table[n].items()
+            for z in sizes
+        ),
+        "",
+        *(f"mean ratio {n}: {mean[n]:.3f}" for n in names),
+        f"chosen on validation: {chosen} ({CANDIDATES[chosen][0]})",
+        "",
+        f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed; train s "
+        f"= the distill run's own seconds). Command: "
+        f"`{' '.join(['python benchmarks/real_selection.py', *sys.argv[1:]])}`",
+    ]
+    write_results(args, RESULT, lines)
+
+
+if __name__ == "__main__":
+    main()
