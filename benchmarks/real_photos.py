@@ -1,15 +1,16 @@
 """Real photos, end to end: the `real` preset trained on real training photos, scored on every real test split.
 
 Trains `aml distill --preset real` (lite2 -> lite0, bundled ImageNet weights) on the real training sources
-beside the project (../shared/data: the two landmark train folders, UKBench objects 0-149, 10 Caltech-101
-photos a class, the unlabelled scenes), and the no-teacher baseline (`--loss sym`, the demo baseline's budget),
+beside the project (../shared/data: the two landmark train folders, UKBench objects 0-149, every Caltech-101
+photo, the unlabelled scenes), and the no-teacher baseline (`--loss sym`, the demo baseline's budget),
 then scores teacher (symmetric), student (symmetric), student -> teacher (asymmetric) and the baseline
 (asymmetric) on each real test split (wonders7-test, vn5-test, UKBench objects 150-249: each image a query
 against the rest of its split, positives the same label) at 224 px, 512 px (UKBench photos are 320 px and never
 upscaled: 320) and multi-scale (362 px, scales 1, 1/sqrt(2), 1/2). mAP x100 (medium protocol = every positive).
 
-The recipe's constants were chosen on leave-one-source-out folds of the training photos (docs/RESULTS.md, "Real
-photos"); no test split chose anything. Writes benchmarks/results/real_photos.txt.
+The recipe's constants and the Caltech share were chosen on leave-one-source-out folds of the training photos
+(benchmarks/real_selection.py); no test split chose anything. Run it with an empty $AML_HOME to time a first run
+(the recipe's seconds then include the teacher's vectors of every training photo). Writes benchmarks/results/real_photos.txt.
 
     .venv/bin/python benchmarks/real_photos.py --threads 2     # ~10 min on an idle 2-core CPU
     .venv/bin/python benchmarks/real_photos.py --smoke         # tiny random-weight nets on drawn photos
@@ -29,7 +30,9 @@ from aml.data.spec import parse_test_spec
 from aml.io import atomic_write
 
 SHARED = REPO.parent / "shared" / "data"
-CALTECH_PER_CLASS = 10  # of the 3969 Caltech-101 photos: 1010, enough variety at a tenth of the cost
+# Caltech-101 photos a class in the training sources (0: all 3969): every one, chosen on the validation folds of
+# benchmarks/real_selection.py (10 a class before)
+CALTECH_PER_CLASS = 0
 SIZES = ("224", "512", "ms")
 SMOKE = dict(work=None)
 
