@@ -10,9 +10,10 @@ upscaled: 320) and multi-scale (362 px, scales 1, 1/sqrt(2), 1/2). mAP x100 (med
 
 The recipe's constants and the Caltech share were chosen on leave-one-source-out folds of the training photos
 (benchmarks/real_selection.py); no test split chose anything. Run it with an empty $AML_HOME to time a first run
-(the recipe's seconds then include the teacher's vectors of every training photo). Writes benchmarks/results/real_photos.txt.
+(the recipe's seconds then include the teacher's vectors of every training photo). Writes
+benchmarks/results/real_photos.txt.
 
-    .venv/bin/python benchmarks/real_photos.py --threads 2     # ~10 min on an idle 2-core CPU
+    AML_HOME=$(mktemp -d) .venv/bin/python benchmarks/real_photos.py --threads 2   # ~7 min on an idle 2-core CPU
     .venv/bin/python benchmarks/real_photos.py --smoke         # tiny random-weight nets on drawn photos
 """
 
