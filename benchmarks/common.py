@@ -110,6 +110,11 @@ def results_path(args: argparse.Namespace, default: Path) -> Path:
     return scratch() / default.name if args.smoke else default
 
 
+def command() -> str:
+    """The command line this benchmark ran with, as its report quotes it: `python benchmarks/NAME.py ARGS`."""
+    return "`" + " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]) + "`"
+
+
 def write_results(args: argparse.Namespace, default: Path, lines: Sequence[str]) -> None:
     """Write the report's lines atomically to the results file (`results_path`), then print them."""
     with atomic_write(results_path(args, default)) as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from common import (
     REPO,
     RESULTS,
+    command,
     header,
     names_of,
     parse,
@@ -110,7 +110,7 @@ def main() -> None:
         *table(results, budget["epochs"]),
         "",
         f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed). Command: "
-        f"`{' '.join(['python benchmarks/demo_recipe.py', *sys.argv[1:]])}`",
+        + command(),
     ]
     write_results(args, RESULT, lines)
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import REPO, RESULTS, header, names_of, parse, parser, work_dir, write_results
+from common import REPO, RESULTS, command, header, names_of, parse, parser, work_dir, write_results
 from real_photos import SHARED, _groups, distill, scores, smoke_sources, training_sources
 
 from aml.data.spec import parse_test_spec
@@ -150,8 +149,7 @@ def main() -> None:
         "",
         f"{setting}; {(time.perf_counter() - t0) / 60:.1f} min (runs already finished are read, not timed; train s "
         f"= the distill run's own seconds, two runs side by side at 1 thread each, with the teacher vectors the "
-        f"shared cache already held: not a timing). Command: "
-        f"`{' '.join(['python benchmarks/real_selection.py', *sys.argv[1:]])}`",
+        f"shared cache already held: not a timing). Command: " + command(),
     ]
     write_results(args, RESULT, lines)
 

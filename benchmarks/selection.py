@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 from common import (
     REPO,
     RESULTS,
+    command,
     header,
     names_of,
     parse,
@@ -179,8 +179,7 @@ def main() -> None:
         + ("met" if tested[chosen].ratio >= TARGET else "not met"),
         "",
         f"{setting}; selection {t_select / 60:.1f} min, total {(time.perf_counter() - t0) / 60:.1f} min (runs "
-        f"already finished are read, not timed). Command: "
-        f"`{' '.join(['python benchmarks/selection.py', *sys.argv[1:]])}`",
+        f"already finished are read, not timed). Command: " + command(),
     ]
     write_results(args, RESULT, lines)
 
