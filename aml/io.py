@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import math
@@ -26,7 +25,6 @@ _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's `tofile` 
 _TORCH_WRITE = ("file write failed", "unexpected pos")  # torch.save's writer when the device fills up
 
 
-@functools.cache
 def umask() -> int:
     """This process's umask, read at each call (a program may change it): from /proc where it is, else by setting
     and restoring it."""
@@ -69,11 +67,6 @@ class NoSpaceError(UserError, OSError):
 
     def __str__(self) -> str:
         return self.message
-
-
-def no_space_error(path: str | os.PathLike, e: BaseException) -> NoSpaceError:
-    """The one-line error of a write of `path` that failed on a full device (`no_space(e)`)."""
-    return NoSpaceError(path, e)
 
 
 def host_tag() -> str:
@@ -191,7 +184,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if no_space(e):
-            raise no_space_error(path, e) from e
+            raise NoSpaceError(path, e) from e
         if isinstance(e, OSError) and (e.filename is None or str(e.filename) == str(tmp)):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # name the user's file, not the temp
         raise

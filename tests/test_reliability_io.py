@@ -382,3 +382,17 @@ def test_modes_follow_another_umask():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
     assert out == ["0o640", "0o750"]
+
+
+def test_modes_follow_a_umask_changed_after_an_earlier_write(tmp_path):
+    with atomic_write(tmp_path / "before") as f:  # the umask is read again at the next write, not kept from this one
+        f.write("x")
+    old = os.umask(0o077)
+    try:
+        with atomic_write(tmp_path / "after") as f:
+            f.write("x")
+        folder = temp_dir(tmp_path / "built")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "after").stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
