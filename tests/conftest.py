@@ -204,6 +204,21 @@ def aml_torchrun(*args: object, **kw) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
+def read_only_folder(path: Path) -> Iterator[Path | None]:
+    """A new folder this user cannot write to (mode 0500), writable again afterwards; None for root, who writes
+    anywhere (the caller then skips its unwritable-folder checks)."""
+    if os.geteuid() == 0:
+        yield None
+        return
+    path.mkdir()
+    path.chmod(0o500)
+    try:
+        yield path
+    finally:
+        path.chmod(0o700)
+
+
+@contextlib.contextmanager
 def paired_workers(target) -> Iterator[Callable[[list], list]]:
     """Two spawned processes running `target(tasks, barrier, results)` (each takes tasks from its queue until None,
     waits on the shared barrier so both act at once, and puts one result per task): yields `run(tasks)`, one task

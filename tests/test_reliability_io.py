@@ -20,7 +20,7 @@ import click
 import conftest
 import numpy as np
 import pytest
-from conftest import valid_sidecar
+from conftest import read_only_folder, valid_sidecar
 from PIL import Image
 
 from aml import trust
@@ -53,14 +53,9 @@ def test_outputs_are_checked_before_the_work(tmp_path, image_list, run_cli):
     one_line(run_cli(*search, "--out", tmp_path / "r.jsonl", "--show", tmp_path / "s.txt"), "expected a .png or .html")
     whiten = ["whiten", "--teacher", "resnet18", "--random-init", "--data", "nowhere:", "--image-size", "32"]
     one_line(run_cli(*whiten, "--out", tmp_path / "file" / "lw.pt"), "lw.pt", "--out")
-    if os.geteuid() != 0:  # root writes anywhere
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o500)
-        try:
+    with read_only_folder(tmp_path / "ro") as ro:
+        if ro is not None:
             one_line(run_cli(*search, "--out", ro / "r.jsonl"), "not writable")
-        finally:
-            ro.chmod(0o700)
 
 
 def test_a_failed_rename_names_the_users_path_not_the_temp(tmp_path, monkeypatch):
