@@ -62,11 +62,15 @@ def training_sources(work: Path, caltech_per_class: int = CALTECH_PER_CLASS) -> 
     }
 
 
+def ukbench_photo(i: int) -> str:
+    """The path of UKBench photo `i` (0-999; object i // 4)."""
+    return str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg")
+
+
 def ukbench_groups(work: Path) -> str:
     """A groups spec of the 1000 UKBench photos (object = photo // 4): objects 0-149 are training rows, 150-249
     the test rows."""
-    rows = [(str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg"), str(i // 4), "train" if i < 600 else "test")
-            for i in range(1000)]  # fmt: skip
+    rows = [(ukbench_photo(i), str(i // 4), "train" if i < 600 else "test") for i in range(1000)]
     return _groups(work / "ukbench" / "groups.csv", rows)
 
 

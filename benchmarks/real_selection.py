@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common import REPO, RESULTS, command, header, names_of, parse, parser, work_dir, write_results
-from real_photos import SHARED, _groups, distill, scores, smoke_sources, training_sources
+from real_photos import SHARED, _groups, distill, scores, smoke_sources, training_sources, ukbench_photo
 
 from aml.data.spec import parse_test_spec
 
@@ -69,7 +69,7 @@ class Fold(NamedTuple):
 def folds(work: Path, caltech_per_class: int) -> dict[str, Fold]:
     """The leave-one-source-out folds of the real training sources; training photos only (no test split)."""
     src = training_sources(work, caltech_per_class)
-    ukb = [(str(SHARED / "ukbench" / "jpg" / f"ukbench{i:05d}.jpg"), str(i // 4), "test") for i in range(600)]
+    ukb = [(ukbench_photo(i), str(i // 4), "test") for i in range(600)]
     return {
         "noUKB": Fold([s for n, s in src.items() if n != "ukbench"], _groups(work / "ukbench-val" / "groups.csv", ukb)),
         "noVN": Fold([s for n, s in src.items() if n != "vn5"], src["vn5"]),
