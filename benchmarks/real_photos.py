@@ -144,6 +144,8 @@ def main() -> None:
     ap = parser(__doc__, RESULTS / "real_photos.txt")
     ap.add_argument("--work", type=Path, help="Folder for the runs and CSVs (default: a temp folder).")
     args = parse(ap, SMOKE)
+    import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
+
     setting = header(args)
     work = args.work or scratch()
     work.mkdir(parents=True, exist_ok=True)

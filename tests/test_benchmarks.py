@@ -137,6 +137,11 @@ REPORTS: dict[str, list[str]] = {
         r"^failed requests: 0$",
     ],
     "train_speed.py": [rf"\({v}\) .*\s{NUM} tuples/s\s+median step\s+{NUM} ms\s+aml speed-up x{NUM}$" for v in "abc"],
+    "upgrade_selection.py": [
+        r"candidate\s+old/old\s+new\*/new\*\s+new/new\s+new->old\s+compatible\s+keeps gain$",
+        *(rf"{c}\s+(\s+{NUM}){{4}}\s+(yes|no)\s+(yes|no)$" for c in ("bct", "bct-csd")),
+        r"^chosen on validation: (bct|bct-csd|none) \(",
+    ],
     "upgrade.py": [
         r"test set\s+method\s+old/old\s+new\*/new\*\s+new/new\s+new->old\s+G\s+kept\s+compatible$",
         *(

@@ -14,7 +14,7 @@ from test_evaluate import image_dataset
 
 from aml.compat import KEEP, compat_report, format_report, reports_of, verdict
 from aml.data.trainset import TrainSet
-from aml.losses import LOSSES, bct, normsoftmax, reg
+from aml.losses import LOSSES, bct, csd, normsoftmax, reg
 from aml.train import recipe
 from aml.train.config import PRESETS, TrainConfig
 from aml.train.objective import ClassObjective, TrainData
@@ -81,7 +81,23 @@ def test_bct_loss_is_the_weighted_sum_of_its_three_terms():
     assert torch.allclose(bct(s, t, **kw, weight_own=0.0, weight_influence=0.0), reg(s, t))
     assert torch.allclose(bct(s, t, **kw, weight_own=0.0, weight_reg=0.0), normsoftmax(s, y, proxies))
     assert bct(s, t, **kw, reduction="none").shape == (6,)
-    assert LOSSES["bct"].kind == "class" and {"proxies", "own_proxies"} <= LOSSES["bct"].inputs
+    assert LOSSES["bct"].kind == "class" and {"proxies", "own_proxies", "ref", "ref_labels"} <= LOSSES["bct"].inputs
+
+
+def test_bct_csd_term_adds_csd_of_the_batch_against_the_teachers_references():
+    g = torch.Generator().manual_seed(1)
+    s, t = (F.normalize(torch.randn(6, 8, generator=g), dim=1) for _ in range(2))
+    ref = F.normalize(torch.randn(10, 8, generator=g), dim=1)
+    proxies, own = (F.normalize(torch.randn(3, 8, generator=g), dim=1) for _ in range(2))
+    y, ref_y = torch.tensor([0, 0, 1, 1, 2, 2]), torch.randint(0, 3, (10,), generator=g)
+    kw = dict(labels=y, proxies=proxies, own_proxies=own, ref=ref, ref_labels=ref_y)
+    c = dict(k=5, tau_s=0.1, label_weight=0.5)
+    term = csd(s, t, ref=ref, labels=y, ref_labels=ref_y, **c)
+    assert term > 0
+    assert torch.allclose(bct(s, t, **kw, weight_csd=2.0, **c), bct(s, t, **kw) + 2 * term)
+    assert torch.equal(bct(s, t, **kw, **c), bct(s, t, **kw))  # weight_csd 0: the three terms alone
+    with pytest.raises(ValueError, match="reduction 'none'"):
+        bct(s, t, **kw, weight_csd=1.0, reduction="none")
 
 
 def test_bct_objective_trains_its_own_proxies_from_the_teachers():
@@ -103,6 +119,8 @@ def test_upgrade_preset_is_the_old_model_teaching_a_larger_student():
     assert (cfg.teacher, cfg.student, cfg.loss, cfg.proxies) == ("lite0", "lite2", "bct", "teacher-trained")
     assert recipe.head_init(cfg) == "local-procrustes" and recipe.warmup_epochs(cfg) == 0
     assert recipe.head_norm(cfg) == "none"
+    spec, constants = recipe.loss_function(cfg)  # csd, not reg, is its asymmetric term
+    assert constants["weight_csd"] > 0 and constants["weight_reg"] == 0 and {"ref", "ref_labels"} <= spec.inputs
 
 
 def test_cli_prints_the_compatibility_report_and_writes_it_as_json(tmp_path, run_cli, one_thread):

@@ -483,9 +483,9 @@ def test_spec_table_names_kinds_and_inputs():
     assert {n for n, s in LOSSES.items() if "proxies" in s.inputs} == {"normsoftmax", "bct"}
     assert {n for n, s in LOSSES.items() if "own_proxies" in s.inputs} == {"bct"}
     assert {n for n, s in LOSSES.items() if "anchor_teacher" in s.inputs} == {"contr+", "contr+csd"}
-    assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd", "csd+reg"}
+    assert {n for n, s in LOSSES.items() if "ref" in s.inputs} == {"csd", "contr+csd", "csd+reg", "bct"}
     assert {n for n, s in LOSSES.items() if s.student_refs} == {"sym"}
-    assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd", "csd+reg"}
+    assert {n for n, s in LOSSES.items() if "ref_labels" in s.inputs} == {"csd", "contr+csd", "csd+reg", "bct"}
     assert {n for n, s in LOSSES.items() if "labels" in s.inputs} == {
         "csd",
         "contr+csd",

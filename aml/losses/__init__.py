@@ -30,7 +30,8 @@ labels (B,) class ids 0..C-1, proxies (C, D) (only `normsoftmax`; the teacher's 
 | csd+reg   | batch | combine({"csd": 1, "reg": 1}); weight_csd, weight_reg    | those of csd               |
 | normsoftmax | class | softmax over L2N class proxies (learned, or the teacher's) | temperature 0.05   |
 | bct       | class | own NormSoftmax + teacher-proxy NormSoftmax + reg (upgrade) | temperature 0.05, weight_own 1, |
-|           |       |   (Shen et al.'s backward-compatible training)            | weight_influence 1, weight_reg 1 |
+|           |       |   (Shen et al.'s backward-compatible training), + csd     | weight_influence 1, weight_reg 1, |
+|           |       |   against the epoch's pool when weight_csd > 0            | weight_csd 0, csd's constants |
 
 The pair-based losses (`PAIR_BASED`: contr, contr+, sym, triplet, ms) also have their generic pair form over soft
 labels, `spec.pairs` (aml/losses/pairs.py, Metrix, docs/REFERENCE.md §8), which `--mixup` trains with.

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from aml.losses.common import check_pair, check_per_sample
 
+K, TAU_S, TAU_T = 256, 1.0, 0.01  # the defaults above: context size, student and teacher temperatures
+
 
 def csd(
     student: torch.Tensor,
@@ -46,9 +48,9 @@ def csd(
     ref: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
-    k: int = 256,
-    tau_s: float = 1.0,
-    tau_t: float = 0.01,
+    k: int = K,
+    tau_s: float = TAU_S,
+    tau_t: float = TAU_T,
     label_weight: float = 0.0,
     reduction: str = "sum",
 ) -> torch.Tensor:

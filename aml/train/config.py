@@ -202,15 +202,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Real photos (`--preset real --data SOURCE [--data SOURCE ...]`): the student's linear head fitted by pooled
     # Procrustes on every training image's cached teacher vector (no teacher forward beyond the cache), then two
     # epochs of plain CSD (no label term: it fits the training classes and lowers unseen ones) at student
-    # temperature 0.1. Its constants were chosen on leave-one-source-out folds of the training photos
-    # (benchmarks/real_selection.py; docs/RESULTS.md, "Real photos").
+    # temperature 0.1 over each query's 64 nearest references. Its constants were chosen on leave-one-source-out
+    # folds of the training photos (benchmarks/real_selection.py; docs/RESULTS.md, "Real photos").
     "real": dict(
         teacher="lite2",
         student="lite0",
         head_init="procrustes",
         init_images=None,
         loss="csd",
-        loss_args={"tau_s": 0.1},  # chosen on validation folds (benchmarks/real_selection.py; it was 0.03)
+        loss_args={"tau_s": 0.1, "k": 64},  # chosen on validation folds (benchmarks/real_selection.py; 0.03, 256)
         epochs=2,
         lr=2e-5,
         lr_decay=math.exp(-0.1),
@@ -221,21 +221,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The model upgrade (backward-compatible training, docs/TRAINING.md "Model upgrades"): the old model (lite0)
     # is the frozen teacher whose database stays, the new, stronger backbone (lite2) the student, started by the
     # closed form (local Procrustes, so new -> old works from step 0), then `bct`: its own NormSoftmax (its own
-    # classifier, started at the teacher's proxies), the NormSoftmax over the teacher's trained proxies (BCT's
-    # influence loss) and `reg` on the same class-balanced batches, every weight 1 (not tuned); no warm-up (the
-    # head starts fitted). The budget is the methods benchmark's.
+    # classifier, started at the teacher's proxies) and the NormSoftmax over the teacher's trained proxies (BCT's
+    # influence loss), weights 1, with the demo's label-refined csd as the asymmetric term instead of `reg`, on
+    # the same class-balanced batches; no warm-up (the head starts fitted); the demo's budget. The asymmetric term
+    # and the budget were chosen on the synthetic validation split (benchmarks/upgrade_selection.py; it was `reg`,
+    # 2 epochs x 200 images at lr 1e-5, the closed form on 400 images).
     "upgrade": dict(
         teacher="lite0",
         student="lite2",
         init_flip=False,
-        init_images=400,
+        init_images=2000,
         loss="bct",
+        loss_args={"weight_reg": 0.0, "weight_csd": 8.0, "tau_s": 0.03, "label_weight": 0.5},
         proxies="teacher-trained",
         warmup_epochs=0,
-        epochs=2,
-        lr=1e-5,
+        epochs=3,
+        lr=4e-5,
         lr_decay=math.exp(-0.1),
-        query_size=200,
+        query_size=400,
         pool_size=2000,
         batch_size=8,
         image_size=224,
