@@ -62,7 +62,7 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
         "the chosen recipe (cal-all-tau0.1), seed 1: the seed's share of a difference",
         [*NOW, "--seed", "1"],
         0,
-    ),  # fmt: skip
+    ),
     "now-ep0": ("the chosen recipe, 0 epochs: the closed-form start alone", [*NOW, "--epochs", "0"], 0),
     "now-ridge": ("the chosen recipe, head fitted by ridge (procrustes)", [*NOW, "--head-init", "ridge"], 0),
     "now-lr4e-5": ("the chosen recipe, lr 4e-5 (2e-5)", [*NOW, "--lr", "4e-5"], 0),

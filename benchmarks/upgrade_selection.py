@@ -58,7 +58,7 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "csd": (
         "label-refined csd alone (the demo's loss)",
         {"loss": "csd", "proxies": "teacher-mean", "loss_args": LABEL_CSD},
-    ),  # fmt: skip
+    ),
     "bct-lr4e-5": ("bct, lr 4e-5", {"lr": 4e-5}),
     "bct-init-all": ("bct, the closed form on every training image", {"init_images": None}),
     "bct-ep12": ("bct, 12 epochs", {"epochs": 12}),
@@ -70,11 +70,11 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "bct-csd@demo": (
         "bct with the demo's csd instead of reg, at the demo's budget",
         {**DEMO_BUDGET, "loss_args": {**CSD, **LABEL_CSD}},
-    ),  # fmt: skip
+    ),
     "csd@demo": (
         "label-refined csd alone at the demo's budget (the demo preset, lite0 teaching lite2)",
         {**DEMO_BUDGET, "loss": "csd", "proxies": "teacher-mean", "loss_args": LABEL_CSD},
-    ),  # fmt: skip
+    ),
 }
 SMOKE_CANDIDATES = "bct,bct-csd"
 KEEP = 0.9  # issue 29: new / new - old / old >= KEEP x (new* / new* - old / old)
