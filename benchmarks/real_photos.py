@@ -75,11 +75,13 @@ def ukbench_groups(work: Path) -> str:
 
 
 def real_sources(work: Path) -> tuple[list[str], dict[str, str]]:
-    """The training sources (`--data` specs) and the test splits (name -> test spec) on ../shared/data."""
+    """The training sources (`--data` specs) and the test splits (name -> test spec) on ../shared/data; UKBench's
+    one groups CSV holds both its training rows and its test rows."""
+    sources = training_sources(work)
     lm = SHARED / "real" / "landmarks"
     tests = {"wonders7-test": f"folder:{lm / 'wonders7-test'}", "vn5-test": f"folder:{lm / 'vn5-test'}"}
-    tests["ukbench-test"] = ukbench_groups(work)
-    return list(training_sources(work).values()), tests
+    tests["ukbench-test"] = sources["ukbench"]
+    return list(sources.values()), tests
 
 
 def smoke_sources(work: Path) -> tuple[list[str], dict[str, str]]:

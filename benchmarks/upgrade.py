@@ -117,27 +117,28 @@ def train_one(
     return result
 
 
-def independent(work: Path, name: str, smoke: bool, cached: bool = False) -> dict[str, dict[str, float | None]] | None:
-    """new* on each test set of a dataset: {test set: {"new*/new*", "new*->old"}} (medium protocol); cached
-    (`cached`: only read, None when not measured)."""
+def new_star(ref: tuple[str, str], smoke: bool) -> tuple[str, dict[str, float | None]]:
+    """new* (the upgrade preset's student backbone as it is) on one revisitop-layout test set `ref` (data_root,
+    name): (its name, {"new*/new*", "new*->old"}) (medium protocol; new*->old None when the dimensions differ)."""
     from aml.data.revisitop import load_revisitop
     from aml.evaluate import evaluate_independent
     from aml.train.config import PRESETS
 
+    old, new = ("resnet18", "resnet18") if smoke else (PRESETS["upgrade"]["teacher"], PRESETS["upgrade"]["student"])
+    ds = load_revisitop(*ref)
+    r = evaluate_independent(ds, old, new, settings(smoke), random_init=smoke)
+    cross = r["asymmetric"]
+    return ds.name, {"new*/new*": r["student"]["mAP"]["M"], "new*->old": None if cross is None else cross["mAP"]["M"]}
+
+
+def independent(work: Path, name: str, smoke: bool, cached: bool = False) -> dict[str, dict[str, float | None]] | None:
+    """new* on each test set of a dataset: {test set: {"new*/new*", "new*->old"}} (medium protocol); cached
+    (`cached`: only read, None when not measured)."""
     done = work / name / "independent.json"
     if done.is_file() or cached:
         return json.loads(done.read_text()) if done.is_file() else None
-    old, new = ("resnet18", "resnet18") if smoke else (PRESETS["upgrade"]["teacher"], PRESETS["upgrade"]["student"])
     data, test, extra = datasets(smoke)[name]
-    out = {}
-    for ref in test_refs(data, test, extra):
-        ds = load_revisitop(*ref)
-        r = evaluate_independent(ds, old, new, settings(smoke), random_init=smoke)
-        cross = r["asymmetric"]
-        out[ds.name] = {
-            "new*/new*": r["student"]["mAP"]["M"],
-            "new*->old": None if cross is None else cross["mAP"]["M"],
-        }
+    out = dict(new_star(ref, smoke) for ref in test_refs(data, test, extra))
     write_json(done, out)
     return out
 

@@ -37,7 +37,11 @@ from common import (
     write_results,
 )
 from selection import Score, selection_view, train_and_score, validation_set
+from upgrade import new_star
 
+from aml.compat import CompatReport, compat_report
+from aml.data.trainset import RevisitopRef
+from aml.io import write_json
 from aml.train.config import PRESETS
 
 RESULT = RESULTS / "upgrade_selection.txt"
@@ -77,30 +81,19 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 SMOKE_CANDIDATES = "bct,bct-csd"
-KEEP = 0.9  # issue 29: new / new - old / old >= KEEP x (new* / new* - old / old)
 
 
-def independent(val, smoke: bool, work: Path) -> float:
-    """new* / new* on the validation set: the new backbone as it is (its own GeM vectors); cached in `work`."""
-    from aml.data.revisitop import load_revisitop
-    from aml.evaluate import evaluate_independent
-    from aml.settings import ExtractSettings
-
+def independent(val: RevisitopRef, smoke: bool, work: Path) -> float:
+    """new* / new* on the validation set (`upgrade.new_star`: the new backbone as it is); cached in `work`."""
     done = work / "independent.json"
-    if done.is_file():
-        return json.loads(done.read_text())["new*/new*"]
-    old, new = ("resnet18", "resnet18") if smoke else (BASE["teacher"], BASE["student"])
-    size = 40 if smoke else BASE["image_size"]
-    r = evaluate_independent(load_revisitop(*val), old, new, ExtractSettings(size, progress=False), random_init=smoke)
-    value = r["student"]["mAP"]["M"]
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"new*/new*": value}) + "\n")
-    return value
+    if not done.is_file():
+        write_json(done, new_star(tuple(val), smoke)[1])
+    return json.loads(done.read_text())["new*/new*"]
 
 
-def verdict(s: Score, star: float) -> tuple[bool, bool]:
-    """(compatible: new -> old > old / old, keeps the gain: new / new - old / old >= KEEP x (new* - old / old))."""
-    return s.asym > s.teacher, s.sym - s.teacher >= KEEP * (star - s.teacher)
+def verdict(s: Score, star: float) -> CompatReport:
+    """The compatibility report of one candidate on the validation set (`aml.compat`: compatible, keeps_gain)."""
+    return compat_report(s.teacher, s.sym, s.asym, star)
 
 
 def eligible(name: str) -> bool:
@@ -132,7 +125,8 @@ def main() -> None:
     for n in names:
         scores[n] = train_and_score(work / "val" / n, budget, CANDIDATES[n][1], train, val)
         print(f"{n}: {scores[n]}", flush=True)
-    passing = [n for n in names if eligible(n) and all(verdict(scores[n], star))]
+    reports = {n: verdict(s, star) for n, s in scores.items()}
+    passing = [n for n in names if eligible(n) and reports[n].compatible and reports[n].keeps_gain]
     chosen = max(passing, key=lambda n: scores[n].asym) if passing else None
     lines = [
         f"model upgrade: old {budget['teacher']}, new {budget['student']} (bundled weights unless random), trained on "
@@ -143,7 +137,7 @@ def main() -> None:
         f"{'candidate':<14} {'old/old':>8} {'new*/new*':>9} {'new/new':>8} {'new->old':>8}  compatible  keeps gain",
         *(
             f"{n:<14} {s.teacher:>8.2f} {star:>9.2f} {s.sym:>8.2f} {s.asym:>8.2f}  "
-            f"{'yes' if verdict(s, star)[0] else 'no':<10}  {'yes' if verdict(s, star)[1] else 'no'}"
+            f"{'yes' if reports[n].compatible else 'no':<10}  {'yes' if reports[n].keeps_gain else 'no'}"
             for n, s in scores.items()
         ),
         "",
