@@ -17,9 +17,16 @@ import torch
 
 
 def sample_epoch(
-    cluster: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, query_size: int, pool_size: int, rng: np.random.Generator
+    cluster: np.ndarray,
+    qidxs: np.ndarray,
+    pidxs: np.ndarray,
+    query_size: int,
+    pool_size: int,
+    rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw `query_size` random (q, p) pairs and a random pool of `pool_size` images (all when fewer exist).
+    """Draw `query_size` random (q, p) pairs (distinct pairs, drawn with `weights` when given: one per pair, summing
+    to 1) and a random pool of `pool_size` images (all when fewer exist).
 
     Returns (qsel, psel, pool): int64 image indices; qsel[i], psel[i] is one pair; the pool is drawn from
     every image (as cirtorch does), distinct images, random order.
@@ -27,7 +34,10 @@ def sample_epoch(
     qidxs, pidxs = np.asarray(qidxs, dtype=np.int64), np.asarray(pidxs, dtype=np.int64)
     if qidxs.shape != pidxs.shape or qidxs.ndim != 1:
         raise ValueError(f"qidxs {qidxs.shape} and pidxs {pidxs.shape} must be parallel 1-d arrays")
-    pairs = rng.permutation(len(qidxs))[: max(int(query_size), 0)]
+    if weights is None:
+        pairs = rng.permutation(len(qidxs))[: max(int(query_size), 0)]
+    else:
+        pairs = rng.choice(len(qidxs), size=min(max(int(query_size), 0), len(qidxs)), replace=False, p=weights)
     pool = rng.permutation(len(cluster))[: max(int(pool_size), 0)].astype(np.int64)
     return qidxs[pairs], pidxs[pairs], pool
 

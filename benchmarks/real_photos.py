@@ -145,6 +145,7 @@ def report(table: dict[str, dict[str, dict[str, float]]], times: dict[str, float
 def main() -> None:
     ap = parser(__doc__, RESULTS / "real_photos.txt")
     ap.add_argument("--work", type=Path, help="Folder for the runs and CSVs (default: a temp folder).")
+    ap.add_argument("--seed", type=int, default=0, help="The recipe's seed (`aml distill --seed`): a seed's spread.")
     args = parse(ap, SMOKE)
     import torch  # noqa: F401  (loaded before the thread setting, so that it is set on torch itself)
 
@@ -156,7 +157,7 @@ def main() -> None:
     sources, tests = smoke_sources(work) if args.smoke else real_sources(work)
     refs = {name: tuple(parse_test_spec(spec)) for name, spec in tests.items()}
     first = next(iter(tests.values()))
-    times = {"recipe": distill(work / "real", sources, first, args.smoke)}
+    times = {"recipe": distill(work / "real", sources, first, args.smoke, "--seed", str(args.seed))}
     baseline = ["--loss", "sym", "--head-init", "random", "--epochs", "1", "--query-size", "100", "--pool-size", "500"]
     times["baseline"] = distill(work / "baseline", sources, first, args.smoke, *baseline)
     t = time.perf_counter()
@@ -170,7 +171,7 @@ def main() -> None:
             table[name]["512" if size == "48" else "224" if size == "40" else size] = row
     times["evaluation"] = time.perf_counter() - t
     head = [
-        f"{os.uname().nodename} {os.cpu_count()} CPUs; --preset real on {len(sources)} sources: "
+        f"{os.uname().nodename} {os.cpu_count()} CPUs; --preset real --seed {args.seed} on {len(sources)} sources: "
         + ", ".join(s.split(":", 1)[0] + ":" + Path(s.split(":", 1)[1]).name for s in sources),
         setting,
     ]

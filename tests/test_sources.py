@@ -10,11 +10,14 @@ from conftest import distill_args
 from PIL import Image
 
 from aml.data.revisitop import load_revisitop
-from aml.data.sources import describe, parse_data_specs, source_shares
+from aml.data.sources import describe, draw_by_source, parse_data_specs, source_shares, source_weights
 from aml.data.spec import parse_test_spec
+from aml.data.trainset import TrainSet
 from aml.data.validation import validation_split
 from aml.errors import UserError
+from aml.mining import sample_epoch
 from aml.train.config import PRESETS, TrainConfig
+from aml.train.epoch import class_balanced_batches, plan_images
 from aml.train.recipe import check, head_init
 
 
@@ -182,15 +185,19 @@ def _log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss, unlabelled_queries", [("contr+", False), ("csd", True)])
+@pytest.mark.parametrize(
+    "loss, unlabelled_queries, sampling",
+    [("contr+", False, "images"), ("csd", True, "images"), ("csd", True, "sources")],
+)
 def test_mixed_sources_train_the_right_terms_on_the_right_images(tiny_data, home, tmp_path, run_cli, loss,
-                                                                 unlabelled_queries):  # fmt: skip
+                                                                 unlabelled_queries, sampling):  # fmt: skip
     """Labelled + unlabelled sources in one run: a labelled loss's queries are only the labelled source's images,
-    a label-free loss's are every source's; the run says what each source holds before training."""
+    a label-free loss's are every source's (`--sampling sources`: half of them the 6 unlabelled images, not a
+    share by size); the run says what each source holds before training."""
     for i in range(6):
         _img(tmp_path / "free" / f"f{i}.png", (i * 40, 90, 30))
     out = tmp_path / "run"
-    args = distill_args(tiny_data, out, loss=loss, epochs=1, quiet=False)
+    args = distill_args(tiny_data, out, loss=loss, epochs=1, quiet=False, sampling=sampling)
     args += ["--data", f"images:{tmp_path / 'free'}"]
     code, stdout, err = run_cli("distill", *args)
     assert code == 0, err
@@ -203,6 +210,8 @@ def test_mixed_sources_train_the_right_terms_on_the_right_images(tiny_data, home
     free = f"images:{tmp_path / 'free'}"
     assert set(shares) == {f"synth:{tiny_data}", free} and sum(shares.values()) == pytest.approx(1)
     assert (shares[free] > 0) == unlabelled_queries
+    if sampling == "sources":
+        assert shares[free] >= 3 / 8  # 8 queries of 6 + 18 images: 2 by size, 4 by source (3 at least)
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"] == [f"synth:{tiny_data}", f"images:{tmp_path / 'free'}"]
 
@@ -210,4 +219,45 @@ def test_mixed_sources_train_the_right_terms_on_the_right_images(tiny_data, home
 def test_real_preset_is_a_checked_recipe():
     cfg = check(TrainConfig().replace(**PRESETS["real"], data=["images:/x"]))
     assert (cfg.teacher, cfg.student, cfg.loss, head_init(cfg)) == ("lite2", "lite0", "csd", "procrustes")
-    assert cfg.init_images is None and cfg.loss_args.get("label_weight", 0) == 0
+    assert cfg.init_images is None and cfg.loss_args.get("label_weight", 0) == 0 and cfg.sampling == "sources"
+
+
+def _trainset(n: int) -> TrainSet:
+    return TrainSet([f"{i}.jpg" for i in range(n)], np.full(n, -1), np.zeros(0, int), np.zeros(0, int), "x")
+
+
+def test_sampling_by_source_gives_a_small_source_an_equal_share_of_the_epoch():
+    """900 images of one source and 300 of another: `--sampling images` draws the small one at its size (25%),
+    `sources` at an equal share (~50%); distinct images either way, and one source is the uniform draw."""
+    ranges = ((0, 900), (900, 1200))
+    cfg = TrainConfig(query_size=100, pool_size=50)
+    small = {}
+    for mode in ("images", "sources"):
+        plan = plan_images(cfg.replace(sampling=mode), _trainset(1200), np.random.default_rng(0), ranges)
+        assert len(set(plan.anchors)) == 100 and plan.anchors.max() < 1200
+        small[mode] = float((plan.anchors >= 900).mean())
+    assert small["images"] < 0.35 and 0.4 <= small["sources"] <= 0.6
+    one = plan_images(cfg.replace(sampling="sources"), _trainset(1200), np.random.default_rng(0), ((0, 1200),))
+    uniform = plan_images(cfg, _trainset(1200), np.random.default_rng(0), ((0, 1200),))
+    assert np.array_equal(one.anchors, uniform.anchors)
+    few = draw_by_source(((0, 5), (5, 8)), np.arange(8), 20, np.random.default_rng(1))
+    assert sorted(few) == list(range(8))  # fewer images than asked: every one, once
+
+
+def test_sampling_by_source_draws_pairs_and_classes_by_source_too():
+    """300 two-image classes of one source, 20 of another: by source, the small one's pairs are every one of its
+    20 (3 of 100 by size would be ~6), and its classes about half of the class-balanced batches' (6% by size)."""
+    ranges = ((0, 600), (600, 640))
+    labels = np.arange(640) // 2
+    qidxs, pidxs = np.arange(0, 640, 2), np.arange(1, 640, 2)
+    rng = np.random.default_rng(0)
+    weights = source_weights(ranges, qidxs)
+    assert weights.sum() == pytest.approx(1) and weights[-1] == pytest.approx(15 * weights[0])
+    plain, _, _ = sample_epoch(labels, qidxs, pidxs, 100, 10, rng)
+    fair, pos, _ = sample_epoch(labels, qidxs, pidxs, 100, 10, rng, weights)
+    assert (plain >= 600).sum() <= 12 and (fair >= 600).sum() == 20 and np.array_equal(pos, fair + 1)
+    share = {}
+    for name, src in (("images", ()), ("sources", ranges)):
+        batches = class_balanced_batches(labels, 100, 2, 2, np.random.default_rng(1), src)
+        share[name] = float((np.concatenate(batches) >= 600).mean())
+    assert share["images"] < 0.15 and 0.35 <= share["sources"] <= 0.65

@@ -43,6 +43,9 @@ _HELP: dict[str, str] = {
     "data": "Training source, repeatable (sources are laid end to end; labelled terms train on the labelled ones, "
     "label-free terms on every image): synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split "
     "unless --test-data) | images:DIR (unlabelled); omit for the embedded demo",
+    "sampling": "How an epoch draws from several sources (a batch loss its images, a tuple loss its pairs, a "
+    "classification loss its classes): images: every one alike (a source's share is its size); sources: every "
+    "source an equal share (a few hundred photos of your own domain beside SfM-120k)",
     "test_data": "The run's own test set: folder:DIR | groups:CSV (its test rows) | revisitop:DATA_ROOT/NAME; the "
     "sources then hold nothing out (class-level data: test labels may be training labels)",
     "mining": "Negative mining (auto: symmetric for sym, else asymmetric)",

@@ -85,6 +85,27 @@ def source_shares(bundle: DataBundle, idx: np.ndarray) -> dict[str, float]:
     return {s.spec: float(((idx >= s.start) & (idx < s.stop)).sum()) / n for s in bundle.sources}
 
 
+def source_weights(ranges: Sequence[tuple[int, int]], images: np.ndarray) -> np.ndarray:
+    """Drawing weights (summing to 1) of items that belong to training images `images` (an image, a pair's query,
+    a class's first image), every source an equal share: an item's weight is inversely proportional to how many
+    of the items are its source's. `ranges` are the sources' [start, stop) image ranges, end to end from 0
+    (`SourceInfo`); a source without items has no share."""
+    stops = np.array([stop for _, stop in ranges], dtype=np.int64)
+    source = np.searchsorted(stops, np.asarray(images, dtype=np.int64), side="right")
+    weights = 1.0 / np.bincount(source, minlength=len(stops))[source]
+    return weights / weights.sum()
+
+
+def draw_by_source(
+    ranges: Sequence[tuple[int, int]], items: np.ndarray, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`size` distinct positions into `items` (all when fewer exist; each item is a training image index, see
+    `source_weights`), every source an equal share (`--sampling sources`); a source with fewer items than its
+    share gives all of them and the rest falls to the others."""
+    items = np.asarray(items)
+    return rng.choice(items.size, size=min(size, items.size), replace=False, p=source_weights(ranges, items))
+
+
 def describe(bundle: DataBundle) -> list[str]:
     """What a run trains on and what it holds out, one line per source (printed before training)."""
     lines = []

@@ -73,6 +73,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
     "proxies": PROXIES,
     "head_norm": HEAD_NORMS,
+    "sampling": ("images", "sources"),
 }
 
 
@@ -97,6 +98,7 @@ class TrainConfig:
     mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
     mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
     data: list[str] = field(default_factory=lambda: ["synth"])  # one or several sources, end to end
+    sampling: str = "images"  # an epoch's images, pairs or classes: images (uniform) | sources (an equal share each)
     test_data: str | None = None  # the run's own test set (then the sources hold nothing out)
     mining: str = "auto"  # auto | asymmetric | symmetric | random
     epochs: int = 100
@@ -202,8 +204,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Real photos (`--preset real --data SOURCE [--data SOURCE ...]`): the student's linear head fitted by pooled
     # Procrustes on every training image's cached teacher vector (no teacher forward beyond the cache), then two
     # epochs of plain CSD (no label term: it fits the training classes and lowers unseen ones) at student
-    # temperature 0.1 over each query's 64 nearest references. Its constants were chosen on leave-one-source-out
-    # folds of the training photos (benchmarks/real_selection.py; docs/RESULTS.md, "Real photos").
+    # temperature 0.1 over each query's 64 nearest references, every source an equal share of an epoch's images.
+    # Its constants were chosen on validation folds of the training photos (benchmarks/real_selection.py;
+    # docs/RESULTS.md, "Real photos").
     "real": dict(
         teacher="lite2",
         student="lite0",
@@ -211,6 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_images=None,
         loss="csd",
         loss_args={"tau_s": 0.1, "k": 64},  # chosen on validation folds (benchmarks/real_selection.py; 0.03, 256)
+        sampling="sources",  # chosen on validation folds too (images: a source's share was its size)
         epochs=2,
         lr=2e-5,
         lr_decay=math.exp(-0.1),

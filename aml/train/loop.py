@@ -118,7 +118,9 @@ class Trainer:
         self.teacher = self._teacher_at(cfg.image_size)
         self.identity = self.teacher.identity
         self.train_teacher = self.teacher.get(self.train.paths)  # (N, D) teacher vectors of the training images
-        self.objective = build_objective(cfg, TrainData(self.train, self.train_teacher, self.device), fresh=fresh)
+        ranges = tuple((s.start, s.stop) for s in bundle.sources)
+        data = TrainData(self.train, self.train_teacher, self.device, ranges)
+        self.objective = build_objective(cfg, data, fresh=fresh)
         checks, size, device = cfg.eval_every is not None, cfg.eval_size(), str(self.device)
         self.evaluator = quick_check(bundle.test if checks else None, self._teacher_at, size, device)  # reported
         self.validator = validation_eval(bundle.val if checks else None, self._teacher_at, size, device, cfg.seed)

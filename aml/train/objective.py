@@ -35,12 +35,13 @@ from aml.train.recipe import loss_function, mining
 
 @dataclass(frozen=True)
 class TrainData:
-    """What every objective reads: the training set, the teacher's cached vectors of its images (N, D), and the
-    device the step's tensors go to."""
+    """What every objective reads: the training set, the teacher's cached vectors of its images (N, D), the
+    device the step's tensors go to, and each source's [start, stop) image range (`--sampling sources`)."""
 
     train: TrainSet
     teacher: np.ndarray
     device: torch.device
+    sources: tuple[tuple[int, int], ...] = ()
 
     def teacher_rows(self, idx: np.ndarray) -> torch.Tensor:
         """The teacher's cached vectors of training images `idx`, as float32 on the device."""
@@ -175,7 +176,7 @@ class BatchObjective(Objective):
     """A batch (label-free) loss on random images: the student's and the teacher's vectors of the same images."""
 
     def plan(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
-        return plan_images(self.cfg, self.data.train, rng)
+        return plan_images(self.cfg, self.data.train, rng, self.data.sources)
 
 
 class TupleObjective(Objective):
@@ -190,7 +191,8 @@ class TupleObjective(Objective):
         self.metrix = metrix
 
     def plan(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
-        return plan_tuples(self.cfg, self.data.train, rng, self.data.teacher, student_vectors, mining(self.cfg))
+        d = self.data
+        return plan_tuples(self.cfg, d.train, rng, d.teacher, student_vectors, mining(self.cfg), d.sources)
 
     def epoch(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> Epoch:
         """As `Objective.epoch`, then Metrix's lambdas (drawn last: the tuples are those of the run without it)."""
@@ -268,7 +270,7 @@ class ClassObjective(Objective):
             self.own_proxies = nn.Parameter(proxies.clone())
 
     def plan(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
-        return plan_classes(self.cfg, self.data.train, self.labels, rng)
+        return plan_classes(self.cfg, self.data.train, self.labels, rng, self.data.sources)
 
     def forward(self, epoch: Epoch, b: np.ndarray, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
         """`fn(student, teacher, labels=class ids, proxies=self.proxies)`."""
