@@ -119,7 +119,7 @@ REPORTS: dict[str, list[str]] = {
     "real_selection.py": [
         r"candidate\s+fold\s+size\s+teacher\s+student\s+asym\s+ratio\s+train s$",
         *(rf"{c}\s+no-test\s+{s}(\s+{NUM}){{4}}\s+\d+$" for c in ("real", "tau0.1") for s in ("40", "48")),
-        rf"^mean ratio real: {NUM}$",
+        rf"^mean ratio real: {NUM} over no-test$",
         r"^chosen on validation: (real|tau0\.1) \(",
     ],
     "selection.py": [
