@@ -1,15 +1,17 @@
 """On-device formats side by side: onnxruntime fp32 / int8 and ExecuTorch (XNNPACK) fp32 / int8, per student.
 
 For each student, the export-ready encoder (`aml.export.encoder.export_encoder`) is written four ways by the
-exporters `aml export` uses (ONNX + `aml.export.quantize`, `aml.export.executorch_format`), int8 calibrated on
-CALIB real training images (UKBench objects 0-149). Then, at each thread count, batch-1 latency at `--size`
-(square), the four models timed interleaved (one run of each in turn, so a change of machine load hits them
-alike), the median of `--runs` after `--warmup`; onnxruntime sessions and the ExecuTorch threadpool get the same
-count. Ratios are to onnxruntime fp32 of the same run. Last, the fp32 gate (probe vectors vs torch) and the
-asymmetric mAP of every format on a real test set (UKBench objects 150-249: 400 queries, each against the other
-399) against a fixed database: the float32 torch student's own vectors, since no distilled checkpoint ships with
-the project (`--checkpoint`-free); the mAP column is what the export's retrieval gate compares (within 1 point of
-the torch fp32 student).
+exporters `aml export` uses (ONNX + `aml.export.quantize`, `aml.export.executorch_format`), int8 calibrated on CALIB
+real training images (UKBench objects 0-149). Then, at each thread count, batch-1 latency at `--size` (square), the
+four models timed interleaved (one run of each in turn, so a change of machine load hits them alike), the median of
+`--runs` after `--warmup`; onnxruntime sessions and the ExecuTorch threadpool get the same count. That timing is
+repeated `--repeats` times with fresh sessions (two-thread figures vary from one run to the next on this VM:
+mobilenetv2's onnxruntime int8 / fp32 has read 0.46 and 0.77 in two runs of the same command); each figure is the
+median over the repeats, each ratio the median of the repeats' ratios to their own onnxruntime fp32. Last, the fp32
+gate (probe vectors vs torch) and the asymmetric mAP of every format on a real test set (UKBench objects 150-249:
+400 queries, each against the other 399) against a fixed database: the float32 torch student's own vectors, since no
+distilled checkpoint ships with the project (`--checkpoint`-free); the mAP column is what the export's retrieval
+gate compares (within 1 point of the torch fp32 student).
 
 Students: lite0 from its bundled ImageNet weights, mobilenetv2 and effnet-b3 from random weights (none installable
 offline) with BatchNorm statistics re-estimated on the calibration images, so vectors depend on the input.
@@ -122,6 +124,13 @@ def export_all(
     return paths
 
 
+def summarise(repeats: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median ms over the repeats, each repeat's ratio to ort-fp32) of one student at one thread count."""
+    ms = {f: statistics.median(r[f] for r in repeats) for f in repeats[0]}
+    ratios = {f: [r[f] / r["ort-fp32"] for r in repeats] for f in repeats[0]}
+    return ms, ratios
+
+
 def padded(run: verify.Runner, size: int) -> verify.Runner:
     """`run` on batches padded to size x size (`aml.sidecar.pad_static`), as a static-shape model takes them."""
     return lambda x: run(pad_static(x, size))
@@ -143,9 +152,12 @@ def bench_student(name: str, args: argparse.Namespace, ds: Any, calib_paths: lis
     x = verify.probe_batch(args.size, args.size, seed=0, batch=1)
     row: dict[str, Any] = {"latency": {}, "size_mb": {f: p.stat().st_size / 2**20 for f, p in paths.items()}}
     for threads in args.threads:
-        runs = {f: runner(f, p, threads) for f, p in paths.items()}
-        calls = {f: (lambda r=r: r(x)) for f, r in runs.items()}
-        row["latency"][threads] = interleaved_ms(calls, args.runs, args.warmup)
+        repeats = []
+        for _ in range(args.repeats):  # fresh sessions each time: one run's thread placement is not the figure
+            runs = {f: runner(f, p, threads) for f, p in paths.items()}
+            repeats.append(interleaved_ms({f: (lambda r=r: r(x)) for f, r in runs.items()}, args.runs, args.warmup))
+            del runs
+        row["latency"][threads] = repeats
     ref = torch_runner(reference_encoder(net))
     runs = {f: runner(f, p, args.threads[0]) for f, p in paths.items()}
     if args.static_shape:  # every runner, torch included, sees the padded input a static model takes
@@ -168,20 +180,24 @@ def report(rows: dict[str, dict], args: argparse.Namespace, ds: Any) -> str:
     """The results table: ms and ratio to onnxruntime fp32 per thread count, size, gate, mAP M."""
     lines = [
         f"batch-1 latency at {args.size}x{args.size}{' (static shape)' if args.static_shape else ''}, median of "
-        f"{args.runs} interleaved runs (ms), D = {args.dim}; "
-        f"{cpu_description()}; torch {torch.__version__}; ratios are to ort-fp32 of the same run",
+        f"{args.runs} interleaved runs, {args.repeats} repeats with fresh sessions (ms: median over the repeats), "
+        f"D = {args.dim}; {cpu_description()}; torch {torch.__version__}",
+        "ratios: the median over the repeats of each repeat's ratio to its own ort-fp32; fastest: by that ratio, "
+        "[its lowest - highest repeat]",
         f"asymmetric mAP (M) on {ds.name}: {len(ds.qimlist)} queries against the torch fp32 student's database",
         f"{'student':<12} {'thr':>3} " + " ".join(f"{f:>9}" for f in FORMATS) + "   " + " ".join(
             f"{f + '/fp32':>13}" for f in FORMATS[1:]
         ) + "   fastest",
     ]  # fmt: skip
     for name, row in rows.items():
-        for threads, ms in row["latency"].items():
-            best = min(ms, key=ms.get)
-            ratios = " ".join(f"{ms[f] / ms['ort-fp32']:>13.2f}" if f in ms else f"{'-':>13}" for f in FORMATS[1:])
+        for threads, repeats in row["latency"].items():
+            ms, each = summarise(repeats)
+            ratio = {f: statistics.median(v) for f, v in each.items()}
+            best = min(ratio, key=ratio.get)
+            ratios = " ".join(f"{ratio[f]:>13.2f}" if f in ms else f"{'-':>13}" for f in FORMATS[1:])
             lines.append(
                 f"{name:<12} {threads:>3} " + " ".join(f"{ms[f]:>9.1f}" if f in ms else f"{'-':>9}" for f in FORMATS)
-                + f"   {ratios}   {best} x{ms[best] / ms['ort-fp32']:.2f}"
+                + f"   {ratios}   {best} x{ratio[best]:.2f} [{min(each[best]):.2f}-{max(each[best]):.2f}]"
             )  # fmt: skip
         maps = row["map"]
         ref = next(iter(maps.values()))["student_fp32_mAP"]["M"]
@@ -206,6 +222,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="ort-fp32 is always run")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    ap.add_argument("--repeats", type=int, default=5, help="timings with fresh sessions (2-thread ones vary)")
     ap.add_argument("--static-shape", action="store_true", help="height and width fixed to --size (aml export's)")
     ap.add_argument(
         "--smoke", action="store_true", help="mobilenetv2 at 64 px, static shape, D 32, 1 run, synthetic test set"
@@ -213,7 +230,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(REPO)}; none with --smoke)")
     args = ap.parse_args()
     if args.smoke:
-        args.students, args.size, args.dim, args.runs, args.warmup = ["mobilenetv2"], 64, 32, 1, 0
+        args.students, args.size, args.dim, args.runs, args.warmup, args.repeats = ["mobilenetv2"], 64, 32, 1, 0, 1
         args.static_shape = True  # ExecuTorch lowers a static graph in about 2/3 of the dynamic one's time
     setting = benchmark_threads(None)  # the process's own; each measurement sets its thread count explicitly
     rows = {}
