@@ -81,7 +81,7 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
     ),  # fmt: skip
     "k64-lw0.1": (
         "the preset, csd's label-refined target at weight 0.1 on the labelled sources' images (0)",
-        ["--loss-arg", "tau_s=0.1", "--loss-arg", "k=64", "--loss-arg", "label_weight=0.1"],
+        [*K64, "--loss-arg", "label_weight=0.1"],
         0,
     ),  # fmt: skip
     "k64-taut0.05": (

@@ -246,7 +246,7 @@ def test_sampling_by_source_gives_a_small_source_an_equal_share_of_the_epoch():
 
 def test_sampling_by_source_draws_pairs_and_classes_by_source_too():
     """300 two-image classes of one source, 20 of another: by source, the small one's pairs are every one of its
-    20 (3 of 100 by size would be ~6), and its classes about half of the class-balanced batches' (6% by size)."""
+    20 (by size, about 6 of the 100), and its classes about half of the class-balanced batches' (6% by size)."""
     ranges = ((0, 600), (600, 640))
     labels = np.arange(640) // 2
     qidxs, pidxs = np.arange(0, 640, 2), np.arange(1, 640, 2)
