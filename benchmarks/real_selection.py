@@ -4,7 +4,8 @@ protocol for real photos).
 Every candidate is `aml distill --preset real` as it was when the grid ran (csd tau_s 0.03: `BASE`) with some
 constants changed (or its sources: more Caltech photos). A second round (`now-*`) changes one thing of the first
 round's choice (and measures a second seed of it: `SEED_PAIR`), a third (`k64-*`) one thing of the second's, the
-preset as it is (`now-k64`), on a third fold too (`ROUND3`).
+preset as it was (`now-k64`), on a third fold too (`ROUND3`), a fourth (`src-*`) one thing of the third's, the
+preset as it is (`k64-sources`), on a fourth fold too (`ROUND4`).
 Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
 on the source it left out, a domain it never saw, as the held-out set the product is checked on:
 
@@ -12,7 +13,9 @@ on the source it left out, a domain it never saw, as the held-out set the produc
   against the others; 150 objects of distractors, more than the test split's 100, so harder than it);
 - noVN: trained without the Vietnamese landmarks, scored on `vn5-train` (208 photos, 5 landmarks);
 - inUKB (round 3 on): in domain, as the UKBench test split is: trained on every source with UKBench objects 0-99,
-  scored on objects 100-149 (200 photos, objects the run never saw, of the kind it trained on).
+  scored on objects 100-149 (200 photos, objects the run never saw, of the kind it trained on);
+- inUKB4 (round 4): in domain with the test split's number of unseen objects: trained on every source with UKBench
+  objects 0-49, scored on objects 50-149 (400 photos, 100 objects, as the test split's 150-249).
 
 Score = asymmetric mAP M over the teacher's symmetric mAP M at 224 px and at 512 px (UKBench photos are 320 px,
 never upscaled: 320). The choice is the best mean ratio over the folds and both sizes, among the candidates scored
@@ -45,7 +48,9 @@ RESULT = RESULTS / "real_selection.txt"
 # whole, so a candidate that gives one gives every constant it means.
 BASE = ["--loss-arg", "tau_s=0.03"]
 NOW = ["--loss-arg", "tau_s=0.1"]  # round 1's choice, the preset when round 2 ran (csd context k 256)
-K64 = [*NOW, "--loss-arg", "k=64"]  # round 2's choice, the preset when round 3 ran
+# round 2's choice, the preset when round 3 ran (its sampling pinned: the preset has since taken round 3's choice)
+K64 = [*NOW, "--loss-arg", "k=64", "--sampling", "images"]
+SOURCES = [*NOW, "--loss-arg", "k=64", "--sampling", "sources"]  # round 3's choice, the preset when round 4 ran
 # Candidate name -> (what it is, in words; `aml distill` options added to the preset; Caltech photos a class in
 # the sources, 0: all 3969). "real" is the preset as it was.
 CANDIDATES: dict[str, tuple[str, list[str], int]] = {
@@ -76,7 +81,7 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
     # Round 3: the preset as round 2 chose it (now-k64: `K64`) with one more change, on the in-domain fold too.
     "k64-sources": (
         "the preset, every source an equal share of an epoch's images (--sampling sources)",
-        [*K64, "--sampling", "sources"],
+        SOURCES,
         0,
     ),  # fmt: skip
     "k64-lw0.1": (
@@ -94,17 +99,30 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
         [*K64, "--loss-arg", "tau_t=0.1"],
         0,
     ),  # fmt: skip
+    # Round 4: the preset as round 3 chose it (k64-sources: `SOURCES`) with one more change, on a fourth fold too.
+    "src-taut0.1": (
+        "the preset, csd tau_t 0.1 (0.01): the target keeps the teacher's neighbours (the other views of an object)",
+        [*SOURCES, "--loss-arg", "tau_t=0.1"],
+        0,
+    ),  # fmt: skip
+    "src-k16": (
+        "the preset, csd context k 16 (64): the query's nearest references only, where a crowded set's mistakes are",
+        [*NOW, "--loss-arg", "k=16", "--sampling", "sources"],
+        0,
+    ),  # fmt: skip
 }
 SIZES = ("224", "512")
-FOLDS = ("noUKB", "noVN", "inUKB")
-# The in-domain fold came with round 3: the earlier rounds were scored on the two leave-one-source-out folds only,
-# and round 3 chooses among the candidates scored on all three (the preset as it is, now-k64, among them).
+FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
+# The in-domain folds came with rounds 3 and 4: the first two rounds were scored on the two leave-one-source-out
+# folds only, round 3 on inUKB too, round 4 on inUKB4 too; each round chooses among the candidates scored on all of
+# its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4).
 ROUND3 = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
+ROUND4 = {"k64-sources", "src-taut0.1", "src-k16"}
 
 
 def folds_of(name: str) -> tuple[str, ...]:
     """The folds candidate `name` is scored on."""
-    return FOLDS if name in ROUND3 else FOLDS[:2]
+    return FOLDS if name in ROUND4 else FOLDS[:3] if name in ROUND3 else FOLDS[:2]
 
 
 SEED_PAIR = ("cal-all-tau0.1", "now-seed1")  # one recipe at seeds 0 and 1: how far apart a seed alone puts it
@@ -121,14 +139,18 @@ def folds(work: Path, caltech_per_class: int) -> dict[str, Fold]:
     """The leave-one-source-out folds of the real training sources; training photos only (no test split)."""
     src = training_sources(work, caltech_per_class)
     ukb = [(ukbench_photo(i), str(i // 4), "test") for i in range(600)]
-    # In domain, as the UKBench test split is: trained on objects 0-99 beside the other sources, scored on 100-149
-    rows = [(ukbench_photo(i), str(i // 4), "train" if i < 400 else "test") for i in range(600)]
-    inside = _groups(work / "ukbench-in" / "groups.csv", rows)
     others = [s for n, s in src.items() if n != "ukbench"]
+
+    def in_domain(name: str, trained: int) -> Fold:  # UKBench objects 0..trained-1 trained, the rest of 0-149 scored
+        rows = [(ukbench_photo(i), str(i // 4), "train" if i < 4 * trained else "test") for i in range(600)]
+        inside = _groups(work / name / "groups.csv", rows)
+        return Fold([*others, inside], inside)
+
     return {
         "noUKB": Fold(others, _groups(work / "ukbench-val" / "groups.csv", ukb)),
         "noVN": Fold([s for n, s in src.items() if n != "vn5"], src["vn5"]),
-        "inUKB": Fold([*others, inside], inside),
+        "inUKB": in_domain("ukbench-in", 100),
+        "inUKB4": in_domain("ukbench-in4", 50),
     }
 
 
@@ -185,34 +207,37 @@ def main() -> None:
     mean = {n: statistics.mean(ratio(s, z) for s in table[n].values() for z in sizes) for n in names if table[n]}
     complete = [n for n in mean if len(table[n]) == max(len(t) for t in table.values())]
 
-    def two_fold(n: str) -> str:  # a round-3 mean beside the earlier rounds' (their two folds only)
-        first = [s for f, s in table[n].items() if f in FOLDS[:2]]
-        if len(table[n]) <= 2 or not first:
-            return ""
-        return f" ({statistics.mean(ratio(s, z) for s in first for z in sizes):.3f} over {', '.join(FOLDS[:2])})"
+    def earlier(n: str) -> str:  # a later round's mean over the earlier rounds' folds too, to set beside theirs
+        fewer = [FOLDS[:k] for k in (2, 3) if k < len(table[n])]
+        return "".join(
+            f" ({statistics.mean(ratio(table[n][f], z) for f in fs for z in sizes):.3f} over {', '.join(fs)})"
+            for fs in fewer
+            if set(fs) <= set(table[n])
+        )
 
     chosen = max(complete, key=mean.__getitem__)
     lines = [
         "--preset real (lite2 -> lite0, ImageNet weights, closed-form start, csd) with the changes below, trained "
         "on the real training sources less one (fold) and scored on the one left out: noUKB = UKBench objects "
         "0-149 (600 photos), noVN = vn5-train (208 photos); or in domain (round 3 on): inUKB = trained on every "
-        "source with UKBench objects 0-99, scored on objects 100-149 (200 photos); every photo a query against "
-        "the others; mAP M x100;",
+        "source with UKBench objects 0-99, scored on objects 100-149 (200 photos); or (round 4) inUKB4 = trained "
+        "with objects 0-49, scored on 50-149 (400 photos, the test split's size); every photo a query against the "
+        "others; mAP M x100;",
         "ratio = asymmetric (student -> teacher) / teacher (symmetric); 512 px is 320 for UKBench (never upscaled); "
         "no test split is read",
         *(f"{n}: {CANDIDATES[n][0]}" for n in names),
         "",
-        f"{'candidate':<18} {'fold':<5} {'size':>4} {'teacher':>7} {'student':>7} {'asym':>6} {'ratio':>6} "
+        f"{'candidate':<18} {'fold':<6} {'size':>4} {'teacher':>7} {'student':>7} {'asym':>6} {'ratio':>6} "
         f"{'train s':>7}",
         *(
-            f"{n:<18} {f:<5} {z:>4} {s[z]['teacher']:>7.2f} {s[z]['student']:>7.2f} {s[z]['asymmetric']:>6.2f} "
+            f"{n:<18} {f:<6} {z:>4} {s[z]['teacher']:>7.2f} {s[z]['student']:>7.2f} {s[z]['asymmetric']:>6.2f} "
             f"{ratio(s, z):>6.3f} {s['seconds']:>7.0f}"
             for n in names
             for f, s in table[n].items()
             for z in sizes
         ),
         "",
-        *(f"mean ratio {n}: {mean[n]:.3f} over {', '.join(table[n])}{two_fold(n)}" for n in mean),
+        *(f"mean ratio {n}: {mean[n]:.3f} over {', '.join(table[n])}{earlier(n)}" for n in mean),
         f"chosen on validation: {chosen} ({CANDIDATES[chosen][0]}), the best mean ratio among the candidates "
         f"scored on every fold",
         *(

@@ -36,12 +36,12 @@ def test_photos() -> set[str]:
 @pytest.mark.parametrize("per_class", [10, 0])
 def test_no_fold_reads_a_test_split_or_trains_on_its_validation(per_class, test_photos, tmp_path, home):
     folds = real_selection.folds(tmp_path / "data", per_class)
-    assert set(folds) == {"noUKB", "noVN", "inUKB"}
+    assert set(folds) == {"noUKB", "noVN", "inUKB", "inUKB4"}
     for name, fold in folds.items():
         train = {os.path.realpath(p) for p in parse_data_specs(fold.sources, fold.val, check_images=False).train.paths}
         ref = parse_test_spec(fold.val)
         val = _files(Path(ref.data_root) / ref.dataset_name / "jpg")
-        assert len(val) == {"noUKB": 600, "noVN": 208, "inUKB": 200}[name]
+        assert len(val) == {"noUKB": 600, "noVN": 208, "inUKB": 200, "inUKB4": 400}[name]
         assert len(train) > 1500
         assert not train & test_photos, f"{name} trains on a test photo"
         assert not val & test_photos, f"{name} is scored on a test photo"
