@@ -107,7 +107,7 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
     ),  # fmt: skip
     "src-k16": (
         "the preset, csd context k 16 (64): the query's nearest references only, where a crowded set's mistakes are",
-        [*NOW, "--loss-arg", "k=16", "--sampling", "sources"],
+        [*SOURCES, "--loss-arg", "k=16"],  # the later k replaces SOURCES' 64 (`--loss-arg` NAME=VALUE: last wins)
         0,
     ),  # fmt: skip
 }
