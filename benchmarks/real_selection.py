@@ -5,7 +5,8 @@ Every candidate is `aml distill --preset real` as it was when the grid ran (csd 
 constants changed (or its sources: more Caltech photos). A second round (`now-*`) changes one thing of the first
 round's choice (and measures a second seed of it: `SEED_PAIR`), a third (`k64-*`) one thing of the second's, the
 preset as it was (`now-k64`), on a third fold too (`ROUND3`), a fourth (`src-*`) one thing of the third's, the
-preset as it is (`k64-sources`), on a fourth fold too (`ROUND4`).
+preset as it was (`k64-sources`), on a fourth fold too (`ROUND4`), a fifth (`taut-*`) one thing of the fourth's,
+on the same folds.
 Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
 on the source it left out, a domain it never saw, as the held-out set the product is checked on:
 
@@ -51,6 +52,7 @@ NOW = ["--loss-arg", "tau_s=0.1"]  # round 1's choice, the preset when round 2 r
 # round 2's choice, the preset when round 3 ran (its sampling pinned: the preset has since taken round 3's choice)
 K64 = [*NOW, "--loss-arg", "k=64", "--sampling", "images"]
 SOURCES = [*NOW, "--loss-arg", "k=64", "--sampling", "sources"]  # round 3's choice, the preset when round 4 ran
+TAUT = [*SOURCES, "--loss-arg", "tau_t=0.1"]  # round 4's choice, the preset when round 5 ran
 # Candidate name -> (what it is, in words; `aml distill` options added to the preset; Caltech photos a class in
 # the sources, 0: all 3969). "real" is the preset as it was.
 CANDIDATES: dict[str, tuple[str, list[str], int]] = {
@@ -110,14 +112,22 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
         [*SOURCES, "--loss-arg", "k=16"],  # the later k replaces SOURCES' 64 (`--loss-arg` NAME=VALUE: last wins)
         0,
     ),  # fmt: skip
+    # Round 5: the preset as round 4 chose it (src-taut0.1: `TAUT`) with one more change, on the same four folds:
+    # views of the training images (aml.train.augment), the teacher's targets those of the whole image.
+    "taut-flip": ("the preset, the student's images mirrored half the time", [*TAUT, "--augment", "flip"], 0),
+    "taut-crop": (
+        "the preset, the student's images cropped (half the area to all), resized back, mirrored half the time",
+        [*TAUT, "--augment", "crop", "--crop-area", "0.5"],
+        0,
+    ),  # fmt: skip
 }
 SIZES = ("224", "512")
 FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
 # The in-domain folds came with rounds 3 and 4: the first two rounds were scored on the two leave-one-source-out
 # folds only, round 3 on inUKB too, round 4 on inUKB4 too; each round chooses among the candidates scored on all of
-# its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4).
+# its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4, src-taut0.1 in round 5).
 ROUND3 = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
-ROUND4 = {"k64-sources", "src-taut0.1", "src-k16"}
+ROUND4 = {"k64-sources", "src-taut0.1", "src-k16", "taut-flip", "taut-crop"}  # round 5 too: the same folds
 
 
 def folds_of(name: str) -> tuple[str, ...]:

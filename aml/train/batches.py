@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from aml.data.images import header_size, load_image, size_key
 from aml.extract import to_tensor, torch_groups
+from aml.train.augment import Views
 
 
 class ImageTensors(Dataset):
@@ -34,16 +35,17 @@ class ImageTensors(Dataset):
 
 
 class StepImages(Dataset):
-    """The images of each training step (a list of tensors per step, indices `batches[i]` into `images`)."""
+    """The images of each training step (a list of tensors per step, indices `batches[i]` into `images`), each
+    as `views` shows it to the student (aml.train.augment; default: as loaded)."""
 
-    def __init__(self, images: ImageTensors, batches: list[np.ndarray]) -> None:
-        self.images, self.batches = images, batches
+    def __init__(self, images: ImageTensors, batches: list[np.ndarray], views: Views | None = None) -> None:
+        self.images, self.batches, self.views = images, batches, views or Views()
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> list[torch.Tensor]:
-        return [self.images[j] for j in self.batches[i]]
+        return [self.views(self.images[j], i, k) for k, j in enumerate(self.batches[i])]
 
 
 def raw_sizes(paths: Sequence[str], idx: np.ndarray) -> np.ndarray:

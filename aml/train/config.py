@@ -50,6 +50,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "margin": (0, False),
     "mixup_weight": (0, False),
     "mixup_alpha": (0, True),
+    "crop_area": (0, True),
     "neg_num": (1, False),
     "query_size": (1, False),
     "pool_size": (1, False),
@@ -74,6 +75,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "proxies": PROXIES,
     "head_norm": HEAD_NORMS,
     "sampling": ("images", "sources"),
+    "augment": ("none", "flip", "crop"),  # aml.train.augment.AUGMENTS (tests/test_augment.py ties them)
 }
 
 
@@ -97,6 +99,8 @@ class TrainConfig:
     mixup_pairs: str = "pos-neg"  # the pairs mixed: pos-neg | anchor-neg | both
     mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
     mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
+    augment: str = "none"  # the view of a training image the student embeds (aml.train.augment): none | flip | crop
+    crop_area: float = 0.5  # the smallest fraction of an image's area a `crop` view keeps
     data: list[str] = field(default_factory=lambda: ["synth"])  # one or several sources, end to end
     sampling: str = "images"  # an epoch's images, pairs or classes: images (uniform) | sources (an equal share each)
     test_data: str | None = None  # the run's own test set (then the sources hold nothing out)

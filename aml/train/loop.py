@@ -22,6 +22,7 @@ from aml.registry import model_identity
 from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
+from aml.train.augment import Views
 from aml.train.batches import Embedder, ImageTensors, StepImages
 from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import Keeper, load_checkpoint, restore, save_checkpoint
@@ -189,8 +190,9 @@ class Trainer:
         usable = len(ep.batches) // self.dist.world * self.dist.world or len(ep.batches)
         batches = ep.batches[:usable][self.dist.rank :: self.dist.world]
         images = ImageTensors(self.train.paths, cfg.image_size, self.student.mean, self.student.std)
+        views = Views(cfg.augment, cfg.crop_area, cfg.seed, epoch, self.dist.rank)
         loader = torch.utils.data.DataLoader(
-            StepImages(images, [self.objective.images(ep, b) for b in batches]),
+            StepImages(images, [self.objective.images(ep, b) for b in batches], views),
             batch_size=None,  # each item is already one step's list of image tensors (default_convert keeps it)
             num_workers=self.workers,
         )

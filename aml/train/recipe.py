@@ -48,6 +48,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
     cfg.validate(CHOICES)
     spec, _ = loss_function(cfg)
     parse_parts(cfg.glam)
+    if cfg.crop_area > 1:
+        raise UserError(f"--crop-area {cfg.crop_area:g}: a fraction of the image's area, at most 1")
     if cfg.mixup != "none" and spec.pairs is None:
         raise UserError(
             f"--mixup {cfg.mixup}: loss '{cfg.loss}' is not pair-based; use --loss "

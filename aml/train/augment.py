@@ -1,0 +1,63 @@
+"""Views of the training images the student embeds in a step (`--augment`): what the student sees of an image.
+
+The targets do not move: the teacher's vectors stay those of the whole, unmirrored image, cached once (a teacher
+forward per view would cost what the cache saves). So a view asks the student to map a crop or a mirror image of
+a photo where the teacher puts the photo itself, as a query photo of the same object framed otherwise would be.
+
+- `none`: the image as loaded (the thumbnail at the training size).
+- `flip`: mirrored with probability 1/2.
+- `crop`: a random crop of `crop_area` to all of the image's area (uniform), its aspect ratio the image's times a
+  factor log-uniform in [3/4, 4/3] (torchvision's RandomResizedCrop ranges, the area's lower end raised for
+  retrieval, where the object fills the photo), resized back to the image's size (bilinear, antialiased, so the
+  step's batches stay single-size), then `flip`.
+
+Deterministic: each view is drawn from its own generator seeded by (seed, epoch, rank, step, position in the
+step), so a resumed epoch and any number of loading workers see the same views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AUGMENTS = ("none", "flip", "crop")
+ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's ratio range, relative to the image's own aspect here
+
+
+def crop_box(rng: np.random.Generator, h: int, w: int, area: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop of an h x w image: its area a fraction ~ U(area, 1) of the
+    image's, its aspect the image's times a log-uniform factor in ASPECT, clipped to the image."""
+    frac = rng.uniform(area, 1.0)
+    ratio = math.exp(rng.uniform(*np.log(ASPECT)))
+    ch = min(h, max(1, round(h * math.sqrt(frac / ratio))))
+    cw = min(w, max(1, round(w * math.sqrt(frac * ratio))))
+    return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+
+
+@dataclass(frozen=True)
+class Views:
+    """The view of each image a training step embeds: `kind` one of AUGMENTS, `crop_area` the smallest area
+    fraction a crop keeps, `seed`, `epoch` and `rank` (under DDP) the run's."""
+
+    kind: str = "none"
+    crop_area: float = 0.5
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+
+    def __call__(self, x: torch.Tensor, step: int, position: int) -> torch.Tensor:
+        """The view of the (3, H, W) image `x`, the `position`-th image of step `step`: same shape and dtype."""
+        if self.kind == "none":
+            return x
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, step, position])
+        if self.kind == "crop":
+            h, w = x.shape[-2:]
+            top, left, ch, cw = crop_box(rng, h, w, self.crop_area)
+            x = x[:, top : top + ch, left : left + cw]
+            if (ch, cw) != (h, w):
+                x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        return x.flip(-1) if rng.random() < 0.5 else x

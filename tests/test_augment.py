@@ -1,0 +1,99 @@
+"""Views of the student's training images (aml.train.augment): the right views, drawn deterministically, of the
+images the step embeds, the teacher's targets unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from aml.errors import UserError
+from aml.train.augment import AUGMENTS, Views, crop_box
+from aml.train.batches import ImageTensors
+from aml.train.config import CHOICES
+from aml.train.loop import Trainer
+from aml.train.recipe import check
+
+
+def _image(h: int = 30, w: int = 44) -> torch.Tensor:
+    return torch.arange(3 * h * w, dtype=torch.float32).reshape(3, h, w) / (3 * h * w)
+
+
+def test_the_config_offers_every_view():
+    assert CHOICES["augment"] == AUGMENTS
+
+
+def test_none_is_the_image_and_flip_is_it_or_its_mirror_both_drawn():
+    x = _image()
+    assert Views("none")(x, 0, 0) is x
+    flips = [Views("flip", seed=3, epoch=1)(x, step, k) for step in range(4) for k in range(4)]
+    assert all(torch.equal(v, x) or torch.equal(v, x.flip(-1)) for v in flips)
+    assert sum(torch.equal(v, x) for v in flips) not in (0, len(flips))  # both happen
+
+
+def test_views_are_deterministic_and_differ_across_steps_epochs_and_ranks():
+    x = _image()
+    a = Views("crop", 0.5, seed=0, epoch=2)
+    assert torch.equal(a(x, 5, 1), a(x, 5, 1))
+    others = [a(x, 6, 1), a(x, 5, 2), Views("crop", 0.5, 0, 3)(x, 5, 1), Views("crop", 0.5, 0, 2, 1)(x, 5, 1)]
+    assert all(not torch.equal(a(x, 5, 1), o) for o in others)
+
+
+@pytest.mark.parametrize("area", [0.1, 0.5, 1.0])
+def test_crop_boxes_lie_in_the_image_and_keep_their_area(area):
+    rng = np.random.default_rng(0)
+    h, w = 30, 44
+    for _ in range(500):
+        top, left, ch, cw = crop_box(rng, h, w, area)
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+        # the area drawn in [area, 1]; clipping one side to the image keeps at least sqrt(3/4) of it
+        assert ch * cw >= np.sqrt(3 / 4) * area * h * w - (h + w)
+
+
+def test_a_crop_view_keeps_the_size_and_shows_part_of_the_image():
+    x = torch.rand(3, 30, 44)
+    views = [Views("crop", 0.5, seed=1)(x, 0, k) for k in range(8)]
+    assert all(v.shape == x.shape and v.dtype == x.dtype for v in views)
+    assert all(not torch.equal(v, x) and not torch.equal(v, x.flip(-1)) for v in views)
+    flat = torch.full((3, 30, 44), 0.25)  # a constant image stays constant whatever the crop
+    assert torch.allclose(Views("crop", 0.3, seed=1)(flat, 0, 0), flat)
+
+
+def test_crop_area_above_one_is_a_clear_error(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="--crop-area 1.5"):
+        check(tiny_cfg(tiny_data, tmp_path, crop_area=1.5))
+    with pytest.raises(UserError, match="--augment"):
+        check(tiny_cfg(tiny_data, tmp_path, augment="rotate"))
+
+
+@pytest.mark.parametrize("kind", ["none", "crop"])
+def test_the_student_embeds_the_views_of_its_steps_images_against_unchanged_targets(kind, tiny_data, tmp_path, home):
+    cfg = tiny_cfg(tiny_data, tmp_path, loss="csd", loss_args={"k": 4.0}, epochs=1, eval_every=0, augment=kind)
+    trainer = Trainer(cfg, progress=False)
+    seen: list[list[torch.Tensor]] = []
+    embed = trainer.embed
+
+    def recording(images: list[torch.Tensor]) -> torch.Tensor:
+        seen.append([x.clone() for x in images])
+        return embed(images)
+
+    trainer.embed = recording
+    teacher = np.array(trainer.train_teacher, dtype=np.float32)
+    trainer.train_epoch(0)
+    assert np.array_equal(np.asarray(trainer.train_teacher, dtype=np.float32), teacher)  # targets unchanged
+
+    # the same epoch's steps, replayed: the images each step embedded are the views of its clean images
+    rng = np.random.default_rng([cfg.seed, 0])
+    ep = trainer.objective.epoch(rng, trainer._student_vectors)
+    clean = ImageTensors(trainer.train.paths, cfg.image_size, trainer.student.mean, trainer.student.std)
+    views = Views(kind, cfg.crop_area, cfg.seed, 0)
+    assert len(seen) == len(ep.batches)
+    changed = 0
+    for step, (b, imgs) in enumerate(zip(ep.batches, seen, strict=True)):
+        idx = trainer.objective.images(ep, b)
+        assert len(imgs) == len(idx)
+        for k, (i, x) in enumerate(zip(idx, imgs, strict=True)):
+            assert torch.equal(x, views(clean[i], step, k))
+            changed += not torch.equal(x, clean[i])
+    assert (changed == 0) == (kind == "none")
