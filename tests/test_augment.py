@@ -26,8 +26,8 @@ def test_the_config_offers_every_view():
 
 def test_none_is_the_image_and_flip_is_it_or_its_mirror_both_drawn():
     x = _image()
-    assert Views("none")(x, 0, 0) is x
-    flips = [Views("flip", seed=3, epoch=1)(x, step, k) for step in range(4) for k in range(4)]
+    assert Views("none", 0.5, 0, 0)(x, 0, 0) is x
+    flips = [Views("flip", 0.5, seed=3, epoch=1)(x, step, k) for step in range(4) for k in range(4)]
     assert all(torch.equal(v, x) or torch.equal(v, x.flip(-1)) for v in flips)
     assert sum(torch.equal(v, x) for v in flips) not in (0, len(flips))  # both happen
 
@@ -53,11 +53,11 @@ def test_crop_boxes_lie_in_the_image_and_keep_their_area(area):
 
 def test_a_crop_view_keeps_the_size_and_shows_part_of_the_image():
     x = torch.rand(3, 30, 44)
-    views = [Views("crop", 0.5, seed=1)(x, 0, k) for k in range(8)]
+    views = [Views("crop", 0.5, seed=1, epoch=0)(x, 0, k) for k in range(8)]
     assert all(v.shape == x.shape and v.dtype == x.dtype for v in views)
     assert all(not torch.equal(v, x) and not torch.equal(v, x.flip(-1)) for v in views)
     flat = torch.full((3, 30, 44), 0.25)  # a constant image stays constant whatever the crop
-    assert torch.allclose(Views("crop", 0.3, seed=1)(flat, 0, 0), flat)
+    assert torch.allclose(Views("crop", 0.3, seed=1, epoch=0)(flat, 0, 0), flat)
 
 
 def test_crop_area_above_one_is_a_clear_error(tiny_data, tmp_path):

@@ -43,10 +43,10 @@ class Views:
     """The view of each image a training step embeds: `kind` one of AUGMENTS, `crop_area` the smallest area
     fraction a crop keeps, `seed`, `epoch` and `rank` (under DDP) the run's."""
 
-    kind: str = "none"
-    crop_area: float = 0.5
-    seed: int = 0
-    epoch: int = 0
+    kind: str
+    crop_area: float
+    seed: int
+    epoch: int
     rank: int = 0
 
     def __call__(self, x: torch.Tensor, step: int, position: int) -> torch.Tensor:
