@@ -4,8 +4,8 @@ protocol for real photos).
 Every candidate is `aml distill --preset real` as it was when the grid ran (csd tau_s 0.03: `BASE`) with some
 constants changed (or its sources: more Caltech photos). A second round (`now-*`) changes one thing of the first
 round's choice (and measures a second seed of it: `SEED_PAIR`), a third (`k64-*`) one thing of the second's, the
-preset as it was (`now-k64`), on a third fold too (`ROUND3`), a fourth (`src-*`) one thing of the third's, the
-preset as it was (`k64-sources`), on a fourth fold too (`ROUND4`), a fifth (`taut-*`) one thing of the fourth's,
+preset as it was (`now-k64`), on a third fold too (`THREE_FOLDS`), a fourth (`src-*`) one thing of the third's, the
+preset as it was (`k64-sources`), on a fourth fold too (`FOUR_FOLDS`), a fifth (`taut-*`) one thing of the fourth's,
 on the same folds.
 Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
 on the source it left out, a domain it never saw, as the held-out set the product is checked on:
@@ -126,13 +126,13 @@ FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
 # The in-domain folds came with rounds 3 and 4: the first two rounds were scored on the two leave-one-source-out
 # folds only, round 3 on inUKB too, round 4 on inUKB4 too; each round chooses among the candidates scored on all of
 # its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4, src-taut0.1 in round 5).
-ROUND3 = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
-ROUND4 = {"k64-sources", "src-taut0.1", "src-k16", "taut-flip", "taut-crop"}  # round 5 too: the same folds
+THREE_FOLDS = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
+FOUR_FOLDS = {"k64-sources", "src-taut0.1", "src-k16", "taut-flip", "taut-crop"}  # rounds 4 and 5
 
 
 def folds_of(name: str) -> tuple[str, ...]:
     """The folds candidate `name` is scored on."""
-    return FOLDS if name in ROUND4 else FOLDS[:3] if name in ROUND3 else FOLDS[:2]
+    return FOLDS if name in FOUR_FOLDS else FOLDS[:3] if name in THREE_FOLDS else FOLDS[:2]
 
 
 SEED_PAIR = ("cal-all-tau0.1", "now-seed1")  # one recipe at seeds 0 and 1: how far apart a seed alone puts it

@@ -16,12 +16,13 @@ from conftest import REPO, distill_args, tiny_cfg, torchrun
 from aml.errors import UserError
 from aml.losses import LOSSES, PAIR_BASED, clean_refs
 from aml.registry import create_model
+from aml.train.augment import resize_to
 from aml.train.batches import Embedder
 from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import load_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.loop import Trainer, distill
-from aml.train.mixup import Metrix, feature_mixes, resize_to
+from aml.train.mixup import Metrix, feature_mixes
 from aml.train.recipe import check
 
 B, K, D = 4, 3, 10

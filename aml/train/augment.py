@@ -28,6 +28,13 @@ AUGMENTS = ("none", "flip", "crop")
 ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's ratio range, relative to the image's own aspect here
 
 
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A normalised (3, H, W) image bilinearly resized (antialiased) to `size` (H', W'); unchanged if equal."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 def crop_box(rng: np.random.Generator, h: int, w: int, area: float) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a random crop of an h x w image: its area a fraction ~ U(area, 1) of the
     image's, its aspect the image's times a log-uniform factor in ASPECT, clipped to the image."""
@@ -57,7 +64,5 @@ class Views:
         if self.kind == "crop":
             h, w = x.shape[-2:]
             top, left, ch, cw = crop_box(rng, h, w, self.crop_area)
-            x = x[:, top : top + ch, left : left + cw]
-            if (ch, cw) != (h, w):
-                x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+            x = resize_to(x[:, top : top + ch, left : left + cw], (h, w))
         return x.flip(-1) if rng.random() < 0.5 else x

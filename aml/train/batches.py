@@ -36,17 +36,15 @@ class ImageTensors(Dataset):
 
 class StepImages(Dataset):
     """The images of each training step (a list of tensors per step, indices `batches[i]` into `images`), each
-    as `views` shows it to the student (aml.train.augment; None: as loaded)."""
+    as `views` shows it to the student (aml.train.augment)."""
 
-    def __init__(self, images: ImageTensors, batches: list[np.ndarray], views: Views | None = None) -> None:
+    def __init__(self, images: ImageTensors, batches: list[np.ndarray], views: Views) -> None:
         self.images, self.batches, self.views = images, batches, views
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> list[torch.Tensor]:
-        if self.views is None:
-            return [self.images[j] for j in self.batches[i]]
         return [self.views(self.images[j], i, k) for k, j in enumerate(self.batches[i])]
 
 

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aml.extract import torch_groups
 from aml.losses import LossSpec, clean_refs
 from aml.nn import l2n
+from aml.train.augment import resize_to
 from aml.train.batches import Embedder, forward_by_size
 from aml.train.config import TrainConfig
 
@@ -48,13 +48,6 @@ def mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """lam a + (1 - lam) b, with lam (B,) broadcast over the trailing dimensions of a and b (B, ...)."""
     lam = lam.reshape(-1, *([1] * (a.dim() - 1))).to(a.dtype)
     return lam * a + (1 - lam) * b
-
-
-def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A normalised (3, H, W) image bilinearly resized (antialiased) to `size` (H', W'); unchanged if equal."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def feature_mixes(
