@@ -6,7 +6,7 @@ constants changed (or its sources: more Caltech photos). A second round (`now-*`
 round's choice (and measures a second seed of it: `SEED_PAIR`), a third (`k64-*`) one thing of the second's, the
 preset as it was (`now-k64`), on a third fold too (`THREE_FOLDS`), a fourth (`src-*`) one thing of the third's, the
 preset as it was (`k64-sources`), on a fourth fold too (`FOUR_FOLDS`), a fifth (`taut-*`) one thing of the fourth's,
-on the same folds.
+a sixth (`view-*`) the fifth's crop views with the teacher's targets of the same views, on the same folds.
 Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
 on the source it left out, a domain it never saw, as the held-out set the product is checked on:
 
@@ -49,10 +49,12 @@ RESULT = RESULTS / "real_selection.txt"
 # whole, so a candidate that gives one gives every constant it means.
 BASE = ["--loss-arg", "tau_s=0.03"]
 NOW = ["--loss-arg", "tau_s=0.1"]  # round 1's choice, the preset when round 2 ran (csd context k 256)
-# round 2's choice, the preset when round 3 ran (its sampling pinned: the preset has since taken round 3's choice)
-K64 = [*NOW, "--loss-arg", "k=64", "--sampling", "images"]
+K64 = [*NOW, "--loss-arg", "k=64"]  # round 2's choice, the preset when round 3 ran (its sampling images: `BEFORE`)
 SOURCES = [*NOW, "--loss-arg", "k=64", "--sampling", "sources"]  # round 3's choice, the preset when round 4 ran
 TAUT = [*SOURCES, "--loss-arg", "tau_t=0.1"]  # round 4's choice, the preset when round 5 ran
+# The preset's values before later rounds chose others (sampling: round 3; views, their targets, epochs: round 6),
+# given before every candidate's own options (the last value of an option wins), so that each runs as it ran.
+BEFORE = ["--sampling", "images", "--augment", "none", "--view-targets", "whole", "--epochs", "2"]
 # Candidate name -> (what it is, in words; `aml distill` options added to the preset; Caltech photos a class in
 # the sources, 0: all 3969). "real" is the preset as it was.
 CANDIDATES: dict[str, tuple[str, list[str], int]] = {
@@ -120,14 +122,50 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
         [*TAUT, "--augment", "crop", "--crop-area", "0.5"],
         0,
     ),  # fmt: skip
+    # Round 6: round 5's crop views with the teacher's vectors of the same views as targets (`--view-targets view`:
+    # consistent teaching, one teacher forward per view), for the preset's 2 epochs and for 4 (patient teaching);
+    # then (after the first two had run) mirrored views and milder crops with the same targets, the 4 epochs alone
+    # and 6 epochs.
+    "view-crop": (
+        "the preset, crop views (as taut-crop), each view's target the teacher's vector of that view",
+        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view"],
+        0,
+    ),  # fmt: skip
+    "view-crop-ep4": (
+        "view-crop, 4 epochs (2)",
+        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "4"],
+        0,
+    ),  # fmt: skip
+    "view-flip": (
+        "the preset, mirrored views (as taut-flip), each view's target the teacher's vector of that view",
+        [*TAUT, "--augment", "flip", "--view-targets", "view"],
+        0,
+    ),  # fmt: skip
+    "view-ep4": (
+        "the preset, 4 epochs (2), no views: view-crop-ep4's epochs without its views",
+        [*TAUT, "--epochs", "4"],
+        0,
+    ),  # fmt: skip
+    "view-crop-ep6": (
+        "view-crop, 6 epochs (2)",
+        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "6"],
+        0,
+    ),  # fmt: skip
+    "view-crop0.8": (
+        "view-crop, crops of 0.8 of the area to all (0.5)",
+        [*TAUT, "--augment", "crop", "--crop-area", "0.8", "--view-targets", "view"],
+        0,
+    ),  # fmt: skip
 }
 SIZES = ("224", "512")
 FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
 # The in-domain folds came with rounds 3 and 4: the first two rounds were scored on the two leave-one-source-out
 # folds only, round 3 on inUKB too, round 4 on inUKB4 too; each round chooses among the candidates scored on all of
-# its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4, src-taut0.1 in round 5).
+# its folds (the preset as it was among them: now-k64 in round 3, k64-sources in round 4, src-taut0.1 in rounds 5
+# and 6).
 THREE_FOLDS = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
 FOUR_FOLDS = {"k64-sources", "src-taut0.1", "src-k16", "taut-flip", "taut-crop"}  # rounds 4 and 5
+FOUR_FOLDS |= {c for c in CANDIDATES if c.startswith("view-")}  # round 6
 
 
 def folds_of(name: str) -> tuple[str, ...]:
@@ -176,7 +214,7 @@ def train_and_score(run: Path, fold: Fold, options: list[str], sizes: tuple[str,
     done = run / "score.json"
     if done.is_file():
         return json.loads(done.read_text())
-    seconds = distill(run, fold.sources, fold.val, smoke, "--overwrite", *options)
+    seconds = distill(run, fold.sources, fold.val, smoke, "--overwrite", *BEFORE, *options)
     ref = tuple(parse_test_spec(fold.val))
     result = {size: scores(run / "last.pt", ref, size, run, smoke) for size in sizes}
     result["seconds"] = seconds
@@ -247,7 +285,7 @@ def main() -> None:
             for z in sizes
         ),
         "",
-        *(f"mean ratio {n}: {mean[n]:.3f} over {', '.join(table[n])}{earlier(n)}" for n in mean),
+        *(f"mean ratio {n}: {mean[n]:.4f} over {', '.join(table[n])}{earlier(n)}" for n in mean),
         f"chosen on validation: {chosen} ({CANDIDATES[chosen][0]}), the best mean ratio among the candidates "
         f"scored on every fold",
         *(

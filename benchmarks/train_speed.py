@@ -116,9 +116,9 @@ def run(cfg: TrainConfig, args: argparse.Namespace, setting: str) -> None:
         return objective.spec.fn(s, pos, neg, **step.read(objective.spec.inputs), **objective.constants)
 
     variants: dict[str, Callable[[np.ndarray, list[torch.Tensor]], torch.Tensor]] = {
-        "(a) aml: cache + batched": lambda b, images: objective(epoch, b, images, tr.embed),
+        "(a) aml: cache + batched": lambda b, images: objective(Step(epoch, b), images, tr.embed),
         "(b) teacher re-embeds each step": reembedding,
-        "(c) per-image student": lambda b, images: objective(epoch, b, images, per_image),
+        "(c) per-image student": lambda b, images: objective(Step(epoch, b), images, per_image),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     set_train_mode(net)

@@ -1,5 +1,6 @@
 """Views of the student's training images (aml.train.augment): the right views, drawn deterministically, of the
-images the step embeds, the teacher's targets unchanged."""
+images the step embeds; their teacher targets the cached whole images' (`whole`) or the teacher's vectors of the
+same views (`view`)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ import torch
 from conftest import tiny_cfg
 
 from aml.errors import UserError
-from aml.train.augment import AUGMENTS, Views, crop_box
-from aml.train.batches import ImageTensors
+from aml.extract import extract
+from aml.registry import create_model
+from aml.settings import ExtractSettings
+from aml.train.augment import AUGMENTS, VIEW_TARGETS, Views, crop_box
+from aml.train.batches import ImageTensors, TeacherEmbedder
 from aml.train.config import CHOICES
 from aml.train.loop import Trainer
-from aml.train.recipe import check
+from aml.train.objective import Step
+from aml.train.recipe import check, teacher_views
 
 
 def _image(h: int = 30, w: int = 44) -> torch.Tensor:
     return torch.arange(3 * h * w, dtype=torch.float32).reshape(3, h, w) / (3 * h * w)
 
 
-def test_the_config_offers_every_view():
+def test_the_config_offers_every_view_and_target():
     assert CHOICES["augment"] == AUGMENTS
+    assert CHOICES["view_targets"] == VIEW_TARGETS
 
 
 def test_none_is_the_image_and_flip_is_it_or_its_mirror_both_drawn():
@@ -65,35 +71,75 @@ def test_crop_area_above_one_is_a_clear_error(tiny_data, tmp_path):
         check(tiny_cfg(tiny_data, tmp_path, crop_area=1.5))
     with pytest.raises(UserError, match="--augment"):
         check(tiny_cfg(tiny_data, tmp_path, augment="rotate"))
+    with pytest.raises(UserError, match="--view-targets view: the views are the whole images"):
+        check(tiny_cfg(tiny_data, tmp_path, view_targets="view"))
 
 
-@pytest.mark.parametrize("kind", ["none", "crop"])
-def test_the_student_embeds_the_views_of_its_steps_images_against_unchanged_targets(kind, tiny_data, tmp_path, home):
-    cfg = tiny_cfg(tiny_data, tmp_path, loss="csd", loss_args={"k": 4.0}, epochs=1, eval_every=0, augment=kind)
+def test_a_loss_that_never_reads_the_teacher_trains_on_views_without_it(tiny_data, tmp_path):
+    views = dict(augment="crop", view_targets="view")
+    assert teacher_views(check(tiny_cfg(tiny_data, tmp_path, loss="csd", **views)))
+    assert not teacher_views(check(tiny_cfg(tiny_data, tmp_path, loss="sym", **views)))  # the no-teacher baseline
+    assert not teacher_views(check(tiny_cfg(tiny_data, tmp_path, loss="csd", augment="crop")))
+
+
+@pytest.mark.parametrize("student_norm", ["teacher's", "other"])
+def test_the_teacher_embeds_a_steps_images_as_its_cache_does(student_norm, tiny_data, tmp_path):
+    """Unviewed images: the teacher's vectors of a step's tensors are the extraction's (what the cache holds), also
+    when the student normalises its inputs otherwise (renormalised to the teacher's)."""
+    torch.manual_seed(0)
+    net = create_model("resnet18", role="teacher", random_init=True).eval()
+    paths = sorted(str(p) for p in tiny_data.rglob("*.jpg"))[:5]
+    want = extract(net, paths, ExtractSettings(40, device="cpu", progress=False))
+    mean, std = (net.mean, net.std) if student_norm == "teacher's" else ([0.5] * 3, [0.25] * 3)
+    images = [ImageTensors(paths, 40, mean, std)[i] for i in range(len(paths))]
+    got = TeacherEmbedder(net, mean, std, torch.device("cpu"))(images)
+    assert not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,targets", [("none", "whole"), ("crop", "whole"), ("crop", "view")])
+def test_the_student_embeds_the_views_of_its_steps_images_against_their_targets(
+    kind, targets, tiny_data, tmp_path, home
+):
+    cfg = tiny_cfg(tiny_data, tmp_path, loss="csd", loss_args={"k": 4.0}, epochs=1, eval_every=0, augment=kind,
+                   view_targets=targets)  # fmt: skip
     trainer = Trainer(cfg, progress=False)
+    assert (trainer.view_targets is None) == (targets == "whole")
     seen: list[list[torch.Tensor]] = []
-    embed = trainer.embed
+    used: list[torch.Tensor] = []  # the teacher vectors each step's loss read for its anchors
+    embed, forward = trainer.embed, trainer.objective.forward
 
     def recording(images: list[torch.Tensor]) -> torch.Tensor:
         seen.append([x.clone() for x in images])
         return embed(images)
 
-    trainer.embed = recording
+    def reading(step: Step, images: list[torch.Tensor], embed) -> torch.Tensor:
+        used.append(step.anchor_teacher.clone())
+        return forward(step, images, embed)
+
+    trainer.embed, trainer.objective.forward = recording, reading
     teacher = np.array(trainer.train_teacher, dtype=np.float32)
     trainer.train_epoch(0)
-    assert np.array_equal(np.asarray(trainer.train_teacher, dtype=np.float32), teacher)  # targets unchanged
+    assert np.array_equal(np.asarray(trainer.train_teacher, dtype=np.float32), teacher)  # the cache unchanged
 
     # the same epoch's steps, replayed: the images each step embedded are the views of its clean images
     rng = np.random.default_rng([cfg.seed, 0])
     ep = trainer.objective.epoch(rng, trainer._student_vectors)
     clean = ImageTensors(trainer.train.paths, cfg.image_size, trainer.student.mean, trainer.student.std)
     views = Views(kind, cfg.crop_area, cfg.seed, 0)
-    assert len(seen) == len(ep.batches)
+    assert len(seen) == len(ep.batches) == len(used)
+    teacher_net = TeacherEmbedder(trainer.teacher.net(), trainer.student.mean, trainer.student.std, trainer.device)
     changed = 0
-    for step, (b, imgs) in enumerate(zip(ep.batches, seen, strict=True)):
+    for step, (b, imgs, t) in enumerate(zip(ep.batches, seen, used, strict=True)):
         idx = trainer.objective.images(ep, b)
         assert len(imgs) == len(idx)
         for k, (i, x) in enumerate(zip(idx, imgs, strict=True)):
             assert torch.equal(x, views(clean[i], step, k))
             changed += not torch.equal(x, clean[i])
+        cached = torch.from_numpy(teacher[idx])
+        if targets == "whole":  # the cached vectors of the whole images
+            assert torch.equal(t, cached)
+        else:  # the teacher's vectors of the very views the student embedded, not the whole images'
+            torch.testing.assert_close(t, teacher_net(imgs), atol=1e-5, rtol=0)
+            assert not torch.allclose(t, cached, atol=1e-3)
     assert (changed == 0) == (kind == "none")

@@ -49,19 +49,21 @@ def test_size_buckets_cover_every_tuple_once_and_group_sizes():
     assert mixed <= 2  # only where one size's run ends inside a batch
 
 
-@pytest.mark.parametrize("augment", ["none", "crop"])  # crop: a resumed epoch draws the same views
-def test_distill_resumes_bit_for_bit_and_reuses_the_teacher_cache(augment, tiny_data, tmp_path, home):
-    full = distill(tiny_cfg(tiny_data, tmp_path / "full", augment=augment), progress=False)
+# crop: a resumed epoch draws the same views; view: and the teacher's targets of them (the teacher is built)
+@pytest.mark.parametrize("augment,targets", [("none", "whole"), ("crop", "whole"), ("crop", "view")])
+def test_distill_resumes_bit_for_bit_and_reuses_the_teacher_cache(augment, targets, tiny_data, tmp_path, home):
+    views = dict(augment=augment, view_targets=targets)
+    full = distill(tiny_cfg(tiny_data, tmp_path / "full", **views), progress=False)
     log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]  # epoch 0: the closed-form start
     assert {"student", "asymmetric"} <= set(log[-1]["eval"])
     assert all(np.isfinite(r["loss"]) and r["tuples"] > 0 for r in log[1:])
     assert (full / "epoch_001.pt").exists() and (full / "last.pt").exists()
 
-    half = tiny_cfg(tiny_data, tmp_path / "half", augment=augment)
+    half = tiny_cfg(tiny_data, tmp_path / "half", **views)
     distill(half.replace(epochs=1), progress=False)
     trainer = Trainer(half, resume=True, progress=False)
-    assert not trainer.teacher.built  # every teacher vector came from the cache
+    assert trainer.teacher.built == (targets == "view")  # else every teacher vector came from the cache
     assert trainer.start_epoch == 1
     trainer.fit()
 

@@ -40,10 +40,12 @@ _HELP: dict[str, str] = {
     "mixup_pairs": "Which pairs Metrix mixes: positive-negative, anchor-negative, or both",
     "mixup_weight": "Weight of the mixed loss (total = clean + weight x mixed)",
     "mixup_alpha": "Metrix's lambda ~ Beta(alpha, alpha)",
-    "augment": "The view of a training image the student embeds (its teacher target stays the whole image's): "
+    "augment": "The view of a training image the student embeds (its teacher target: --view-targets): "
     "none; flip: mirrored half the time; crop: a random crop of --crop-area to all of its area, resized back, "
     "then flip",
     "crop_area": "The smallest fraction of an image's area a crop view keeps (at most 1)",
+    "view_targets": "The teacher target of a view: whole: the teacher's cached vector of the whole image; view: the "
+    "teacher's vector of the same view (one teacher forward per view, the consistent teaching of Beyer et al.)",
     "data": "Training source, repeatable (sources are laid end to end; labelled terms train on the labelled ones, "
     "label-free terms on every image): synth[:DIR] | sfm120k:DIR | folder:DIR | groups:CSV (60/40 object split "
     "unless --test-data) | images:DIR (unlabelled); omit for the embedded demo",

@@ -1,8 +1,13 @@
 """Views of the training images the student embeds in a step (`--augment`): what the student sees of an image.
 
-The targets do not move: the teacher's vectors stay those of the whole, unmirrored image, cached once (a teacher
-forward per view would cost what the cache saves). So a view asks the student to map a crop or a mirror image of
-a photo where the teacher puts the photo itself, as a query photo of the same object framed otherwise would be.
+A view's teacher target (`--view-targets`, VIEW_TARGETS):
+- `whole`: the teacher's cached vector of the whole, unmirrored image (no teacher forward in training). A view then
+  asks the student to map a crop or a mirror image of a photo where the teacher puts the photo itself, as a query
+  photo of the same object framed otherwise would be.
+- `view`: the teacher's vector of the same view, one frozen teacher forward per view in each step
+  (`batches.TeacherEmbedder`): the student matches the teacher's function on the images it is shown ("consistent
+  teaching", Beyer et al., "Knowledge distillation: A good teacher is patient and consistent", CVPR 2022). The
+  references a loss compares with (csd's context, a tuple's positive and negatives) stay the cached whole images.
 
 - `none`: the image as loaded (the thumbnail at the training size).
 - `flip`: mirrored with probability 1/2.
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 AUGMENTS = ("none", "flip", "crop")
+VIEW_TARGETS = ("whole", "view")
 ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's ratio range, relative to the image's own aspect here
 
 

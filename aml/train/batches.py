@@ -1,4 +1,4 @@
-"""Student forward passes on variable-size training images, batched by size.
+"""Student (and, for view targets, frozen teacher) forward passes on variable-size training images, batched by size.
 
 BatchNorm stays in eval mode during AML training, so every image's vector depends on that image
 alone: grouping same-size images into one forward gives exactly the per-image result (tested), only
@@ -97,3 +97,26 @@ class Embedder:
         """(N, D) float32 student vectors of `images` (with grad), batched by size under `autocast`."""
         with self.autocast():
             return forward_by_size(self.model, images, self.device)
+
+
+class TeacherEmbedder:
+    """The frozen teacher's vectors of the images a step shows the student (`--view-targets view`,
+    aml.train.augment): `net` in eval mode on `device`, without grad, batched by size. The step's tensors are
+    normalised with the student's `mean` / `std`; they are renormalised to the teacher's when those differ."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.net = net.to(device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v).view(3, 1, 1) for v in (mean, std, net.mean, net.std))
+        same = torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std)
+        # x_t = (x_s * std_s + mean_s - mean_t) / std_t, one affine map per channel
+        self.scale, self.shift = (None, None) if same else (s_std / t_std, (s_mean - t_mean) / t_std)
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D) float32 teacher vectors of `images` (student-normalised (3, H, W) tensors), in input order."""
+        if self.scale is not None:
+            images = [x * self.scale + self.shift for x in images]
+        return forward_by_size(self.net, images, self.device)

@@ -23,13 +23,13 @@ from aml.settings import ExtractSettings
 from aml.teacher_vectors import TeacherVectors
 from aml.train import recipe
 from aml.train.augment import Views
-from aml.train.batches import Embedder, ImageTensors, StepImages
+from aml.train.batches import Embedder, ImageTensors, StepImages, TeacherEmbedder
 from aml.train.batchnorm import set_train_mode
 from aml.train.checkpoint import Keeper, load_checkpoint, restore, save_checkpoint
 from aml.train.config import TrainConfig
 from aml.train.distributed import Dist, average_grads, gather_rows, init_distributed, shutdown
 from aml.train.divergence import diverged, no_steps, non_finite_weight
-from aml.train.objective import TrainData, build_objective
+from aml.train.objective import Step, TrainData, build_objective
 from aml.train.optim import make_optimizer
 from aml.train.quick_eval import quick_check, validation_eval
 from aml.train.run_dir import append_log, check_run_dir, default_run_dir, merge_resumed, run_lock
@@ -143,8 +143,9 @@ class Trainer:
         return info
 
     def _wrap_model(self) -> None:
-        """The module the steps run (DDP across ranks) and how a step embeds with it, the AMP scaler and the loader
-        workers; the warm-up (`Warmup`: the student's head and GLAM, and the objective's parameters, train alone)."""
+        """The module the steps run (DDP across ranks) and how a step embeds with it (and the teacher its views,
+        `--view-targets view`), the AMP scaler and the loader workers; the warm-up (`Warmup`: the student's head
+        and GLAM, and the objective's parameters, train alone)."""
         cfg = self.cfg
         self.warmup = Warmup(self.student, recipe.warmup_epochs(cfg), self.dist.world)
         self.model: nn.Module = self.student
@@ -154,6 +155,10 @@ class Trainer:
             # when ranks run different numbers of forwards in a step (one per image size, `forward_by_size`).
             self.model = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
         self.embed = Embedder(self.model, self.student, self.device, cfg.amp)
+        self.view_targets = None  # the frozen teacher on the step's views (`--view-targets view`)
+        if recipe.teacher_views(cfg):
+            net = self.teacher.net()
+            self.view_targets = TeacherEmbedder(net, self.student.mean, self.student.std, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.workers = cfg.workers if cfg.workers is not None else auto_workers(1 << 30, cfg.batch_size, self.device)
 
@@ -206,7 +211,8 @@ class Trainer:
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
             sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                loss = self.objective(ep, b, imgs, self.embed)
+                targets = self.view_targets(imgs[: len(b)]) if self.view_targets else None  # the anchors' views
+                loss = self.objective(Step(ep, b, targets), imgs, self.embed)
                 self.scaler.scale(loss / cfg.update_every).backward()
             value = float(loss.detach())
             # fp16: the scaler skips such steps itself; under DDP the weights check below stops every rank alike

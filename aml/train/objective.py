@@ -1,7 +1,7 @@
 """Training objectives: one per kind of batch (mined tuples, image batches, class-balanced batches), built from the
 loss spec once. Each owns what its loss reads and the state it keeps (NormSoftmax's proxies are the class
 objective's parameter or buffer, checkpointed through its state_dict), so the trainer only asks it for an epoch's
-plan, the images of a step, and the loss of the student's vectors of those images.
+plan, the images of a step, and the loss of the student's vectors of those images (given the step's record, `Step`).
 
 The loss of a step is called with the tensors its signature names (`LossSpec.inputs`, aml/losses/spec.py), taken
 from one record of the step, `Step`: `anchor_teacher`, `labels`, `ref`, `ref_labels` (pytorch-metric-learning's
@@ -70,10 +70,11 @@ class Epoch:
 
 class Step:
     """The record of one step, `b` (positions into the epoch's anchors): each tensor is made on its first read,
-    and a loss reads those its signature names (`read`)."""
+    and a loss reads those its signature names (`read`). `targets`: the teacher's vectors of the anchors as the
+    step showed them (`--view-targets view`), else None: their cached vectors."""
 
-    def __init__(self, epoch: Epoch, b: np.ndarray) -> None:
-        self.epoch, self.b, self.data = epoch, b, epoch.data
+    def __init__(self, epoch: Epoch, b: np.ndarray, targets: torch.Tensor | None = None) -> None:
+        self.epoch, self.b, self.data, self.targets = epoch, b, epoch.data, targets
         self.anchors = epoch.plan.anchors[b]
 
     def _labels(self, idx: np.ndarray) -> torch.Tensor:
@@ -81,8 +82,8 @@ class Step:
 
     @cached_property
     def anchor_teacher(self) -> torch.Tensor:
-        """(B, D) the teacher's vectors of the anchor images."""
-        return self.data.teacher_rows(self.anchors)
+        """(B, D) the teacher's vectors of the anchor images (of their views, when the step has `targets`)."""
+        return self.targets if self.targets is not None else self.data.teacher_rows(self.anchors)
 
     @cached_property
     def labels(self) -> torch.Tensor:
@@ -141,13 +142,12 @@ class Objective(nn.Module):
         return Epoch(plan, batches, mining_s, self.data, self.labels)
 
     def images(self, epoch: Epoch, b: np.ndarray) -> np.ndarray:
-        """The training images the student embeds (with grad) in step `b`: its anchors."""
+        """The training images the student embeds (with grad) in step `b`: its anchors first (every objective)."""
         return epoch.plan.anchors[b]
 
-    def forward(self, epoch: Epoch, b: np.ndarray, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
-        """The loss of step `b`, `images` its `images(epoch, b)` tensors, embedded with `embed`: a batch loss
+    def forward(self, step: Step, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
+        """The loss of `step`, `images` its `images(step.epoch, step.b)` tensors, embedded with `embed`: a batch loss
         `fn(student, teacher, **inputs)` on the anchors' student and teacher vectors."""
-        step = Step(epoch, b)
         s = embed(images)
         return self.spec.fn(s, step.anchor_teacher, **step.read(self.spec.inputs), **self.constants)
 
@@ -212,9 +212,9 @@ class TupleObjective(Objective):
             return idx
         return np.concatenate([idx, self.metrix.images(plan.anchors[b], plan.positives[b], plan.negatives[b])])
 
-    def forward(self, epoch: Epoch, b: np.ndarray, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
+    def forward(self, step: Step, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
         """`fn(anchor, positive, negatives, **inputs)`; with Metrix, plus its weighted mixed loss."""
-        step, B = Step(epoch, b), len(b)
+        B = len(step.b)
         n_mixed = self.metrix.n_images(B) if self.metrix else 0
         s = embed(images[: len(images) - n_mixed])
         if self.spec.student_refs:  # every tuple image went through the student (the no-teacher baseline)
@@ -224,7 +224,7 @@ class TupleObjective(Objective):
         loss = self.spec.fn(s[:B], positive, negatives, **step.read(self.spec.inputs), **self.constants)
         if self.metrix is None:
             return loss
-        lam = epoch.lam[b]
+        lam = step.epoch.lam[step.b]
         return loss + self.metrix.loss(
             s[:B],
             positive,
@@ -272,9 +272,8 @@ class ClassObjective(Objective):
     def plan(self, rng: np.random.Generator, student_vectors: Callable[[np.ndarray], np.ndarray]) -> EpochPlan:
         return plan_classes(self.cfg, self.data.train, self.labels, rng, self.data.sources)
 
-    def forward(self, epoch: Epoch, b: np.ndarray, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
+    def forward(self, step: Step, images: list[torch.Tensor], embed: Embedder) -> torch.Tensor:
         """`fn(student, teacher, labels=class ids, proxies=self.proxies)`."""
-        step = Step(epoch, b)
         s = embed(images)
         own = {"own_proxies": self.own_proxies} if "own_proxies" in self.spec.inputs else {}
         kw = step.read(self.spec.inputs, proxies=self.proxies, **own)

@@ -50,6 +50,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     parse_parts(cfg.glam)
     if cfg.crop_area > 1:
         raise UserError(f"--crop-area {cfg.crop_area:g}: a fraction of the image's area, at most 1")
+    if cfg.view_targets == "view" and cfg.augment == "none":
+        raise UserError("--view-targets view: the views are the whole images (--augment none), whose targets the "
+                        "cache already holds; give --augment flip or crop, or --view-targets whole")  # fmt: skip
     if cfg.mixup != "none" and spec.pairs is None:
         raise UserError(
             f"--mixup {cfg.mixup}: loss '{cfg.loss}' is not pair-based; use --loss "
@@ -83,6 +86,12 @@ def learns_alone(cfg: TrainConfig) -> bool:
     classification loss with learned proxies."""
     spec = _spec(cfg)
     return spec is not None and (spec.student_refs or (spec.kind == "class" and cfg.proxies == "learned"))
+
+
+def teacher_views(cfg: TrainConfig) -> bool:
+    """Whether the teacher embeds each step's views (`--view-targets view`): not when the student never sees the
+    teacher (`learns_alone`: the no-teacher baseline on a preset with view targets trains on the views alone)."""
+    return cfg.view_targets == "view" and not learns_alone(cfg)
 
 
 def warmup_epochs(cfg: TrainConfig) -> int:
