@@ -66,7 +66,7 @@ def test_a_crop_view_keeps_the_size_and_shows_part_of_the_image():
     assert torch.allclose(Views("crop", 0.3, seed=1, epoch=0)(flat, 0, 0), flat)
 
 
-def test_crop_area_above_one_is_a_clear_error(tiny_data, tmp_path):
+def test_bad_view_options_are_clear_errors(tiny_data, tmp_path):
     with pytest.raises(UserError, match="--crop-area 1.5"):
         check(tiny_cfg(tiny_data, tmp_path, crop_area=1.5))
     with pytest.raises(UserError, match="--augment"):
@@ -104,7 +104,7 @@ def test_the_student_embeds_the_views_of_its_steps_images_against_their_targets(
     cfg = tiny_cfg(tiny_data, tmp_path, loss="csd", loss_args={"k": 4.0}, epochs=1, eval_every=0, augment=kind,
                    view_targets=targets)  # fmt: skip
     trainer = Trainer(cfg, progress=False)
-    assert (trainer.view_targets is None) == (targets == "whole")
+    assert (trainer.teacher_embed is None) == (targets == "whole")
     seen: list[list[torch.Tensor]] = []
     used: list[torch.Tensor] = []  # the teacher vectors each step's loss read for its anchors
     embed, forward = trainer.embed, trainer.objective.forward

@@ -1,5 +1,13 @@
 """Views of the training images the student embeds in a step (`--augment`): what the student sees of an image.
 
+The views (`--augment`, AUGMENTS):
+- `none`: the image as loaded (the thumbnail at the training size).
+- `flip`: mirrored with probability 1/2.
+- `crop`: a random crop of `crop_area` to all of the image's area (uniform), its aspect ratio the image's times a
+  factor log-uniform in [3/4, 4/3] (torchvision's RandomResizedCrop ranges, the area's lower end raised for
+  retrieval, where the object fills the photo), resized back to the image's size (bilinear, antialiased, so the
+  step's batches stay single-size), then `flip`.
+
 A view's teacher target (`--view-targets`, VIEW_TARGETS):
 - `whole`: the teacher's cached vector of the whole, unmirrored image (no teacher forward in training). A view then
   asks the student to map a crop or a mirror image of a photo where the teacher puts the photo itself, as a query
@@ -8,13 +16,6 @@ A view's teacher target (`--view-targets`, VIEW_TARGETS):
   (`batches.TeacherEmbedder`): the student matches the teacher's function on the images it is shown ("consistent
   teaching", Beyer et al., "Knowledge distillation: A good teacher is patient and consistent", CVPR 2022). The
   references a loss compares with (csd's context, a tuple's positive and negatives) stay the cached whole images.
-
-- `none`: the image as loaded (the thumbnail at the training size).
-- `flip`: mirrored with probability 1/2.
-- `crop`: a random crop of `crop_area` to all of the image's area (uniform), its aspect ratio the image's times a
-  factor log-uniform in [3/4, 4/3] (torchvision's RandomResizedCrop ranges, the area's lower end raised for
-  retrieval, where the object fills the photo), resized back to the image's size (bilinear, antialiased, so the
-  step's batches stay single-size), then `flip`.
 
 Deterministic: each view is drawn from its own generator seeded by (seed, epoch, rank, step, position in the
 step), so a resumed epoch and any number of loading workers see the same views.

@@ -155,10 +155,10 @@ class Trainer:
             # when ranks run different numbers of forwards in a step (one per image size, `forward_by_size`).
             self.model = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
         self.embed = Embedder(self.model, self.student, self.device, cfg.amp)
-        self.view_targets = None  # the frozen teacher on the step's views (`--view-targets view`)
+        self.teacher_embed = None  # the frozen teacher on the step's views (`--view-targets view`)
         if recipe.teacher_views(cfg):
             net = self.teacher.net()
-            self.view_targets = TeacherEmbedder(net, self.student.mean, self.student.std, self.device)
+            self.teacher_embed = TeacherEmbedder(net, self.student.mean, self.student.std, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.workers = cfg.workers if cfg.workers is not None else auto_workers(1 << 30, cfg.batch_size, self.device)
 
@@ -211,7 +211,7 @@ class Trainer:
             last = (step + 1) % cfg.update_every == 0 or step + 1 == len(batches)
             sync = self.model.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                targets = self.view_targets(imgs[: len(b)]) if self.view_targets else None  # the anchors' views
+                targets = self.teacher_embed(imgs[: len(b)]) if self.teacher_embed else None  # the anchors' views
                 loss = self.objective(Step(ep, b, targets), imgs, self.embed)
                 self.scaler.scale(loss / cfg.update_every).backward()
             value = float(loss.detach())
