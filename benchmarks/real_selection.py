@@ -6,7 +6,8 @@ constants changed (or its sources: more Caltech photos). A second round (`now-*`
 round's choice (and measures a second seed of it: `SEED_PAIR`), a third (`k64-*`) one thing of the second's, the
 preset as it was (`now-k64`), on a third fold too (`THREE_FOLDS`), a fourth (`src-*`) one thing of the third's, the
 preset as it was (`k64-sources`), on a fourth fold too (`FOUR_FOLDS`), a fifth (`taut-*`) one thing of the fourth's,
-a sixth (`view-*`) the fifth's crop views with the teacher's targets of the same views, on the same folds.
+a sixth (`view-*`) the fifth's crop views with the teacher's targets of the same views, a seventh (`mix-*`) the
+sixth's crops mixed between photos (mixup), on the same folds.
 Each is trained on leave-one-source-out folds of the real training sources (benchmarks/real_photos.py) and scored
 on the source it left out, a domain it never saw, as the held-out set the product is checked on:
 
@@ -156,6 +157,19 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
         [*TAUT, "--augment", "crop", "--crop-area", "0.8", "--view-targets", "view"],
         0,
     ),  # fmt: skip
+    # Round 7: round 6's choice (view-crop-ep6) with each crop blended with the next image's (`--augment mix`:
+    # mixup between training photos, the teacher's vector of each blend its target: function matching), for the
+    # preset's 6 epochs and for 10 (Beyer et al.: matching on mixed images needs patience).
+    "mix-ep6": (
+        "view-crop-ep6, each crop view mixed with the next image's (mixup, lam ~ U(0, 1)), its target the teacher's",
+        [*TAUT, "--augment", "mix", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "6"],
+        0,
+    ),  # fmt: skip
+    "mix-ep10": (
+        "mix-ep6, 10 epochs (6)",
+        [*TAUT, "--augment", "mix", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "10"],
+        0,
+    ),  # fmt: skip
 }
 SIZES = ("224", "512")
 FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
@@ -165,7 +179,7 @@ FOLDS = ("noUKB", "noVN", "inUKB", "inUKB4")
 # and 6).
 THREE_FOLDS = {"now-k64", "k64-sources", "k64-lw0.1", "k64-taut0.05", "k64-taut0.1"}
 FOUR_FOLDS = {"k64-sources", "src-taut0.1", "src-k16", "taut-flip", "taut-crop"}  # rounds 4 and 5
-FOUR_FOLDS |= {c for c in CANDIDATES if c.startswith("view-")}  # round 6
+FOUR_FOLDS |= {c for c in CANDIDATES if c.startswith(("view-", "mix-"))}  # rounds 6 and 7
 
 
 def folds_of(name: str) -> tuple[str, ...]:

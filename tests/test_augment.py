@@ -13,7 +13,7 @@ from aml.errors import UserError
 from aml.extract import extract
 from aml.registry import create_model
 from aml.settings import ExtractSettings
-from aml.train.augment import AUGMENTS, VIEW_TARGETS, Views, crop_box
+from aml.train.augment import AUGMENTS, VIEW_TARGETS, Views, crop_box, resize_to
 from aml.train.batches import ImageTensors, TeacherEmbedder
 from aml.train.config import CHOICES
 from aml.train.loop import Trainer
@@ -73,6 +73,8 @@ def test_bad_view_options_are_clear_errors(tiny_data, tmp_path):
         check(tiny_cfg(tiny_data, tmp_path, augment="rotate"))
     with pytest.raises(UserError, match="--view-targets view: the views are the whole images"):
         check(tiny_cfg(tiny_data, tmp_path, view_targets="view"))
+    with pytest.raises(UserError, match="--augment mix: a blend of two photos has no cached target"):
+        check(tiny_cfg(tiny_data, tmp_path, augment="mix"))
 
 
 def test_a_loss_that_never_reads_the_teacher_trains_on_views_without_it(tiny_data, tmp_path):
@@ -97,7 +99,27 @@ def test_the_teacher_embeds_a_steps_images_as_its_cache_does(student_norm, tiny_
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,targets", [("none", "whole"), ("crop", "whole"), ("crop", "view")])
+def test_a_steps_views_are_its_images_views_and_mix_blends_each_crop_with_the_next():
+    images = [torch.rand(3, 30, 44), torch.rand(3, 30, 44), torch.rand(3, 24, 40)]
+    for kind in ("none", "flip", "crop"):  # one view per image, as drawn alone
+        views = Views(kind, 0.5, seed=2, epoch=1)
+        drawn = [views(x, 4, k) for k, x in enumerate(images)]
+        assert all(torch.equal(a, b) for a, b in zip(views.step(images, 4), drawn, strict=True))
+    mix, crop = Views("mix", 0.5, seed=2, epoch=1), Views("crop", 0.5, seed=2, epoch=1)
+    mixed, crops = mix.step(images, 4), crop.step(images, 4)
+    assert torch.equal(mix.step(images, 4)[0], mixed[0]) and not torch.equal(mix.step(images, 5)[0], mixed[0])
+    lams = []
+    for k, (x, c) in enumerate(zip(mixed, crops, strict=True)):
+        assert x.shape == images[k].shape  # the next crop (the last's: the first) resized to this one's size
+        nxt = resize_to(crops[(k + 1) % len(crops)], c.shape[-2:])
+        lam = float(((x - nxt) * (c - nxt)).sum() / ((c - nxt) ** 2).sum())  # x = lam c + (1 - lam) nxt
+        torch.testing.assert_close(x, lam * c + (1 - lam) * nxt)
+        lams.append(lam)
+    assert all(0 < lam < 1 for lam in lams) and len(set(np.round(lams, 6))) == len(lams)  # one lam per image
+    assert mix.step(images[:1], 4)[0].equal(crop(images[0], 4, 0))  # a lone image has nothing to mix with
+
+
+@pytest.mark.parametrize("kind,targets", [("none", "whole"), ("crop", "whole"), ("crop", "view"), ("mix", "view")])
 def test_the_student_embeds_the_views_of_its_steps_images_against_their_targets(
     kind, targets, tiny_data, tmp_path, home
 ):
@@ -133,8 +155,8 @@ def test_the_student_embeds_the_views_of_its_steps_images_against_their_targets(
     for step, (b, imgs, t) in enumerate(zip(ep.batches, seen, used, strict=True)):
         idx = trainer.objective.images(ep, b)
         assert len(imgs) == len(idx)
-        for k, (i, x) in enumerate(zip(idx, imgs, strict=True)):
-            assert torch.equal(x, views(clean[i], step, k))
+        for i, x, v in zip(idx, imgs, views.step([clean[i] for i in idx], step), strict=True):
+            assert torch.equal(x, v)
             changed += not torch.equal(x, clean[i])
         cached = torch.from_numpy(teacher[idx])
         if targets == "whole":  # the cached vectors of the whole images

@@ -106,7 +106,7 @@ REPORTS: dict[str, list[str]] = {
     ],
     "mobile_latency.py": [
         r"student\s+thr\s+ort-fp32\s+ort-int8\s+pte-fp32\s+pte-int8\s+ort-int8/fp32",
-        *(rf"mobilenetv2\s+{t}(\s+{NUM}){{7}}\s+\S+ x{NUM} \[{NUM}-{NUM}\]$" for t in (1, 2)),
+        *(rf"resnet18\s+{t}(\s+{NUM}){{7}}\s+\S+ x{NUM} \[{NUM}-{NUM}\]$" for t in (1, 2)),
         r"fp32 gates passed",
         rf"mAP M torch fp32 {NUM}; ort-fp32 {NUM}",
     ],

@@ -175,6 +175,9 @@ def test_resume_takes_the_checkpoints_config_and_compares_only_given_options(dat
         Trainer(cfg.replace(lr=0.5), resume=True, given=frozenset({"lr"}), progress=False)
     code, out, err = run_cli("distill", "--out", tmp_path / "run", "--resume")  # the demo preset differs: fine
     assert code == 0 and f"run: {tmp_path / 'run'}" in out, err
+    # the next step it prints scores the run's own test set, not the preset's default (which it never generates)
+    assert f"--teacher {cfg.teacher} " in out and f"--data-root {cfg.data[0].split(':', 1)[1]}" in out, out
+    assert not list((home / "datasets").glob("synth-*"))
     one_line(run_cli("distill", "--out", tmp_path / "run", "--resume", "--lr", "0.5"), "'lr' differs")
 
 

@@ -8,6 +8,7 @@ them from `TrainConfig()` and `PRESETS`, never typed.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ _HELP: dict[str, str] = {
     "mixup_alpha": "Metrix's lambda ~ Beta(alpha, alpha)",
     "augment": "The view of a training image the student embeds (its teacher target: --view-targets): "
     "none; flip: mirrored half the time; crop: a random crop of --crop-area to all of its area, resized back, "
-    "then flip",
+    "then flip; mix: a crop view blended with the next image's (mixup, lam ~ U(0, 1); needs --view-targets view)",
     "crop_area": "The smallest fraction of an image's area a crop view keeps (at most 1)",
     "view_targets": "The teacher target of a view: whole: the teacher's cached vector of the whole image; view: the "
     "teacher's vector of the same view (one teacher forward per view, the consistent teaching of Beyer et al.)",
@@ -219,6 +220,8 @@ def command(resume: bool, overwrite: bool, preset: str | None, baseline: bool | 
         return
     run_dir = distill(cfg, resume=resume, progress=not quiet, overwrite=overwrite, given=given)
     click.echo(f"run: {run_dir}")
+    if resume:  # the run's own configuration (its data, teacher, sizes), not the preset's defaults it replaced
+        cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     next_step = evaluate_command(cfg, Path(run_dir))
     if next_step:
         click.echo(f"evaluate on its test set: {next_step}")

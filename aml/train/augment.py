@@ -7,6 +7,10 @@ The views (`--augment`, AUGMENTS):
   factor log-uniform in [3/4, 4/3] (torchvision's RandomResizedCrop ranges, the area's lower end raised for
   retrieval, where the object fills the photo), resized back to the image's size (bilinear, antialiased, so the
   step's batches stay single-size), then `flip`.
+- `mix`: a `crop` view blended with the `crop` view of the next image of the step (the last with the first),
+  resized to its size: x = lam x_i + (1 - lam) x_j, lam ~ U(0, 1) (mixup, Beta(1, 1)), one lam per image. The
+  images between training photos widen the inputs the student matches the teacher on ("function matching", Beyer
+  et al. below: mixup is how they "improve the support of the distribution"); its targets must be `view`.
 
 A view's teacher target (`--view-targets`, VIEW_TARGETS):
 - `whole`: the teacher's cached vector of the whole, unmirrored image (no teacher forward in training). A view then
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("none", "flip", "crop")
+AUGMENTS = ("none", "flip", "crop", "mix")
 VIEW_TARGETS = ("whole", "view")
 ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's ratio range, relative to the image's own aspect here
 
@@ -68,8 +72,18 @@ class Views:
         if self.kind == "none":
             return x
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, step, position])
-        if self.kind == "crop":
+        if self.kind in ("crop", "mix"):
             h, w = x.shape[-2:]
             top, left, ch, cw = crop_box(rng, h, w, self.crop_area)
             x = resize_to(x[:, top : top + ch, left : left + cw], (h, w))
         return x.flip(-1) if rng.random() < 0.5 else x
+
+    def step(self, images: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The views of a step's images, in order (`mix`: each blended with the next one's view, cyclically)."""
+        views = [self(x, step, k) for k, x in enumerate(images)]
+        if self.kind != "mix" or len(views) < 2:
+            return views
+        lam = np.random.default_rng([self.seed, self.epoch, self.rank, step, len(views)]).uniform(size=len(views))
+        nxt = views[1:] + views[:1]
+        mixed = zip(views, nxt, lam.tolist(), strict=True)
+        return [x * a + resize_to(y, x.shape[-2:]) * (1 - a) for x, y, a in mixed]

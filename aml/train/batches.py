@@ -45,7 +45,7 @@ class StepImages(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> list[torch.Tensor]:
-        return [self.views(self.images[j], i, k) for k, j in enumerate(self.batches[i])]
+        return self.views.step([self.images[j] for j in self.batches[i]], i)
 
 
 def raw_sizes(paths: Sequence[str], idx: np.ndarray) -> np.ndarray:

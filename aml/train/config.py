@@ -75,7 +75,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "proxies": PROXIES,
     "head_norm": HEAD_NORMS,
     "sampling": ("images", "sources"),
-    "augment": ("none", "flip", "crop"),  # aml.train.augment.AUGMENTS (tests/test_augment.py ties them)
+    "augment": ("none", "flip", "crop", "mix"),  # aml.train.augment.AUGMENTS (tests/test_augment.py ties them)
     "view_targets": ("whole", "view"),  # aml.train.augment.VIEW_TARGETS (tests/test_augment.py ties them)
 }
 
@@ -100,7 +100,7 @@ class TrainConfig:
     mixup_pairs: str = "pos-neg"  # the pairs mixed: pos-neg | anchor-neg | both
     mixup_weight: float = 0.4  # total loss = clean loss + mixup_weight x mixed loss (public code's 0.4)
     mixup_alpha: float = 2.0  # lambda ~ Beta(alpha, alpha), one per tuple (public code's 2)
-    augment: str = "none"  # the view of a training image the student embeds (aml.train.augment): none | flip | crop
+    augment: str = "none"  # the view of a training image the student embeds (aml.train.augment): none|flip|crop|mix
     crop_area: float = 0.5  # the smallest fraction of an image's area a `crop` view keeps
     view_targets: str = "whole"  # a view's teacher target: whole (the cached image's) | view (the teacher's of it)
     data: list[str] = field(default_factory=lambda: ["synth"])  # one or several sources, end to end

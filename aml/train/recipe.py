@@ -53,6 +53,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.view_targets == "view" and cfg.augment == "none":
         raise UserError("--view-targets view: the views are the whole images (--augment none), whose targets the "
                         "cache already holds; give --augment flip or crop, or --view-targets whole")  # fmt: skip
+    if cfg.augment == "mix" and cfg.view_targets != "view":
+        raise UserError("--augment mix: a blend of two photos has no cached target (the cache holds whole photos); "
+                        "give --view-targets view (the teacher's vector of each blend), or --augment crop")  # fmt: skip
     if cfg.mixup != "none" and spec.pairs is None:
         raise UserError(
             f"--mixup {cfg.mixup}: loss '{cfg.loss}' is not pair-based; use --loss "
