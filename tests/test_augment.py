@@ -75,6 +75,8 @@ def test_bad_view_options_are_clear_errors(tiny_data, tmp_path):
         check(tiny_cfg(tiny_data, tmp_path, view_targets="view"))
     with pytest.raises(UserError, match="--augment mix: a blend of two photos has no cached target"):
         check(tiny_cfg(tiny_data, tmp_path, augment="mix"))
+    with pytest.raises(UserError, match="--augment mix: loss 'contr[+]' trains on tuples"):
+        check(tiny_cfg(tiny_data, tmp_path, augment="mix", view_targets="view", loss="contr+"))
 
 
 def test_a_loss_that_never_reads_the_teacher_trains_on_views_without_it(tiny_data, tmp_path):

@@ -10,7 +10,8 @@ The views (`--augment`, AUGMENTS):
 - `mix`: a `crop` view blended with the `crop` view of the next image of the step (the last with the first),
   resized to its size: x = lam x_i + (1 - lam) x_j, lam ~ U(0, 1) (mixup, Beta(1, 1)), one lam per image. The
   images between training photos widen the inputs the student matches the teacher on ("function matching", Beyer
-  et al. below: mixup is how they "improve the support of the distribution"); its targets must be `view`.
+  et al. below: mixup is how they "improve the support of the distribution"); its targets must be `view`, its loss
+  a batch loss (independent photos; a label term reads the label of the photo a blend starts from).
 
 A view's teacher target (`--view-targets`, VIEW_TARGETS):
 - `whole`: the teacher's cached vector of the whole, unmirrored image (no teacher forward in training). A view then
@@ -83,6 +84,7 @@ class Views:
         views = [self(x, step, k) for k, x in enumerate(images)]
         if self.kind != "mix" or len(views) < 2:
             return views
+        # the step's own generator: position len(views), after its images' own
         lam = np.random.default_rng([self.seed, self.epoch, self.rank, step, len(views)]).uniform(size=len(views))
         nxt = views[1:] + views[:1]
         mixed = zip(views, nxt, lam.tolist(), strict=True)

@@ -56,6 +56,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.augment == "mix" and cfg.view_targets != "view":
         raise UserError("--augment mix: a blend of two photos has no cached target (the cache holds whole photos); "
                         "give --view-targets view (the teacher's vector of each blend), or --augment crop")  # fmt: skip
+    if cfg.augment == "mix" and spec.kind != "batch":
+        raise UserError(f"--augment mix: loss '{cfg.loss}' trains on {spec.kind}s, whose images a blend of two "
+                        "would confuse; give a batch loss (csd, reg, rkd, darkrank), or --augment crop")  # fmt: skip
     if cfg.mixup != "none" and spec.pairs is None:
         raise UserError(
             f"--mixup {cfg.mixup}: loss '{cfg.loss}' is not pair-based; use --loss "
