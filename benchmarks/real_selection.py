@@ -54,7 +54,8 @@ NOW = ["--loss-arg", "tau_s=0.1"]  # round 1's choice, the preset when round 2 r
 K64 = [*NOW, "--loss-arg", "k=64"]  # round 2's choice, the preset when round 3 ran (its sampling images: `BEFORE`)
 SOURCES = [*NOW, "--loss-arg", "k=64", "--sampling", "sources"]  # round 3's choice, the preset when round 4 ran
 TAUT = [*SOURCES, "--loss-arg", "tau_t=0.1"]  # round 4's choice, the preset when round 5 ran
-VIEW_CROP_EP6 = ["--augment", "crop", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "6"]  # round 6's
+VIEW_CROP = ["--augment", "crop", "--crop-area", "0.5", "--view-targets", "view"]  # round 6's views and targets
+VIEW_CROP_EP6 = [*VIEW_CROP, "--epochs", "6"]  # round 6's choice
 # The preset's values before later rounds chose others (sampling: round 3; views, their targets, epochs: round 6),
 # given before every candidate's own options (the last value of an option wins), so that each runs as it ran.
 BEFORE = ["--sampling", "images", "--augment", "none", "--view-targets", "whole", "--epochs", "2"]
@@ -131,12 +132,12 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
     # and 6 epochs.
     "view-crop": (
         "the preset, crop views (as taut-crop), each view's target the teacher's vector of that view",
-        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view"],
+        [*TAUT, *VIEW_CROP],
         0,
     ),  # fmt: skip
     "view-crop-ep4": (
         "view-crop, 4 epochs (2)",
-        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "4"],
+        [*TAUT, *VIEW_CROP, "--epochs", "4"],
         0,
     ),  # fmt: skip
     "view-flip": (
@@ -151,7 +152,7 @@ CANDIDATES: dict[str, tuple[str, list[str], int]] = {
     ),  # fmt: skip
     "view-crop-ep6": (
         "view-crop, 6 epochs (2)",
-        [*TAUT, "--augment", "crop", "--crop-area", "0.5", "--view-targets", "view", "--epochs", "6"],
+        [*TAUT, *VIEW_CROP_EP6],
         0,
     ),  # fmt: skip
     "view-crop0.8": (
